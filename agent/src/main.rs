@@ -1,0 +1,22 @@
+//! The `herald-agent` binary: flags in, `run` out.
+
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    herald_shared::telemetry::init();
+    let args = herald_agent::Args::parse();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+    herald_agent::run(args, shutdown).await
+}

@@ -1,0 +1,99 @@
+//! Conversions between `google.protobuf.Struct`/`Value` (friendly for grpcurl) and JSON.
+
+use prost_types::value::Kind;
+use prost_types::{ListValue, Struct, Value};
+use serde_json::Value as Json;
+
+/// Nesting deeper than this is refused: it protects the recursive conversions and every receiver
+/// that parses the payload.
+pub const MAX_DEPTH: usize = 64;
+
+/// A protobuf value as JSON, or `None` when it nests deeper than `MAX_DEPTH` or holds a number
+/// JSON cannot carry (NaN, infinity). Whole numbers become JSON integers.
+pub fn to_json(v: &Value, depth: usize) -> Option<Json> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    Some(match &v.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::BoolValue(b)) => Json::Bool(*b),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+                Json::from(*n as i64)
+            } else {
+                Json::from(serde_json::Number::from_f64(*n)?)
+            }
+        }
+        Some(Kind::StringValue(s)) => Json::String(s.clone()),
+        Some(Kind::ListValue(l)) => Json::Array(l.values.iter().map(|v| to_json(v, depth + 1)).collect::<Option<_>>()?),
+        Some(Kind::StructValue(s)) => struct_to_json(s, depth + 1)?,
+    })
+}
+
+/// A protobuf struct as a JSON object.
+pub fn struct_to_json(s: &Struct, depth: usize) -> Option<Json> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    let mut map = serde_json::Map::with_capacity(s.fields.len());
+    for (k, v) in &s.fields {
+        map.insert(k.clone(), to_json(v, depth + 1)?);
+    }
+    Some(Json::Object(map))
+}
+
+/// JSON as a protobuf value.
+pub fn from_json(j: &Json) -> Value {
+    let kind = match j {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(b) => Kind::BoolValue(*b),
+        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Json::String(s) => Kind::StringValue(s.clone()),
+        Json::Array(a) => Kind::ListValue(ListValue { values: a.iter().map(from_json).collect() }),
+        Json::Object(o) => {
+            Kind::StructValue(Struct { fields: o.iter().map(|(k, v)| (k.clone(), from_json(v))).collect() })
+        }
+    };
+    Value { kind: Some(kind) }
+}
+
+/// A JSON object as a protobuf struct (anything else gives an empty struct).
+pub fn struct_from_json(j: &Json) -> Struct {
+    match from_json(j).kind {
+        Some(Kind::StructValue(s)) => s,
+        _ => Struct::default(),
+    }
+}
+
+/// Depth of a JSON value (a scalar is 0).
+pub fn depth(j: &Json) -> usize {
+    match j {
+        Json::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Json::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn round_trip() {
+        let j = json!({"title": "DB down", "n": 3, "f": 1.5, "ok": true, "none": null, "list": [1, "a"]});
+        let back = struct_to_json(&struct_from_json(&j), 0).unwrap();
+        assert_eq!(back, j);
+    }
+
+    #[test]
+    fn too_deep_is_refused() {
+        let mut v = Value { kind: Some(Kind::NullValue(0)) };
+        for _ in 0..(MAX_DEPTH + 2) {
+            v = Value { kind: Some(Kind::ListValue(ListValue { values: vec![v] })) };
+        }
+        assert!(to_json(&v, 0).is_none());
+        let nan = Value { kind: Some(Kind::NumberValue(f64::NAN)) };
+        assert!(to_json(&nan, 0).is_none());
+    }
+}

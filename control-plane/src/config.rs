@@ -1,0 +1,292 @@
+//! Command-line flags (each with its `HERALD_…` environment twin) and the validated `Config` that
+//! `server::run` takes by value.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use herald_shared::retry::RetrySchedule;
+
+use crate::crypto::SecretKey;
+
+/// Herald: signed, retried, logged webhook delivery.
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane: the gRPC API, the durable event queue and the dispatcher.
+    Serve(Box<ServeArgs>),
+    /// Run a local control plane on SQLite in the working folder, with a printed API key and
+    /// copy-paste examples. The fastest way to see Herald work.
+    Dev(DevArgs),
+    /// Apply database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DatabaseArgs {
+    /// `sqlite://herald.db` (the embedded default) or `postgres://user@host/db`.
+    #[arg(long, env = "HERALD_DATABASE_URL", default_value = "sqlite://herald.db")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key for a workspace (created if absent) and print it.
+    Create {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// The workspace the key belongs to, e.g. `ws_acme`.
+        #[arg(long, env = "HERALD_WORKSPACE")]
+        workspace: String,
+        /// `admin` (everything) or `publish` (EventService only).
+        #[arg(long, default_value = "admin")]
+        scope: String,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Address of the gRPC API (port 0 picks a free port, which is logged).
+    #[arg(long, env = "HERALD_GRPC_ADDR", default_value = "127.0.0.1:7070")]
+    pub grpc_addr: SocketAddr,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "HERALD_HTTP_ADDR", default_value = "127.0.0.1:9090")]
+    pub http_addr: SocketAddr,
+    /// An admin API key that is made to exist at start-up (for Helm secrets and scripts).
+    #[arg(long, env = "HERALD_BOOTSTRAP_API_KEY", hide_env_values = true)]
+    pub bootstrap_api_key: Option<String>,
+    /// The workspace of `--bootstrap-api-key`.
+    #[arg(long, env = "HERALD_BOOTSTRAP_WORKSPACE", default_value = "ws_default")]
+    pub bootstrap_workspace: String,
+    /// Agent tokens, `TOKEN` (every zone) or `TOKEN:zone,zone`. Repeatable; comma-free tokens.
+    #[arg(long, env = "HERALD_AGENT_TOKEN", hide_env_values = true, value_delimiter = ';')]
+    pub agent_token: Vec<String>,
+    /// Delay before each attempt: attempt 1 after publishing, then after each failure.
+    #[arg(long, env = "HERALD_RETRY_SCHEDULE", default_value = "0s,1m,5m,30m,2h,8h")]
+    pub retry_schedule: RetrySchedule,
+    /// The longest a `Retry-After` answer may push an attempt back.
+    #[arg(long, env = "HERALD_RETRY_AFTER_MAX", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub retry_after_max: Duration,
+    /// How long past the webhook's timeout a lease lasts before the delivery is dispatched again.
+    #[arg(long, env = "HERALD_LEASE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_grace: Duration,
+    /// How long the old secret keeps signing after a rotation.
+    #[arg(long, env = "HERALD_ROTATION_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub rotation_grace: Duration,
+    /// Events, deliveries and attempts older than this are pruned.
+    #[arg(long, env = "HERALD_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// The key that encrypts secrets, header values and transform variables at rest: 32 bytes,
+    /// base64. `herald dev` generates one in a local file.
+    #[arg(long, env = "HERALD_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
+    /// PEM certificate of the gRPC server (TLS).
+    #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the gRPC server.
+    #[arg(long, env = "HERALD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA of agents' client certificates; when set, agents must present one (mTLS).
+    #[arg(long, env = "HERALD_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Accept plain `http://` webhook URLs (development only).
+    #[arg(long, env = "HERALD_ALLOW_HTTP")]
+    pub allow_http: bool,
+    /// Prefix of Herald's delivery headers.
+    #[arg(long, env = "HERALD_HEADER_PREFIX", default_value = "X-CloudThinker")]
+    pub header_prefix: String,
+    /// Response bodies are stored up to this many bytes (at most 65536).
+    #[arg(long, env = "HERALD_RESPONSE_BODY_LIMIT", default_value_t = 4096)]
+    pub response_body_limit: usize,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DevArgs {
+    /// Address of the gRPC API.
+    #[arg(long, env = "HERALD_GRPC_ADDR", default_value = "127.0.0.1:7070")]
+    pub grpc_addr: SocketAddr,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "HERALD_HTTP_ADDR", default_value = "127.0.0.1:9090")]
+    pub http_addr: SocketAddr,
+    /// Folder of the SQLite database, key file and secret key.
+    #[arg(long, env = "HERALD_DEV_DIR", default_value = ".")]
+    pub dir: PathBuf,
+}
+
+/// Validated configuration of a control plane.
+#[derive(Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub bootstrap_api_key: Option<String>,
+    pub bootstrap_workspace: String,
+    pub agent_tokens: Vec<AgentToken>,
+    pub retry_schedule: RetrySchedule,
+    pub retry_after_max: Duration,
+    pub lease_grace: Duration,
+    pub rotation_grace: Duration,
+    pub retention: Duration,
+    pub secret_key: SecretKey,
+    pub tls: Option<TlsFiles>,
+    pub allow_http: bool,
+    pub header_prefix: String,
+    pub response_body_limit: usize,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("bootstrap_api_key", &self.bootstrap_api_key.as_ref().map(|_| "***"))
+            .field("bootstrap_workspace", &self.bootstrap_workspace)
+            .field("agent_tokens", &self.agent_tokens.len())
+            .field("retry_schedule", &self.retry_schedule.to_string())
+            .field("lease_grace", &self.lease_grace)
+            .field("rotation_grace", &self.rotation_grace)
+            .field("retention", &self.retention)
+            .field("tls", &self.tls.is_some())
+            .field("allow_http", &self.allow_http)
+            .field("header_prefix", &self.header_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Paths of the gRPC server's TLS material.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// An agent token and the zones it may serve (`None`: every zone).
+#[derive(Clone)]
+pub struct AgentToken {
+    pub token: String,
+    pub zones: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for AgentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentToken").field("token", &"***").field("zones", &self.zones).finish()
+    }
+}
+
+/// A flag that does not make sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--secret-key is required: 32 bytes in base64 (generate one with `head -c32 /dev/urandom | base64`)")]
+    MissingSecretKey,
+    #[error("--secret-key: {0}")]
+    SecretKey(String),
+    #[error("--agent-token: {0}")]
+    AgentToken(String),
+    #[error("--response-body-limit must be at most 65536")]
+    BodyLimit,
+    #[error("--bootstrap-workspace: {0}")]
+    Workspace(String),
+    #[error("--header-prefix must be a valid header name prefix such as X-Acme")]
+    HeaderPrefix,
+}
+
+impl TryFrom<ServeArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgs) -> Result<Self, ConfigError> {
+        let secret_key = a.secret_key.as_deref().ok_or(ConfigError::MissingSecretKey)?;
+        let secret_key = SecretKey::from_base64(secret_key).map_err(|e| ConfigError::SecretKey(e.to_string()))?;
+        let agent_tokens = a.agent_token.iter().map(|t| parse_agent_token(t)).collect::<Result<Vec<_>, _>>()?;
+        if a.response_body_limit > 65536 {
+            return Err(ConfigError::BodyLimit);
+        }
+        crate::auth::validate_workspace_id(&a.bootstrap_workspace).map_err(ConfigError::Workspace)?;
+        if a.header_prefix.is_empty()
+            || !a.header_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || a.header_prefix.len() > 64
+        {
+            return Err(ConfigError::HeaderPrefix);
+        }
+        let tls = match (a.tls_cert, a.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: a.client_ca }),
+            _ => None,
+        };
+        Ok(Config {
+            database_url: a.db.database_url,
+            bootstrap_api_key: a.bootstrap_api_key.filter(|k| !k.is_empty()),
+            bootstrap_workspace: a.bootstrap_workspace,
+            agent_tokens,
+            retry_schedule: a.retry_schedule,
+            retry_after_max: a.retry_after_max,
+            lease_grace: a.lease_grace,
+            rotation_grace: a.rotation_grace,
+            retention: a.retention,
+            secret_key,
+            tls,
+            allow_http: a.allow_http,
+            header_prefix: a.header_prefix,
+            response_body_limit: a.response_body_limit,
+        })
+    }
+}
+
+fn parse_agent_token(raw: &str) -> Result<AgentToken, ConfigError> {
+    let (token, zones) = match raw.split_once(':') {
+        Some((token, zones)) => {
+            let zones: Vec<String> =
+                zones.split(',').map(str::trim).filter(|z| !z.is_empty()).map(String::from).collect();
+            if zones.is_empty() {
+                return Err(ConfigError::AgentToken("a token with `:` must name at least one zone".into()));
+            }
+            (token, Some(zones))
+        }
+        None => (raw, None),
+    };
+    if token.len() < 16 {
+        return Err(ConfigError::AgentToken("a token must be at least 16 characters".into()));
+    }
+    Ok(AgentToken { token: token.to_owned(), zones })
+}
+
+/// A database URL without its password, for logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Config {
+    /// A configuration for tests: the given database, a fixed secret key, plain `http` allowed.
+    pub fn for_tests(database_url: impl Into<String>) -> Self {
+        Config {
+            database_url: database_url.into(),
+            bootstrap_api_key: None,
+            bootstrap_workspace: "ws_default".into(),
+            agent_tokens: Vec::new(),
+            retry_schedule: RetrySchedule::default(),
+            retry_after_max: Duration::from_secs(24 * 3600),
+            lease_grace: Duration::from_secs(10),
+            rotation_grace: Duration::from_secs(24 * 3600),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            secret_key: SecretKey::from_bytes([7u8; 32]),
+            tls: None,
+            allow_http: true,
+            header_prefix: "X-CloudThinker".into(),
+            response_body_limit: 4096,
+        }
+    }
+}

@@ -1,0 +1,21 @@
+use sea_orm::entity::prelude::*;
+
+/// A sender agent as last seen by a control plane, for `ListAgents` across replicas.
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "agents")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    pub zone: String,
+    pub version: String,
+    /// JSON array of egress addresses.
+    pub egress_ips: String,
+    pub capacity: i32,
+    pub connected_at: i64,
+    pub last_seen_at: i64,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

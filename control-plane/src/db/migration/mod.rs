@@ -1,0 +1,15 @@
+//! Schema migrations, one file each, applied in order by `herald migrate` and at `herald serve`
+//! start-up. A migration, once released, is never edited: change the schema with a new one.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261128_000001_create_schema;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261128_000001_create_schema::Migration)]
+    }
+}

@@ -1,0 +1,99 @@
+//! The database: connecting to SQLite or PostgreSQL with the settings Herald's promises need,
+//! the entities and the migrations. It knows nothing of gRPC.
+//!
+//! Architecture invariant: every acknowledged write is durable. SQLite runs in WAL mode with
+//! `synchronous = FULL` (the WAL is fsync'd at every commit); PostgreSQL keeps its server's
+//! `synchronous_commit`. Throughput comes from group commit in `crate::store::writer`, not from
+//! weaker sync settings.
+
+pub mod entity;
+pub mod migration;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sea_orm::sqlx::postgres::PgConnectOptions;
+use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, SqlxPostgresConnector, SqlxSqliteConnector};
+use sea_orm_migration::MigratorTrait;
+
+/// How long a call waits for a pooled connection, and a new connection to open, before answering
+/// UNAVAILABLE rather than hanging.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// PostgreSQL's `statement_timeout` for every Herald statement.
+pub const STATEMENT_TIMEOUT: &str = "15s";
+
+/// Opens a pool for `url` (`sqlite://path` or `postgres://…`). A SQLite file is created when
+/// missing.
+pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
+    if url.starts_with("sqlite:") {
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(|e| DbErr::Custom(format!("invalid SQLite URL: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(ACQUIRE_TIMEOUT)
+            .foreign_keys(true)
+            .pragma("temp_store", "memory")
+            .pragma("cache_size", "-16000");
+        let pool = sea_orm::sqlx::pool::PoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(opts)
+            .await
+            .map_err(|e| DbErr::Conn(sea_orm::RuntimeErr::Internal(e.to_string())))?;
+        Ok(SqlxSqliteConnector::from_sqlx_sqlite_pool(pool))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let opts = PgConnectOptions::from_str(url)
+            .map_err(|e| DbErr::Custom(format!("invalid PostgreSQL URL: {e}")))?
+            .options([("statement_timeout", STATEMENT_TIMEOUT)])
+            .application_name("herald");
+        let pool = sea_orm::sqlx::pool::PoolOptions::new()
+            .max_connections(16)
+            .min_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .idle_timeout(Duration::from_secs(300))
+            .connect_with(opts)
+            .await
+            .map_err(|e| DbErr::Conn(sea_orm::RuntimeErr::Internal(e.to_string())))?;
+        Ok(SqlxPostgresConnector::from_sqlx_postgres_pool(pool))
+    } else {
+        Err(DbErr::Custom(format!(
+            "unsupported database URL {:?}: use sqlite://… or postgres://…",
+            crate::config::redact_url(url)
+        )))
+    }
+}
+
+/// Applies every pending migration.
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
+    migration::Migrator::up(db, None).await
+}
+
+/// A cheap round trip, for `/readyz`.
+pub async fn ping(db: &DatabaseConnection) -> Result<(), DbErr> {
+    db.execute_unprepared("SELECT 1").await.map(|_| ())
+}
+
+/// The durability setting in force, for logs and benchmarks.
+pub async fn sync_setting(db: &DatabaseConnection) -> Result<String, DbErr> {
+    let sql = match db.get_database_backend() {
+        DbBackend::Sqlite => "PRAGMA synchronous",
+        _ => "SHOW synchronous_commit",
+    };
+    let row = db.query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql)).await?;
+    let value = match row {
+        Some(row) => match db.get_database_backend() {
+            DbBackend::Sqlite => match row.try_get_by_index::<i32>(0)? {
+                0 => "sqlite synchronous=OFF".to_owned(),
+                1 => "sqlite synchronous=NORMAL".to_owned(),
+                2 => "sqlite synchronous=FULL".to_owned(),
+                n => format!("sqlite synchronous={n}"),
+            },
+            _ => format!("postgres synchronous_commit={}", row.try_get_by_index::<String>(0)?),
+        },
+        None => "unknown".to_owned(),
+    };
+    Ok(value)
+}

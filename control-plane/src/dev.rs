@@ -1,0 +1,81 @@
+//! `herald dev`: a control plane on SQLite in a local folder, with its secret key and an admin API
+//! key kept in `herald-dev.json` beside the database (so printed commands keep working across
+//! restarts), and copy-paste examples printed at start-up.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DevArgs};
+use crate::crypto::SecretKey;
+
+/// What `herald dev` keeps between runs.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DevState {
+    secret_key: String,
+    api_key: String,
+}
+
+fn load_or_create(path: &Path) -> anyhow::Result<DevState> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        return serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged; delete it to start afresh", path.display()));
+    }
+    let state = DevState { secret_key: SecretKey::generate_base64(), api_key: crate::store::keys::generate_key() };
+    std::fs::write(path, serde_json::to_string_pretty(&state)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(state)
+}
+
+/// Runs the development control plane until `shutdown`.
+pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let state = load_or_create(&args.dir.join("herald-dev.json"))?;
+    let db_path = args.dir.join("herald.db");
+    let mut config = Config::for_tests(format!("sqlite://{}", db_path.display()));
+    config.secret_key = SecretKey::from_base64(&state.secret_key).context("herald-dev.json holds a bad secret key")?;
+    config.bootstrap_api_key = Some(state.api_key.clone());
+    config.allow_http = true;
+
+    let grpc = crate::bind(args.grpc_addr, "gRPC").await?;
+    let http = crate::bind(args.http_addr, "HTTP").await?;
+    let addr = grpc.local_addr()?;
+    let http_addr = http.local_addr()?;
+    let server = tokio::spawn(crate::server::run(config, grpc, Some(http), shutdown.clone()));
+    // Print the banner once the server answers, so that the commands work when read.
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    println!("{}", banner(&addr.to_string(), &http_addr.to_string(), &db_path.display().to_string(), &state.api_key));
+    server.await.context("the control plane task failed")?
+}
+
+fn banner(addr: &str, http: &str, db: &str, key: &str) -> String {
+    let auth = format!("-H 'authorization: Bearer {key}'");
+    format!(
+        r#"
+Herald dev is running.
+  gRPC       {addr} (plaintext)
+  probes     http://{http}/healthz  http://{http}/readyz
+  database   sqlite://{db}
+  API key    {key}   (workspace ws_default, scope admin)
+
+Try it (copy and paste):
+  grpcurl -plaintext {addr} list
+  grpcurl -plaintext {auth} {addr} herald.v1.WebhookService/ListEventTypes
+  grpcurl -plaintext {auth} -d '{{"webhook": {{"name": "local", "url": "http://127.0.0.1:8000/hook", "events": ["incident.*"]}}}}' {addr} herald.v1.WebhookService/CreateWebhook
+  grpcurl -plaintext {auth} -d '{{"event": {{"type": "incident.created", "data": {{"title": "DB down"}}}}}}' {addr} herald.v1.EventService/PublishEvent
+
+Stop with Ctrl-C. State is kept in {db} and herald-dev.json.
+"#
+    )
+}

@@ -1,0 +1,41 @@
+//! The `herald` binary: flags in, `run` out.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use herald_control_plane::auth::Scope;
+use herald_control_plane::config::{Cli, Command, Config, KeysCommand};
+use herald_control_plane::{bind, db, dev, server, shutdown_on_signals, store};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    herald_shared::telemetry::init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match Cli::parse().command {
+        Command::Serve(args) => {
+            let (grpc_addr, http_addr) = (args.grpc_addr, args.http_addr);
+            let config = Config::try_from(*args)?;
+            let grpc = bind(grpc_addr, "gRPC").await?;
+            let http = bind(http_addr, "HTTP").await?;
+            server::run(config, grpc, Some(http), shutdown_on_signals()).await
+        }
+        Command::Dev(args) => dev::run(args, shutdown_on_signals()).await,
+        Command::Migrate(args) => {
+            let conn = db::connect(&args.database_url).await.context("cannot open the database")?;
+            db::migrate(&conn).await.context("cannot migrate the database")?;
+            println!("migrations applied to {}", herald_control_plane::config::redact_url(&args.database_url));
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Create { db: args, workspace, scope }) => {
+            let scope = Scope::parse(&scope).context("--scope must be `admin` or `publish`")?;
+            herald_control_plane::auth::validate_workspace_id(&workspace).map_err(anyhow::Error::msg)?;
+            let conn = db::connect(&args.database_url).await.context("cannot open the database")?;
+            db::migrate(&conn).await.context("cannot migrate the database")?;
+            // Keys need no secret key: they are hashed, not sealed.
+            let store = store::Store::new(conn, herald_control_plane::crypto::SecretKey::from_bytes([0; 32]));
+            let key = store::keys::generate_key();
+            store.put_api_key(&workspace, &key, scope).await?;
+            println!("{key}");
+            Ok(())
+        }
+    }
+}

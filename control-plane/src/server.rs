@@ -1,0 +1,143 @@
+//! Wiring: opens the database, migrates, and serves the gRPC API (with health and reflection) and
+//! the HTTP probes until the shutdown token fires.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use herald_shared::proto;
+use proto::agent_service_server::AgentServiceServer;
+use proto::delivery_service_server::DeliveryServiceServer;
+use proto::event_service_server::EventServiceServer;
+use proto::webhook_service_server::WebhookServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::api::agents::AgentApi;
+use crate::api::deliveries::DeliveryApi;
+use crate::api::events::EventApi;
+use crate::api::validate::Rules;
+use crate::api::webhooks::WebhookApi;
+use crate::auth::{Authenticator, Scope};
+use crate::config::Config;
+use crate::db;
+use crate::store::Store;
+
+/// The largest gRPC message accepted: a full `PublishEvents` batch fits.
+pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// What every handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub auth: Authenticator,
+    pub config: Arc<Config>,
+    pub rules: Rules,
+}
+
+/// Runs a control plane on the given listeners until `shutdown` is cancelled, then stops
+/// accepting calls, lets running ones finish, and closes the database.
+pub async fn run(
+    config: Config,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let db = db::connect(&config.database_url)
+        .await
+        .with_context(|| format!("cannot open the database {}", crate::config::redact_url(&config.database_url)))?;
+    db::migrate(&db).await.context("cannot migrate the database")?;
+    let sync = db::sync_setting(&db).await.unwrap_or_default();
+    tracing::info!(%sync, "database ready");
+
+    let store = Store::new(db.clone(), config.secret_key.clone());
+    if let Some(key) = &config.bootstrap_api_key {
+        store
+            .put_api_key(&config.bootstrap_workspace, key, Scope::Admin)
+            .await
+            .context("cannot store the bootstrap API key")?;
+    }
+    let state = AppState {
+        auth: Authenticator::new(store.clone()),
+        store,
+        rules: Rules { allow_http: config.allow_http, header_prefix: config.header_prefix.clone() },
+        config: Arc::new(config),
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<WebhookServiceServer<WebhookApi>>().await;
+    health.set_serving::<EventServiceServer<EventApi>>().await;
+    health.set_serving::<DeliveryServiceServer<DeliveryApi>>().await;
+    health.set_serving::<AgentServiceServer<AgentApi>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("reflection v1")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
+
+    let mut builder = Server::builder();
+    if let Some(tls) = &state.config.tls {
+        let cert = std::fs::read(&tls.cert).with_context(|| format!("cannot read {}", tls.cert.display()))?;
+        let key = std::fs::read(&tls.key).with_context(|| format!("cannot read {}", tls.key.display()))?;
+        let mut tls_config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = &tls.client_ca {
+            let ca = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            tls_config = tls_config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(false);
+        }
+        builder = builder.tls_config(tls_config).context("invalid TLS configuration")?;
+    }
+
+    let http_task = match http {
+        Some(listener) => {
+            let app = axum::Router::new()
+                .route("/healthz", get(|| async { "ok" }))
+                .route("/readyz", get(readyz))
+                .with_state(state.store.db.clone());
+            let token = shutdown.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            }))
+        }
+        None => None,
+    };
+
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            WebhookServiceServer::new(WebhookApi { state: state.clone() }).max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(EventServiceServer::new(EventApi { state: state.clone() }).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(
+            DeliveryServiceServer::new(DeliveryApi { state: state.clone() }).max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(AgentServiceServer::new(AgentApi { state: state.clone() }).max_decoding_message_size(MAX_MESSAGE));
+
+    tracing::info!("control plane serving");
+    let served = router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.cancelled()).await;
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
+    drop(state);
+    db.close().await.ok();
+    tracing::info!("control plane stopped");
+    served.context("gRPC server failed")
+}
+
+async fn readyz(State(db): State<sea_orm::DatabaseConnection>) -> (StatusCode, &'static str) {
+    match tokio::time::timeout(db::ACQUIRE_TIMEOUT, db::ping(&db)).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable"),
+    }
+}

@@ -1,0 +1,331 @@
+//! Publishing: events and their delivery rows, written in one transaction, idempotent by id.
+
+use std::collections::HashMap;
+
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
+};
+
+use super::{Store, StoreError, now_millis};
+use crate::db::entity::delivery::{self, status};
+use crate::db::entity::{event, webhook};
+use herald_shared::{catalog, ids};
+
+/// Rows per multi-row INSERT: well inside SQLite's and PostgreSQL's bound-parameter limits.
+const INSERT_CHUNK: usize = 1000;
+
+/// A validated event to publish.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub id: String,
+    pub event_type: String,
+    /// RFC 3339 UTC, as it will be delivered.
+    pub timestamp: String,
+    pub timestamp_supplied: bool,
+    /// A JSON object, byte for byte as given.
+    pub data: String,
+    /// The parsed payload, for idempotency comparisons.
+    pub parsed: serde_json::Value,
+}
+
+/// Where an event stands, derived from its deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+/// A stored event and the summaries of its deliveries.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub event: event::Model,
+    pub deliveries: Vec<DeliverySummary>,
+}
+
+/// One delivery of an event, in brief.
+#[derive(Debug, Clone)]
+pub struct DeliverySummary {
+    pub id: String,
+    pub webhook_id: String,
+    pub status: i16,
+    pub attempt_count: i32,
+}
+
+impl StoredEvent {
+    /// Pending while any delivery is open, else failed if any failed, else delivered.
+    pub fn status(&self) -> EventStatus {
+        if self.deliveries.iter().any(|d| status::OPEN.contains(&d.status)) {
+            EventStatus::Pending
+        } else if self.deliveries.iter().any(|d| d.status == status::FAILED) {
+            EventStatus::Failed
+        } else {
+            EventStatus::Delivered
+        }
+    }
+}
+
+/// Compares two JSON values as data: numbers by value (`150.00` equals `150`), objects regardless
+/// of key order.
+pub fn json_equal(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value as V;
+    match (a, b) {
+        (V::Number(x), V::Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(x), Some(y)) => x == y,
+            _ => match (x.as_u64(), y.as_u64()) {
+                (Some(x), Some(y)) => x == y,
+                _ => x.as_f64() == y.as_f64(),
+            },
+        },
+        (V::Array(x), V::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_equal(x, y)),
+        (V::Object(x), V::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_equal(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+/// The field that names event `index` of a call: `event.id` for a single publish,
+/// `events[i].id` in a batch.
+fn id_field(batch: bool, index: usize) -> String {
+    if batch { format!("events[{index}].id") } else { "event.id".to_owned() }
+}
+
+/// An active webhook's subscription, as publishing needs it.
+struct Subscriber {
+    id: String,
+    zone: String,
+    events: Vec<String>,
+}
+
+async fn subscribers(txn: &DatabaseTransaction, workspace: &str) -> Result<Vec<Subscriber>, StoreError> {
+    let rows: Vec<(String, String, String)> = webhook::Entity::find()
+        .select_only()
+        .column(webhook::Column::Id)
+        .column(webhook::Column::Zone)
+        .column(webhook::Column::Events)
+        .filter(webhook::Column::WorkspaceId.eq(workspace))
+        .filter(webhook::Column::Active.eq(true))
+        .filter(webhook::Column::DeletedAt.is_null())
+        .into_tuple()
+        .all(txn)
+        .await?;
+    rows.into_iter()
+        .map(|(id, zone, events)| {
+            let events = serde_json::from_str(&events).map_err(|e| StoreError::Internal(e.to_string()))?;
+            Ok(Subscriber { id, zone, events })
+        })
+        .collect()
+}
+
+/// Inserts `rows` in multi-row statements.
+async fn insert_chunked<A>(txn: &impl ConnectionTrait, rows: Vec<A>) -> Result<(), StoreError>
+where
+    A: sea_orm::ActiveModelTrait + Send,
+{
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<A> = rows.by_ref().take(INSERT_CHUNK).collect();
+        A::Entity::insert_many(chunk).exec_without_returning(txn).await?;
+    }
+    Ok(())
+}
+
+/// A new pending delivery row.
+pub(crate) fn new_delivery(
+    workspace: &str,
+    event_id: &str,
+    event_type: &str,
+    webhook_id: &str,
+    zone: &str,
+    test: bool,
+    now: i64,
+    due: i64,
+) -> delivery::ActiveModel {
+    delivery::ActiveModel {
+        id: Set(ids::new_id(ids::DELIVERY)),
+        workspace_id: Set(workspace.to_owned()),
+        event_id: Set(event_id.to_owned()),
+        webhook_id: Set(webhook_id.to_owned()),
+        event_type: Set(event_type.to_owned()),
+        zone: Set(zone.to_owned()),
+        status: Set(status::PENDING),
+        test: Set(test),
+        attempt_count: Set(0),
+        lost_leases: Set(0),
+        next_attempt_at: Set(due),
+        lease_id: Set(None),
+        lease_agent: Set(None),
+        lease_expires_at: Set(None),
+        last_status: Set(None),
+        last_error: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    }
+}
+
+impl Store {
+    /// Publishes `events` for `workspace`, all or nothing, with one delivery row per matching
+    /// active webhook. Existing ids with the same content are returned as stored; a different
+    /// content is `AlreadyExists` naming the event's field. `first_delay_ms` is the retry
+    /// schedule's delay before attempt 1.
+    pub async fn publish(
+        &self,
+        workspace: &str,
+        events: Vec<NewEvent>,
+        batch: bool,
+        first_delay_ms: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let workspace = workspace.to_owned();
+        self.writer
+            .write(move |txn| {
+                Box::pin(async move {
+                    let existing =
+                        existing_events(txn, &workspace, events.iter().map(|e| e.id.clone()).collect()).await?;
+                    let now = now_millis();
+                    let mut out = Vec::with_capacity(events.len());
+                    let mut new_events = Vec::new();
+                    let mut new_deliveries = Vec::new();
+                    let mut subs: Option<Vec<Subscriber>> = None;
+                    let mut reused = Vec::new();
+                    for (index, e) in events.into_iter().enumerate() {
+                        if let Some(stored) = existing.get(&e.id) {
+                            let same_data = serde_json::from_str::<serde_json::Value>(&stored.data)
+                                .is_ok_and(|stored_data| json_equal(&stored_data, &e.parsed));
+                            let same_time = !e.timestamp_supplied || e.timestamp == stored.timestamp;
+                            if stored.event_type != e.event_type || !same_data || !same_time || stored.test {
+                                return Err(StoreError::AlreadyExists {
+                                    field: id_field(batch, index),
+                                    message: format!(
+                                        "event {} already exists with a different type, data or timestamp",
+                                        e.id
+                                    ),
+                                });
+                            }
+                            reused.push(out.len());
+                            out.push(StoredEvent { event: stored.clone(), deliveries: Vec::new() });
+                            continue;
+                        }
+                        let subs = match &mut subs {
+                            Some(s) => s,
+                            None => subs.insert(subscribers(txn, &workspace).await?),
+                        };
+                        let mut deliveries = Vec::new();
+                        for s in subs.iter().filter(|s| catalog::subscribes(&s.events, &e.event_type)) {
+                            let row = new_delivery(
+                                &workspace,
+                                &e.id,
+                                &e.event_type,
+                                &s.id,
+                                &s.zone,
+                                false,
+                                now,
+                                now + first_delay_ms,
+                            );
+                            deliveries.push(DeliverySummary {
+                                id: row.id.clone().unwrap(),
+                                webhook_id: s.id.clone(),
+                                status: status::PENDING,
+                                attempt_count: 0,
+                            });
+                            new_deliveries.push(row);
+                        }
+                        let model = event::Model {
+                            workspace_id: workspace.clone(),
+                            id: e.id,
+                            event_type: e.event_type,
+                            timestamp: e.timestamp,
+                            timestamp_supplied: e.timestamp_supplied,
+                            data: e.data,
+                            test: false,
+                            created_at: now,
+                        };
+                        new_events.push(event::ActiveModel::from(model.clone()));
+                        out.push(StoredEvent { event: model, deliveries });
+                    }
+                    insert_chunked(txn, new_events).await?;
+                    insert_chunked(txn, new_deliveries).await?;
+                    if !reused.is_empty() {
+                        let ids: Vec<String> = reused.iter().map(|&i| out[i].event.id.clone()).collect();
+                        let mut summaries = delivery_summaries(txn, &workspace, ids).await?;
+                        for &i in &reused {
+                            out[i].deliveries = summaries.remove(&out[i].event.id).unwrap_or_default();
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .await
+    }
+
+    /// Reads an event of the workspace with its delivery summaries.
+    pub async fn get_event(&self, workspace: &str, id: &str) -> Result<StoredEvent, StoreError> {
+        let event = event::Entity::find_by_id((workspace.to_owned(), id.to_owned()))
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound("event"))?;
+        let mut summaries = delivery_summaries(&self.db, workspace, vec![id.to_owned()]).await?;
+        Ok(StoredEvent { deliveries: summaries.remove(id).unwrap_or_default(), event })
+    }
+}
+
+async fn existing_events(
+    db: &impl ConnectionTrait,
+    workspace: &str,
+    ids: Vec<String>,
+) -> Result<HashMap<String, event::Model>, StoreError> {
+    let mut found = HashMap::new();
+    for chunk in ids.chunks(INSERT_CHUNK) {
+        let rows = event::Entity::find()
+            .filter(event::Column::WorkspaceId.eq(workspace))
+            .filter(event::Column::Id.is_in(chunk.to_vec()))
+            .all(db)
+            .await?;
+        found.extend(rows.into_iter().map(|r| (r.id.clone(), r)));
+    }
+    Ok(found)
+}
+
+async fn delivery_summaries(
+    db: &impl ConnectionTrait,
+    workspace: &str,
+    event_ids: Vec<String>,
+) -> Result<HashMap<String, Vec<DeliverySummary>>, StoreError> {
+    let mut out: HashMap<String, Vec<DeliverySummary>> = HashMap::new();
+    for chunk in event_ids.chunks(INSERT_CHUNK) {
+        let rows: Vec<(String, String, String, i16, i32)> = delivery::Entity::find()
+            .select_only()
+            .column(delivery::Column::EventId)
+            .column(delivery::Column::Id)
+            .column(delivery::Column::WebhookId)
+            .column(delivery::Column::Status)
+            .column(delivery::Column::AttemptCount)
+            .filter(delivery::Column::WorkspaceId.eq(workspace))
+            .filter(delivery::Column::EventId.is_in(chunk.to_vec()))
+            .into_tuple()
+            .all(db)
+            .await?;
+        for (event_id, id, webhook_id, status, attempt_count) in rows {
+            out.entry(event_id).or_default().push(DeliverySummary { id, webhook_id, status, attempt_count });
+        }
+    }
+    for list in out.values_mut() {
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_equal;
+    use serde_json::json;
+
+    #[test]
+    fn json_equality_is_by_value() {
+        let a: serde_json::Value = serde_json::from_str(r#"{"a": 150.00, "b": [1, "x"]}"#).unwrap();
+        assert!(json_equal(&a, &json!({"b": [1.0, "x"], "a": 150})));
+        assert!(!json_equal(&a, &json!({"b": [1, "x"], "a": 150.01})));
+        assert!(!json_equal(&a, &json!({"b": [1, "x"]})));
+        assert!(!json_equal(&json!({"a": null}), &json!({"a": false})));
+    }
+}

@@ -1,0 +1,94 @@
+//! Storage: webhooks, events and their delivery rows, API keys. It speaks sea-orm, never tonic:
+//! callers get `StoreError`, which the gRPC edge maps to a status in one place.
+//!
+//! Architecture invariant: every write goes through the group-commit `Writer`; reads use the
+//! pool directly.
+
+pub mod events;
+pub mod keys;
+pub mod webhooks;
+pub mod writer;
+
+use sea_orm::{DatabaseConnection, DbErr, SqlErr};
+
+use crate::crypto::SecretKey;
+use writer::Writer;
+
+/// Why a storage call failed. Messages are lowercase and never contain a secret.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not exist in the caller's workspace.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A unique id is taken by something different.
+    #[error("{field}: {message}")]
+    AlreadyExists { field: String, message: String },
+    /// The request, merged with the stored state, is invalid.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// The database cannot be reached now; retrying later may work.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else; logged in full, answered as an internal error.
+    #[error("database error: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        StoreError::Invalid { field: field.into(), message: message.into() }
+    }
+}
+
+impl From<DbErr> for StoreError {
+    fn from(e: DbErr) -> Self {
+        if let Some(SqlErr::UniqueConstraintViolation(detail)) = e.sql_err() {
+            return StoreError::AlreadyExists { field: String::new(), message: detail };
+        }
+        if is_unavailable(&e) {
+            return StoreError::Unavailable(e.to_string());
+        }
+        StoreError::Internal(e.to_string())
+    }
+}
+
+/// Whether a database error means "cannot reach the database" rather than "bad statement".
+fn is_unavailable(e: &DbErr) -> bool {
+    use sea_orm::sqlx::Error as Sqlx;
+    match e {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(sea_orm::RuntimeErr::SqlxError(inner)) | DbErr::Query(sea_orm::RuntimeErr::SqlxError(inner)) => {
+            match inner.as_ref() {
+                Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed | Sqlx::Tls(_) => true,
+                Sqlx::Database(db) => {
+                    // PostgreSQL: 57014 statement timeout, 57P01 admin shutdown, 08xxx connection
+                    // exceptions. SQLite: SQLITE_BUSY (5) after the busy timeout.
+                    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                    code == "57014" || code == "57P01" || code.starts_with("08") || code == "5"
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// The store: the pool for reads, the writer for writes, the key for secrets at rest.
+#[derive(Clone)]
+pub struct Store {
+    pub db: DatabaseConnection,
+    pub writer: Writer,
+    pub key: SecretKey,
+}
+
+impl Store {
+    pub fn new(db: DatabaseConnection, key: SecretKey) -> Self {
+        let writer = Writer::spawn(db.clone());
+        Store { db, writer, key }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

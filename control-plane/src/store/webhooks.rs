@@ -1,0 +1,295 @@
+//! Webhooks: create, read, list, update, delete, rotate. Secret material is sealed on the way in
+//! and opened on the way out; masking for reads happens at the gRPC edge.
+
+use std::collections::BTreeMap;
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
+};
+
+use super::{Store, StoreError, now_millis};
+use crate::crypto::SecretKey;
+use crate::db::entity::delivery::{self, status};
+use crate::db::entity::webhook;
+
+const SECRET: &str = "webhook.secret";
+const HEADERS: &str = "webhook.headers";
+const VARS: &str = "webhook.transform_vars";
+
+/// What a user configures on a webhook (everything but ids, times and the secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookSpec {
+    pub name: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub headers: BTreeMap<String, String>,
+    pub active: bool,
+    pub zone: String,
+    pub transform: Option<serde_json::Value>,
+    pub transform_vars: BTreeMap<String, String>,
+    pub signature_scheme: i32,
+    pub timeout_ms: Option<i64>,
+    pub rate_limit_per_second: Option<i64>,
+    pub max_in_flight: Option<i64>,
+    pub description: String,
+}
+
+/// A stored webhook, its secret material opened.
+#[derive(Clone)]
+pub struct Webhook {
+    pub id: String,
+    pub workspace_id: String,
+    pub spec: WebhookSpec,
+    pub secret: String,
+    pub previous_secret: Option<String>,
+    pub previous_secret_until: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook").field("id", &self.id).field("name", &self.spec.name).finish_non_exhaustive()
+    }
+}
+
+fn open(key: &SecretKey, m: webhook::Model) -> Result<Webhook, StoreError> {
+    let crypto = |e: crate::crypto::CryptoError| StoreError::Internal(format!("webhook {}: {e}", m.id));
+    let sealed_headers: BTreeMap<String, String> =
+        serde_json::from_str(&m.headers).map_err(|e| StoreError::Internal(e.to_string()))?;
+    let mut headers = BTreeMap::new();
+    for (name, sealed) in sealed_headers {
+        headers.insert(name, key.open_str(HEADERS, &sealed).map_err(crypto)?);
+    }
+    let transform_vars = match &m.transform_vars {
+        Some(sealed) => serde_json::from_str(&key.open_str(VARS, sealed).map_err(crypto)?)
+            .map_err(|e| StoreError::Internal(e.to_string()))?,
+        None => BTreeMap::new(),
+    };
+    let transform = match &m.transform {
+        Some(t) => Some(serde_json::from_str(t).map_err(|e| StoreError::Internal(e.to_string()))?),
+        None => None,
+    };
+    let events = serde_json::from_str(&m.events).map_err(|e| StoreError::Internal(e.to_string()))?;
+    let previous_secret = match &m.previous_secret {
+        Some(sealed) => Some(key.open_str(SECRET, sealed).map_err(crypto)?),
+        None => None,
+    };
+    Ok(Webhook {
+        secret: key.open_str(SECRET, &m.secret).map_err(crypto)?,
+        previous_secret,
+        previous_secret_until: m.previous_secret_until,
+        spec: WebhookSpec {
+            name: m.name,
+            url: m.url,
+            events,
+            headers,
+            active: m.active,
+            zone: m.zone,
+            transform,
+            transform_vars,
+            signature_scheme: m.signature_scheme,
+            timeout_ms: m.timeout_ms,
+            rate_limit_per_second: m.rate_limit_per_second,
+            max_in_flight: m.max_in_flight,
+            description: m.description,
+        },
+        id: m.id,
+        workspace_id: m.workspace_id,
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+    })
+}
+
+/// Writes `spec` into the sealed columns of `am`.
+fn seal_spec(key: &SecretKey, spec: &WebhookSpec, am: &mut webhook::ActiveModel) {
+    let headers: BTreeMap<&String, String> = spec.headers.iter().map(|(k, v)| (k, key.seal_str(HEADERS, v))).collect();
+    am.name = Set(spec.name.clone());
+    am.url = Set(spec.url.clone());
+    am.events = Set(serde_json::to_string(&spec.events).expect("strings serialize"));
+    am.headers = Set(serde_json::to_string(&headers).expect("strings serialize"));
+    am.active = Set(spec.active);
+    am.zone = Set(spec.zone.clone());
+    am.transform = Set(spec.transform.as_ref().map(|t| t.to_string()));
+    am.transform_vars = Set((!spec.transform_vars.is_empty())
+        .then(|| key.seal_str(VARS, &serde_json::to_string(&spec.transform_vars).expect("strings serialize"))));
+    am.signature_scheme = Set(spec.signature_scheme);
+    am.timeout_ms = Set(spec.timeout_ms);
+    am.rate_limit_per_second = Set(spec.rate_limit_per_second);
+    am.max_in_flight = Set(spec.max_in_flight);
+    am.description = Set(spec.description.clone());
+}
+
+/// Loads a live (not deleted) webhook of the workspace.
+async fn load(db: &impl ConnectionTrait, workspace: &str, id: &str) -> Result<webhook::Model, StoreError> {
+    webhook::Entity::find_by_id(id.to_owned())
+        .filter(webhook::Column::WorkspaceId.eq(workspace))
+        .filter(webhook::Column::DeletedAt.is_null())
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound("webhook"))
+}
+
+impl Store {
+    /// Creates a webhook with `secret`.
+    pub async fn create_webhook(
+        &self,
+        workspace: &str,
+        spec: WebhookSpec,
+        secret: String,
+    ) -> Result<Webhook, StoreError> {
+        let key = self.key.clone();
+        let workspace = workspace.to_owned();
+        self.writer
+            .write(move |txn| {
+                Box::pin(async move {
+                    let now = now_millis();
+                    let mut am = webhook::ActiveModel {
+                        id: Set(herald_shared::ids::new_id(herald_shared::ids::WEBHOOK)),
+                        workspace_id: Set(workspace),
+                        secret: Set(key.seal_str(SECRET, &secret)),
+                        previous_secret: Set(None),
+                        previous_secret_until: Set(None),
+                        created_at: Set(now),
+                        updated_at: Set(now),
+                        deleted_at: Set(None),
+                        ..Default::default()
+                    };
+                    seal_spec(&key, &spec, &mut am);
+                    let model = webhook::Entity::insert(am).exec_with_returning(txn).await?;
+                    open(&key, model)
+                })
+            })
+            .await
+    }
+
+    /// Reads a webhook of the workspace.
+    pub async fn get_webhook(&self, workspace: &str, id: &str) -> Result<Webhook, StoreError> {
+        open(&self.key, load(&self.db, workspace, id).await?)
+    }
+
+    /// A page of the workspace's webhooks after `after` (an id), oldest first, and whether more
+    /// follow.
+    pub async fn list_webhooks(
+        &self,
+        workspace: &str,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<(Vec<Webhook>, bool), StoreError> {
+        let mut q = webhook::Entity::find()
+            .filter(webhook::Column::WorkspaceId.eq(workspace))
+            .filter(webhook::Column::DeletedAt.is_null());
+        if let Some(after) = after {
+            q = q.filter(webhook::Column::Id.gt(after));
+        }
+        let mut rows = q.order_by_asc(webhook::Column::Id).limit(limit + 1).all(&self.db).await?;
+        let more = rows.len() as u64 > limit;
+        rows.truncate(limit as usize);
+        let hooks = rows.into_iter().map(|m| open(&self.key, m)).collect::<Result<Vec<_>, _>>()?;
+        Ok((hooks, more))
+    }
+
+    /// Updates a webhook: `change` gets the stored webhook and returns the new one (or refuses it),
+    /// inside the write transaction, so concurrent updates never lose each other's fields.
+    /// Pausing parks its pending deliveries; re-activating makes them claimable again; a new zone
+    /// moves its open deliveries to that zone.
+    pub async fn update_webhook<F>(&self, workspace: &str, id: &str, change: F) -> Result<Webhook, StoreError>
+    where
+        F: FnOnce(&Webhook) -> Result<WebhookSpec, StoreError> + Send + 'static,
+    {
+        let key = self.key.clone();
+        let (workspace, id) = (workspace.to_owned(), id.to_owned());
+        self.writer
+            .write(move |txn| {
+                Box::pin(async move {
+                    let model = load(txn, &workspace, &id).await?;
+                    let current = open(&key, model.clone())?;
+                    let spec = change(&current)?;
+                    let now = now_millis();
+                    let mut am = model.into_active_model();
+                    seal_spec(&key, &spec, &mut am);
+                    am.updated_at = Set(now);
+                    let updated = webhook::Entity::update(am).exec(txn).await?;
+                    if spec.active != current.spec.active {
+                        let (from, to) = if spec.active {
+                            (status::PARKED, status::PENDING)
+                        } else {
+                            (status::PENDING, status::PARKED)
+                        };
+                        delivery::Entity::update_many()
+                            .col_expr(delivery::Column::Status, Expr::value(to))
+                            .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+                            .filter(delivery::Column::WebhookId.eq(&id))
+                            .filter(delivery::Column::Status.eq(from))
+                            .exec(txn)
+                            .await?;
+                    }
+                    if spec.zone != current.spec.zone {
+                        delivery::Entity::update_many()
+                            .col_expr(delivery::Column::Zone, Expr::value(spec.zone.clone()))
+                            .filter(delivery::Column::WebhookId.eq(&id))
+                            .filter(delivery::Column::Status.is_in(status::OPEN))
+                            .exec(txn)
+                            .await?;
+                    }
+                    open(&key, updated)
+                })
+            })
+            .await
+    }
+
+    /// Soft-deletes a webhook and cancels its open deliveries; returns how many were cancelled.
+    pub async fn delete_webhook(&self, workspace: &str, id: &str) -> Result<u64, StoreError> {
+        let (workspace, id) = (workspace.to_owned(), id.to_owned());
+        self.writer
+            .write(move |txn| {
+                Box::pin(async move {
+                    let model = load(txn, &workspace, &id).await?;
+                    let now = now_millis();
+                    let mut am = model.into_active_model();
+                    am.deleted_at = Set(Some(now));
+                    am.active = Set(false);
+                    am.updated_at = Set(now);
+                    webhook::Entity::update(am).exec(txn).await?;
+                    let cancelled = delivery::Entity::update_many()
+                        .col_expr(delivery::Column::Status, Expr::value(status::CANCELLED))
+                        .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
+                        .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+                        .filter(delivery::Column::WebhookId.eq(&id))
+                        .filter(delivery::Column::Status.is_in(status::OPEN))
+                        .exec(txn)
+                        .await?;
+                    Ok(cancelled.rows_affected)
+                })
+            })
+            .await
+    }
+
+    /// Replaces the secret; the old one keeps signing until `grace_until` (milliseconds).
+    pub async fn rotate_secret(
+        &self,
+        workspace: &str,
+        id: &str,
+        new_secret: String,
+        grace_until: i64,
+    ) -> Result<Webhook, StoreError> {
+        let key = self.key.clone();
+        let (workspace, id) = (workspace.to_owned(), id.to_owned());
+        self.writer
+            .write(move |txn| {
+                Box::pin(async move {
+                    let model = load(txn, &workspace, &id).await?;
+                    let old_sealed = model.secret.clone();
+                    let mut am = model.into_active_model();
+                    am.previous_secret = Set(Some(old_sealed));
+                    am.previous_secret_until = Set(Some(grace_until));
+                    am.secret = Set(key.seal_str(SECRET, &new_secret));
+                    am.updated_at = Set(now_millis());
+                    let updated = webhook::Entity::update(am).exec(txn).await?;
+                    open(&key, updated)
+                })
+            })
+            .await
+    }
+}

@@ -1,0 +1,160 @@
+//! Group commit: one task owns every write.
+//!
+//! Callers hand the writer a closure that runs inside a transaction. The writer takes every
+//! operation that is waiting (up to `MAX_BATCH`), runs each in its own savepoint of one
+//! transaction, commits once, and only then answers each caller. Many concurrent publishes thus
+//! share one fsync, and no caller is told "done" before its rows are durable.
+//!
+//! On SQLite this is also the only way to write well: one writer never meets `SQLITE_BUSY` from
+//! itself. A failed operation rolls back to its savepoint and fails alone; a failed commit fails
+//! every operation of the batch (nothing of any of them is written).
+
+use futures::future::BoxFuture;
+use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use tokio::sync::{mpsc, oneshot};
+
+use super::StoreError;
+
+/// Operations committed together at most.
+const MAX_BATCH: usize = 512;
+/// Operations that may wait for the writer before callers feel back-pressure.
+const QUEUE: usize = 4096;
+
+/// One queued write: runs in the batch's transaction, then learns the batch's fate.
+trait Operation: Send {
+    /// Runs the write; says whether it succeeded (a failed one is rolled back alone).
+    fn run<'t>(&'t mut self, txn: &'t DatabaseTransaction) -> BoxFuture<'t, bool>;
+    /// Answers the caller: its own result if the batch committed, otherwise the commit's error.
+    fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
+}
+
+type WriteFn<T> = Box<dyn for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<T, StoreError>> + Send>;
+
+struct Pending<T> {
+    f: Option<WriteFn<T>>,
+    result: Option<Result<T, StoreError>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T: Send + 'static> Operation for Pending<T> {
+    fn run<'t>(&'t mut self, txn: &'t DatabaseTransaction) -> BoxFuture<'t, bool> {
+        Box::pin(async move {
+            let Some(f) = self.f.take() else { return false };
+            let result = f(txn).await;
+            let ok = result.is_ok();
+            self.result = Some(result);
+            ok
+        })
+    }
+
+    fn finish(self: Box<Self>, outcome: Result<(), StoreError>) {
+        let answer = match (self.result, outcome) {
+            (Some(Err(own)), _) => Err(own),
+            (_, Err(commit)) => Err(commit),
+            (Some(Ok(value)), Ok(())) => Ok(value),
+            (None, Ok(())) => Err(StoreError::Unavailable("the write did not run".into())),
+        };
+        let _ = self.reply.send(answer);
+    }
+}
+
+type Op = Box<dyn Operation>;
+
+/// A handle to the writer task. Cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Op>,
+}
+
+impl Writer {
+    /// Starts the writer task on `db`. It ends when every handle is dropped.
+    pub fn spawn(db: DatabaseConnection) -> Writer {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(db, rx));
+        Writer { tx }
+    }
+
+    /// Runs `f` in a transaction shared with other writes and returns its result once committed.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<T, StoreError>> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let op: Op = Box::new(Pending { f: Some(Box::new(f)), result: None, reply });
+        self.tx.send(op).await.map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
+    }
+}
+
+async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>) {
+    let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        commit_batch(&db, std::mem::take(&mut batch)).await;
+    }
+}
+
+fn fail_all(ops: impl IntoIterator<Item = Op>, err: &StoreError) {
+    for op in ops {
+        op.finish(Err(err.clone()));
+    }
+}
+
+async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>) {
+    let txn = match db.begin().await {
+        Ok(txn) => txn,
+        Err(e) => {
+            let err = StoreError::from(e);
+            tracing::warn!(error = %err, "cannot begin a write transaction");
+            return fail_all(ops, &err);
+        }
+    };
+    if ops.len() == 1 {
+        // A lone operation needs no savepoint: its failure rolls the whole transaction back.
+        let mut op = ops.into_iter().next().expect("one operation");
+        if op.run(&txn).await {
+            let outcome = txn.commit().await.map_err(StoreError::from);
+            op.finish(outcome);
+        } else {
+            let _ = txn.rollback().await;
+            op.finish(Ok(()));
+        }
+        return;
+    }
+    let mut done: Vec<Op> = Vec::with_capacity(ops.len());
+    let mut ops = ops.into_iter();
+    while let Some(mut op) = ops.next() {
+        let savepoint = match txn.begin().await {
+            Ok(sp) => sp,
+            Err(e) => {
+                let err = StoreError::from(e);
+                let _ = txn.rollback().await;
+                fail_all(done.into_iter().chain(std::iter::once(op)).chain(ops), &err);
+                return;
+            }
+        };
+        let ok = op.run(&savepoint).await;
+        let end = if ok { savepoint.commit().await } else { savepoint.rollback().await };
+        if let Err(e) = end {
+            let err = StoreError::from(e);
+            let _ = txn.rollback().await;
+            fail_all(done.into_iter().chain(std::iter::once(op)).chain(ops), &err);
+            return;
+        }
+        if ok {
+            done.push(op);
+        } else {
+            op.finish(Ok(()));
+        }
+    }
+    let outcome = txn.commit().await.map_err(StoreError::from);
+    if let Err(e) = &outcome {
+        tracing::warn!(error = %e, operations = done.len(), "group commit failed");
+    }
+    for op in done {
+        op.finish(outcome.clone());
+    }
+}

@@ -1,0 +1,24 @@
+//! Pieces shared by the control plane, the agent and the tests: the generated gRPC contract, the
+//! event envelope, ids, the signature schemes, the event-type catalog and the retry schedule.
+//!
+//! This crate holds no I/O and no state: everything here is a pure function of its inputs, so the
+//! agent and the control plane can never disagree on what an envelope or a signature is.
+
+pub mod catalog;
+pub mod envelope;
+pub mod ids;
+pub mod retry;
+pub mod signature;
+pub mod telemetry;
+
+/// Generated protobuf messages and gRPC stubs of package `herald.v1`.
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("herald.v1");
+
+    /// Encoded `FileDescriptorSet` of the Herald API, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("herald_descriptor");
+}
+
+/// The version every binary reports (`User-Agent: Herald/<version>`, agent hello).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
