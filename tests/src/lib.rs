@@ -1,1 +1,241 @@
+//! The test harness: databases (a temporary SQLite file, or a fresh schema on the PostgreSQL
+//! server), a control plane running `server::run` in-process on `127.0.0.1:0`, authenticated
+//! clients, and the paths of the real binaries.
+//!
+//! Every wait has a timeout; ports are bound before use, so there are no sleeps to guess.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use herald_control_plane::config::Config;
+use herald_shared::proto;
+use proto::delivery_service_client::DeliveryServiceClient;
+use proto::event_service_client::EventServiceClient;
+use proto::webhook_service_client::WebhookServiceClient;
+use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, QueryOrder};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server tests use: `HERALD_TEST_POSTGRES_URL`, or the machine's server.
+pub fn postgres_url() -> String {
+    std::env::var("HERALD_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A database of its own for one test: a temporary SQLite file, or a new schema on PostgreSQL.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    /// Keeps the SQLite folder alive as long as the test.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temporary folder");
+                let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+                TestDb { backend, url, _dir: Some(dir) }
+            }
+            Backend::Postgres => {
+                let base = postgres_url();
+                let schema = format!("t_{}", herald_shared::ids::new_id("s").to_ascii_lowercase());
+                let admin = sea_orm::Database::connect(&base)
+                    .await
+                    .unwrap_or_else(|e| panic!("PostgreSQL at {base} is required for these tests: {e}"));
+                admin.execute_unprepared(&format!("CREATE SCHEMA {schema}")).await.expect("create schema");
+                admin.close().await.ok();
+                let sep = if base.contains('?') { '&' } else { '?' };
+                let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+                TestDb { backend, url, _dir: None }
+            }
+        }
+    }
+
+    /// A connection of the test's own, to look at what the control plane stored.
+    pub async fn connect(&self) -> DatabaseConnection {
+        herald_control_plane::db::connect(&self.url).await.expect("connect to the test database")
+    }
+
+    /// Every row of every table, in a stable order, as text: equal snapshots mean nothing was
+    /// written in between.
+    pub async fn snapshot(&self) -> String {
+        use herald_control_plane::db::entity::*;
+        let db = self.connect().await;
+        let mut out = String::new();
+        macro_rules! dump {
+            ($m:ident, $($col:ident),+) => {{
+                let rows = $m::Entity::find()$(.order_by_asc($m::Column::$col))+.all(&db).await.expect("read table");
+                out.push_str(&format!("{}: {:?}\n", stringify!($m), rows));
+            }};
+        }
+        dump!(workspace, Id);
+        dump!(api_key, Id);
+        dump!(webhook, Id);
+        dump!(event, WorkspaceId, Id);
+        dump!(delivery, Id);
+        dump!(attempt, Id);
+        dump!(agent, Id);
+        db.close().await.ok();
+        out
+    }
+}
+
+/// Adds `authorization: Bearer <key>` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// A control plane running in this process.
+pub struct ControlPlane {
+    pub addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub channel: Channel,
+    /// The admin key of workspace `ws_default`.
+    pub api_key: String,
+    pub config: Config,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A fresh random API key.
+pub fn new_key() -> String {
+    herald_control_plane::store::keys::generate_key()
+}
+
+impl ControlPlane {
+    /// Starts a control plane with `config` (its bootstrap key set when absent) and waits until
+    /// it answers health checks.
+    pub async fn start(mut config: Config) -> ControlPlane {
+        let _ = rustls_provider();
+        let api_key = config.bootstrap_api_key.get_or_insert_with(new_key).clone();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
+        let (addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(herald_control_plane::server::run(config.clone(), grpc, Some(http), shutdown.clone()));
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        let cp = ControlPlane { addr, http_addr, channel, api_key, config, shutdown, task };
+        cp.wait_serving().await;
+        cp
+    }
+
+    async fn wait_serving(&self) {
+        use tonic_health_client::*;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut client = HealthClient::new(self.channel.clone());
+            let ok = client
+                .check(HealthCheckRequest { service: "herald.v1.EventService".into() })
+                .await
+                .is_ok_and(|r| r.into_inner().status == 1);
+            if ok {
+                return;
+            }
+            assert!(!self.task.is_finished(), "the control plane exited during start-up");
+            assert!(tokio::time::Instant::now() < deadline, "the control plane did not become ready in 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the control plane and waits for it to close the database.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the control plane stops within 30 s")
+            .expect("the control plane task does not panic")
+            .expect("the control plane stops cleanly");
+    }
+
+    fn bearer(key: Option<&str>) -> Bearer {
+        Bearer(key.map(|k| format!("Bearer {k}").parse().expect("ASCII key")))
+    }
+
+    pub fn webhooks(&self) -> WebhookServiceClient<Authed> {
+        self.webhooks_as(Some(&self.api_key))
+    }
+
+    pub fn webhooks_as(&self, key: Option<&str>) -> WebhookServiceClient<Authed> {
+        WebhookServiceClient::with_interceptor(self.channel.clone(), Self::bearer(key))
+    }
+
+    pub fn events(&self) -> EventServiceClient<Authed> {
+        self.events_as(Some(&self.api_key))
+    }
+
+    pub fn events_as(&self, key: Option<&str>) -> EventServiceClient<Authed> {
+        EventServiceClient::with_interceptor(self.channel.clone(), Self::bearer(key)).max_decoding_message_size(64 << 20)
+    }
+
+    pub fn deliveries_as(&self, key: Option<&str>) -> DeliveryServiceClient<Authed> {
+        DeliveryServiceClient::with_interceptor(self.channel.clone(), Self::bearer(key))
+    }
+
+    pub fn agents_as(&self, key: Option<&str>) -> proto::agent_service_client::AgentServiceClient<Authed> {
+        proto::agent_service_client::AgentServiceClient::with_interceptor(self.channel.clone(), Self::bearer(key))
+    }
+}
+
+/// The health-check client, from tonic-health's generated code.
+pub mod tonic_health_client {
+    pub use tonic_health::pb::health_client::HealthClient;
+    pub use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+}
+
+fn rustls_provider() -> bool {
+    rustls::crypto::ring::default_provider().install_default().is_ok()
+}
+
+/// The field an INVALID_ARGUMENT (or ALREADY_EXISTS) status names in its `BadRequest` detail.
+pub fn bad_field(status: &Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    status.get_details_bad_request().and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+}
+
+/// Path of a binary of this workspace, built by the same `cargo test` run.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target profile folder");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: build the workspace binaries first (cargo test --workspace does)", path.display());
+    path
+}
+
+/// A webhook to create, valid unless a test changes it.
+pub fn webhook(name: &str, url: &str, events: &[&str]) -> proto::Webhook {
+    proto::Webhook {
+        name: name.into(),
+        url: url.into(),
+        events: events.iter().map(|e| (*e).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+/// An event with `data_json`.
+pub fn event(event_type: &str, data_json: &str) -> proto::Event {
+    proto::Event { r#type: event_type.into(), data_json: data_json.into(), ..Default::default() }
+}
