@@ -188,7 +188,8 @@ impl ControlPlane {
     }
 
     pub fn events_as(&self, key: Option<&str>) -> EventServiceClient<Authed> {
-        EventServiceClient::with_interceptor(self.channel.clone(), Self::bearer(key)).max_decoding_message_size(64 << 20)
+        EventServiceClient::with_interceptor(self.channel.clone(), Self::bearer(key))
+            .max_decoding_message_size(64 << 20)
     }
 
     pub fn deliveries_as(&self, key: Option<&str>) -> DeliveryServiceClient<Authed> {
@@ -221,7 +222,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(|deps| deps.parent()).expect("target profile folder");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: build the workspace binaries first (cargo test --workspace does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo test --workspace does)",
+        path.display()
+    );
     path
 }
 

@@ -131,36 +131,41 @@ where
     Ok(())
 }
 
-/// A new pending delivery row.
-pub(crate) fn new_delivery(
-    workspace: &str,
-    event_id: &str,
-    event_type: &str,
-    webhook_id: &str,
-    zone: &str,
-    test: bool,
-    now: i64,
-    due: i64,
-) -> delivery::ActiveModel {
-    delivery::ActiveModel {
-        id: Set(ids::new_id(ids::DELIVERY)),
-        workspace_id: Set(workspace.to_owned()),
-        event_id: Set(event_id.to_owned()),
-        webhook_id: Set(webhook_id.to_owned()),
-        event_type: Set(event_type.to_owned()),
-        zone: Set(zone.to_owned()),
-        status: Set(status::PENDING),
-        test: Set(test),
-        attempt_count: Set(0),
-        lost_leases: Set(0),
-        next_attempt_at: Set(due),
-        lease_id: Set(None),
-        lease_agent: Set(None),
-        lease_expires_at: Set(None),
-        last_status: Set(None),
-        last_error: Set(None),
-        created_at: Set(now),
-        updated_at: Set(now),
+/// What a new pending delivery row is made of.
+pub(crate) struct NewDelivery<'a> {
+    pub workspace: &'a str,
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    pub webhook_id: &'a str,
+    pub zone: &'a str,
+    pub test: bool,
+    pub created_at: i64,
+    /// When attempt 1 is due.
+    pub due: i64,
+}
+
+impl NewDelivery<'_> {
+    pub(crate) fn row(&self) -> delivery::ActiveModel {
+        delivery::ActiveModel {
+            id: Set(ids::new_id(ids::DELIVERY)),
+            workspace_id: Set(self.workspace.to_owned()),
+            event_id: Set(self.event_id.to_owned()),
+            webhook_id: Set(self.webhook_id.to_owned()),
+            event_type: Set(self.event_type.to_owned()),
+            zone: Set(self.zone.to_owned()),
+            status: Set(status::PENDING),
+            test: Set(self.test),
+            attempt_count: Set(0),
+            lost_leases: Set(0),
+            next_attempt_at: Set(self.due),
+            lease_id: Set(None),
+            lease_agent: Set(None),
+            lease_expires_at: Set(None),
+            last_status: Set(None),
+            last_error: Set(None),
+            created_at: Set(self.created_at),
+            updated_at: Set(self.created_at),
+        }
     }
 }
 
@@ -212,16 +217,17 @@ impl Store {
                         };
                         let mut deliveries = Vec::new();
                         for s in subs.iter().filter(|s| catalog::subscribes(&s.events, &e.event_type)) {
-                            let row = new_delivery(
-                                &workspace,
-                                &e.id,
-                                &e.event_type,
-                                &s.id,
-                                &s.zone,
-                                false,
-                                now,
-                                now + first_delay_ms,
-                            );
+                            let row = NewDelivery {
+                                workspace: &workspace,
+                                event_id: &e.id,
+                                event_type: &e.event_type,
+                                webhook_id: &s.id,
+                                zone: &s.zone,
+                                test: false,
+                                created_at: now,
+                                due: now + first_delay_ms,
+                            }
+                            .row();
                             deliveries.push(DeliverySummary {
                                 id: row.id.clone().unwrap(),
                                 webhook_id: s.id.clone(),

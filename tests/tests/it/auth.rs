@@ -9,7 +9,12 @@ use tonic::{Code, Status};
 
 use crate::support::start;
 
-both_databases!(every_rpc_needs_a_valid_key, publish_keys_cannot_configure, workspaces_are_isolated, data_survives_restart);
+both_databases!(
+    every_rpc_needs_a_valid_key,
+    publish_keys_cannot_configure,
+    workspaces_are_isolated,
+    data_survives_restart
+);
 
 /// Calls every unary RPC of the API with `key`, returning each outcome's code.
 async fn call_everything(cp: &ControlPlane, key: Option<&str>) -> Vec<(&'static str, Code)> {
@@ -103,9 +108,13 @@ async fn workspaces_are_isolated(backend: Backend) {
     assert!(not_found(theirs.get_webhook(proto::GetWebhookRequest { id: mine.id.clone() }).await));
     let change = Webhook { id: mine.id.clone(), name: "stolen".into(), ..Default::default() };
     let mask = Some(FieldMask { paths: vec!["name".into()] });
-    assert!(not_found(theirs.update_webhook(proto::UpdateWebhookRequest { webhook: Some(change), update_mask: mask }).await));
     assert!(not_found(
-        theirs.rotate_webhook_secret(proto::RotateWebhookSecretRequest { id: mine.id.clone(), secret: String::new() }).await
+        theirs.update_webhook(proto::UpdateWebhookRequest { webhook: Some(change), update_mask: mask }).await
+    ));
+    assert!(not_found(
+        theirs
+            .rotate_webhook_secret(proto::RotateWebhookSecretRequest { id: mine.id.clone(), secret: String::new() })
+            .await
     ));
     let del = theirs.delete_webhook(proto::DeleteWebhookRequest { id: mine.id.clone() }).await.unwrap_err();
     assert_eq!(del.code(), Code::NotFound);
@@ -126,7 +135,8 @@ async fn workspaces_are_isolated(backend: Backend) {
         .into_inner();
     assert_eq!(stored.workspace_id, "ws_other");
     assert!(stored.deliveries.is_empty(), "my webhook does not get their events");
-    let mine_again = cp.events().get_event(proto::GetEventRequest { id: "shared-id".into() }).await.unwrap().into_inner();
+    let mine_again =
+        cp.events().get_event(proto::GetEventRequest { id: "shared-id".into() }).await.unwrap().into_inner();
     assert_eq!(mine_again.data_json, r#"{"who":"me"}"#);
     cp.stop().await;
 }

@@ -124,5 +124,7 @@ async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> 
 
 mod tonic_reflection_client {
     pub use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    pub use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request, server_reflection_response};
+    pub use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_request, server_reflection_response,
+    };
 }

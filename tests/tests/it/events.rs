@@ -60,8 +60,11 @@ async fn publish_and_get(backend: Backend) {
     e.id = "inc-42".into();
     e.timestamp = Some(prost_types::Timestamp { seconds: 1_705_314_600, nanos: 0 });
     e.data = Some(prost_types::Struct {
-        fields: [("title".to_owned(), prost_types::Value { kind: Some(prost_types::value::Kind::StringValue("DB down".into())) })]
-            .into(),
+        fields: [(
+            "title".to_owned(),
+            prost_types::Value { kind: Some(prost_types::value::Kind::StringValue("DB down".into())) },
+        )]
+        .into(),
     });
     let with_time = publish(&cp, e).await.unwrap();
     assert_eq!(with_time.id, "inc-42");
@@ -71,7 +74,8 @@ async fn publish_and_get(backend: Backend) {
     assert_eq!(with_time.status, proto::EventStatus::Delivered as i32, "nothing to deliver");
 
     // A batch answers in request order.
-    let batch: Vec<proto::Event> = (0..3).map(|i| event("recommendation.updated", &format!(r#"{{"n":{i}}}"#))).collect();
+    let batch: Vec<proto::Event> =
+        (0..3).map(|i| event("recommendation.updated", &format!(r#"{{"n":{i}}}"#))).collect();
     let answer = cp.events().publish_events(proto::PublishEventsRequest { events: batch }).await.unwrap().into_inner();
     let ns: Vec<&str> = answer.events.iter().map(|e| e.data_json.as_str()).collect();
     assert_eq!(ns, [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#]);
@@ -216,7 +220,8 @@ async fn batch_is_all_or_nothing(backend: Backend) {
     // A batch that repeats a stored event unchanged is fine: it returns the stored one.
     let mut c = event("task.started", "{}");
     c.id = "new-c".into();
-    let ok = events.publish_events(proto::PublishEventsRequest { events: vec![existing, c] }).await.unwrap().into_inner();
+    let ok =
+        events.publish_events(proto::PublishEventsRequest { events: vec![existing, c] }).await.unwrap().into_inner();
     assert_eq!(ok.events[0].id, "task-7");
     assert_eq!(ok.events[1].id, "new-c");
     assert_eq!(deliveries_of(&db, "task-7").await.len(), 1);
@@ -257,7 +262,10 @@ async fn pause_parks_and_resume_releases(backend: Backend) {
     let before_pause = publish(&cp, event("incident.created", "{}")).await.unwrap();
     let set_active = |active: bool| {
         let change = Webhook { id: hook.id.clone(), active: Some(active), ..Default::default() };
-        proto::UpdateWebhookRequest { webhook: Some(change), update_mask: Some(FieldMask { paths: vec!["active".into()] }) }
+        proto::UpdateWebhookRequest {
+            webhook: Some(change),
+            update_mask: Some(FieldMask { paths: vec!["active".into()] }),
+        }
     };
     cp.webhooks().update_webhook(set_active(false)).await.unwrap();
     let parked = deliveries_of(&db, &before_pause.id).await;

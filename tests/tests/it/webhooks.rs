@@ -86,7 +86,8 @@ async fn webhook_lifecycle(backend: Backend) {
     assert_eq!(listed.webhooks.len(), 1);
     assert!(listed.next_page_token.is_empty());
 
-    let deleted = api.delete_webhook(proto::DeleteWebhookRequest { id: created.id.clone() }).await.unwrap().into_inner();
+    let deleted =
+        api.delete_webhook(proto::DeleteWebhookRequest { id: created.id.clone() }).await.unwrap().into_inner();
     assert_eq!(deleted.cancelled_deliveries, 0);
     let gone = api.get_webhook(proto::GetWebhookRequest { id: created.id.clone() }).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
@@ -152,7 +153,11 @@ fn create_cases() -> Vec<(&'static str, Spoil, &'static str)> {
         ("long url", |w| w.url = format!("https://example.com/{}", "a".repeat(2040)), "webhook.url"),
         ("non-ASCII host", |w| w.url = "https://exämple.com/hook".into(), "webhook.url"),
         ("no events", |w| w.events.clear(), "webhook.events"),
-        ("unknown event", |w| w.events = vec!["incident.created".into(), "incident.exploded".into()], "webhook.events[1]"),
+        (
+            "unknown event",
+            |w| w.events = vec!["incident.created".into(), "incident.exploded".into()],
+            "webhook.events[1]",
+        ),
         ("bad wildcard", |w| w.events = vec!["incid*".into()], "webhook.events[0]"),
         ("bad header name", |w| _ = w.headers.insert("Bad Name".into(), "x".into()), "webhook.headers[\"Bad Name\"]"),
         (
@@ -165,9 +170,17 @@ fn create_cases() -> Vec<(&'static str, Spoil, &'static str)> {
             |w| _ = w.headers.insert("X-CloudThinker-Signature".into(), "x".into()),
             "webhook.headers[\"X-CloudThinker-Signature\"]",
         ),
-        ("reserved webhook- header", |w| _ = w.headers.insert("webhook-id".into(), "x".into()), "webhook.headers[\"webhook-id\"]"),
+        (
+            "reserved webhook- header",
+            |w| _ = w.headers.insert("webhook-id".into(), "x".into()),
+            "webhook.headers[\"webhook-id\"]",
+        ),
         ("reserved Host", |w| _ = w.headers.insert("Host".into(), "evil".into()), "webhook.headers[\"Host\"]"),
-        ("reserved traceparent", |w| _ = w.headers.insert("traceparent".into(), "x".into()), "webhook.headers[\"traceparent\"]"),
+        (
+            "reserved traceparent",
+            |w| _ = w.headers.insert("traceparent".into(), "x".into()),
+            "webhook.headers[\"traceparent\"]",
+        ),
         ("zone with space", |w| w.zone = "eu west".into(), "webhook.zone"),
         ("zone too long", |w| w.zone = "z".repeat(64), "webhook.zone"),
         ("short secret", |w| w.secret = "short".into(), "webhook.secret"),
@@ -185,7 +198,11 @@ fn create_cases() -> Vec<(&'static str, Spoil, &'static str)> {
         ("zero rate limit", |w| w.rate_limit_per_second = Some(0), "webhook.rate_limit_per_second"),
         ("zero max in flight", |w| w.max_in_flight = Some(0), "webhook.max_in_flight"),
         ("long description", |w| w.description = "d".repeat(1025), "webhook.description"),
-        ("bad transform var name", |w| _ = w.transform_vars.insert("not ok".into(), "x".into()), "webhook.transform_vars[\"not ok\"]"),
+        (
+            "bad transform var name",
+            |w| _ = w.transform_vars.insert("not ok".into(), "x".into()),
+            "webhook.transform_vars[\"not ok\"]",
+        ),
     ]
 }
 
@@ -242,7 +259,8 @@ async fn update_validation(backend: Backend) {
     ];
     for (what, update_mask, id, field) in cases {
         let change = Webhook { id, name: "x".into(), ..Default::default() };
-        let err = api.update_webhook(proto::UpdateWebhookRequest { webhook: Some(change), update_mask }).await.unwrap_err();
+        let err =
+            api.update_webhook(proto::UpdateWebhookRequest { webhook: Some(change), update_mask }).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{what}");
         assert_eq!(bad_field(&err).as_deref(), Some(field), "{what}: {}", err.message());
     }
@@ -358,7 +376,10 @@ async fn later_rpcs_are_unimplemented(backend: Backend) {
         .unwrap_err();
     assert_eq!(test.code(), Code::Unimplemented);
     let mut d = cp.deliveries_as(key);
-    assert_eq!(d.list_deliveries(proto::ListDeliveriesRequest::default()).await.unwrap_err().code(), Code::Unimplemented);
+    assert_eq!(
+        d.list_deliveries(proto::ListDeliveriesRequest::default()).await.unwrap_err().code(),
+        Code::Unimplemented
+    );
     assert_eq!(d.get_delivery(proto::GetDeliveryRequest::default()).await.unwrap_err().code(), Code::Unimplemented);
     assert_eq!(d.retry_delivery(proto::RetryDeliveryRequest::default()).await.unwrap_err().code(), Code::Unimplemented);
     assert_eq!(d.replay_webhook(proto::ReplayWebhookRequest::default()).await.unwrap_err().code(), Code::Unimplemented);
