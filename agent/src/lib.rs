@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 
-/// The stateless sender agent.
-#[derive(Debug, Clone, Parser)]
+/// The stateless sender agent. No `Debug`: the token is a secret.
+#[derive(Clone, Parser)]
 #[command(name = "herald-agent", version, about)]
 pub struct Args {
     /// Control-plane address; repeat for several (tried in turn).
@@ -32,7 +32,7 @@ pub struct Args {
     /// Jobs held at once.
     #[arg(long, env = "HERALD_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: u32,
-    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    /// Address of the agent's probes (served once the delivery pipeline lands).
     #[arg(long, env = "HERALD_HTTP_ADDR", default_value = "127.0.0.1:9091")]
     pub http_addr: std::net::SocketAddr,
     /// Public address requests leave from, shown to customers for allowlists. Repeatable.

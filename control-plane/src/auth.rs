@@ -101,18 +101,18 @@ impl Authenticator {
 }
 
 /// The bearer token of a request.
-fn bearer<T>(request: &Request<T>) -> Result<&str, Status> {
+pub fn bearer<T>(request: &Request<T>) -> Result<&str, Status> {
     let value = request
         .metadata()
         .get("authorization")
-        .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <api key>` metadata"))?;
+        .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <key>` metadata"))?;
     let value = value.to_str().map_err(|_| Status::unauthenticated("malformed authorization metadata"))?;
     let key = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
         .map(str::trim)
         .filter(|k| !k.is_empty())
-        .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <api key>`"))?;
+        .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <key>`"))?;
     Ok(key)
 }
 

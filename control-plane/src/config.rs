@@ -11,14 +11,14 @@ use herald_shared::retry::RetrySchedule;
 use crate::crypto::SecretKey;
 
 /// Herald: signed, retried, logged webhook delivery.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "herald", version, about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 pub enum Command {
     /// Run the control plane: the gRPC API, the durable event queue and the dispatcher.
     Serve(Box<ServeArgs>),
@@ -32,14 +32,14 @@ pub enum Command {
     Keys(KeysCommand),
 }
 
-#[derive(Debug, Args, Clone)]
+#[derive(Args, Clone)]
 pub struct DatabaseArgs {
     /// `sqlite://herald.db` (the embedded default) or `postgres://user@host/db`.
     #[arg(long, env = "HERALD_DATABASE_URL", default_value = "sqlite://herald.db")]
     pub database_url: String,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 pub enum KeysCommand {
     /// Create an API key for a workspace (created if absent) and print it.
     Create {
@@ -54,14 +54,15 @@ pub enum KeysCommand {
     },
 }
 
-#[derive(Debug, Args, Clone)]
+/// Flags of `herald serve`. No `Debug`: they hold secrets; `Config` prints redacted.
+#[derive(Args, Clone)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
     /// Address of the gRPC API (port 0 picks a free port, which is logged).
     #[arg(long, env = "HERALD_GRPC_ADDR", default_value = "127.0.0.1:7070")]
     pub grpc_addr: SocketAddr,
-    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    /// Address of the `/healthz` and `/readyz` probes.
     #[arg(long, env = "HERALD_HTTP_ADDR", default_value = "127.0.0.1:9090")]
     pub http_addr: SocketAddr,
     /// An admin API key that is made to exist at start-up (for Helm secrets and scripts).
@@ -112,12 +113,12 @@ pub struct ServeArgs {
     pub response_body_limit: usize,
 }
 
-#[derive(Debug, Args, Clone)]
+#[derive(Args, Clone)]
 pub struct DevArgs {
     /// Address of the gRPC API.
     #[arg(long, env = "HERALD_GRPC_ADDR", default_value = "127.0.0.1:7070")]
     pub grpc_addr: SocketAddr,
-    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    /// Address of the `/healthz` and `/readyz` probes.
     #[arg(long, env = "HERALD_HTTP_ADDR", default_value = "127.0.0.1:9090")]
     pub http_addr: SocketAddr,
     /// Folder of the SQLite database, key file and secret key.

@@ -48,15 +48,31 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
     let server = tokio::spawn(crate::server::run(config, grpc, Some(http), shutdown.clone()));
-    // Print the banner once the server answers, so that the commands work when read.
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // Print the banner once the server answers health checks, so that the commands work when read.
+    if !wait_serving(addr, &server).await {
+        return server.await.context("the control plane task failed")?;
     }
     println!("{}", banner(&addr.to_string(), &http_addr.to_string(), &db_path.display().to_string(), &state.api_key));
     server.await.context("the control plane task failed")?
+}
+
+/// Waits until the gRPC health service says SERVING; false if the server task ended first.
+async fn wait_serving(addr: std::net::SocketAddr, server: &tokio::task::JoinHandle<anyhow::Result<()>>) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else { return false };
+    let channel = endpoint.connect_lazy();
+    loop {
+        if server.is_finished() {
+            return false;
+        }
+        let check = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest { service: "herald.v1.EventService".into() })
+            .await;
+        if check.is_ok_and(|r| r.into_inner().status == 1) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 fn banner(addr: &str, http: &str, db: &str, key: &str) -> String {

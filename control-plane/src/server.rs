@@ -90,7 +90,9 @@ pub async fn run(
         let mut tls_config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
         if let Some(ca) = &tls.client_ca {
             let ca = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
-            tls_config = tls_config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(false);
+            // API clients (backends, grpcurl) need no certificate; agent sessions are the ones
+            // that must present one signed by this CA.
+            tls_config = tls_config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(true);
         }
         builder = builder.tls_config(tls_config).context("invalid TLS configuration")?;
     }

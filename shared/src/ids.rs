@@ -18,9 +18,16 @@ pub const LEASE: &str = "lse";
 /// Prefix of agent ids generated when an agent gives none.
 pub const AGENT: &str = "agt";
 
-/// A new id: `prefix_` followed by a lowercase ULID (26 characters).
+/// One generator per process, so that ids made within the same millisecond still sort in the
+/// order they were made.
+static GENERATOR: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
+
+/// A new id: `prefix_` followed by a lowercase ULID (26 characters), strictly increasing within
+/// this process.
 pub fn new_id(prefix: &str) -> String {
-    let ulid = ulid::Ulid::generate().to_string().to_ascii_lowercase();
+    let next = GENERATOR.lock().map(|mut g| g.generate().ok()).ok().flatten();
+    // The random part overflows only after 2^80 ids in one millisecond; fall back to a fresh one.
+    let ulid = next.unwrap_or_else(ulid::Ulid::generate).to_string().to_ascii_lowercase();
     let mut id = String::with_capacity(prefix.len() + 1 + ulid.len());
     id.push_str(prefix);
     id.push('_');
@@ -46,12 +53,10 @@ mod tests {
 
     #[test]
     fn ids_are_prefixed_and_ordered() {
-        let a = new_id(EVENT);
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let b = new_id(EVENT);
-        assert!(has_prefix(&a, EVENT), "{a}");
-        assert!(!has_prefix(&a, DELIVERY));
-        assert!(a < b, "{a} should sort before {b}");
+        let ids: Vec<String> = (0..10_000).map(|_| new_id(EVENT)).collect();
+        assert!(has_prefix(&ids[0], EVENT), "{}", ids[0]);
+        assert!(!has_prefix(&ids[0], DELIVERY));
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids made in the same millisecond keep their order");
     }
 
     #[test]

@@ -92,8 +92,10 @@ pub fn new_event(e: proto::Event, prefix: &str, now: DateTime<Utc>) -> Result<Ne
     Ok(NewEvent { id, event_type: e.r#type, timestamp, timestamp_supplied, data, parsed })
 }
 
-/// The API view of a stored event. `with_struct` also fills `data` (reads), besides `data_json`.
-pub fn to_proto(e: &StoredEvent, with_struct: bool) -> proto::Event {
+/// The API view of a stored event. `with_data` fills `data` and `data_json` (GetEvent); publish
+/// answers leave the payload out, so that an answer is never larger than its request and never
+/// trips a client's default 4 MiB message limit.
+pub fn to_proto(e: &StoredEvent, with_data: bool) -> proto::Event {
     let status = match e.status() {
         EventStatus::Pending => proto::EventStatus::Pending,
         EventStatus::Delivered => proto::EventStatus::Delivered,
@@ -102,7 +104,7 @@ pub fn to_proto(e: &StoredEvent, with_struct: bool) -> proto::Event {
     let timestamp = DateTime::parse_from_rfc3339(&e.event.timestamp)
         .ok()
         .map(|t| prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 });
-    let data = with_struct
+    let data = with_data
         .then(|| serde_json::from_str::<serde_json::Value>(&e.event.data).ok().map(|j| json::struct_from_json(&j)))
         .flatten();
     proto::Event {
@@ -111,7 +113,7 @@ pub fn to_proto(e: &StoredEvent, with_struct: bool) -> proto::Event {
         timestamp,
         workspace_id: e.event.workspace_id.clone(),
         data,
-        data_json: e.event.data.clone(),
+        data_json: if with_data { e.event.data.clone() } else { String::new() },
         status: status as i32,
         deliveries: e
             .deliveries

@@ -9,11 +9,9 @@ use serde_json::Value as Json;
 pub const MAX_DEPTH: usize = 64;
 
 /// A protobuf value as JSON, or `None` when it nests deeper than `MAX_DEPTH` or holds a number
-/// JSON cannot carry (NaN, infinity). Whole numbers become JSON integers.
+/// JSON cannot carry (NaN, infinity). Whole numbers become JSON integers. `depth` counts the
+/// containers around `v`, the same way `depth()` counts them in JSON.
 pub fn to_json(v: &Value, depth: usize) -> Option<Json> {
-    if depth > MAX_DEPTH {
-        return None;
-    }
     Some(match &v.kind {
         None | Some(Kind::NullValue(_)) => Json::Null,
         Some(Kind::BoolValue(b)) => Json::Bool(*b),
@@ -25,19 +23,25 @@ pub fn to_json(v: &Value, depth: usize) -> Option<Json> {
             }
         }
         Some(Kind::StringValue(s)) => Json::String(s.clone()),
-        Some(Kind::ListValue(l)) => Json::Array(l.values.iter().map(|v| to_json(v, depth + 1)).collect::<Option<_>>()?),
-        Some(Kind::StructValue(s)) => struct_to_json(s, depth + 1)?,
+        Some(Kind::ListValue(l)) => {
+            if depth + 1 > MAX_DEPTH {
+                return None;
+            }
+            Json::Array(l.values.iter().map(|v| to_json(v, depth + 1)).collect::<Option<_>>()?)
+        }
+        Some(Kind::StructValue(s)) => struct_to_json(s, depth)?,
     })
 }
 
-/// A protobuf struct as a JSON object.
+/// A protobuf struct as a JSON object; `depth` counts the containers around it.
 pub fn struct_to_json(s: &Struct, depth: usize) -> Option<Json> {
+    let depth = depth + 1;
     if depth > MAX_DEPTH {
         return None;
     }
     let mut map = serde_json::Map::with_capacity(s.fields.len());
     for (k, v) in &s.fields {
-        map.insert(k.clone(), to_json(v, depth + 1)?);
+        map.insert(k.clone(), to_json(v, depth)?);
     }
     Some(Json::Object(map))
 }
@@ -84,6 +88,19 @@ mod tests {
         let j = json!({"title": "DB down", "n": 3, "f": 1.5, "ok": true, "none": null, "list": [1, "a"]});
         let back = struct_to_json(&struct_from_json(&j), 0).unwrap();
         assert_eq!(back, j);
+    }
+
+    #[test]
+    fn depth_counts_like_json() {
+        let mut j = json!({});
+        for _ in 1..MAX_DEPTH {
+            j = json!({ "a": j });
+        }
+        assert_eq!(depth(&j), MAX_DEPTH);
+        let s = struct_from_json(&j);
+        assert!(struct_to_json(&s, 0).is_some(), "a payload JSON accepts is accepted as a Struct too");
+        let deeper = struct_from_json(&json!({ "a": j }));
+        assert!(struct_to_json(&deeper, 0).is_none());
     }
 
     #[test]

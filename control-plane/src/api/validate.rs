@@ -155,8 +155,9 @@ pub fn headers(
         }
         let value = if value == MASK {
             current
-                .get(name)
-                .cloned()
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
                 .ok_or_else(|| FieldError::new(&here, "`***` keeps a stored value, but this header has none"))?
         } else {
             value.clone()
@@ -213,7 +214,23 @@ pub fn transform(v: Option<&prost_types::Value>, field: &str) -> Result<Option<s
     if j.to_string().len() > MAX_TRANSFORM {
         return Err(FieldError::new(field, format!("must be at most {MAX_TRANSFORM} bytes as JSON")));
     }
+    check_templates(&j, field)?;
     Ok(Some(j))
+}
+
+/// Compiles every string leaf of a transform as a minijinja template, naming the leaf that fails.
+fn check_templates(j: &serde_json::Value, field: &str) -> Result<(), FieldError> {
+    match j {
+        serde_json::Value::String(s) => {
+            let env = minijinja::Environment::new();
+            env.template_from_str(s).map(|_| ()).map_err(|e| FieldError::new(field, format!("does not compile: {e}")))
+        }
+        serde_json::Value::Array(items) => {
+            items.iter().enumerate().try_for_each(|(i, v)| check_templates(v, &format!("{field}[{i}]")))
+        }
+        serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| check_templates(v, &format!("{field}.{k}"))),
+        _ => Ok(()),
+    }
 }
 
 pub fn transform_vars(
@@ -467,5 +484,9 @@ mod tests {
         assert!(mask(&["secret".into()]).is_err());
         assert!(mask(&["nonsense".into()]).is_err());
         assert!(mask(&["name".into(), "active".into()]).is_ok());
+        let t = |j: serde_json::Value| transform(Some(&json::from_json(&j)), "webhook.transform");
+        assert!(t(serde_json::json!({"text": "New {{ type }}: {{ data.title }}"})).unwrap().is_some());
+        assert_eq!(t(serde_json::json!({"text": "{{ unclosed"})).unwrap_err().field, "webhook.transform.text");
+        assert_eq!(t(serde_json::json!({"a": [1, "{% if %}"]})).unwrap_err().field, "webhook.transform.a[1]");
     }
 }

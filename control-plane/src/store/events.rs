@@ -249,7 +249,15 @@ impl Store {
                         new_events.push(event::ActiveModel::from(model.clone()));
                         out.push(StoredEvent { event: model, deliveries });
                     }
-                    insert_chunked(txn, new_events).await?;
+                    // A unique violation here means another replica stored one of these ids in the
+                    // meantime: the publisher retries and gets the idempotent answer.
+                    insert_chunked(txn, new_events).await.map_err(|e| match e {
+                        StoreError::AlreadyExists { .. } => StoreError::AlreadyExists {
+                            field: if batch { "events".to_owned() } else { "event.id".to_owned() },
+                            message: "an event with this id was stored concurrently; publish again".to_owned(),
+                        },
+                        other => other,
+                    })?;
                     insert_chunked(txn, new_deliveries).await?;
                     if !reused.is_empty() {
                         let ids: Vec<String> = reused.iter().map(|&i| out[i].event.id.clone()).collect();

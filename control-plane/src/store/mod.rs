@@ -62,9 +62,11 @@ fn is_unavailable(e: &DbErr) -> bool {
                 Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed | Sqlx::Tls(_) => true,
                 Sqlx::Database(db) => {
                     // PostgreSQL: 57014 statement timeout, 57P01 admin shutdown, 08xxx connection
-                    // exceptions. SQLite: SQLITE_BUSY (5) after the busy timeout.
+                    // exceptions. SQLite: BUSY (5) or LOCKED (6) after the busy timeout.
                     let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-                    code == "57014" || code == "57P01" || code.starts_with("08") || code == "5"
+                    // SQLite reports extended codes: the low byte is the primary one.
+                    let sqlite_busy_or_locked = code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+                    code == "57014" || code == "57P01" || code.starts_with("08") || sqlite_busy_or_locked
                 }
                 _ => false,
             }

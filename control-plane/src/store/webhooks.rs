@@ -17,8 +17,9 @@ const SECRET: &str = "webhook.secret";
 const HEADERS: &str = "webhook.headers";
 const VARS: &str = "webhook.transform_vars";
 
-/// What a user configures on a webhook (everything but ids, times and the secret).
-#[derive(Debug, Clone, PartialEq)]
+/// What a user configures on a webhook (everything but ids, times and the secret). `Debug` masks
+/// header values and transform variables.
+#[derive(Clone, PartialEq)]
 pub struct WebhookSpec {
     pub name: String,
     pub url: String,
@@ -33,6 +34,20 @@ pub struct WebhookSpec {
     pub rate_limit_per_second: Option<i64>,
     pub max_in_flight: Option<i64>,
     pub description: String,
+}
+
+impl std::fmt::Debug for WebhookSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSpec")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("active", &self.active)
+            .field("zone", &self.zone)
+            .field("transform_vars", &self.transform_vars.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A stored webhook, its secret material opened.

@@ -9,8 +9,13 @@
 //! itself. A failed operation rolls back to its savepoint and fails alone; a failed commit fails
 //! every operation of the batch (nothing of any of them is written).
 
+use std::time::Duration;
+
+use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use sea_orm::{
+    DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
@@ -19,6 +24,12 @@ use super::StoreError;
 const MAX_BATCH: usize = 512;
 /// Operations that may wait for the writer before callers feel back-pressure.
 const QUEUE: usize = 4096;
+/// The longest a batch may take, begin to commit. Past it, its callers are told the outcome is
+/// unknown (a commit that timed out may have happened), and the writer moves on: a database that
+/// stops answering must never hang every write behind it.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a caller waits for room in the queue.
+const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One queued write: runs in the batch's transaction, then learns the batch's fate.
 trait Operation: Send {
@@ -82,8 +93,13 @@ impl Writer {
     {
         let (reply, answer) = oneshot::channel();
         let op: Op = Box::new(Pending { f: Some(Box::new(f)), result: None, reply });
-        self.tx.send(op).await.map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
-        answer.await.map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
+        match tokio::time::timeout(ENQUEUE_TIMEOUT, self.tx.send(op)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(StoreError::Unavailable("the writer has stopped".into())),
+            Err(_) => return Err(StoreError::Unavailable("the writer is overloaded".into())),
+        }
+        // A dropped answer means the batch timed out or failed unexpectedly mid-way.
+        answer.await.map_err(|_| StoreError::Unavailable("the write was interrupted; its outcome is unknown".into()))?
     }
 }
 
@@ -93,7 +109,32 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>) {
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
-        commit_batch(&db, std::mem::take(&mut batch)).await;
+        let ops = std::mem::take(&mut batch);
+        let n = ops.len();
+        // Dropping the batch on timeout or panic drops its transaction (rolled back if not yet
+        // committed) and its answer channels, which tells each caller the outcome is unknown.
+        match tokio::time::timeout(BATCH_TIMEOUT, std::panic::AssertUnwindSafe(commit_batch(&db, ops)).catch_unwind())
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => tracing::error!(operations = n, "a write panicked; its batch was abandoned"),
+            Err(_) => tracing::error!(operations = n, timeout = ?BATCH_TIMEOUT, "a write batch timed out"),
+        }
+    }
+}
+
+/// Begins the batch's transaction; on SQLite `BEGIN IMMEDIATE`, so that a batch that reads before
+/// it writes cannot fail half-way with `SQLITE_BUSY` against another process (`herald keys create`).
+async fn begin(db: &DatabaseConnection) -> Result<DatabaseTransaction, sea_orm::DbErr> {
+    match db.get_database_backend() {
+        DbBackend::Sqlite => {
+            db.begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await
+        }
+        _ => db.begin().await,
     }
 }
 
@@ -104,7 +145,7 @@ fn fail_all(ops: impl IntoIterator<Item = Op>, err: &StoreError) {
 }
 
 async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>) {
-    let txn = match db.begin().await {
+    let txn = match begin(db).await {
         Ok(txn) => txn,
         Err(e) => {
             let err = StoreError::from(e);

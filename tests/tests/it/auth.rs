@@ -66,7 +66,13 @@ async fn every_rpc_needs_a_valid_key(backend: Backend) {
         }
     }
     assert_eq!(db.snapshot().await, before, "refused calls write nothing");
-    // Agents use agent tokens, never API keys: a session without a token is refused too.
+    // Agents use agent tokens, never API keys: a session without one, with a wrong one, or with
+    // an API key is refused.
+    for key in [None, Some("wrong-agent-token-0123456789"), Some(cp.api_key.as_str())] {
+        let mut agents = cp.agents_as(key);
+        let session = agents.session(tokio_stream::iter(Vec::<proto::AgentMessage>::new())).await;
+        assert_eq!(session.unwrap_err().code(), Code::Unauthenticated, "session with {key:?}");
+    }
     cp.stop().await;
 }
 

@@ -18,6 +18,7 @@ both_databases!(
     pause_parks_and_resume_releases,
     delete_cancels_open_deliveries,
     star_never_matches_operational_events,
+    concurrent_publishes_fail_alone,
 );
 
 async fn create(cp: &ControlPlane, w: Webhook) -> Webhook {
@@ -42,13 +43,13 @@ async fn publish_and_get(backend: Backend) {
     let published = publish(&cp, event("recommendation.created", data)).await.expect("publish");
     assert!(published.id.starts_with("evt_"), "{}", published.id);
     assert_eq!(published.workspace_id, "ws_default");
-    assert_eq!(published.data_json, data, "data is kept byte for byte");
+    assert!(published.data_json.is_empty() && published.data.is_none(), "answers do not echo the payload");
     assert_eq!(published.status, proto::EventStatus::Pending as i32);
     assert_eq!(published.deliveries.len(), 1);
     assert_eq!(published.deliveries[0].webhook_id, hook.id);
 
     let got = cp.events().get_event(proto::GetEventRequest { id: published.id.clone() }).await.unwrap().into_inner();
-    assert_eq!(got.data_json, data);
+    assert_eq!(got.data_json, data, "data is kept byte for byte");
     assert_eq!(got.r#type, "recommendation.created");
     let fields = &got.data.as_ref().expect("data is filled on reads").fields;
     assert!(matches!(fields["potential_savings"].kind, Some(prost_types::value::Kind::NumberValue(n)) if n == 150.0));
@@ -66,23 +67,36 @@ async fn publish_and_get(backend: Backend) {
         )]
         .into(),
     });
-    let with_time = publish(&cp, e).await.unwrap();
+    let with_time = publish(&cp, e.clone()).await.unwrap();
     assert_eq!(with_time.id, "inc-42");
-    assert_eq!(with_time.data_json, r#"{"title":"DB down"}"#);
     assert_eq!(with_time.timestamp.map(|t| t.seconds), Some(1_705_314_600));
+    let again = publish(&cp, e).await.expect("the same supplied timestamp is the same event");
+    assert_eq!(again.timestamp, with_time.timestamp);
+    let stored = cp.events().get_event(proto::GetEventRequest { id: "inc-42".into() }).await.unwrap().into_inner();
+    assert_eq!(stored.data_json, r#"{"title":"DB down"}"#);
     assert!(with_time.deliveries.is_empty(), "no webhook subscribes to incidents");
     assert_eq!(with_time.status, proto::EventStatus::Delivered as i32, "nothing to deliver");
 
     // A batch answers in request order.
-    let batch: Vec<proto::Event> =
-        (0..3).map(|i| event("recommendation.updated", &format!(r#"{{"n":{i}}}"#))).collect();
+    let batch: Vec<proto::Event> = (0..3)
+        .map(|i| proto::Event {
+            id: format!("batch-{i}"),
+            ..event("recommendation.updated", &format!(r#"{{"n":{i}}}"#))
+        })
+        .collect();
     let answer = cp.events().publish_events(proto::PublishEventsRequest { events: batch }).await.unwrap().into_inner();
-    let ns: Vec<&str> = answer.events.iter().map(|e| e.data_json.as_str()).collect();
-    assert_eq!(ns, [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#]);
+    let ids: Vec<&str> = answer.events.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["batch-0", "batch-1", "batch-2"]);
     assert!(answer.events.iter().all(|e| e.deliveries.len() == 1));
-    let full: Vec<proto::Event> = (0..1000).map(|_| event("task.started", "{}")).collect();
+    // A full batch of 1000, fanned out to two webhooks: 2000 delivery rows in multi-row inserts.
+    create(&cp, webhook("tasks", "https://example.com/tasks", &["task.*"])).await;
+    create(&cp, webhook("tasks-2", "https://example.com/tasks2", &["task.started"])).await;
+    let full: Vec<proto::Event> = (0..1000).map(|i| event("task.started", &format!(r#"{{"i":{i}}}"#))).collect();
     let answer = cp.events().publish_events(proto::PublishEventsRequest { events: full }).await.unwrap().into_inner();
     assert_eq!(answer.events.len(), 1000);
+    assert!(answer.events.iter().all(|e| e.deliveries.len() == 2));
+    let last = cp.events().get_event(proto::GetEventRequest { id: answer.events[999].id.clone() }).await.unwrap();
+    assert_eq!(last.into_inner().data_json, r#"{"i":999}"#);
 
     let missing = cp.events().get_event(proto::GetEventRequest { id: "evt_nothere".into() }).await.unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -168,7 +182,9 @@ async fn idempotent_publish(backend: Backend) {
         ..Default::default()
     };
     let same = publish(&cp, as_struct).await.expect("same payload as data");
-    assert_eq!(same.data_json, first.data_json, "the original bytes are kept");
+    assert_eq!(same.timestamp, stored.timestamp, "the stored event is returned");
+    let kept = cp.events().get_event(proto::GetEventRequest { id: "rec-1".into() }).await.unwrap().into_inner();
+    assert_eq!(kept.data_json, first.data_json, "the original bytes are kept");
 
     let snapshot = db.snapshot().await;
     let conflicts = [
@@ -319,5 +335,46 @@ async fn star_never_matches_operational_events(backend: Backend) {
     want.sort();
     assert_eq!(got, want);
     assert!(!got.contains(&star.id.as_str()));
+    cp.stop().await;
+}
+
+/// Concurrent publishes share commits (group commit), and one that fails inside a shared batch
+/// fails alone: the others are stored, it writes nothing.
+async fn concurrent_publishes_fail_alone(backend: Backend) {
+    let (cp, db) = start(backend).await;
+    create(&cp, webhook("all", "https://example.com/hook", &["*"])).await;
+    let mut taken = event("task.failed", r#"{"v":1}"#);
+    taken.id = "taken".into();
+    publish(&cp, taken.clone()).await.unwrap();
+    let mut calls = Vec::new();
+    for i in 0..60 {
+        let cp_events = cp.events();
+        let e = if i % 10 == 0 {
+            proto::Event { data_json: format!(r#"{{"v":{}}}"#, i + 2), ..taken.clone() }
+        } else {
+            proto::Event { id: format!("c-{i}"), ..event("task.started", &format!(r#"{{"i":{i}}}"#)) }
+        };
+        calls.push(tokio::spawn(async move {
+            let mut client = cp_events;
+            client.publish_event(proto::PublishEventRequest { event: Some(e) }).await
+        }));
+    }
+    let mut ok = 0;
+    for (i, call) in calls.into_iter().enumerate() {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(status) => {
+                assert_eq!(i % 10, 0, "only the conflicting publishes fail: {status:?}");
+                assert_eq!(status.code(), Code::AlreadyExists);
+            }
+        }
+    }
+    assert_eq!(ok, 54);
+    for i in (0..60).filter(|i| i % 10 != 0) {
+        assert_eq!(deliveries_of(&db, &format!("c-{i}")).await.len(), 1, "c-{i} and its delivery are stored");
+    }
+    assert_eq!(deliveries_of(&db, "taken").await.len(), 1);
+    let kept = cp.events().get_event(proto::GetEventRequest { id: "taken".into() }).await.unwrap().into_inner();
+    assert_eq!(kept.data_json, r#"{"v":1}"#);
     cp.stop().await;
 }

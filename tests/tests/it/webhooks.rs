@@ -5,7 +5,7 @@ use herald_tests::{Backend, bad_field, webhook};
 use prost_types::FieldMask;
 use tonic::Code;
 
-use crate::support::start;
+use crate::support::{start, start_with};
 
 both_databases!(
     webhook_lifecycle,
@@ -367,7 +367,11 @@ async fn standard_webhooks_secrets(backend: Backend) {
 }
 
 async fn later_rpcs_are_unimplemented(backend: Backend) {
-    let (cp, _db) = start(backend).await;
+    const TOKEN: &str = "agent-token-0123456789";
+    let (cp, _db) = start_with(backend, |c| {
+        c.agent_tokens = vec![herald_control_plane::config::AgentToken { token: TOKEN.into(), zones: None }];
+    })
+    .await;
     let key = Some(cp.api_key.as_str());
     let test = cp
         .webhooks()
@@ -389,5 +393,8 @@ async fn later_rpcs_are_unimplemented(backend: Backend) {
     );
     let agents = cp.agents_as(key).list_agents(proto::ListAgentsRequest::default()).await.unwrap_err();
     assert_eq!(agents.code(), Code::Unimplemented);
+    // A session with a configured agent token passes authentication, then meets UNIMPLEMENTED.
+    let session = cp.agents_as(Some(TOKEN)).session(tokio_stream::iter(Vec::<proto::AgentMessage>::new())).await;
+    assert_eq!(session.unwrap_err().code(), Code::Unimplemented);
     cp.stop().await;
 }
