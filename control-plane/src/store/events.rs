@@ -92,13 +92,13 @@ fn id_field(batch: bool, index: usize) -> String {
 }
 
 /// An active webhook's subscription, as publishing needs it.
-struct Subscriber {
-    id: String,
-    zone: String,
-    events: Vec<String>,
+pub(crate) struct Subscriber {
+    pub id: String,
+    pub zone: String,
+    pub events: Vec<String>,
 }
 
-async fn subscribers(txn: &DatabaseTransaction, workspace: &str) -> Result<Vec<Subscriber>, StoreError> {
+pub(crate) async fn subscribers(txn: &DatabaseTransaction, workspace: &str) -> Result<Vec<Subscriber>, StoreError> {
     let rows: Vec<(String, String, String)> = webhook::Entity::find()
         .select_only()
         .column(webhook::Column::Id)
@@ -119,7 +119,7 @@ async fn subscribers(txn: &DatabaseTransaction, workspace: &str) -> Result<Vec<S
 }
 
 /// Inserts `rows` in multi-row statements.
-async fn insert_chunked<A>(txn: &impl ConnectionTrait, rows: Vec<A>) -> Result<(), StoreError>
+pub(crate) async fn insert_chunked<A>(txn: &impl ConnectionTrait, rows: Vec<A>) -> Result<(), StoreError>
 where
     A: sea_orm::ActiveModelTrait + Send,
 {

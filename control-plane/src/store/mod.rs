@@ -6,6 +6,7 @@
 
 pub mod events;
 pub mod keys;
+pub mod queue;
 pub mod webhooks;
 pub mod writer;
 

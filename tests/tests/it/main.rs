@@ -26,5 +26,6 @@ macro_rules! both_databases {
 mod auth;
 mod binaries;
 mod events;
+mod queue;
 mod support;
 mod webhooks;

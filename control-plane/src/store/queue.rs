@@ -1,0 +1,557 @@
+//! The delivery queue: claims due deliveries of a zone under fenced leases, applies attempt
+//! results, schedules retries, and takes back leases that expired or whose agent went away.
+//!
+//! It speaks sea-orm, never tonic, and never reads the clock: every function takes `now` (ms since
+//! the epoch), so the schedule arithmetic is tested with compressed, injected time.
+//!
+//! The rules (DESIGN.md, "Delivery semantics"):
+//! - A claim gives each delivery a fresh `lease_id` until `now + webhook timeout + lease grace`.
+//! - A result applies only while its `lease_id` is the delivery's current lease; otherwise it is
+//!   recorded as a stale attempt and changes nothing. `succeeded` and `failed` are final.
+//! - A lost lease (expired, or its agent disconnected) is dispatched again without using an
+//!   attempt, except that after three losses in a row the next one counts as a failed attempt
+//!   with error kind `lease_lost`.
+//! - After the last attempt fails, the delivery is `failed` and, in the same transaction, a
+//!   `webhook.delivery.failed` event goes to the workspace's webhooks that subscribe to it
+//!   explicitly, never to the failing webhook, never for test events or `webhook.*` deliveries.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use herald_shared::proto::ErrorKind;
+use herald_shared::retry::RetrySchedule;
+use herald_shared::{catalog, envelope, ids};
+use sea_orm::sea_query::{Expr, LockBehavior, LockType};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
+};
+
+use super::events::{NewDelivery, insert_chunked, subscribers};
+use super::{Store, StoreError};
+use crate::db::entity::delivery::{self, status};
+use crate::db::entity::{attempt, event, webhook};
+
+/// The webhook timeout when none is configured.
+pub const DEFAULT_TIMEOUT_MS: i64 = 30_000;
+/// Leases that may be lost in a row before the next loss counts as an attempt.
+pub const FREE_LOST_LEASES: i32 = 3;
+
+/// What the queue needs to know of the server's configuration.
+#[derive(Debug, Clone)]
+pub struct QueuePolicy {
+    pub schedule: RetrySchedule,
+    pub lease_grace_ms: i64,
+    pub retry_after_max_ms: i64,
+    /// Response bodies are stored up to this many bytes.
+    pub response_body_limit: usize,
+}
+
+/// A delivery leased to an agent.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub delivery: delivery::Model,
+    pub lease_id: String,
+    pub lease_expires_at: i64,
+    /// The attempt this job makes (1-based).
+    pub attempt: u32,
+}
+
+/// One attempt as an agent reported it.
+#[derive(Debug, Clone, Default)]
+pub struct AttemptReport {
+    pub lease_id: String,
+    pub delivery_id: String,
+    pub agent_id: String,
+    pub zone: String,
+    pub started_at: i64,
+    pub duration_ms: i64,
+    /// 0 when there was no answer.
+    pub status: u32,
+    pub response_headers: Vec<(String, String)>,
+    pub response_body: Vec<u8>,
+    pub error_kind: ErrorKind,
+    pub error_message: String,
+    /// Headers sent, custom values already masked.
+    pub request_headers: Vec<(String, String)>,
+    /// The body sent, when a transform applied.
+    pub request_body: Option<String>,
+    /// No request left the agent (it was draining): the lease is released, no attempt is used.
+    pub not_sent: bool,
+    /// `Retry-After` of a 429 or 503 answer, in ms from `now`.
+    pub retry_after_ms: Option<i64>,
+}
+
+/// What a report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The delivery succeeded.
+    Succeeded,
+    /// The attempt failed; another is scheduled at this time.
+    Retry { at: i64 },
+    /// The attempt failed and was the last: the delivery failed.
+    Failed,
+    /// Not sent; the delivery is due again at once.
+    Released,
+    /// The lease was not current: recorded as a stale attempt, nothing changed.
+    Stale,
+}
+
+/// Is `status` a success (2xx)?
+pub fn is_success(status: u32) -> bool {
+    (200..300).contains(&status)
+}
+
+/// When attempt `next` is due after a failure at `now`: the schedule's delay, pushed later (never
+/// earlier) by `Retry-After`, which is capped at `retry_after_max_ms`.
+pub fn next_attempt_at(policy: &QueuePolicy, next: u32, now: i64, retry_after_ms: Option<i64>) -> Option<i64> {
+    let delay = policy.schedule.delay_before(next)?;
+    let scheduled = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+    let asked = retry_after_ms.map(|ms| now.saturating_add(ms.clamp(0, policy.retry_after_max_ms)));
+    Some(asked.map_or(scheduled, |a| a.max(scheduled)))
+}
+
+fn headers_json(headers: &[(String, String)]) -> String {
+    let map: serde_json::Map<String, serde_json::Value> =
+        headers.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+fn truncate(body: &[u8], limit: usize) -> String {
+    let cut = &body[..body.len().min(limit)];
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+impl Store {
+    /// Leases up to `limit` due deliveries of `zone` to `agent_id`, oldest due first. On
+    /// PostgreSQL the rows are locked with `FOR UPDATE SKIP LOCKED`, so replicas never claim the
+    /// same row.
+    pub async fn claim(
+        &self,
+        zone: &str,
+        agent_id: &str,
+        limit: u64,
+        now: i64,
+        policy: &QueuePolicy,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (zone, agent_id, grace) = (zone.to_owned(), agent_id.to_owned(), policy.lease_grace_ms);
+        self.writer
+            .write(move |txn| {
+                Box::pin(async move {
+                    let mut q = delivery::Entity::find()
+                        .filter(delivery::Column::Zone.eq(&zone))
+                        .filter(delivery::Column::Status.eq(status::PENDING))
+                        .filter(delivery::Column::NextAttemptAt.lte(now))
+                        .order_by_asc(delivery::Column::NextAttemptAt)
+                        .limit(limit);
+                    if txn.get_database_backend() == DbBackend::Postgres {
+                        q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+                    }
+                    let due = q.all(txn).await?;
+                    if due.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    let hooks: HashSet<&str> = due.iter().map(|d| d.webhook_id.as_str()).collect();
+                    let timeouts: HashMap<String, Option<i64>> = webhook::Entity::find()
+                        .select_only()
+                        .column(webhook::Column::Id)
+                        .column(webhook::Column::TimeoutMs)
+                        .filter(webhook::Column::Id.is_in(hooks))
+                        .into_tuple::<(String, Option<i64>)>()
+                        .all(txn)
+                        .await?
+                        .into_iter()
+                        .collect();
+                    // One lease prefix per claim; each delivery's lease is the prefix and its id,
+                    // fresh for every dispatch. One UPDATE per distinct expiry.
+                    let prefix = ids::new_id(ids::LEASE);
+                    let mut by_expiry: HashMap<i64, Vec<String>> = HashMap::new();
+                    for d in &due {
+                        let timeout = timeouts.get(&d.webhook_id).copied().flatten().unwrap_or(DEFAULT_TIMEOUT_MS);
+                        by_expiry.entry(now + timeout + grace).or_default().push(d.id.clone());
+                    }
+                    let mut expiry_of = HashMap::new();
+                    for (expires, ids) in by_expiry {
+                        delivery::Entity::update_many()
+                            .col_expr(delivery::Column::Status, Expr::value(status::IN_FLIGHT))
+                            .col_expr(
+                                delivery::Column::LeaseId,
+                                // `||` concatenates on SQLite and PostgreSQL; the prefix is a generated id.
+                                Expr::cust(format!("'{prefix}.' || id")),
+                            )
+                            .col_expr(delivery::Column::LeaseAgent, Expr::value(agent_id.clone()))
+                            .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(expires))
+                            .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+                            .filter(delivery::Column::Id.is_in(ids.clone()))
+                            .exec(txn)
+                            .await?;
+                        expiry_of.extend(ids.into_iter().map(|id| (id, expires)));
+                    }
+                    Ok(due
+                        .into_iter()
+                        .map(|mut d| {
+                            let lease_id = format!("{prefix}.{}", d.id);
+                            let lease_expires_at = expiry_of[&d.id];
+                            d.status = status::IN_FLIGHT;
+                            d.lease_id = Some(lease_id.clone());
+                            d.lease_agent = Some(agent_id.clone());
+                            d.lease_expires_at = Some(lease_expires_at);
+                            let attempt = u32::try_from(d.attempt_count).unwrap_or(0) + 1;
+                            Claimed { delivery: d, lease_id, lease_expires_at, attempt }
+                        })
+                        .collect())
+                })
+            })
+            .await
+    }
+
+    /// Applies a batch of attempt reports in one transaction, in order.
+    pub async fn record_results(
+        &self,
+        reports: Vec<AttemptReport>,
+        now: i64,
+        policy: &QueuePolicy,
+    ) -> Result<Vec<Applied>, StoreError> {
+        let policy = policy.clone();
+        self.writer
+            .write(move |txn| {
+                Box::pin(async move {
+                    let ids: Vec<String> = reports.iter().map(|r| r.delivery_id.clone()).collect();
+                    let mut rows: HashMap<String, delivery::Model> = delivery::Entity::find()
+                        .filter(delivery::Column::Id.is_in(ids))
+                        .all(txn)
+                        .await?
+                        .into_iter()
+                        .map(|d| (d.id.clone(), d))
+                        .collect();
+                    let mut attempts = Vec::with_capacity(reports.len());
+                    let mut applied = Vec::with_capacity(reports.len());
+                    for r in &reports {
+                        let Some(d) = rows.get_mut(&r.delivery_id) else {
+                            // Pruned or never ours: nothing to attach the attempt to.
+                            applied.push(Applied::Stale);
+                            continue;
+                        };
+                        let current =
+                            d.status == status::IN_FLIGHT && d.lease_id.as_deref() == Some(r.lease_id.as_str());
+                        if !current {
+                            if !r.not_sent {
+                                attempts.push(attempt_row(d, r, d.attempt_count + 1, true, &policy));
+                            }
+                            applied.push(Applied::Stale);
+                            continue;
+                        }
+                        if r.not_sent {
+                            release(txn, d, now, false).await?;
+                            applied.push(Applied::Released);
+                            continue;
+                        }
+                        let number = d.attempt_count + 1;
+                        attempts.push(attempt_row(d, r, number, false, &policy));
+                        let outcome = if is_success(r.status) && r.error_kind == ErrorKind::Unspecified {
+                            finish(txn, d, status::SUCCEEDED, number, r, now).await?;
+                            Applied::Succeeded
+                        } else {
+                            fail_attempt(txn, d, number, Some(r), now, &policy).await?
+                        };
+                        applied.push(outcome);
+                    }
+                    insert_chunked(txn, attempts).await?;
+                    Ok(applied)
+                })
+            })
+            .await
+    }
+
+    /// Takes back every lease that expired by `now` (or, with `agent`, every lease of that
+    /// agent, which disconnected): the deliveries are due again at once without using an attempt,
+    /// unless they lost more than `FREE_LOST_LEASES` leases in a row. Returns how many.
+    pub async fn reclaim_leases(&self, agent: Option<&str>, now: i64, policy: &QueuePolicy) -> Result<u64, StoreError> {
+        let policy = policy.clone();
+        let agent = agent.map(str::to_owned);
+        self.writer
+            .write(move |txn| {
+                Box::pin(async move {
+                    let mut q = delivery::Entity::find().filter(delivery::Column::Status.eq(status::IN_FLIGHT));
+                    q = match &agent {
+                        Some(a) => q.filter(delivery::Column::LeaseAgent.eq(a)),
+                        None => q.filter(delivery::Column::LeaseExpiresAt.lt(now)),
+                    };
+                    let lost = q.limit(10_000).all(txn).await?;
+                    let reclaimed = lost.len() as u64;
+                    let mut attempts = Vec::new();
+                    for mut d in lost {
+                        if d.lost_leases >= FREE_LOST_LEASES {
+                            let number = d.attempt_count + 1;
+                            let report = AttemptReport {
+                                lease_id: d.lease_id.clone().unwrap_or_default(),
+                                delivery_id: d.id.clone(),
+                                agent_id: d.lease_agent.clone().unwrap_or_default(),
+                                zone: d.zone.clone(),
+                                started_at: now,
+                                error_kind: ErrorKind::LeaseLost,
+                                error_message: format!(
+                                    "the lease was lost {} times in a row (agents died or were cut off while sending)",
+                                    d.lost_leases + 1
+                                ),
+                                ..Default::default()
+                            };
+                            attempts.push(attempt_row(&d, &report, number, false, &policy));
+                            fail_attempt(txn, &mut d, number, Some(&report), now, &policy).await?;
+                        } else {
+                            release(txn, &mut d, now, true).await?;
+                        }
+                    }
+                    insert_chunked(txn, attempts).await?;
+                    Ok(reclaimed)
+                })
+            })
+            .await
+    }
+}
+
+fn attempt_row(
+    d: &delivery::Model,
+    r: &AttemptReport,
+    number: i32,
+    stale: bool,
+    policy: &QueuePolicy,
+) -> attempt::ActiveModel {
+    attempt::ActiveModel {
+        id: Set(ids::new_id(ids::ATTEMPT)),
+        delivery_id: Set(d.id.clone()),
+        workspace_id: Set(d.workspace_id.clone()),
+        number: Set(number),
+        agent_id: Set(r.agent_id.clone()),
+        zone: Set(r.zone.clone()),
+        started_at: Set(r.started_at),
+        duration_ms: Set(r.duration_ms),
+        request_headers: Set(headers_json(&r.request_headers)),
+        request_body: Set(r.request_body.clone()),
+        response_status: Set(i32::try_from(r.status).unwrap_or(0)),
+        response_headers: Set(headers_json(&r.response_headers)),
+        response_body: Set(truncate(&r.response_body, policy.response_body_limit)),
+        error_kind: Set(r.error_kind as i32),
+        error_message: Set(r.error_message.clone()),
+        stale: Set(stale),
+        manual: Set(false),
+    }
+}
+
+/// Puts a leased delivery back in the queue, due now. `lost` counts it as a lost lease.
+async fn release(txn: &DatabaseTransaction, d: &mut delivery::Model, now: i64, lost: bool) -> Result<(), StoreError> {
+    d.lost_leases += i32::from(lost);
+    delivery::Entity::update_many()
+        .col_expr(delivery::Column::Status, Expr::value(status::PENDING))
+        .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
+        .col_expr(delivery::Column::LeaseAgent, Expr::value(Option::<String>::None))
+        .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
+        .col_expr(delivery::Column::LostLeases, Expr::value(d.lost_leases))
+        .col_expr(delivery::Column::NextAttemptAt, Expr::value(now))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+        .filter(delivery::Column::Id.eq(&d.id))
+        .exec(txn)
+        .await?;
+    Ok(())
+}
+
+/// Ends a delivery in a final state after attempt `number`.
+async fn finish(
+    txn: &DatabaseTransaction,
+    d: &mut delivery::Model,
+    final_status: i16,
+    number: i32,
+    r: &AttemptReport,
+    now: i64,
+) -> Result<(), StoreError> {
+    d.status = final_status;
+    d.attempt_count = number;
+    delivery::Entity::update_many()
+        .col_expr(delivery::Column::Status, Expr::value(final_status))
+        .col_expr(delivery::Column::AttemptCount, Expr::value(number))
+        .col_expr(delivery::Column::LostLeases, Expr::value(0))
+        .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
+        .col_expr(delivery::Column::LeaseAgent, Expr::value(Option::<String>::None))
+        .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
+        .col_expr(delivery::Column::LastStatus, Expr::value(i32::try_from(r.status).unwrap_or(0)))
+        .col_expr(delivery::Column::LastError, Expr::value(error_text(r)))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+        .filter(delivery::Column::Id.eq(&d.id))
+        .exec(txn)
+        .await?;
+    Ok(())
+}
+
+fn error_text(r: &AttemptReport) -> Option<String> {
+    match (r.error_kind, r.error_message.is_empty()) {
+        (ErrorKind::Unspecified, true) => None,
+        (kind, true) => Some(kind.as_str_name().to_owned()),
+        (_, false) => Some(r.error_message.clone()),
+    }
+}
+
+/// Attempt `number` failed: schedule the next one, or fail the delivery (and publish the
+/// operational event) when the schedule is exhausted.
+async fn fail_attempt(
+    txn: &DatabaseTransaction,
+    d: &mut delivery::Model,
+    number: i32,
+    r: Option<&AttemptReport>,
+    now: i64,
+    policy: &QueuePolicy,
+) -> Result<Applied, StoreError> {
+    let empty = AttemptReport::default();
+    let r = r.unwrap_or(&empty);
+    let next = u32::try_from(number).unwrap_or(u32::MAX).saturating_add(1);
+    match next_attempt_at(policy, next, now, r.retry_after_ms) {
+        Some(at) => {
+            // A paused webhook's retry waits, parked, until re-activation.
+            let active = webhook::Entity::find_by_id(d.webhook_id.clone())
+                .select_only()
+                .column(webhook::Column::Active)
+                .into_tuple::<bool>()
+                .one(txn)
+                .await?
+                .unwrap_or(false);
+            let to = if active { status::PENDING } else { status::PARKED };
+            delivery::Entity::update_many()
+                .col_expr(delivery::Column::Status, Expr::value(to))
+                .col_expr(delivery::Column::AttemptCount, Expr::value(number))
+                .col_expr(delivery::Column::LostLeases, Expr::value(0))
+                .col_expr(delivery::Column::NextAttemptAt, Expr::value(at))
+                .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
+                .col_expr(delivery::Column::LeaseAgent, Expr::value(Option::<String>::None))
+                .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
+                .col_expr(delivery::Column::LastStatus, Expr::value(i32::try_from(r.status).unwrap_or(0)))
+                .col_expr(delivery::Column::LastError, Expr::value(error_text(r)))
+                .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+                .filter(delivery::Column::Id.eq(&d.id))
+                .exec(txn)
+                .await?;
+            d.status = to;
+            d.attempt_count = number;
+            Ok(Applied::Retry { at })
+        }
+        None => {
+            finish(txn, d, status::FAILED, number, r, now).await?;
+            if !d.test && !catalog::is_operational(&d.event_type) {
+                publish_delivery_failed(txn, d, r, now).await?;
+            }
+            Ok(Applied::Failed)
+        }
+    }
+}
+
+/// Publishes `webhook.delivery.failed` for `d` to the webhooks of its workspace that subscribe to
+/// it explicitly, except the failing one.
+async fn publish_delivery_failed(
+    txn: &DatabaseTransaction,
+    d: &delivery::Model,
+    r: &AttemptReport,
+    now: i64,
+) -> Result<(), StoreError> {
+    let webhook_name = webhook::Entity::find_by_id(d.webhook_id.clone())
+        .select_only()
+        .column(webhook::Column::Name)
+        .into_tuple::<String>()
+        .one(txn)
+        .await?
+        .unwrap_or_default();
+    let data = serde_json::json!({
+        "webhook_id": d.webhook_id,
+        "webhook_name": webhook_name,
+        "delivery_id": d.id,
+        "event_id": d.event_id,
+        "event_type": d.event_type,
+        "attempts": d.attempt_count,
+        "last_status": r.status,
+        "last_error": error_text(r).unwrap_or_default(),
+    });
+    let id = ids::new_id(ids::EVENT);
+    let timestamp =
+        envelope::format_timestamp(chrono::DateTime::from_timestamp_millis(now).unwrap_or_else(chrono::Utc::now));
+    event::Entity::insert(event::ActiveModel {
+        workspace_id: Set(d.workspace_id.clone()),
+        id: Set(id.clone()),
+        event_type: Set(catalog::DELIVERY_FAILED.to_owned()),
+        timestamp: Set(timestamp),
+        timestamp_supplied: Set(false),
+        data: Set(data.to_string()),
+        test: Set(false),
+        created_at: Set(now),
+    })
+    .exec_without_returning(txn)
+    .await?;
+    let rows: Vec<delivery::ActiveModel> = subscribers(txn, &d.workspace_id)
+        .await?
+        .iter()
+        .filter(|s| s.id != d.webhook_id && catalog::subscribes_explicitly(&s.events, catalog::DELIVERY_FAILED))
+        .map(|s| {
+            NewDelivery {
+                workspace: &d.workspace_id,
+                event_id: &id,
+                event_type: catalog::DELIVERY_FAILED,
+                webhook_id: &s.id,
+                zone: &s.zone,
+                test: false,
+                created_at: now,
+                due: now,
+            }
+            .row()
+        })
+        .collect();
+    insert_chunked(txn, rows).await
+}
+
+/// The retry schedule as the queue policy's, for convenience in callers.
+pub fn policy_from(
+    schedule: RetrySchedule,
+    lease_grace: Duration,
+    retry_after_max: Duration,
+    response_body_limit: usize,
+) -> QueuePolicy {
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    QueuePolicy {
+        schedule,
+        lease_grace_ms: ms(lease_grace),
+        retry_after_max_ms: ms(retry_after_max),
+        response_body_limit,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(schedule: &str) -> QueuePolicy {
+        policy_from(schedule.parse().unwrap(), Duration::from_secs(10), Duration::from_secs(3600), 4096)
+    }
+
+    #[test]
+    fn retries_follow_the_schedule() {
+        let p = policy("0s,1m,5m,30m,2h,8h");
+        let now = 1_000_000;
+        assert_eq!(next_attempt_at(&p, 2, now, None), Some(now + 60_000));
+        assert_eq!(next_attempt_at(&p, 3, now, None), Some(now + 300_000));
+        assert_eq!(next_attempt_at(&p, 6, now, None), Some(now + 8 * 3_600_000));
+        assert_eq!(next_attempt_at(&p, 7, now, None), None, "six attempts, then failed");
+    }
+
+    #[test]
+    fn retry_after_moves_later_never_earlier_and_is_capped() {
+        let p = policy("0s,1m,5m");
+        let now = 0;
+        assert_eq!(next_attempt_at(&p, 2, now, Some(10_000)), Some(60_000), "never earlier than the schedule");
+        assert_eq!(next_attempt_at(&p, 2, now, Some(120_000)), Some(120_000), "later when asked");
+        assert_eq!(next_attempt_at(&p, 2, now, Some(99_999_999)), Some(3_600_000), "capped by --retry-after-max");
+    }
+
+    #[test]
+    fn success_is_2xx_only() {
+        assert!(is_success(200) && is_success(204) && is_success(299));
+        assert!(!is_success(301) && !is_success(199) && !is_success(500) && !is_success(0));
+    }
+}

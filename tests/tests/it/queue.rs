@@ -1,0 +1,287 @@
+//! The delivery queue at the storage layer, with injected time: fenced leases, results, the retry
+//! schedule, lost leases and the operational failure event. The agent session and dispatcher that
+//! drive it in production arrive with the delivery pipeline.
+
+use herald_control_plane::db::entity::{attempt, delivery, event};
+use herald_control_plane::store::Store;
+use herald_control_plane::store::queue::{Applied, AttemptReport, Claimed, QueuePolicy, policy_from};
+use herald_shared::proto::{self, ErrorKind};
+use herald_tests::{Backend, ControlPlane, TestDb, webhook};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+use std::time::Duration;
+
+use crate::support::start;
+
+both_databases!(
+    claims_are_leased_per_zone,
+    results_are_fenced_and_final,
+    failures_follow_the_schedule_then_notify_once,
+    lost_leases_cost_no_attempt_until_the_fourth,
+    retry_after_and_pause,
+);
+
+const MIN: i64 = 60_000;
+
+fn policy() -> QueuePolicy {
+    policy_from("0s,1m,5m,30m,2h,8h".parse().unwrap(), Duration::from_secs(10), Duration::from_secs(3600), 16)
+}
+
+async fn setup(backend: Backend) -> (ControlPlane, TestDb, Store) {
+    let (cp, db) = start(backend).await;
+    let store = Store::new(db.connect().await, cp.config.secret_key.clone());
+    (cp, db, store)
+}
+
+async fn hook(cp: &ControlPlane, w: proto::Webhook) -> proto::Webhook {
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap().into_inner()
+}
+
+async fn publish(cp: &ControlPlane, event_type: &str) -> proto::Event {
+    let e = herald_tests::event(event_type, r#"{"title":"DB down"}"#);
+    cp.events().publish_event(proto::PublishEventRequest { event: Some(e) }).await.unwrap().into_inner()
+}
+
+async fn row(db: &TestDb, id: &str) -> delivery::Model {
+    let conn = db.connect().await;
+    let d = delivery::Entity::find_by_id(id.to_owned()).one(&conn).await.unwrap().expect("delivery row");
+    conn.close().await.ok();
+    d
+}
+
+async fn attempts(db: &TestDb, id: &str) -> Vec<attempt::Model> {
+    let conn = db.connect().await;
+    let a = attempt::Entity::find()
+        .filter(attempt::Column::DeliveryId.eq(id))
+        .order_by_asc(attempt::Column::Id)
+        .all(&conn)
+        .await
+        .unwrap();
+    conn.close().await.ok();
+    a
+}
+
+fn report(c: &Claimed, status: u32, now: i64) -> AttemptReport {
+    AttemptReport {
+        lease_id: c.lease_id.clone(),
+        delivery_id: c.delivery.id.clone(),
+        agent_id: c.delivery.lease_agent.clone().unwrap(),
+        zone: c.delivery.zone.clone(),
+        started_at: now,
+        duration_ms: 12,
+        status,
+        error_kind: if (200..300).contains(&status) { ErrorKind::Unspecified } else { ErrorKind::HttpStatus },
+        response_body: b"a response body longer than sixteen bytes".to_vec(),
+        ..Default::default()
+    }
+}
+
+/// "Now" for the queue: a fixed point after every row's creation, so that time is compressed.
+fn t0() -> i64 {
+    chrono::Utc::now().timestamp_millis() + 1_000
+}
+
+async fn claims_are_leased_per_zone(backend: Backend) {
+    let (cp, db, store) = setup(backend).await;
+    let mut w = webhook("eu", "https://example.com/hook", &["incident.*"]);
+    w.zone = "eu".into();
+    w.timeout = Some(prost_types::Duration { seconds: 5, nanos: 0 });
+    hook(&cp, w).await;
+    for _ in 0..3 {
+        publish(&cp, "incident.created").await;
+    }
+    let now = t0();
+    assert!(store.claim("us", "agent-us", 10, now, &policy()).await.unwrap().is_empty(), "only the zone's rows");
+    let first = store.claim("eu", "agent-1", 2, now, &policy()).await.unwrap();
+    assert_eq!(first.len(), 2);
+    assert_ne!(first[0].lease_id, first[1].lease_id, "each delivery gets its own lease");
+    for c in &first {
+        assert_eq!(c.attempt, 1);
+        assert_eq!(c.lease_expires_at, now + 5_000 + 10_000, "timeout + lease grace");
+        let stored = row(&db, &c.delivery.id).await;
+        assert_eq!(stored.status, delivery::status::IN_FLIGHT);
+        assert_eq!(stored.lease_id.as_deref(), Some(c.lease_id.as_str()));
+        assert_eq!(stored.lease_agent.as_deref(), Some("agent-1"));
+    }
+    let second = store.claim("eu", "agent-2", 10, now, &policy()).await.unwrap();
+    assert_eq!(second.len(), 1, "claimed rows are not claimed again");
+    assert!(store.claim("eu", "agent-2", 10, now, &policy()).await.unwrap().is_empty());
+    cp.stop().await;
+}
+
+async fn results_are_fenced_and_final(backend: Backend) {
+    let (cp, db, store) = setup(backend).await;
+    hook(&cp, webhook("a", "https://example.com/hook", &["*"])).await;
+    publish(&cp, "task.completed").await;
+    let now = t0();
+    let c = store.claim("default", "agent-1", 1, now, &policy()).await.unwrap().remove(0);
+
+    let forged = AttemptReport { lease_id: "lse_forged".into(), ..report(&c, 200, now) };
+    assert_eq!(store.record_results(vec![forged], now, &policy()).await.unwrap(), [Applied::Stale]);
+    assert_eq!(row(&db, &c.delivery.id).await.status, delivery::status::IN_FLIGHT, "a stale result changes nothing");
+
+    let applied = store.record_results(vec![report(&c, 204, now + 5)], now + 5, &policy()).await.unwrap();
+    assert_eq!(applied, [Applied::Succeeded]);
+    let done = row(&db, &c.delivery.id).await;
+    assert_eq!(done.status, delivery::status::SUCCEEDED);
+    assert_eq!(done.attempt_count, 1);
+    assert!(done.lease_id.is_none());
+
+    // The same lease reporting again (a duplicate, or a late failure) cannot undo success.
+    let late = store.record_results(vec![report(&c, 500, now + 9)], now + 9, &policy()).await.unwrap();
+    assert_eq!(late, [Applied::Stale]);
+    assert_eq!(row(&db, &c.delivery.id).await.status, delivery::status::SUCCEEDED, "final states stay final");
+    let logged = attempts(&db, &c.delivery.id).await;
+    assert_eq!(logged.len(), 3, "every report is logged");
+    assert_eq!(logged.iter().filter(|a| a.stale).count(), 2);
+    let real = logged.iter().find(|a| !a.stale).unwrap();
+    assert_eq!((real.number, real.response_status, real.duration_ms), (1, 204, 12));
+    assert_eq!(real.response_body.len(), 16, "bodies are truncated to the limit");
+    cp.stop().await;
+}
+
+async fn failures_follow_the_schedule_then_notify_once(backend: Backend) {
+    let (cp, db, store) = setup(backend).await;
+    let failing = hook(&cp, webhook("failing", "https://a.example.com/hook", &["*"])).await;
+    let notify = hook(&cp, webhook("notify", "https://b.example.com/hook", &["webhook.delivery.failed"])).await;
+    hook(&cp, webhook("star", "https://c.example.com/hook", &["*"])).await;
+    let e = publish(&cp, "incident.created").await;
+    let target = e.deliveries.iter().find(|d| d.webhook_id == failing.id).unwrap().id.clone();
+    let other_star = e.deliveries.iter().find(|d| d.webhook_id != failing.id).unwrap().id.clone();
+
+    // Attempt 1 is due at once; the other `*` webhook's delivery succeeds and is out of the way.
+    let mut now = t0();
+    let claimed = store.claim("default", "agent-1", 10, now, &policy()).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let other = claimed.iter().find(|c| c.delivery.id == other_star).unwrap();
+    store.record_results(vec![report(other, 200, now)], now, &policy()).await.unwrap();
+    let mut c = claimed.into_iter().find(|c| c.delivery.id == target).unwrap();
+    let delays = [MIN, 5 * MIN, 30 * MIN, 120 * MIN, 480 * MIN];
+    for n in 1..=6u32 {
+        assert_eq!(c.attempt, n);
+        let applied = store.record_results(vec![report(&c, 500, now)], now, &policy()).await.unwrap();
+        if n == 6 {
+            assert_eq!(applied, [Applied::Failed]);
+            break;
+        }
+        let due = now + delays[n as usize - 1];
+        assert_eq!(applied, [Applied::Retry { at: due }], "attempt {n}");
+        assert!(
+            store.claim("default", "agent-1", 10, due - 1, &policy()).await.unwrap().is_empty(),
+            "attempt {} is not due before the schedule allows",
+            n + 1
+        );
+        now = due;
+        c = store.claim("default", "agent-1", 10, now, &policy()).await.unwrap().pop().expect("due on schedule");
+    }
+    let failed = row(&db, &target).await;
+    assert_eq!((failed.status, failed.attempt_count), (delivery::status::FAILED, 6));
+    assert_eq!(attempts(&db, &target).await.len(), 6);
+
+    // Exactly one operational event, delivered only to the explicit subscriber.
+    let conn = db.connect().await;
+    let ops =
+        event::Entity::find().filter(event::Column::EventType.eq("webhook.delivery.failed")).all(&conn).await.unwrap();
+    assert_eq!(ops.len(), 1);
+    let data: serde_json::Value = serde_json::from_str(&ops[0].data).unwrap();
+    assert_eq!(data["delivery_id"], target.as_str());
+    assert_eq!(data["webhook_name"], "failing");
+    assert_eq!(data["attempts"], 6);
+    assert_eq!(data["last_status"], 500);
+    let op_rows = delivery::Entity::find().filter(delivery::Column::EventId.eq(&ops[0].id)).all(&conn).await.unwrap();
+    assert_eq!(op_rows.len(), 1);
+    assert_eq!(op_rows[0].webhook_id, notify.id, "never to `*`, never to the failing webhook");
+
+    // The notification webhook fails every attempt too: still exactly one operational event.
+    let op_delivery = op_rows[0].id.clone();
+    let mut due = now;
+    loop {
+        let claimed = store.claim("default", "agent-1", 10, due, &policy()).await.unwrap();
+        let Some(c) = claimed.into_iter().find(|c| c.delivery.id == op_delivery) else { break };
+        match store.record_results(vec![report(&c, 503, due)], due, &policy()).await.unwrap()[0] {
+            Applied::Retry { at } => due = at,
+            Applied::Failed => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(row(&db, &op_delivery).await.status, delivery::status::FAILED);
+    let ops =
+        event::Entity::find().filter(event::Column::EventType.eq("webhook.delivery.failed")).all(&conn).await.unwrap();
+    assert_eq!(ops.len(), 1, "a failed webhook.* delivery publishes nothing");
+    conn.close().await.ok();
+    cp.stop().await;
+}
+
+async fn lost_leases_cost_no_attempt_until_the_fourth(backend: Backend) {
+    let (cp, db, store) = setup(backend).await;
+    hook(&cp, webhook("a", "https://example.com/hook", &["*"])).await;
+    let e = publish(&cp, "task.failed").await;
+    let id = e.deliveries[0].id.clone();
+    let mut now = t0();
+    let first = store.claim("default", "agent-1", 1, now, &policy()).await.unwrap().remove(0);
+    assert_eq!(store.reclaim_leases(None, first.lease_expires_at - 1, &policy()).await.unwrap(), 0, "not yet expired");
+    for lost in 1..=3 {
+        let c = store.claim("default", "agent-1", 1, now, &policy()).await.unwrap();
+        let c = if lost == 1 { first.clone() } else { c.into_iter().next().expect("due again at once") };
+        now = c.lease_expires_at + 1;
+        assert_eq!(store.reclaim_leases(None, now, &policy()).await.unwrap(), 1);
+        let d = row(&db, &id).await;
+        assert_eq!(
+            (d.status, d.attempt_count, d.lost_leases),
+            (delivery::status::PENDING, 0, lost),
+            "loss {lost} is free"
+        );
+        assert_eq!(d.next_attempt_at, now, "re-dispatched at once");
+        // A result for the expired lease changes nothing.
+        assert_eq!(store.record_results(vec![report(&c, 200, now)], now, &policy()).await.unwrap(), [Applied::Stale]);
+        assert_eq!(row(&db, &id).await.status, delivery::status::PENDING);
+    }
+    // The fourth loss in a row counts as a failed attempt, through the agent-disconnect path.
+    let c = store.claim("default", "agent-9", 1, now, &policy()).await.unwrap().remove(0);
+    assert_eq!(store.reclaim_leases(Some("agent-9"), now, &policy()).await.unwrap(), 1);
+    let d = row(&db, &id).await;
+    assert_eq!((d.status, d.attempt_count, d.lost_leases), (delivery::status::PENDING, 1, 0));
+    assert_eq!(d.next_attempt_at, now + MIN, "scheduled like any failed attempt");
+    let logged = attempts(&db, &id).await;
+    assert_eq!(logged.len(), 4, "three stale results and the lease_lost attempt");
+    let lease_lost = logged.iter().find(|a| !a.stale).unwrap();
+    assert_eq!(lease_lost.error_kind, ErrorKind::LeaseLost as i32);
+    assert_eq!(lease_lost.agent_id, "agent-9");
+    let _ = c;
+    cp.stop().await;
+}
+
+async fn retry_after_and_pause(backend: Backend) {
+    let (cp, db, store) = setup(backend).await;
+    let w = hook(&cp, webhook("a", "https://example.com/hook", &["*"])).await;
+    publish(&cp, "task.failed").await;
+    let now = t0();
+    let c = store.claim("default", "agent-1", 1, now, &policy()).await.unwrap().remove(0);
+    let busy = AttemptReport { retry_after_ms: Some(10 * MIN), ..report(&c, 429, now) };
+    assert_eq!(
+        store.record_results(vec![busy], now, &policy()).await.unwrap(),
+        [Applied::Retry { at: now + 10 * MIN }]
+    );
+    // Drained before sending: released at once, no attempt used.
+    let later = now + 10 * MIN;
+    let c = store.claim("default", "agent-1", 1, later, &policy()).await.unwrap().remove(0);
+    assert_eq!(c.attempt, 2);
+    let drained = AttemptReport { not_sent: true, ..report(&c, 0, later) };
+    assert_eq!(store.record_results(vec![drained], later, &policy()).await.unwrap(), [Applied::Released]);
+    let d = row(&db, &c.delivery.id).await;
+    assert_eq!((d.status, d.attempt_count, d.lost_leases), (delivery::status::PENDING, 1, 0));
+    // Pausing while in flight: the attempt finishes and is recorded; its retry waits, parked.
+    let c = store.claim("default", "agent-1", 1, later, &policy()).await.unwrap().remove(0);
+    let change = proto::Webhook { id: w.id.clone(), active: Some(false), ..Default::default() };
+    cp.webhooks()
+        .update_webhook(proto::UpdateWebhookRequest {
+            webhook: Some(change),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["active".into()] }),
+        })
+        .await
+        .unwrap();
+    store.record_results(vec![report(&c, 500, later)], later, &policy()).await.unwrap();
+    let d = row(&db, &c.delivery.id).await;
+    assert_eq!((d.status, d.attempt_count), (delivery::status::PARKED, 2));
+    assert!(store.claim("default", "agent-1", 10, later + 24 * 60 * MIN, &policy()).await.unwrap().is_empty());
+    cp.stop().await;
+}
