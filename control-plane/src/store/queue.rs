@@ -252,7 +252,7 @@ impl Store {
                         let number = d.attempt_count + 1;
                         attempts.push(attempt_row(d, r, number, false, &policy));
                         let outcome = if is_success(r.status) && r.error_kind == ErrorKind::Unspecified {
-                            finish(txn, d, status::SUCCEEDED, number, r, now).await?;
+                            settle(txn, d, status::SUCCEEDED, None, number, r, now).await?;
                             Applied::Succeeded
                         } else {
                             fail_attempt(txn, d, number, Some(r), now, &policy).await?
@@ -358,19 +358,19 @@ async fn release(txn: &DatabaseTransaction, d: &mut delivery::Model, now: i64, l
     Ok(())
 }
 
-/// Ends a delivery in a final state after attempt `number`.
-async fn finish(
+/// Records that attempt `number` ended as `r` says: the delivery moves to `to` (a final state, or
+/// pending/parked until `next_at`), its lease is cleared and its lost-lease run ends.
+async fn settle(
     txn: &DatabaseTransaction,
     d: &mut delivery::Model,
-    final_status: i16,
+    to: i16,
+    next_at: Option<i64>,
     number: i32,
     r: &AttemptReport,
     now: i64,
 ) -> Result<(), StoreError> {
-    d.status = final_status;
-    d.attempt_count = number;
-    delivery::Entity::update_many()
-        .col_expr(delivery::Column::Status, Expr::value(final_status))
+    let mut update = delivery::Entity::update_many()
+        .col_expr(delivery::Column::Status, Expr::value(to))
         .col_expr(delivery::Column::AttemptCount, Expr::value(number))
         .col_expr(delivery::Column::LostLeases, Expr::value(0))
         .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
@@ -378,10 +378,14 @@ async fn finish(
         .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
         .col_expr(delivery::Column::LastStatus, Expr::value(i32::try_from(r.status).unwrap_or(0)))
         .col_expr(delivery::Column::LastError, Expr::value(error_text(r)))
-        .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-        .filter(delivery::Column::Id.eq(&d.id))
-        .exec(txn)
-        .await?;
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(now));
+    if let Some(at) = next_at {
+        update = update.col_expr(delivery::Column::NextAttemptAt, Expr::value(at));
+    }
+    update.filter(delivery::Column::Id.eq(&d.id)).exec(txn).await?;
+    d.status = to;
+    d.attempt_count = number;
+    d.lost_leases = 0;
     Ok(())
 }
 
@@ -417,26 +421,11 @@ async fn fail_attempt(
                 .await?
                 .unwrap_or(false);
             let to = if active { status::PENDING } else { status::PARKED };
-            delivery::Entity::update_many()
-                .col_expr(delivery::Column::Status, Expr::value(to))
-                .col_expr(delivery::Column::AttemptCount, Expr::value(number))
-                .col_expr(delivery::Column::LostLeases, Expr::value(0))
-                .col_expr(delivery::Column::NextAttemptAt, Expr::value(at))
-                .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
-                .col_expr(delivery::Column::LeaseAgent, Expr::value(Option::<String>::None))
-                .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
-                .col_expr(delivery::Column::LastStatus, Expr::value(i32::try_from(r.status).unwrap_or(0)))
-                .col_expr(delivery::Column::LastError, Expr::value(error_text(r)))
-                .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-                .filter(delivery::Column::Id.eq(&d.id))
-                .exec(txn)
-                .await?;
-            d.status = to;
-            d.attempt_count = number;
+            settle(txn, d, to, Some(at), number, r, now).await?;
             Ok(Applied::Retry { at })
         }
         None => {
-            finish(txn, d, status::FAILED, number, r, now).await?;
+            settle(txn, d, status::FAILED, None, number, r, now).await?;
             if !d.test && !catalog::is_operational(&d.event_type) {
                 publish_delivery_failed(txn, d, r, now).await?;
             }
