@@ -1,17 +1,25 @@
-//! Herald's sender agent: dials out to the control plane, opens an `AgentService.Session`, and
-//! (once the delivery pipeline lands) signs, sends and reports delivery jobs.
+//! Herald's sender agent: dials out to the control plane, holds an `AgentService.Session`, and for
+//! each job signs, sends and reports one attempt.
 //!
 //! Architecture invariant: the agent keeps no state on disk and holds no database credentials. A
-//! killed agent loses only its leases, which expire and are dispatched again.
+//! killed agent loses only its leases, which expire and are dispatched again. Results it could
+//! not report (the session broke) are kept in memory and sent with the next session's hello.
 
-use std::time::Duration;
+pub mod egress;
+pub mod send;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
-use herald_shared::proto::{self, agent_message, agent_service_client::AgentServiceClient};
+use herald_shared::proto::{self, agent_message, agent_service_client::AgentServiceClient, control_message};
 use rand::Rng as _;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
+use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
 
 /// The stateless sender agent. No `Debug`: the token is a secret.
 #[derive(Clone, Parser)]
@@ -32,7 +40,7 @@ pub struct Args {
     /// Jobs held at once.
     #[arg(long, env = "HERALD_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: u32,
-    /// Address of the agent's probes (served once the delivery pipeline lands).
+    /// Address of the `/healthz` and `/readyz` probes (ready while a session is open).
     #[arg(long, env = "HERALD_HTTP_ADDR", default_value = "127.0.0.1:9091")]
     pub http_addr: std::net::SocketAddr,
     /// Public address requests leave from, shown to customers for allowlists. Repeatable.
@@ -40,78 +48,310 @@ pub struct Args {
     pub egress_ip: Vec<String>,
     /// Address range the egress guard lets through (development and tests). Repeatable.
     #[arg(long, env = "HERALD_ALLOW_CIDR", value_delimiter = ',')]
-    pub allow_cidr: Vec<String>,
-    /// PEM CA certificate to trust in addition to the system roots.
+    pub allow_cidr: Vec<ipnet::IpNet>,
+    /// PEM CA certificate to trust in addition to the system roots (receivers and control plane).
     #[arg(long, env = "HERALD_EXTRA_CA_CERT")]
     pub extra_ca_cert: Option<std::path::PathBuf>,
     /// Allow plain `http://` endpoints (development only).
     #[arg(long, env = "HERALD_ALLOW_HTTP")]
     pub allow_http: bool,
+    /// How long a drain (SIGTERM) waits for in-flight attempts before giving up on them.
+    #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "75s", value_parser = humantime_duration)]
+    pub drain_timeout: Duration,
 }
 
-/// Keeps a session open to one of the control planes until `shutdown`, reconnecting with
-/// exponential backoff and jitter.
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration {s:?}: use ms, s or m")),
+    }
+}
+
+/// Where results go: the open session, or a list kept for the next one.
+#[derive(Default)]
+struct Outbox {
+    current: Mutex<Option<mpsc::Sender<proto::AgentMessage>>>,
+    unreported: Mutex<Vec<proto::AttemptResult>>,
+    in_flight: AtomicU32,
+}
+
+impl Outbox {
+    /// Hands a finished job's result to the session, or keeps it; returns its credit.
+    fn report(&self, result: proto::AttemptResult) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let current = self.current.lock().expect("outbox lock").clone();
+        let unsent = match current {
+            Some(tx) => match tx.try_send(message(agent_message::Msg::Result(result))) {
+                Ok(()) => {
+                    let _ = tx.try_send(message(agent_message::Msg::Credit(proto::Credit { jobs: 1 })));
+                    None
+                }
+                Err(e) => match e.into_inner().msg {
+                    Some(agent_message::Msg::Result(r)) => Some(r),
+                    _ => None,
+                },
+            },
+            None => Some(result),
+        };
+        if let Some(r) = unsent {
+            self.unreported.lock().expect("outbox lock").push(r);
+        }
+    }
+}
+
+fn message(msg: agent_message::Msg) -> proto::AgentMessage {
+    proto::AgentMessage { msg: Some(msg) }
+}
+
+/// The running agent, shared by its session and its jobs.
+struct Agent {
+    args: Args,
+    id: String,
+    sender: send::Sender,
+    outbox: Outbox,
+    jobs: TaskTracker,
+    ready: AtomicBool,
+}
+
+/// How a session ended without an error.
+enum End {
+    /// The control plane closed the stream.
+    Closed,
+    /// Drained: every in-flight job finished and was reported.
+    Drained,
+}
+
+/// Runs the agent until `shutdown`, then drains: stops taking jobs, finishes and reports what is
+/// in flight, and closes.
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let agent_id = args.agent_id.clone().unwrap_or_else(|| herald_shared::ids::new_id(herald_shared::ids::AGENT));
-    let mut backoff = Duration::from_millis(200);
+    let sender = send::Sender::new(
+        egress::Guard { allow: args.allow_cidr.clone() },
+        args.allow_http,
+        args.extra_ca_cert.as_deref(),
+    )?;
+    let id = args.agent_id.clone().unwrap_or_else(|| herald_shared::ids::new_id(herald_shared::ids::AGENT));
+    let agent = Arc::new(Agent {
+        id,
+        sender,
+        outbox: Outbox::default(),
+        jobs: TaskTracker::new(),
+        ready: AtomicBool::new(false),
+        args,
+    });
+    let probes = tokio::net::TcpListener::bind(agent.args.http_addr).await?;
+    tracing::info!(addr = %probes.local_addr()?, "HTTP listening");
+    let probe_agent = agent.clone();
+    let probe_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })).route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = probe_agent.ready.load(Ordering::SeqCst);
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ready")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no session")
+                    }
+                }
+            }),
+        );
+        let _ = axum::serve(probes, app).with_graceful_shutdown(probe_stop.cancelled_owned()).await;
+    });
+
+    let mut backoff = Duration::from_millis(100);
     let mut next = 0usize;
     loop {
-        let endpoint = &args.control_planes[next % args.control_planes.len()];
+        let endpoint = agent.args.control_planes[next % agent.args.control_planes.len()].clone();
         next += 1;
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            outcome = session(endpoint, &agent_id, &args) => match outcome {
-                Ok(()) => {
-                    tracing::info!(%endpoint, "session closed by the control plane");
-                    backoff = Duration::from_millis(200);
+        match session(&agent, &endpoint, &shutdown).await {
+            Ok(End::Drained) if shutdown.is_cancelled() => break,
+            Ok(End::Drained) | Ok(End::Closed) => {
+                tracing::info!(%endpoint, "session ended");
+                backoff = Duration::from_millis(100);
+            }
+            Err(status) => {
+                tracing::warn!(%endpoint, code = ?status.code(), message = status.message(), "session failed");
+                if status.code() == Code::Unauthenticated || status.code() == Code::PermissionDenied {
+                    backoff = Duration::from_secs(10);
                 }
-                Err(status) if status.code() == Code::Unimplemented => {
-                    tracing::warn!(%endpoint, "this control plane does not serve agent sessions yet; waiting");
-                    backoff = Duration::from_secs(30);
-                }
-                Err(status) => tracing::warn!(%endpoint, code = ?status.code(), message = status.message(), "session failed"),
-            },
+            }
+        }
+        if shutdown.is_cancelled() {
+            break;
         }
         let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
+    // Jobs still running when no session is left (the control plane is gone) finish anyway.
+    agent.jobs.close();
+    let _ = tokio::time::timeout(agent.args.drain_timeout, agent.jobs.wait()).await;
+    let lost = agent.outbox.unreported.lock().expect("outbox lock").len();
+    if lost > 0 {
+        tracing::warn!(results = lost, "exiting with results no control plane took; their leases will expire");
+    }
+    tracing::info!("agent stopped");
+    Ok(())
 }
 
-async fn session(endpoint: &str, agent_id: &str, args: &Args) -> Result<(), tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| tonic::Status::invalid_argument(format!("bad control-plane address {endpoint}: {e}")))?
+async fn connect(
+    agent: &Agent,
+    endpoint: &str,
+) -> Result<
+    AgentServiceClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>,
+    >,
+    Status,
+> {
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| Status::invalid_argument(format!("bad control-plane address {endpoint}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
-    let token: MetadataValue<_> = format!("Bearer {}", args.token)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if endpoint.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &agent.args.extra_ca_cert {
+            let pem = std::fs::read(ca).map_err(|e| Status::failed_precondition(format!("{}: {e}", ca.display())))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        ep = ep.tls_config(tls).map_err(|e| Status::failed_precondition(format!("TLS: {e}")))?;
+    }
+    let channel = ep.connect().await.map_err(|e| Status::unavailable(format!("cannot connect: {e}")))?;
+    let token: MetadataValue<_> = format!("Bearer {}", agent.args.token)
         .parse()
-        .map_err(|_| tonic::Status::invalid_argument("the token is not valid in a header"))?;
-    let mut client = AgentServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        .map_err(|_| Status::invalid_argument("the token is not valid in a header"))?;
+    Ok(AgentServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
         req.metadata_mut().insert("authorization", token.clone());
         Ok(req)
-    });
-    let hello = proto::AgentMessage {
-        msg: Some(agent_message::Msg::Hello(proto::Hello {
-            agent_id: agent_id.to_owned(),
-            zone: args.zone.clone(),
-            version: herald_shared::VERSION.to_owned(),
-            capacity: args.max_in_flight,
-            egress_ips: args.egress_ip.clone(),
-            pending_results: Vec::new(),
-        })),
+    })
+    .max_decoding_message_size(64 << 20))
+}
+
+async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToken) -> Result<End, Status> {
+    let mut client = connect(agent, endpoint).await?;
+    let capacity = agent.args.max_in_flight.max(1);
+    let (tx, rx) = mpsc::channel(capacity as usize * 2 + 64);
+    let pending = std::mem::take(&mut *agent.outbox.unreported.lock().expect("outbox lock"));
+    let hello = proto::Hello {
+        agent_id: agent.id.clone(),
+        zone: agent.args.zone.clone(),
+        version: herald_shared::VERSION.to_owned(),
+        capacity,
+        egress_ips: agent.args.egress_ip.clone(),
+        pending_results: pending.clone(),
     };
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(hello).await.map_err(|_| tonic::Status::internal("session channel closed"))?;
-    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-    tracing::info!(%endpoint, zone = %args.zone, "session open");
-    while let Some(message) = inbound.message().await? {
-        tracing::debug!(?message, "control message");
+    let restore =
+        |pending: Vec<proto::AttemptResult>| agent.outbox.unreported.lock().expect("outbox lock").extend(pending);
+    if tx.send(message(agent_message::Msg::Hello(hello))).await.is_err() {
+        restore(pending);
+        return Err(Status::internal("session channel closed"));
     }
+    let mut inbound = match client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => {
+            restore(pending);
+            return Err(e);
+        }
+    };
+    let welcome = match tokio::time::timeout(Duration::from_secs(15), inbound.message()).await {
+        Ok(Ok(Some(proto::ControlMessage { msg: Some(control_message::Msg::Welcome(w)) }))) => w,
+        Ok(Err(e)) => {
+            restore(pending);
+            return Err(e);
+        }
+        _ => {
+            restore(pending);
+            return Err(Status::unavailable("no welcome from the control plane"));
+        }
+    };
+    // The hello, with its pending results, was accepted.
+    let heartbeat = welcome
+        .heartbeat_interval
+        .map(|d| Duration::new(d.seconds.max(1) as u64, 0))
+        .unwrap_or(Duration::from_secs(10));
+    let body_limit = welcome.response_body_limit.max(1) as usize;
+    tracing::info!(%endpoint, zone = %agent.args.zone, agent = %agent.id, "session open");
+    *agent.outbox.current.lock().expect("outbox lock") = Some(tx.clone());
+    agent.ready.store(true, Ordering::SeqCst);
+    let free = capacity.saturating_sub(agent.outbox.in_flight.load(Ordering::SeqCst));
+    let _ = tx.send(message(agent_message::Msg::Credit(proto::Credit { jobs: free }))).await;
+
+    let mut draining = false;
+    let mut last_heard = Instant::now();
+    let mut beat = tokio::time::interval(heartbeat);
+    let mut drain_check = tokio::time::interval(Duration::from_millis(20));
+    let end = loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(m)) => {
+                    last_heard = Instant::now();
+                    match m.msg {
+                        Some(control_message::Msg::Job(job)) => {
+                            agent.outbox.in_flight.fetch_add(1, Ordering::SeqCst);
+                            if draining {
+                                let result = proto::AttemptResult {
+                                    lease_id: job.lease_id.clone(),
+                                    delivery_id: job.delivery_id.clone(),
+                                    attempt: job.attempt,
+                                    not_sent: true,
+                                    ..Default::default()
+                                };
+                                agent.outbox.report(result);
+                                continue;
+                            }
+                            let a = agent.clone();
+                            agent.jobs.spawn(async move {
+                                let result = a.sender.attempt(&job, body_limit, "X-CloudThinker").await;
+                                a.outbox.report(result);
+                            });
+                        }
+                        Some(control_message::Msg::Drain(d)) => {
+                            tracing::info!(reason = %d.reason, "drain requested by the control plane");
+                            draining = true;
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(None) => break Ok(End::Closed),
+                Err(e) => break Err(e),
+            },
+            _ = beat.tick() => {
+                if last_heard.elapsed() > heartbeat * 3 {
+                    break Err(Status::unavailable("the control plane went silent"));
+                }
+                let now = chrono::Utc::now();
+                let hb = proto::Heartbeat { sent_at: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: 0 }) };
+                let _ = tx.try_send(message(agent_message::Msg::Heartbeat(hb)));
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                tracing::info!(in_flight = agent.outbox.in_flight.load(Ordering::SeqCst), "draining");
+                draining = true;
+            }
+            _ = drain_check.tick(), if draining => {
+                if agent.outbox.in_flight.load(Ordering::SeqCst) == 0 {
+                    break Ok(End::Drained);
+                }
+            }
+        }
+    };
+    *agent.outbox.current.lock().expect("outbox lock") = None;
+    agent.ready.store(false, Ordering::SeqCst);
     drop(tx);
-    Ok(())
+    if matches!(end, Ok(End::Drained)) {
+        // Let the last results leave before the stream closes: the control plane ends the
+        // stream once it has read everything we sent.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = inbound.message().await {} })
+                .await;
+    }
+    end
 }

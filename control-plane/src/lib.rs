@@ -9,9 +9,11 @@ pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod dev;
+pub mod dispatch;
 pub mod server;
 pub mod store;
 pub mod templates;
+pub mod transform;
 
 use tokio_util::sync::CancellationToken;
 

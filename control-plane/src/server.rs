@@ -34,6 +34,9 @@ pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    pub dispatcher: crate::dispatch::Dispatcher,
+    /// Fires at shutdown: long-lived streams (agent sessions) end so the server can stop.
+    pub shutdown: CancellationToken,
     pub auth: Authenticator,
     pub config: Arc<Config>,
     pub rules: Rules,
@@ -61,7 +64,22 @@ pub async fn run(
             .await
             .context("cannot store the bootstrap API key")?;
     }
+    let policy = crate::store::queue::policy_from(
+        config.retry_schedule.clone(),
+        config.lease_grace,
+        config.retry_after_max,
+        config.response_body_limit,
+    );
+    let dispatcher = crate::dispatch::Dispatcher::spawn(
+        store.clone(),
+        policy,
+        config.header_prefix.clone(),
+        config.response_body_limit,
+        shutdown.clone(),
+    );
     let state = AppState {
+        dispatcher,
+        shutdown: shutdown.clone(),
         auth: Authenticator::new(store.clone()),
         store,
         rules: Rules { allow_http: config.allow_http, header_prefix: config.header_prefix.clone() },

@@ -1,13 +1,20 @@
-//! `herald.v1.AgentService`. The agent session itself arrives with the delivery pipeline; until
-//! then `Session` authenticates the agent's token and answers UNIMPLEMENTED, and `ListAgents`
-//! answers UNIMPLEMENTED.
+//! `herald.v1.AgentService`: agent sessions and the list of connected agents.
+//!
+//! A session authenticates its agent token, takes the agent's hello (the zone must be one the
+//! token covers), answers a welcome, then relays credit and results to the dispatcher and jobs
+//! and heartbeats back, until either side closes, the agent goes silent for three heartbeat
+//! intervals, or the control plane shuts down (then it asks the agent to drain).
 
-use herald_shared::proto::{self, agent_service_server::AgentService};
+use std::time::Duration;
+
+use herald_shared::proto::{self, agent_message, agent_service_server::AgentService, control_message};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::FieldError;
 use crate::auth::Scope;
 use crate::config::AgentToken;
+use crate::dispatch::HEARTBEAT;
 use crate::server::AppState;
 
 pub struct AgentApi {
@@ -26,6 +33,10 @@ pub fn agent_token<'a, T>(tokens: &'a [AgentToken], request: &Request<T>) -> Res
         .ok_or_else(|| Status::unauthenticated("unknown agent token"))
 }
 
+fn control(msg: control_message::Msg) -> Result<proto::ControlMessage, Status> {
+    Ok(proto::ControlMessage { msg: Some(msg) })
+}
+
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type SessionStream = ReceiverStream<Result<proto::ControlMessage, Status>>;
@@ -34,8 +45,72 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        agent_token(&self.state.config.agent_tokens, &request)?;
-        Err(Status::unimplemented("agent sessions arrive with the delivery pipeline"))
+        let token = agent_token(&self.state.config.agent_tokens, &request)?.clone();
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(15), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 15 s"))??;
+        let hello = match first.and_then(|m| m.msg) {
+            Some(agent_message::Msg::Hello(h)) => h,
+            _ => return Err(FieldError::new("hello", "the first message of a session must be a hello").into()),
+        };
+        let zone = super::validate::zone(&hello.zone, "hello.zone")?;
+        if hello.capacity == 0 {
+            return Err(FieldError::new("hello.capacity", "must be at least 1").into());
+        }
+        if let Some(zones) = &token.zones
+            && !zones.contains(&zone)
+        {
+            return Err(Status::permission_denied(format!("this agent token does not cover zone {zone:?}")));
+        }
+        let hello = proto::Hello { zone, ..hello };
+        let (tx, rx) = tokio::sync::mpsc::channel(hello.capacity.min(4096) as usize + 64);
+        let dispatcher = self.state.dispatcher.clone();
+        let (session, welcome) = dispatcher.open(&hello, tx.clone());
+        tracing::info!(agent = %welcome.agent_id, zone = %hello.zone, capacity = hello.capacity, "agent connected");
+        let _ = tx.send(control(control_message::Msg::Welcome(welcome.clone()))).await;
+        dispatcher.pending_results(session, hello.pending_results).await;
+        let shutdown = self.state.shutdown.clone();
+        tokio::spawn(async move {
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            let silence = HEARTBEAT * 3;
+            let mut last_heard = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    msg = inbound.message() => match msg {
+                        Ok(Some(m)) => {
+                            last_heard = tokio::time::Instant::now();
+                            match m.msg {
+                                Some(agent_message::Msg::Credit(c)) => dispatcher.credit(session, c.jobs),
+                                Some(agent_message::Msg::Result(r)) => dispatcher.result(session, r).await,
+                                _ => {}
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::info!(agent = %welcome.agent_id, error = %e, "agent session broke");
+                            break;
+                        }
+                    },
+                    _ = beat.tick() => {
+                        if last_heard.elapsed() > silence {
+                            tracing::warn!(agent = %welcome.agent_id, "agent went silent; closing its session");
+                            break;
+                        }
+                        let now = chrono::Utc::now();
+                        let hb = proto::Heartbeat { sent_at: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: 0 }) };
+                        let _ = tx.try_send(control(control_message::Msg::Heartbeat(hb)));
+                    }
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.try_send(control(control_message::Msg::Drain(proto::Drain { reason: "control plane shutting down".into() })));
+                        break;
+                    }
+                }
+            }
+            dispatcher.close(session).await;
+            tracing::info!(agent = %welcome.agent_id, "agent disconnected");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn list_agents(
@@ -43,6 +118,10 @@ impl AgentService for AgentApi {
         request: Request<proto::ListAgentsRequest>,
     ) -> Result<Response<proto::ListAgentsResponse>, Status> {
         self.state.auth.check(&request, Scope::Admin).await?;
-        Err(Status::unimplemented("ListAgents arrives with the delivery pipeline"))
+        let zone = &request.get_ref().zone;
+        if !zone.is_empty() {
+            super::validate::zone(zone, "zone")?;
+        }
+        Ok(Response::new(proto::ListAgentsResponse { agents: self.state.dispatcher.agents(zone) }))
     }
 }

@@ -156,6 +156,7 @@ impl EventService for EventApi {
             .publish(&who.workspace, vec![event], false, self.first_delay_ms())
             .await
             .map_err(status_of)?;
+        self.state.dispatcher.wake();
         let stored = stored.pop().ok_or_else(|| Status::internal("internal error"))?;
         Ok(Response::new(to_proto(&stored, false)))
     }
@@ -185,6 +186,7 @@ impl EventService for EventApi {
         }
         let stored =
             self.state.store.publish(&who.workspace, batch, true, self.first_delay_ms()).await.map_err(status_of)?;
+        self.state.dispatcher.wake();
         Ok(Response::new(proto::PublishEventsResponse { events: stored.iter().map(|e| to_proto(e, false)).collect() }))
     }
 

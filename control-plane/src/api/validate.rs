@@ -218,19 +218,9 @@ pub fn transform(v: Option<&prost_types::Value>, field: &str) -> Result<Option<s
     Ok(Some(j))
 }
 
-/// Compiles every string leaf of a transform as a minijinja template, naming the leaf that fails.
+/// Compiles every string leaf of a transform, naming the leaf that fails.
 fn check_templates(j: &serde_json::Value, field: &str) -> Result<(), FieldError> {
-    match j {
-        serde_json::Value::String(s) => {
-            let env = minijinja::Environment::new();
-            env.template_from_str(s).map(|_| ()).map_err(|e| FieldError::new(field, format!("does not compile: {e}")))
-        }
-        serde_json::Value::Array(items) => {
-            items.iter().enumerate().try_for_each(|(i, v)| check_templates(v, &format!("{field}[{i}]")))
-        }
-        serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| check_templates(v, &format!("{field}.{k}"))),
-        _ => Ok(()),
-    }
+    crate::transform::check(j, field).map_err(|e| FieldError::new(e.path, format!("does not compile: {}", e.message)))
 }
 
 pub fn transform_vars(

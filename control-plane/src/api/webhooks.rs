@@ -129,6 +129,7 @@ impl WebhookService for WebhookApi {
             })
             .await
             .map_err(status_of)?;
+        self.state.dispatcher.forget(&updated.id);
         tracing::info!(webhook = %updated.id, "webhook updated");
         Ok(Response::new(to_proto(&updated, false)))
     }
@@ -141,6 +142,7 @@ impl WebhookService for WebhookApi {
         let id = &request.get_ref().id;
         webhook_id(id, "id")?;
         let cancelled = self.state.store.delete_webhook(&who.workspace, id).await.map_err(status_of)?;
+        self.state.dispatcher.forget(id);
         tracing::info!(webhook = %id, cancelled, "webhook deleted");
         Ok(Response::new(proto::DeleteWebhookResponse { cancelled_deliveries: cancelled }))
     }
@@ -162,6 +164,7 @@ impl WebhookService for WebhookApi {
         let grace = i64::try_from(self.state.config.rotation_grace.as_millis()).unwrap_or(i64::MAX);
         let until = crate::store::now_millis().saturating_add(grace);
         let rotated = self.state.store.rotate_secret(&who.workspace, &r.id, secret, until).await.map_err(status_of)?;
+        self.state.dispatcher.forget(&rotated.id);
         tracing::info!(webhook = %rotated.id, grace = ?Duration::from_millis(grace as u64), "webhook secret rotated");
         Ok(Response::new(to_proto(&rotated, true)))
     }

@@ -47,6 +47,24 @@ pub struct QueuePolicy {
     pub response_body_limit: usize,
 }
 
+/// A webhook's limits, as a claim sees them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub max_in_flight: Option<i64>,
+    pub rate_limit_per_second: Option<i64>,
+}
+
+/// Asked, in due order, of each candidate row with its webhook's limits; `false` leaves it pending.
+pub type Allow = Box<dyn FnMut(&delivery::Model, Limits) -> bool + Send>;
+
+/// Which due rows a claim may take.
+#[derive(Default)]
+pub struct Filter {
+    /// Webhooks to skip entirely (at their `max_in_flight`, or rate-limited).
+    pub exclude: Vec<String>,
+    pub allow: Option<Allow>,
+}
+
 /// A delivery leased to an agent.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -123,6 +141,34 @@ fn truncate(body: &[u8], limit: usize) -> String {
 }
 
 impl Store {
+    /// When the next pending delivery of `zone` is due, if any.
+    pub async fn next_due(&self, zone: &str) -> Result<Option<i64>, StoreError> {
+        let due: Option<Option<i64>> = delivery::Entity::find()
+            .select_only()
+            .column_as(delivery::Column::NextAttemptAt.min(), "due")
+            .filter(delivery::Column::Zone.eq(zone))
+            .filter(delivery::Column::Status.eq(status::PENDING))
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(due.flatten())
+    }
+
+    /// The events of `deliveries`, by (workspace, id).
+    pub async fn events_of(
+        &self,
+        deliveries: &[&delivery::Model],
+    ) -> Result<HashMap<(String, String), event::Model>, StoreError> {
+        let ids: HashSet<&str> = deliveries.iter().map(|d| d.event_id.as_str()).collect();
+        let mut out = HashMap::with_capacity(ids.len());
+        let ids: Vec<&str> = ids.into_iter().collect();
+        for chunk in ids.chunks(1000) {
+            let rows = event::Entity::find().filter(event::Column::Id.is_in(chunk.to_vec())).all(&self.db).await?;
+            out.extend(rows.into_iter().map(|e| ((e.workspace_id.clone(), e.id.clone()), e)));
+        }
+        Ok(out)
+    }
+
     /// Leases up to `limit` due deliveries of `zone` to `agent_id`, oldest due first. On
     /// PostgreSQL the rows are locked with `FOR UPDATE SKIP LOCKED`, so replicas never claim the
     /// same row.
@@ -134,10 +180,26 @@ impl Store {
         now: i64,
         policy: &QueuePolicy,
     ) -> Result<Vec<Claimed>, StoreError> {
+        self.claim_where(zone, agent_id, limit, now, policy, Filter::default()).await
+    }
+
+    /// `claim`, skipping the webhooks in `filter.exclude` and any row `filter.allow` turns down
+    /// (the dispatcher's per-webhook `max_in_flight` and rate limits). Rows turned down stay
+    /// pending, untouched.
+    pub async fn claim_where(
+        &self,
+        zone: &str,
+        agent_id: &str,
+        limit: u64,
+        now: i64,
+        policy: &QueuePolicy,
+        filter: Filter,
+    ) -> Result<Vec<Claimed>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
         let (zone, agent_id, grace) = (zone.to_owned(), agent_id.to_owned(), policy.lease_grace_ms);
+        let Filter { exclude, mut allow } = filter;
         self.writer
             .write(move |txn| {
                 Box::pin(async move {
@@ -146,25 +208,42 @@ impl Store {
                         .filter(delivery::Column::Status.eq(status::PENDING))
                         .filter(delivery::Column::NextAttemptAt.lte(now))
                         .order_by_asc(delivery::Column::NextAttemptAt)
-                        .limit(limit);
+                        .limit(if allow.is_some() { limit * 4 } else { limit });
+                    if !exclude.is_empty() {
+                        q = q.filter(delivery::Column::WebhookId.is_not_in(exclude));
+                    }
                     if txn.get_database_backend() == DbBackend::Postgres {
                         q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
                     }
-                    let due = q.all(txn).await?;
+                    let mut due = q.all(txn).await?;
                     if due.is_empty() {
                         return Ok(Vec::new());
                     }
                     let hooks: HashSet<&str> = due.iter().map(|d| d.webhook_id.as_str()).collect();
-                    let timeouts: HashMap<String, Option<i64>> = webhook::Entity::find()
+                    type HookRow = (String, Option<i64>, Option<i64>, Option<i64>);
+                    let hook_rows: HashMap<String, (Option<i64>, Limits)> = webhook::Entity::find()
                         .select_only()
                         .column(webhook::Column::Id)
                         .column(webhook::Column::TimeoutMs)
+                        .column(webhook::Column::MaxInFlight)
+                        .column(webhook::Column::RateLimitPerSecond)
                         .filter(webhook::Column::Id.is_in(hooks))
-                        .into_tuple::<(String, Option<i64>)>()
+                        .into_tuple::<HookRow>()
                         .all(txn)
                         .await?
                         .into_iter()
+                        .map(|(id, timeout, max_in_flight, rate)| {
+                            (id, (timeout, Limits { max_in_flight, rate_limit_per_second: rate }))
+                        })
                         .collect();
+                    if let Some(allow) = allow.as_mut() {
+                        due.retain(|d| allow(d, hook_rows.get(&d.webhook_id).map(|h| h.1).unwrap_or_default()));
+                    }
+                    due.truncate(limit as usize);
+                    if due.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    let timeouts: HashMap<&String, Option<i64>> = hook_rows.iter().map(|(k, v)| (k, v.0)).collect();
                     // One lease prefix per claim; each delivery's lease is the prefix and its id,
                     // fresh for every dispatch. One UPDATE per distinct expiry.
                     let prefix = ids::new_id(ids::LEASE);
@@ -268,8 +347,13 @@ impl Store {
 
     /// Takes back every lease that expired by `now` (or, with `agent`, every lease of that
     /// agent, which disconnected): the deliveries are due again at once without using an attempt,
-    /// unless they lost more than `FREE_LOST_LEASES` leases in a row. Returns how many.
-    pub async fn reclaim_leases(&self, agent: Option<&str>, now: i64, policy: &QueuePolicy) -> Result<u64, StoreError> {
+    /// unless they lost more than `FREE_LOST_LEASES` leases in a row. Returns the leases taken back.
+    pub async fn reclaim_leases(
+        &self,
+        agent: Option<&str>,
+        now: i64,
+        policy: &QueuePolicy,
+    ) -> Result<Vec<String>, StoreError> {
         let policy = policy.clone();
         let agent = agent.map(str::to_owned);
         self.writer
@@ -281,7 +365,7 @@ impl Store {
                         None => q.filter(delivery::Column::LeaseExpiresAt.lt(now)),
                     };
                     let lost = q.limit(10_000).all(txn).await?;
-                    let reclaimed = lost.len() as u64;
+                    let reclaimed: Vec<String> = lost.iter().filter_map(|d| d.lease_id.clone()).collect();
                     let mut attempts = Vec::new();
                     for mut d in lost {
                         if d.lost_leases >= FREE_LOST_LEASES {
@@ -289,7 +373,12 @@ impl Store {
                             let report = AttemptReport {
                                 lease_id: d.lease_id.clone().unwrap_or_default(),
                                 delivery_id: d.id.clone(),
-                                agent_id: d.lease_agent.clone().unwrap_or_default(),
+                                // Lease holders are `agent@session`; the log names the agent.
+                                agent_id: d
+                                    .lease_agent
+                                    .as_deref()
+                                    .map(|a| a.split('@').next().unwrap_or(a).to_owned())
+                                    .unwrap_or_default(),
                                 zone: d.zone.clone(),
                                 started_at: now,
                                 error_kind: ErrorKind::LeaseLost,

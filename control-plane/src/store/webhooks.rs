@@ -179,6 +179,16 @@ impl Store {
             .await
     }
 
+    /// Reads a live webhook of any workspace (for dispatching, which has no caller workspace).
+    pub async fn get_webhook_any(&self, id: &str) -> Result<Webhook, StoreError> {
+        let model = webhook::Entity::find_by_id(id.to_owned())
+            .filter(webhook::Column::DeletedAt.is_null())
+            .one(&self.db)
+            .await?
+            .ok_or(StoreError::NotFound("webhook"))?;
+        open(&self.key, model)
+    }
+
     /// Reads a webhook of the workspace.
     pub async fn get_webhook(&self, workspace: &str, id: &str) -> Result<Webhook, StoreError> {
         open(&self.key, load(&self.db, workspace, id).await?)

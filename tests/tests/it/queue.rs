@@ -218,12 +218,16 @@ async fn lost_leases_cost_no_attempt_until_the_fourth(backend: Backend) {
     let id = e.deliveries[0].id.clone();
     let mut now = t0();
     let first = store.claim("default", "agent-1", 1, now, &policy()).await.unwrap().remove(0);
-    assert_eq!(store.reclaim_leases(None, first.lease_expires_at - 1, &policy()).await.unwrap(), 0, "not yet expired");
+    assert_eq!(
+        store.reclaim_leases(None, first.lease_expires_at - 1, &policy()).await.unwrap().len(),
+        0,
+        "not yet expired"
+    );
     for lost in 1..=3 {
         let c = store.claim("default", "agent-1", 1, now, &policy()).await.unwrap();
         let c = if lost == 1 { first.clone() } else { c.into_iter().next().expect("due again at once") };
         now = c.lease_expires_at + 1;
-        assert_eq!(store.reclaim_leases(None, now, &policy()).await.unwrap(), 1);
+        assert_eq!(store.reclaim_leases(None, now, &policy()).await.unwrap().len(), 1);
         let d = row(&db, &id).await;
         assert_eq!(
             (d.status, d.attempt_count, d.lost_leases),
@@ -237,7 +241,7 @@ async fn lost_leases_cost_no_attempt_until_the_fourth(backend: Backend) {
     }
     // The fourth loss in a row counts as a failed attempt, through the agent-disconnect path.
     let c = store.claim("default", "agent-9", 1, now, &policy()).await.unwrap().remove(0);
-    assert_eq!(store.reclaim_leases(Some("agent-9"), now, &policy()).await.unwrap(), 1);
+    assert_eq!(store.reclaim_leases(Some("agent-9"), now, &policy()).await.unwrap().len(), 1);
     let d = row(&db, &id).await;
     assert_eq!((d.status, d.attempt_count, d.lost_leases), (delivery::status::PENDING, 1, 0));
     assert_eq!(d.next_attempt_at, now + MIN, "scheduled like any failed attempt");

@@ -391,10 +391,12 @@ async fn later_rpcs_are_unimplemented(backend: Backend) {
         d.watch_deliveries(proto::WatchDeliveriesRequest::default()).await.unwrap_err().code(),
         Code::Unimplemented
     );
-    let agents = cp.agents_as(key).list_agents(proto::ListAgentsRequest::default()).await.unwrap_err();
-    assert_eq!(agents.code(), Code::Unimplemented);
-    // A session with a configured agent token passes authentication, then meets UNIMPLEMENTED.
+    let agents = cp.agents_as(key).list_agents(proto::ListAgentsRequest::default()).await.unwrap().into_inner();
+    assert!(agents.agents.is_empty(), "no agent is connected");
+    // A session with a configured agent token passes authentication; it must open with a hello.
     let session = cp.agents_as(Some(TOKEN)).session(tokio_stream::iter(Vec::<proto::AgentMessage>::new())).await;
-    assert_eq!(session.unwrap_err().code(), Code::Unimplemented);
+    let err = session.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(herald_tests::bad_field(&err).as_deref(), Some("hello"));
     cp.stop().await;
 }

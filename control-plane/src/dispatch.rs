@@ -1,0 +1,605 @@
+//! The dispatcher: connected agents, their credit, and the loop that leases due deliveries to
+//! them; and the result writer that applies what agents report, in batches.
+//!
+//! It wakes on publish, on credit, on results and at the next due retry or rate-limit slot,
+//! never by polling the database in a tight loop. Jobs go only to agents of the webhook's zone,
+//! least loaded first, within each agent's credit and each webhook's `max_in_flight` and
+//! `rate_limit_per_second`.
+//!
+//! Architecture invariant: the dispatcher holds no delivery state the database does not also
+//! hold; losing it (a restart) loses only leases, which expire and are dispatched again.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use herald_shared::proto::{self, ErrorKind, control_message};
+use herald_shared::{envelope, ids};
+use rand::RngCore as _;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::store::queue::{Applied, AttemptReport, Claimed, Filter, Limits, QueuePolicy};
+use crate::store::webhooks::Webhook;
+use crate::store::{Store, StoreError, now_millis};
+
+/// Jobs leased to one agent in one claim at most.
+const CLAIM_BATCH: u32 = 256;
+/// Results applied in one transaction at most.
+const RESULT_BATCH: usize = 512;
+/// How often expired leases are looked for.
+const RECLAIM_EVERY_MS: i64 = 1000;
+/// How often both sides send heartbeats; a session silent for three is closed.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// The longest the dispatcher sleeps with nothing to do, as a safety net.
+const IDLE_WAKE_MS: i64 = 5_000;
+
+type Outbound = mpsc::Sender<Result<proto::ControlMessage, Status>>;
+/// Per-webhook rate limiters with the rate they were made for.
+type Limiters = Arc<Mutex<HashMap<String, (i64, Arc<DefaultDirectRateLimiter>)>>>;
+
+/// A connected agent session.
+struct Session {
+    agent_id: String,
+    /// `agent@session`: the lease holder, unique per connection.
+    holder: String,
+    zone: String,
+    version: String,
+    egress_ips: Vec<String>,
+    capacity: u32,
+    credit: u32,
+    in_flight: u32,
+    connected_at: i64,
+    tx: Outbound,
+}
+
+/// What the dispatcher remembers of a job until its result arrives.
+struct LeaseMeta {
+    webhook_id: String,
+    /// The body sent, when a transform applied (for the attempt log).
+    request_body: Option<String>,
+}
+
+/// A webhook as dispatching needs it, cached; dropped on any change through the API.
+struct Hook {
+    webhook: Webhook,
+}
+
+#[derive(Default)]
+struct State {
+    sessions: HashMap<u64, Session>,
+    hooks: HashMap<String, Arc<Hook>>,
+    leases: HashMap<String, LeaseMeta>,
+    next_session: u64,
+}
+
+/// A result as it arrived, waiting for the result writer.
+struct Arrived {
+    agent_id: String,
+    zone: String,
+    result: proto::AttemptResult,
+}
+
+struct Inner {
+    store: Store,
+    policy: QueuePolicy,
+    header_prefix: String,
+    response_body_limit: u32,
+    state: Mutex<State>,
+    /// Per-webhook jobs in flight, read by claims (`max_in_flight`).
+    hook_in_flight: Arc<Mutex<HashMap<String, u32>>>,
+    /// Per-webhook rate limiters, consulted by claims.
+    limiters: Limiters,
+    /// The earliest time a rate-limited webhook may send again (ms), or 0.
+    rate_wake: Arc<AtomicI64>,
+    /// The earliest known due time of a pending retry (ms), or 0.
+    due_wake: AtomicI64,
+    wake: Notify,
+    results: mpsc::Sender<Arrived>,
+}
+
+/// A handle to the dispatcher. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+impl Dispatcher {
+    /// Starts the dispatcher and result writer; both stop when `shutdown` fires.
+    pub fn spawn(
+        store: Store,
+        policy: QueuePolicy,
+        header_prefix: String,
+        response_body_limit: usize,
+        shutdown: CancellationToken,
+    ) -> Dispatcher {
+        let (results, rx) = mpsc::channel(8192);
+        let inner = Arc::new(Inner {
+            store,
+            policy,
+            header_prefix,
+            response_body_limit: u32::try_from(response_body_limit).unwrap_or(65536),
+            state: Mutex::default(),
+            hook_in_flight: Arc::default(),
+            limiters: Arc::default(),
+            rate_wake: Arc::new(AtomicI64::new(0)),
+            due_wake: AtomicI64::new(0),
+            wake: Notify::new(),
+            results,
+        });
+        let d = Dispatcher { inner };
+        tokio::spawn(d.clone().dispatch_loop(shutdown.clone()));
+        tokio::spawn(d.clone().result_loop(rx, shutdown));
+        d
+    }
+
+    /// Something became due (a publish, a re-activation, a replay): look again now.
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// A webhook changed or was deleted: forget what is cached of it.
+    pub fn forget(&self, webhook_id: &str) {
+        self.inner.state.lock().expect("dispatcher lock").hooks.remove(webhook_id);
+        self.wake();
+    }
+
+    /// Registers an agent session that said hello; answers the welcome and the session id.
+    pub fn open(&self, hello: &proto::Hello, tx: Outbound) -> (u64, proto::Welcome) {
+        let mut state = self.inner.state.lock().expect("dispatcher lock");
+        state.next_session += 1;
+        let session = state.next_session;
+        let agent_id = if hello.agent_id.is_empty() { ids::new_id(ids::AGENT) } else { hello.agent_id.clone() };
+        state.sessions.insert(
+            session,
+            Session {
+                holder: format!("{agent_id}@{}", ids::new_id("s")),
+                agent_id: agent_id.clone(),
+                zone: hello.zone.clone(),
+                version: hello.version.clone(),
+                egress_ips: hello.egress_ips.clone(),
+                capacity: hello.capacity,
+                credit: 0,
+                in_flight: 0,
+                connected_at: now_millis(),
+                tx,
+            },
+        );
+        let welcome = proto::Welcome {
+            agent_id,
+            heartbeat_interval: Some(prost_types::Duration { seconds: HEARTBEAT.as_secs() as i64, nanos: 0 }),
+            response_body_limit: self.inner.response_body_limit,
+        };
+        (session, welcome)
+    }
+
+    /// Results an agent kept from an earlier session, reported with its hello.
+    pub async fn pending_results(&self, session: u64, results: Vec<proto::AttemptResult>) {
+        for result in results {
+            self.arrived(session, result, false).await;
+        }
+    }
+
+    /// More credit from an agent.
+    pub fn credit(&self, session: u64, jobs: u32) {
+        if let Some(s) = self.inner.state.lock().expect("dispatcher lock").sessions.get_mut(&session) {
+            s.credit = s.credit.saturating_add(jobs).min(s.capacity.max(1) * 2);
+        }
+        self.wake();
+    }
+
+    /// A result from an agent of this session.
+    pub async fn result(&self, session: u64, result: proto::AttemptResult) {
+        self.arrived(session, result, true).await;
+    }
+
+    async fn arrived(&self, session: u64, result: proto::AttemptResult, live: bool) {
+        let (agent_id, zone) = {
+            let mut state = self.inner.state.lock().expect("dispatcher lock");
+            match state.sessions.get_mut(&session) {
+                Some(s) => {
+                    if live {
+                        s.in_flight = s.in_flight.saturating_sub(1);
+                    }
+                    (s.agent_id.clone(), s.zone.clone())
+                }
+                None => return,
+            }
+        };
+        let _ = self.inner.results.send(Arrived { agent_id, zone, result }).await;
+    }
+
+    /// The session ended: its leases go back to the queue at once, without using an attempt.
+    pub async fn close(&self, session: u64) {
+        let holder = {
+            let mut state = self.inner.state.lock().expect("dispatcher lock");
+            let Some(s) = state.sessions.remove(&session) else { return };
+            s.holder
+        };
+        match self.inner.store.reclaim_leases(Some(&holder), now_millis(), &self.inner.policy).await {
+            Ok(leases) => {
+                if !leases.is_empty() {
+                    tracing::info!(holder, leases = leases.len(), "an agent left; its leases are dispatched again");
+                }
+                self.release_leases(&leases);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot take back the leases of a closed session; they will expire"),
+        }
+        self.wake();
+    }
+
+    /// The connected agents, optionally of one zone.
+    pub fn agents(&self, zone: &str) -> Vec<proto::Agent> {
+        let state = self.inner.state.lock().expect("dispatcher lock");
+        let mut agents: Vec<proto::Agent> = state
+            .sessions
+            .values()
+            .filter(|s| zone.is_empty() || s.zone == zone)
+            .map(|s| proto::Agent {
+                id: s.agent_id.clone(),
+                zone: s.zone.clone(),
+                version: s.version.clone(),
+                egress_ips: s.egress_ips.clone(),
+                in_flight: s.in_flight,
+                capacity: s.capacity,
+                connected_since: Some(crate::api::timestamp(s.connected_at)),
+            })
+            .collect();
+        agents.sort_by(|a, b| (&a.zone, &a.id).cmp(&(&b.zone, &b.id)));
+        agents
+    }
+
+    /// Forgets leases that ended (results, reclaims): frees their webhook's in-flight slot.
+    fn release_leases(&self, leases: &[String]) {
+        let mut state = self.inner.state.lock().expect("dispatcher lock");
+        let mut counts = self.inner.hook_in_flight.lock().expect("in-flight lock");
+        for lease in leases {
+            if let Some(meta) = state.leases.remove(lease)
+                && let Some(n) = counts.get_mut(&meta.webhook_id)
+            {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+
+    async fn dispatch_loop(self, shutdown: CancellationToken) {
+        let mut last_reclaim = 0i64;
+        loop {
+            let now = now_millis();
+            if now - last_reclaim >= RECLAIM_EVERY_MS {
+                last_reclaim = now;
+                match self.inner.store.reclaim_leases(None, now, &self.inner.policy).await {
+                    Ok(leases) if !leases.is_empty() => {
+                        tracing::info!(leases = leases.len(), "expired leases taken back");
+                        self.release_leases(&leases);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot take back expired leases"),
+                }
+            }
+            let mut next_wake = now + IDLE_WAKE_MS.min(RECLAIM_EVERY_MS.max(1));
+            match self.dispatch_round().await {
+                Ok(Some(due)) => next_wake = next_wake.min(due),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "dispatch round failed"),
+            }
+            for hint in [&self.inner.rate_wake, &self.inner.due_wake] {
+                let at = hint.swap(0, Ordering::SeqCst);
+                if at > 0 {
+                    next_wake = next_wake.min(at);
+                }
+            }
+            let sleep = Duration::from_millis(u64::try_from(next_wake - now_millis()).unwrap_or(0));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.inner.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// Leases due work to every agent with credit, least loaded first; returns the earliest due
+    /// time of work left pending in a drained zone.
+    async fn dispatch_round(&self) -> Result<Option<i64>, StoreError> {
+        let mut earliest: Option<i64> = None;
+        let mut drained: Vec<String> = Vec::new();
+        loop {
+            // The least loaded agent with credit in a zone that may still have work.
+            let pick = {
+                let state = self.inner.state.lock().expect("dispatcher lock");
+                state
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.credit > 0 && !drained.contains(&s.zone))
+                    .min_by_key(|(_, s)| (s.in_flight, s.connected_at))
+                    .map(|(id, s)| (*id, s.holder.clone(), s.zone.clone(), s.credit.min(CLAIM_BATCH)))
+            };
+            let Some((session, holder, zone, want)) = pick else { return Ok(earliest) };
+            let now = now_millis();
+            let claimed = self
+                .inner
+                .store
+                .claim_where(&zone, &holder, u64::from(want), now, &self.inner.policy, self.filter(now))
+                .await?;
+            let got = claimed.len() as u32;
+            if got > 0 {
+                self.send_jobs(session, claimed, now).await;
+            }
+            if got < want {
+                // Drained for now. Work due later sets the next wake-up; work due already but held
+                // back by a webhook's limits waits for a result or its rate-limit slot instead.
+                if let Some(due) = self.inner.store.next_due(&zone).await?
+                    && due > now
+                {
+                    earliest = Some(earliest.map_or(due, |e: i64| e.min(due)));
+                }
+                drained.push(zone);
+            }
+        }
+    }
+
+    /// The claim filter: each webhook's free `max_in_flight` slots and its rate limiter.
+    fn filter(&self, now: i64) -> Filter {
+        let in_flight = self.inner.hook_in_flight.clone();
+        let limiters = self.inner.limiters.clone();
+        let rate_wake = self.inner.rate_wake.clone();
+        let mut taken: HashMap<String, i64> = HashMap::new();
+        Filter {
+            exclude: Vec::new(),
+            allow: Some(Box::new(move |d, limits: Limits| {
+                if let Some(max) = limits.max_in_flight {
+                    let busy =
+                        i64::from(in_flight.lock().expect("in-flight lock").get(&d.webhook_id).copied().unwrap_or(0));
+                    let mine = taken.get(&d.webhook_id).copied().unwrap_or(0);
+                    if busy + mine >= max {
+                        return false;
+                    }
+                }
+                if let Some(rate) = limits.rate_limit_per_second {
+                    let limiter = {
+                        let mut all = limiters.lock().expect("limiter lock");
+                        let entry = all.entry(d.webhook_id.clone()).or_insert_with(|| (rate, limiter(rate)));
+                        if entry.0 != rate {
+                            *entry = (rate, limiter(rate));
+                        }
+                        entry.1.clone()
+                    };
+                    if limiter.check().is_err() {
+                        let next = now + (1000 / rate.max(1)).max(1);
+                        let _ = rate_wake.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                            Some(if w == 0 { next } else { w.min(next) })
+                        });
+                        return false;
+                    }
+                }
+                *taken.entry(d.webhook_id.clone()).or_default() += 1;
+                true
+            })),
+        }
+    }
+
+    async fn hook(&self, id: &str) -> Result<Arc<Hook>, StoreError> {
+        if let Some(h) = self.inner.state.lock().expect("dispatcher lock").hooks.get(id) {
+            return Ok(h.clone());
+        }
+        let webhook = self.inner.store.get_webhook_any(id).await?;
+        let hook = Arc::new(Hook { webhook });
+        self.inner.state.lock().expect("dispatcher lock").hooks.insert(id.to_owned(), hook.clone());
+        Ok(hook)
+    }
+
+    async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64) {
+        let rows: Vec<&crate::db::entity::delivery::Model> = claimed.iter().map(|c| &c.delivery).collect();
+        let events = match self.inner.store.events_of(&rows).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load events of claimed deliveries; their leases will expire");
+                return;
+            }
+        };
+        let mut envelopes: HashMap<(String, String), Bytes> = HashMap::new();
+        let mut undeliverable = Vec::new();
+        let mut jobs = Vec::with_capacity(claimed.len());
+        for c in claimed {
+            let d = &c.delivery;
+            let key = (d.workspace_id.clone(), d.event_id.clone());
+            let Some(event) = events.get(&key) else {
+                undeliverable.push((c, "the event is gone (retention)".to_owned()));
+                continue;
+            };
+            let hook = match self.hook(&d.webhook_id).await {
+                Ok(h) => h,
+                Err(e) => {
+                    undeliverable.push((c, format!("the webhook cannot be loaded: {e}")));
+                    continue;
+                }
+            };
+            let envelope = envelopes
+                .entry(key)
+                .or_insert_with(|| {
+                    Bytes::from(envelope::build(
+                        &event.id,
+                        &event.event_type,
+                        &event.timestamp,
+                        &event.workspace_id,
+                        &event.data,
+                    ))
+                })
+                .clone();
+            let spec = &hook.webhook.spec;
+            let (body, request_body) = match &spec.transform {
+                None => (envelope, None),
+                Some(t) => match crate::transform::render(t, &envelope, &spec.transform_vars) {
+                    Ok(b) => {
+                        let text = String::from_utf8_lossy(&b).into_owned();
+                        (Bytes::from(b), Some(text))
+                    }
+                    Err(e) => {
+                        undeliverable.push((c, e.to_string()));
+                        continue;
+                    }
+                },
+            };
+            let w = &hook.webhook;
+            let rotating = w.previous_secret.is_some() && w.previous_secret_until.is_some_and(|until| until > now);
+            let signing = proto::Signing {
+                secret: if rotating { w.previous_secret.clone().unwrap_or_default() } else { w.secret.clone() },
+                next_secret: if rotating { w.secret.clone() } else { String::new() },
+                scheme: spec.signature_scheme,
+                header_prefix: self.inner.header_prefix.clone(),
+            };
+            let timeout_ms = spec.timeout_ms.unwrap_or(crate::store::queue::DEFAULT_TIMEOUT_MS);
+            jobs.push((
+                proto::Job {
+                    lease_id: c.lease_id.clone(),
+                    delivery_id: d.id.clone(),
+                    event_id: d.event_id.clone(),
+                    event_type: d.event_type.clone(),
+                    attempt: c.attempt,
+                    url: spec.url.clone(),
+                    headers: spec.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    body,
+                    signing: Some(signing),
+                    timeout: Some(prost_types::Duration {
+                        seconds: timeout_ms / 1000,
+                        nanos: ((timeout_ms % 1000) * 1_000_000) as i32,
+                    }),
+                    traceparent: traceparent(),
+                },
+                d.webhook_id.clone(),
+                request_body,
+            ));
+        }
+        // Jobs that cannot be built fail their attempt now, with the reason in the log.
+        for (c, why) in undeliverable {
+            tracing::warn!(delivery = %c.delivery.id, %why, "cannot build the job");
+            let report = AttemptReport {
+                lease_id: c.lease_id.clone(),
+                delivery_id: c.delivery.id.clone(),
+                agent_id: "control-plane".into(),
+                zone: c.delivery.zone.clone(),
+                started_at: now,
+                error_kind: ErrorKind::Other,
+                error_message: why,
+                ..Default::default()
+            };
+            if let Err(e) = self.inner.store.record_results(vec![report], now, &self.inner.policy).await {
+                tracing::warn!(error = %e, "cannot record a failed job; its lease will expire");
+            }
+        }
+        let tx = {
+            let mut state = self.inner.state.lock().expect("dispatcher lock");
+            let mut counts = self.inner.hook_in_flight.lock().expect("in-flight lock");
+            for (job, webhook_id, request_body) in &jobs {
+                *counts.entry(webhook_id.clone()).or_default() += 1;
+                state.leases.insert(
+                    job.lease_id.clone(),
+                    LeaseMeta { webhook_id: webhook_id.clone(), request_body: request_body.clone() },
+                );
+            }
+            drop(counts);
+            match state.sessions.get_mut(&session) {
+                Some(s) => {
+                    s.credit = s.credit.saturating_sub(jobs.len() as u32);
+                    s.in_flight += jobs.len() as u32;
+                    Some(s.tx.clone())
+                }
+                None => None,
+            }
+        };
+        // A session that went away meanwhile has its leases taken back by `close`.
+        let Some(tx) = tx else { return };
+        for (job, _, _) in jobs {
+            let message = proto::ControlMessage { msg: Some(control_message::Msg::Job(job)) };
+            if tx.send(Ok(message)).await.is_err() {
+                break;
+            }
+        }
+    }
+
+    async fn result_loop(self, mut rx: mpsc::Receiver<Arrived>, shutdown: CancellationToken) {
+        let mut buf = Vec::with_capacity(RESULT_BATCH);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut buf, RESULT_BATCH) => if n == 0 { return },
+                _ = shutdown.cancelled() => return,
+            }
+            let batch = std::mem::take(&mut buf);
+            let leases: Vec<String> = batch.iter().map(|a| a.result.lease_id.clone()).collect();
+            let reports: Vec<AttemptReport> = {
+                let state = self.inner.state.lock().expect("dispatcher lock");
+                batch
+                    .into_iter()
+                    .map(|a| {
+                        let request_body = state.leases.get(&a.result.lease_id).and_then(|m| m.request_body.clone());
+                        report(a, request_body)
+                    })
+                    .collect()
+            };
+            let now = now_millis();
+            match self.inner.store.record_results(reports, now, &self.inner.policy).await {
+                Ok(applied) => {
+                    for a in applied {
+                        if let Applied::Retry { at } = a {
+                            let _ = self.inner.due_wake.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                                Some(if w == 0 { at } else { w.min(at) })
+                            });
+                        }
+                    }
+                }
+                // The leases stay in flight and expire: the deliveries are sent again (at least once).
+                Err(e) => {
+                    tracing::warn!(error = %e, results = leases.len(), "cannot record results; their leases will expire")
+                }
+            }
+            self.release_leases(&leases);
+            self.wake();
+        }
+    }
+}
+
+/// An agent's result as the queue takes it.
+fn report(a: Arrived, request_body: Option<String>) -> AttemptReport {
+    let r = a.result;
+    let ms = |d: Option<prost_types::Duration>| d.map_or(0, |d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000));
+    let mut request_headers: Vec<(String, String)> = r.request_headers.into_iter().collect();
+    request_headers.sort();
+    let mut response_headers: Vec<(String, String)> = r.response_headers.into_iter().collect();
+    response_headers.sort();
+    AttemptReport {
+        lease_id: r.lease_id,
+        delivery_id: r.delivery_id,
+        agent_id: a.agent_id,
+        zone: a.zone,
+        started_at: r.started_at.map_or_else(now_millis, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000)),
+        duration_ms: ms(r.duration),
+        status: r.status,
+        response_headers,
+        response_body: r.response_body,
+        error_kind: ErrorKind::try_from(r.error_kind).unwrap_or(ErrorKind::Other),
+        error_message: r.error_message,
+        request_headers,
+        request_body,
+        not_sent: r.not_sent,
+        retry_after_ms: r.retry_after.map(|d| ms(Some(d))),
+    }
+}
+
+fn limiter(rate: i64) -> Arc<DefaultDirectRateLimiter> {
+    let per_second = NonZeroU32::new(u32::try_from(rate).unwrap_or(u32::MAX).max(1)).expect("positive");
+    Arc::new(RateLimiter::direct(Quota::per_second(per_second)))
+}
+
+/// A fresh W3C `traceparent` for an attempt.
+fn traceparent() -> String {
+    let mut trace = [0u8; 16];
+    let mut span = [0u8; 8];
+    rand::rng().fill_bytes(&mut trace);
+    rand::rng().fill_bytes(&mut span);
+    format!("00-{}-{}-01", hex::encode(trace), hex::encode(span))
+}
