@@ -106,7 +106,10 @@ impl Sender {
             "https" => {}
             "http" if self.allow_http => {}
             other => {
-                return Err((ErrorKind::Blocked, format!("blocked: {other} is not allowed (https only; --allow-http)")));
+                return Err((
+                    ErrorKind::Blocked,
+                    format!("blocked: {other} is not allowed (https only; --allow-http)"),
+                ));
             }
         }
         // Literal addresses never reach the resolver: vet them here.

@@ -4,6 +4,10 @@
 //!
 //! Every wait has a timeout; ports are bound before use, so there are no sleeps to guess.
 
+pub mod procs;
+pub mod receiver;
+pub mod tls;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -96,7 +100,7 @@ impl TestDb {
 
 /// Adds `authorization: Bearer <key>` to every call.
 #[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+pub struct Bearer(pub Option<MetadataValue<tonic::metadata::Ascii>>);
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {

@@ -1,0 +1,180 @@
+//! The real binaries as child processes: a control plane (`herald serve`) and agents
+//! (`herald-agent`), with helpers to restart, SIGTERM and SIGKILL them.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use herald_shared::proto;
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+use crate::{Authed, Bearer, bin};
+
+/// The agent token every test control plane accepts.
+pub const AGENT_TOKEN: &str = "agent-token-for-tests-0123456789";
+/// The secret key every test control plane uses.
+pub const SECRET_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+/// A free loopback port (bound and released: the OS does not hand it out again at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Sends `signal` (`TERM`, `KILL`) to a child.
+pub fn signal(child: &Child, signal: &str) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+    }
+}
+
+/// A `herald serve` process.
+pub struct ControlPlaneProcess {
+    pub child: Child,
+    pub port: u16,
+    pub api_key: String,
+    pub db_url: String,
+    args: Vec<String>,
+    pub log: std::path::PathBuf,
+    _logs: tempfile::TempDir,
+}
+
+impl ControlPlaneProcess {
+    /// Starts `herald serve` on `db_url` with `extra` flags and waits until it serves.
+    pub async fn start(db_url: &str, extra: &[&str]) -> ControlPlaneProcess {
+        let logs = tempfile::tempdir().unwrap();
+        let mut cp = ControlPlaneProcess {
+            child: Command::new("true").spawn().unwrap(),
+            port: free_port(),
+            api_key: crate::new_key(),
+            db_url: db_url.to_owned(),
+            args: extra.iter().map(|s| (*s).to_owned()).collect(),
+            log: logs.path().join("control-plane.log"),
+            _logs: logs,
+        };
+        cp.spawn().await;
+        cp
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        self.child = Command::new(bin("herald"))
+            .args(["serve", "--grpc-addr", &format!("127.0.0.1:{}", self.port), "--http-addr", "127.0.0.1:0"])
+            .args(["--database-url", &self.db_url, "--secret-key", SECRET_KEY, "--bootstrap-api-key", &self.api_key])
+            .args(["--agent-token", AGENT_TOKEN])
+            .args(&self.args)
+            .env("RUST_LOG", "info,herald_control_plane=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start herald serve");
+        self.wait_serving().await;
+    }
+
+    async fn wait_serving(&mut self) {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
+                let ok = HealthClient::new(channel)
+                    .check(HealthCheckRequest { service: "herald.v1.EventService".into() })
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == 1);
+                if ok {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "herald serve exited with {status}:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(tokio::time::Instant::now() < deadline, "herald serve did not become ready");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILLs the control plane and starts it again on the same port and database.
+    pub async fn kill_and_restart(&mut self) {
+        signal(&self.child, "KILL");
+        let _ = self.child.wait().await;
+        self.spawn().await;
+    }
+
+    fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect_lazy()
+    }
+
+    fn bearer(&self) -> Bearer {
+        Bearer(Some(format!("Bearer {}", self.api_key).parse().unwrap()))
+    }
+
+    pub fn webhooks(&self) -> proto::webhook_service_client::WebhookServiceClient<Authed> {
+        proto::webhook_service_client::WebhookServiceClient::with_interceptor(self.channel(), self.bearer())
+    }
+
+    pub fn events(&self) -> proto::event_service_client::EventServiceClient<Authed> {
+        proto::event_service_client::EventServiceClient::with_interceptor(self.channel(), self.bearer())
+    }
+
+    pub fn deliveries(&self) -> proto::delivery_service_client::DeliveryServiceClient<Authed> {
+        proto::delivery_service_client::DeliveryServiceClient::with_interceptor(self.channel(), self.bearer())
+    }
+
+    pub fn agents(&self) -> proto::agent_service_client::AgentServiceClient<Authed> {
+        proto::agent_service_client::AgentServiceClient::with_interceptor(self.channel(), self.bearer())
+    }
+
+    /// Waits until the agents with these ids are connected.
+    pub async fn wait_agents(&self, ids: &[&str]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let connected =
+                self.agents().list_agents(proto::ListAgentsRequest::default()).await.map(|r| r.into_inner().agents);
+            if connected.as_ref().is_ok_and(|a| ids.iter().all(|id| a.iter().any(|x| x.id == *id))) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "agents {ids:?} did not connect: {connected:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// A `herald-agent` process.
+pub struct AgentProcess {
+    pub child: Child,
+    pub id: String,
+    pub zone: String,
+    pub log: std::path::PathBuf,
+    _logs: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    /// Starts an agent of `zone` for the control plane at `url`, trusting `ca` and loopback.
+    pub fn start(url: &str, zone: &str, id: &str, ca: Option<&std::path::Path>, extra: &[&str]) -> AgentProcess {
+        let logs = tempfile::tempdir().unwrap();
+        let log = logs.path().join("agent.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin("herald-agent"));
+        cmd.args(["--control-plane", url, "--zone", zone, "--agent-id", id, "--token", AGENT_TOKEN])
+            .args(["--http-addr", "127.0.0.1:0", "--allow-cidr", "127.0.0.0/8"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true);
+        if let Some(ca) = ca {
+            cmd.arg("--extra-ca-cert").arg(ca);
+        }
+        let child = cmd.spawn().expect("start herald-agent");
+        AgentProcess { child, id: id.to_owned(), zone: zone.to_owned(), log, _logs: logs }
+    }
+}

@@ -1,0 +1,321 @@
+//! The delivery pipeline end to end: the real `herald` and `herald-agent` binaries, HTTPS
+//! receivers on loopback with a CA made at test time, signatures checked independently.
+
+use std::time::Duration;
+
+use herald_control_plane::db::entity::{attempt, delivery, event};
+use herald_shared::proto::{self, ErrorKind};
+use herald_tests::procs::{AgentProcess, ControlPlaneProcess, signal};
+use herald_tests::receiver::{Received, Receiver, Reply};
+use herald_tests::tls::TestCa;
+use herald_tests::{Backend, TestDb, webhook};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+
+both_databases!(one_event_reaches_three_webhooks_in_two_zones, nothing_is_lost_across_a_control_plane_crash);
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// HMAC-SHA256 computed here with ring, independently of `herald-shared`.
+fn expected_signature(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    format!("sha256={}", hex::encode(ring::hmac::sign(&key, body).as_ref()))
+}
+
+async fn create(cp: &ControlPlaneProcess, w: proto::Webhook) -> proto::Webhook {
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.expect("create").into_inner()
+}
+
+async fn publish(cp: &ControlPlaneProcess, event_type: &str, data_json: &str) -> proto::Event {
+    let e = herald_tests::event(event_type, data_json);
+    cp.events().publish_event(proto::PublishEventRequest { event: Some(e) }).await.expect("publish").into_inner()
+}
+
+fn in_zone(mut w: proto::Webhook, zone: &str) -> proto::Webhook {
+    w.zone = zone.into();
+    w
+}
+
+/// Waits until every delivery of `event_id` is in a final state; returns them.
+async fn settled(db: &TestDb, event_id: &str) -> Vec<delivery::Model> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let conn = db.connect().await;
+    loop {
+        let rows = delivery::Entity::find().filter(delivery::Column::EventId.eq(event_id)).all(&conn).await.unwrap();
+        if !rows.is_empty() && rows.iter().all(|d| [3, 4, 5].contains(&d.status)) {
+            conn.close().await.ok();
+            return rows;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "deliveries of {event_id} did not settle: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn attempts_of(db: &TestDb, delivery_id: &str) -> Vec<attempt::Model> {
+    let conn = db.connect().await;
+    let rows = attempt::Entity::find()
+        .filter(attempt::Column::DeliveryId.eq(delivery_id))
+        .order_by_asc(attempt::Column::Id)
+        .all(&conn)
+        .await
+        .unwrap();
+    conn.close().await.ok();
+    rows
+}
+
+/// The envelope as the documentation promises it, built here from the stored event's fields.
+fn envelope_of(e: &proto::Event, timestamp: &str) -> String {
+    format!(
+        r#"{{"id":"{}","type":"{}","timestamp":"{}","workspace_id":"{}","data":{}}}"#,
+        e.id, e.r#type, timestamp, e.workspace_id, e.data_json
+    )
+}
+
+async fn stored_timestamp(db: &TestDb, event_id: &str) -> String {
+    let conn = db.connect().await;
+    let e = event::Entity::find().filter(event::Column::Id.eq(event_id)).one(&conn).await.unwrap().unwrap();
+    conn.close().await.ok();
+    e.timestamp
+}
+
+fn assert_documented_headers(r: &Received, event: &proto::Event, attempt: u32) {
+    assert_eq!(r.header("content-type"), "application/json");
+    assert!(r.header("user-agent").starts_with("Herald/"), "{}", r.header("user-agent"));
+    assert_eq!(r.header("x-cloudthinker-event"), event.r#type);
+    assert_eq!(r.header("x-cloudthinker-event-id"), event.id);
+    assert!(r.header("x-cloudthinker-delivery").starts_with("dlv_"));
+    assert_eq!(r.header("x-cloudthinker-attempt"), attempt.to_string());
+    let tp = r.header("traceparent");
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert!(parts.len() == 4 && parts[1].len() == 32 && parts[2].len() == 16, "traceparent {tp:?}");
+}
+
+async fn one_event_reaches_three_webhooks_in_two_zones(backend: Backend) {
+    let ca = TestCa::new();
+    let db = TestDb::new(backend).await;
+    let cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let _eu = AgentProcess::start(&cp.url(), "eu", "agent-eu", Some(&ca.path), &[]);
+    let _us = AgentProcess::start(&cp.url(), "us", "agent-us", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-eu", "agent-us"]).await;
+    let (r1, r2, r3) = (Receiver::https(&ca).await, Receiver::https(&ca).await, Receiver::https(&ca).await);
+    let w1 = create(&cp, in_zone(webhook("eu-one", &r1.url("/a"), &["incident.*"]), "eu")).await;
+    let mut custom = in_zone(webhook("eu-two", &r2.url("/b"), &["*"]), "eu");
+    custom.headers.insert("Authorization".into(), "Bearer customer-token".into());
+    let w2 = create(&cp, custom).await;
+    let mut std_hook = in_zone(webhook("us", &r3.url("/c"), &["incident.created"]), "us");
+    std_hook.signature_scheme = proto::SignatureScheme::StandardWebhooks as i32;
+    let w3 = create(&cp, std_hook).await;
+    create(&cp, in_zone(webhook("not-subscribed", &r1.url("/never"), &["task.failed"]), "eu")).await;
+
+    let data = r#"{"title":"DB down","potential_savings":150.00}"#;
+    let e = publish(&cp, "incident.created", data).await;
+    let deliveries = settled(&db, &e.id).await;
+    assert_eq!(deliveries.len(), 3);
+    assert!(deliveries.iter().all(|d| d.status == delivery::status::SUCCEEDED && d.attempt_count == 1));
+
+    let timestamp = stored_timestamp(&db, &e.id).await;
+    let body = envelope_of(&proto::Event { data_json: data.into(), ..e.clone() }, &timestamp);
+    for (receiver, hook, zone, agent) in
+        [(&r1, &w1, "eu", "agent-eu"), (&r2, &w2, "eu", "agent-eu"), (&r3, &w3, "us", "agent-us")]
+    {
+        let got = receiver.requests();
+        assert_eq!(got.len(), 1, "{}: exactly one POST", hook.name);
+        let r = &got[0];
+        assert_eq!(std::str::from_utf8(&r.body).unwrap(), body, "the body is the envelope, data byte for byte");
+        assert_eq!(r.header("x-cloudthinker-signature"), expected_signature(&hook.secret, &r.body));
+        assert_documented_headers(r, &e, 1);
+        let d = deliveries.iter().find(|d| d.webhook_id == hook.id).unwrap();
+        assert_eq!(r.header("x-cloudthinker-delivery"), d.id);
+        let log = attempts_of(&db, &d.id).await;
+        assert_eq!((log[0].agent_id.as_str(), log[0].zone.as_str()), (agent, zone), "sent by an agent of its zone");
+        assert_eq!(log[0].response_status, 200);
+    }
+    assert_eq!(r2.requests()[0].header("authorization"), "Bearer customer-token", "custom headers are sent");
+    let log = attempts_of(&db, &deliveries.iter().find(|d| d.webhook_id == w2.id).unwrap().id).await;
+    assert!(log[0].request_headers.contains(r#""authorization":"***""#), "custom values are masked in the log");
+    assert!(!log[0].request_headers.contains("customer-token"));
+
+    // Standard Webhooks, verified by the reference crate.
+    let r = &r3.requests()[0];
+    let verifier = standardwebhooks::Webhook::new(&w3.secret).unwrap();
+    verifier.verify(&r.body, &r.headers).expect("the Standard Webhooks signature verifies");
+    assert_eq!(r.header("webhook-id"), e.id);
+}
+
+/// A control plane for one zone-`default` agent on SQLite, with a compressed schedule.
+async fn single_zone(extra: &[&str]) -> (TestCa, TestDb, ControlPlaneProcess, AgentProcess) {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, extra).await;
+    let agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-1"]).await;
+    (ca, db, cp, agent)
+}
+
+fn with_timeout(mut w: proto::Webhook, ms: i64) -> proto::Webhook {
+    w.timeout = Some(prost_types::Duration { seconds: ms / 1000, nanos: ((ms % 1000) * 1_000_000) as i32 });
+    w
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_attempts_are_retried_on_schedule() {
+    let (ca, db, cp, _agent) = single_zone(&["--retry-schedule", "0s,400ms,800ms", "--lease-grace", "5s"]).await;
+    let r = Receiver::https(&ca).await;
+    r.script([Reply::status(500), Reply::Hang(Duration::from_secs(3))]);
+    let hook = create(&cp, with_timeout(webhook("flaky", &r.url("/"), &["*"]), 500)).await;
+    let e = publish(&cp, "task.failed", "{}").await;
+    let d = settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 3));
+    let log = attempts_of(&db, &d.id).await;
+    let kinds: Vec<(i32, i32, i32)> = log.iter().map(|a| (a.number, a.response_status, a.error_kind)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (1, 500, ErrorKind::HttpStatus as i32),
+            (2, 0, ErrorKind::Timeout as i32),
+            (3, 200, ErrorKind::Unspecified as i32)
+        ]
+    );
+    assert!(log[1].duration_ms >= 450 && log[1].duration_ms < 2000, "the timeout is enforced: {}", log[1].duration_ms);
+    // Each attempt starts no earlier than the schedule allows after the previous one ended.
+    for (prev, next, delay) in [(&log[0], &log[1], 400), (&log[1], &log[2], 800)] {
+        let earliest = prev.started_at + prev.duration_ms + delay;
+        assert!(next.started_at >= earliest - 5, "attempt {} at {} before {earliest}", next.number, next.started_at);
+    }
+    let got = r.requests();
+    assert_eq!(got.len(), 3);
+    for (i, req) in got.iter().enumerate() {
+        assert_eq!(req.header("x-cloudthinker-attempt"), (i + 1).to_string());
+        assert_eq!(req.header("x-cloudthinker-signature"), expected_signature(&hook.secret, &req.body));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_deliveries_fail_and_notify_exactly_once() {
+    let (ca, db, cp, _agent) = single_zone(&["--retry-schedule", "0s,50ms,50ms,50ms,50ms,50ms"]).await;
+    let failing = Receiver::https(&ca).await;
+    failing.always(Reply::status(500));
+    let ops = Receiver::https(&ca).await;
+    ops.always(Reply::status(503));
+    let hook = create(&cp, webhook("down", &failing.url("/"), &["*"])).await;
+    let notify = create(&cp, webhook("ops", &ops.url("/"), &["webhook.delivery.failed"])).await;
+    let e = publish(&cp, "incident.created", r#"{"title":"DB down"}"#).await;
+    let d = settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count), (delivery::status::FAILED, 6));
+    assert_eq!(failing.requests().len(), 6, "six attempts");
+
+    let conn = db.connect().await;
+    let op_events =
+        event::Entity::find().filter(event::Column::EventType.eq("webhook.delivery.failed")).all(&conn).await.unwrap();
+    assert_eq!(op_events.len(), 1);
+    let op = settled(&db, &op_events[0].id).await;
+    assert_eq!(op.len(), 1, "only the explicit subscriber");
+    assert_eq!((op[0].webhook_id.as_str(), op[0].status), (notify.id.as_str(), delivery::status::FAILED));
+    let got = ops.requests();
+    assert_eq!(got.len(), 6, "the notification is retried like any delivery");
+    let payload: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(payload["type"], "webhook.delivery.failed");
+    assert_eq!(payload["data"]["webhook_id"], hook.id.as_str());
+    assert_eq!(payload["data"]["event_id"], e.id.as_str());
+    assert_eq!(payload["data"]["attempts"], 6);
+    assert_eq!(payload["data"]["last_status"], 500);
+    // Its own failure publishes nothing more.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again =
+        event::Entity::find().filter(event::Column::EventType.eq("webhook.delivery.failed")).all(&conn).await.unwrap();
+    assert_eq!(again.len(), 1, "still exactly one operational event");
+    conn.close().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_failures_and_retry_after_is_honoured() {
+    let (ca, db, cp, _agent) = single_zone(&["--retry-schedule", "0s,100ms,100ms"]).await;
+    let r = Receiver::https(&ca).await;
+    let elsewhere = Receiver::https(&ca).await;
+    r.script([
+        Reply::Status(302, vec![("location", elsewhere.url("/stolen"))]),
+        Reply::Status(429, vec![("retry-after", "1".into())]),
+    ]);
+    create(&cp, webhook("redirecting", &r.url("/"), &["*"])).await;
+    let e = publish(&cp, "task.failed", "{}").await;
+    let d = settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 3));
+    assert!(elsewhere.requests().is_empty(), "the redirect was not followed");
+    let log = attempts_of(&db, &d.id).await;
+    assert_eq!((log[0].response_status, log[0].error_kind), (302, ErrorKind::HttpStatus as i32));
+    assert_eq!(log[1].response_status, 429);
+    let waited = log[2].started_at - (log[1].started_at + log[1].duration_ms);
+    assert!(waited >= 990, "Retry-After: 1 moved the attempt 100ms -> 1s later, waited {waited}ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_agent_that_holds_the_lease_costs_no_attempt() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "1s"]).await;
+    let mut a = AgentProcess::start(&cp.url(), "default", "agent-a", Some(&ca.path), &[]);
+    let mut b = AgentProcess::start(&cp.url(), "default", "agent-b", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-a", "agent-b"]).await;
+    let r = Receiver::https(&ca).await;
+    r.script([Reply::Hang(Duration::from_secs(60))]);
+    create(&cp, with_timeout(webhook("slow", &r.url("/"), &["*"]), 5_000)).await;
+    let e = publish(&cp, "task.failed", "{}").await;
+    r.wait_for(1, WAIT).await;
+    // Which agent holds the lease?
+    let conn = db.connect().await;
+    let held = delivery::Entity::find().filter(delivery::Column::EventId.eq(&e.id)).one(&conn).await.unwrap().unwrap();
+    conn.close().await.ok();
+    assert_eq!(held.status, delivery::status::IN_FLIGHT);
+    let holder = held.lease_agent.clone().unwrap();
+    let (victim, survivor) = if holder.starts_with("agent-a@") { (&mut a, "agent-b") } else { (&mut b, "agent-a") };
+    signal(&victim.child, "KILL");
+    let _ = victim.child.wait().await;
+
+    let got = r.wait_for(2, WAIT).await;
+    assert_eq!(got[1].header("x-cloudthinker-attempt"), "1", "the lost lease did not use up an attempt");
+    let d = settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count, d.lost_leases), (delivery::status::SUCCEEDED, 1, 0));
+    let log = attempts_of(&db, &d.id).await;
+    assert_eq!(log.len(), 1, "the killed agent never reported");
+    assert_eq!(log[0].agent_id, survivor);
+}
+
+async fn nothing_is_lost_across_a_control_plane_crash(backend: Backend) {
+    let ca = TestCa::new();
+    let db = TestDb::new(backend).await;
+    let mut cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let r = Receiver::https(&ca).await;
+    create(&cp, webhook("all", &r.url("/"), &["*"])).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(publish(&cp, "task.completed", &format!(r#"{{"i":{i}}}"#)).await.id);
+    }
+    // No agent yet: everything is pending when the control plane is killed.
+    cp.kill_and_restart().await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    let got = r.wait_for(20, WAIT).await;
+    let mut seen: Vec<String> = got.iter().map(|g| g.header("x-cloudthinker-event-id")).collect();
+    seen.sort();
+    seen.dedup();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(seen, want, "every acknowledged event delivered");
+    for id in &ids {
+        assert_eq!(settled(&db, id).await[0].status, delivery::status::SUCCEEDED);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slack_template_renders_and_is_signed() {
+    let (ca, _db, cp, _agent) = single_zone(&[]).await;
+    let r = Receiver::https(&ca).await;
+    let templates = cp.webhooks().list_templates(proto::ListTemplatesRequest {}).await.unwrap().into_inner().templates;
+    let slack = templates.into_iter().find(|t| t.id == "slack").unwrap();
+    let mut w = webhook("slack", &r.url("/services/T0/B0/X"), &["incident.created"]);
+    w.transform = slack.transform;
+    let hook = create(&cp, w).await;
+    publish(&cp, "incident.created", r#"{"title":"DB down"}"#).await;
+    let got = r.wait_for(1, WAIT).await;
+    let body: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(body, serde_json::json!({"text": "New incident.created: DB down"}));
+    assert_eq!(got[0].header("x-cloudthinker-signature"), expected_signature(&hook.secret, &got[0].body));
+}
