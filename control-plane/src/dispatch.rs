@@ -101,6 +101,8 @@ struct Inner {
     due_wake: AtomicI64,
     wake: Notify,
     results: mpsc::Sender<Arrived>,
+    /// Delivery changes for `WatchDeliveries`.
+    changes: tokio::sync::broadcast::Sender<Arc<crate::db::entity::delivery::Model>>,
 }
 
 /// A handle to the dispatcher. Cheap to clone.
@@ -131,6 +133,7 @@ impl Dispatcher {
             due_wake: AtomicI64::new(0),
             wake: Notify::new(),
             results,
+            changes: tokio::sync::broadcast::channel(4096).0,
         });
         let d = Dispatcher { inner };
         tokio::spawn(d.clone().dispatch_loop(shutdown.clone()));
@@ -141,6 +144,29 @@ impl Dispatcher {
     /// Something became due (a publish, a re-activation, a replay): look again now.
     pub fn wake(&self) {
         self.inner.wake.notify_one();
+    }
+
+    /// Follows delivery changes (for `WatchDeliveries`).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<crate::db::entity::delivery::Model>> {
+        self.inner.changes.subscribe()
+    }
+
+    /// These deliveries changed: tell watchers, if there are any (reading the rows costs a query).
+    pub fn changed(&self, ids: Vec<String>) {
+        if self.inner.changes.receiver_count() == 0 || ids.is_empty() {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            match inner.store.deliveries_by_ids(ids).await {
+                Ok(rows) => {
+                    for row in rows {
+                        let _ = inner.changes.send(Arc::new(row));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read changed deliveries for watchers"),
+            }
+        });
     }
 
     /// A webhook changed or was deleted: forget what is cached of it.
@@ -395,6 +421,11 @@ impl Dispatcher {
 
     async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64) {
         let rows: Vec<&crate::db::entity::delivery::Model> = claimed.iter().map(|c| &c.delivery).collect();
+        let claimed_rows: Vec<crate::db::entity::delivery::Model> = if self.inner.changes.receiver_count() > 0 {
+            claimed.iter().map(|c| c.delivery.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let events = match self.inner.store.events_of(&rows).await {
             Ok(e) => e,
             Err(e) => {
@@ -512,6 +543,11 @@ impl Dispatcher {
                 None => None,
             }
         };
+        if self.inner.changes.receiver_count() > 0 {
+            for c in &claimed_rows {
+                let _ = self.inner.changes.send(Arc::new(c.clone()));
+            }
+        }
         // A session that went away meanwhile has its leases taken back by `close`.
         let Some(tx) = tx else { return };
         for (job, _, _) in jobs {
@@ -531,6 +567,7 @@ impl Dispatcher {
             }
             let batch = std::mem::take(&mut buf);
             let leases: Vec<String> = batch.iter().map(|a| a.result.lease_id.clone()).collect();
+            let delivery_ids: Vec<String> = batch.iter().map(|a| a.result.delivery_id.clone()).collect();
             let reports: Vec<AttemptReport> = {
                 let state = self.inner.state.lock().expect("dispatcher lock");
                 batch
@@ -558,6 +595,7 @@ impl Dispatcher {
                 }
             }
             self.release_leases(&leases);
+            self.changed(delivery_ids);
             self.wake();
         }
     }

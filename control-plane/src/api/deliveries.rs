@@ -1,13 +1,18 @@
-//! `herald.v1.DeliveryService`: delivery logs and manual actions. The delivery pipeline issue
-//! implements these; until then they answer UNIMPLEMENTED after authenticating the caller.
+//! `herald.v1.DeliveryService`: delivery logs and manual actions.
+
+use std::collections::HashMap;
 
 use herald_shared::proto::{self, delivery_service_server::DeliveryService};
+use herald_shared::{catalog, ids};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::{FieldError, page, status_of, timestamp};
 use crate::auth::Scope;
-use crate::db::entity::delivery::status;
+use crate::db::entity::attempt;
+use crate::db::entity::delivery::{self, status};
 use crate::server::AppState;
+use crate::store::deliveries::DeliveryFilter;
 
 pub struct DeliveryApi {
     pub state: AppState,
@@ -25,8 +30,98 @@ pub fn status_to_proto(s: i16) -> proto::DeliveryStatus {
     }
 }
 
-fn later(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} arrives with the delivery pipeline"))
+/// The stored statuses a status filter selects (none: every status).
+fn statuses(v: i32, field: &str) -> Result<Vec<i16>, FieldError> {
+    Ok(match proto::DeliveryStatus::try_from(v) {
+        Ok(proto::DeliveryStatus::Unspecified) => vec![],
+        Ok(proto::DeliveryStatus::Pending) => vec![status::PENDING, status::PARKED],
+        Ok(proto::DeliveryStatus::InFlight) => vec![status::IN_FLIGHT],
+        Ok(proto::DeliveryStatus::Succeeded) => vec![status::SUCCEEDED],
+        Ok(proto::DeliveryStatus::Failed) => vec![status::FAILED],
+        Ok(proto::DeliveryStatus::Cancelled) => vec![status::CANCELLED],
+        Err(_) => return Err(FieldError::new(field, format!("{v} is not a DeliveryStatus value"))),
+    })
+}
+
+fn millis(t: &prost_types::Timestamp, field: &str) -> Result<i64, FieldError> {
+    if !(0..1_000_000_000).contains(&t.nanos) || t.seconds < 0 || t.seconds > 253_402_300_799 {
+        return Err(FieldError::new(field, "is not a valid time"));
+    }
+    Ok(t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
+}
+
+fn webhook_filter(id: &str, field: &str) -> Result<Option<String>, FieldError> {
+    if id.is_empty() {
+        return Ok(None);
+    }
+    super::webhooks::webhook_id(id, field)?;
+    Ok(Some(id.to_owned()))
+}
+
+fn event_type_filter(t: &str, field: &str) -> Result<Option<String>, FieldError> {
+    if t.is_empty() {
+        return Ok(None);
+    }
+    catalog::find(t).ok_or_else(|| FieldError::new(field, format!("{t:?} is not an event type")))?;
+    Ok(Some(t.to_owned()))
+}
+
+fn delivery_id(id: &str) -> Result<(), FieldError> {
+    if ids::has_prefix(id, ids::DELIVERY) {
+        Ok(())
+    } else {
+        Err(FieldError::new("id", "is not a delivery id (dlv_…)"))
+    }
+}
+
+fn json_map(text: &str) -> HashMap<String, String> {
+    serde_json::from_str::<HashMap<String, serde_json::Value>>(text)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+        .collect()
+}
+
+fn attempt_to_proto(a: &attempt::Model) -> proto::Attempt {
+    proto::Attempt {
+        number: a.number as u32,
+        agent_id: a.agent_id.clone(),
+        zone: a.zone.clone(),
+        started_at: Some(timestamp(a.started_at)),
+        duration: Some(prost_types::Duration {
+            seconds: a.duration_ms / 1000,
+            nanos: ((a.duration_ms % 1000) * 1_000_000) as i32,
+        }),
+        request_headers: json_map(&a.request_headers),
+        request_body: a.request_body.clone().unwrap_or_default(),
+        response_status: a.response_status as u32,
+        response_headers: json_map(&a.response_headers),
+        response_body: a.response_body.clone(),
+        error_kind: a.error_kind,
+        error_message: a.error_message.clone(),
+        stale: a.stale,
+        manual: a.manual,
+    }
+}
+
+/// The API view of a delivery, with `attempts` when given.
+pub fn delivery_to_proto(d: &delivery::Model, attempts: &[attempt::Model]) -> proto::Delivery {
+    let open = d.status == status::PENDING || d.status == status::PARKED;
+    proto::Delivery {
+        id: d.id.clone(),
+        event_id: d.event_id.clone(),
+        webhook_id: d.webhook_id.clone(),
+        event_type: d.event_type.clone(),
+        status: status_to_proto(d.status) as i32,
+        attempts: attempts.iter().map(attempt_to_proto).collect(),
+        attempt_count: d.attempt_count as u32,
+        next_attempt_at: open.then(|| timestamp(d.next_attempt_at)),
+        created_at: Some(timestamp(d.created_at)),
+        updated_at: Some(timestamp(d.updated_at)),
+        paused: d.status == status::PARKED,
+        zone: d.zone.clone(),
+        test: d.test,
+    }
 }
 
 #[tonic::async_trait]
@@ -35,32 +130,94 @@ impl DeliveryService for DeliveryApi {
         &self,
         request: Request<proto::ListDeliveriesRequest>,
     ) -> Result<Response<proto::ListDeliveriesResponse>, Status> {
-        self.state.auth.check(&request, Scope::Admin).await?;
-        Err(later("ListDeliveries"))
+        let who = self.state.auth.check(&request, Scope::Admin).await?;
+        let r = request.get_ref();
+        let filter = DeliveryFilter {
+            webhook_id: webhook_filter(&r.webhook_id, "webhook_id")?,
+            statuses: statuses(r.status, "status")?,
+            event_type: event_type_filter(&r.event_type, "event_type")?,
+            created_after: r.created_after.as_ref().map(|t| millis(t, "created_after")).transpose()?,
+            created_before: r.created_before.as_ref().map(|t| millis(t, "created_before")).transpose()?,
+        };
+        if let (Some(a), Some(b)) = (filter.created_after, filter.created_before)
+            && a >= b
+        {
+            return Err(FieldError::new("created_before", "must be later than created_after").into());
+        }
+        let size = page::size(r.page_size)?;
+        let before = page::after(&r.page_token)?;
+        let (rows, more) = self
+            .state
+            .store
+            .list_deliveries(&who.workspace, &filter, before.as_deref(), size)
+            .await
+            .map_err(status_of)?;
+        let next_page_token = match (more, rows.last()) {
+            (true, Some(last)) => page::token(&last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListDeliveriesResponse {
+            deliveries: rows.iter().map(|d| delivery_to_proto(d, &[])).collect(),
+            next_page_token,
+        }))
     }
 
     async fn get_delivery(
         &self,
         request: Request<proto::GetDeliveryRequest>,
     ) -> Result<Response<proto::Delivery>, Status> {
-        self.state.auth.check(&request, Scope::Admin).await?;
-        Err(later("GetDelivery"))
+        let who = self.state.auth.check(&request, Scope::Admin).await?;
+        let id = &request.get_ref().id;
+        delivery_id(id)?;
+        let (d, attempts) = self.state.store.get_delivery(&who.workspace, id).await.map_err(status_of)?;
+        Ok(Response::new(delivery_to_proto(&d, &attempts)))
     }
 
     async fn retry_delivery(
         &self,
         request: Request<proto::RetryDeliveryRequest>,
     ) -> Result<Response<proto::Delivery>, Status> {
-        self.state.auth.check(&request, Scope::Admin).await?;
-        Err(later("RetryDelivery"))
+        let who = self.state.auth.check(&request, Scope::Admin).await?;
+        let id = &request.get_ref().id;
+        delivery_id(id)?;
+        let d = self.state.store.retry_delivery(&who.workspace, id).await.map_err(|e| match e {
+            crate::store::StoreError::Invalid { message, .. } => Status::failed_precondition(message),
+            other => status_of(other),
+        })?;
+        self.state.dispatcher.changed(vec![d.id.clone()]);
+        self.state.dispatcher.wake();
+        tracing::info!(delivery = %d.id, "manual retry requested");
+        Ok(Response::new(delivery_to_proto(&d, &[])))
     }
 
     async fn replay_webhook(
         &self,
         request: Request<proto::ReplayWebhookRequest>,
     ) -> Result<Response<proto::ReplayWebhookResponse>, Status> {
-        self.state.auth.check(&request, Scope::Admin).await?;
-        Err(later("ReplayWebhook"))
+        let who = self.state.auth.check(&request, Scope::Admin).await?;
+        let r = request.get_ref();
+        super::webhooks::webhook_id(&r.webhook_id, "webhook_id")?;
+        let after = r
+            .created_after
+            .as_ref()
+            .ok_or_else(|| FieldError::new("created_after", "is required"))
+            .and_then(|t| millis(t, "created_after"))?;
+        let before = match &r.created_before {
+            Some(t) => millis(t, "created_before")?,
+            None => crate::store::now_millis() + 1,
+        };
+        if after >= before {
+            return Err(FieldError::new("created_before", "must be later than created_after").into());
+        }
+        let queued = self
+            .state
+            .store
+            .replay_webhook(&who.workspace, &r.webhook_id, after, before, r.include_all)
+            .await
+            .map_err(status_of)?;
+        self.state.dispatcher.wake();
+        tracing::info!(webhook = %r.webhook_id, queued, "replay queued");
+        Ok(Response::new(proto::ReplayWebhookResponse { queued }))
     }
 
     type WatchDeliveriesStream = ReceiverStream<Result<proto::DeliveryChange, Status>>;
@@ -69,7 +226,44 @@ impl DeliveryService for DeliveryApi {
         &self,
         request: Request<proto::WatchDeliveriesRequest>,
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
-        self.state.auth.check(&request, Scope::Admin).await?;
-        Err(later("WatchDeliveries"))
+        let who = self.state.auth.check(&request, Scope::Admin).await?;
+        let r = request.get_ref();
+        let filter = DeliveryFilter {
+            webhook_id: webhook_filter(&r.webhook_id, "webhook_id")?,
+            statuses: statuses(r.status, "status")?,
+            event_type: event_type_filter(&r.event_type, "event_type")?,
+            ..Default::default()
+        };
+        let mut changes = self.state.dispatcher.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let shutdown = self.state.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let change = tokio::select! {
+                    c = changes.recv() => c,
+                    _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => return,
+                };
+                match change {
+                    Ok(d) if d.workspace_id == who.workspace && filter.matches(&d) => {
+                        let msg = proto::DeliveryChange { delivery: Some(delivery_to_proto(&d, &[])) };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "{n} changes were dropped: this watcher fell behind; list to catch up"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -173,8 +173,28 @@ impl WebhookService for WebhookApi {
         &self,
         request: Request<proto::SendTestEventRequest>,
     ) -> Result<Response<proto::SendTestEventResponse>, Status> {
-        self.state.auth.check(&request, Scope::Admin).await?;
-        Err(Status::unimplemented("SendTestEvent arrives with the delivery pipeline"))
+        let who = self.state.auth.check(&request, Scope::Admin).await?;
+        let r = request.get_ref();
+        webhook_id(&r.webhook_id, "webhook_id")?;
+        let event_type = if r.event_type.is_empty() { catalog::TEST } else { r.event_type.as_str() };
+        if catalog::find(event_type).is_none() {
+            return Err(FieldError::new("event_type", format!("{event_type:?} is not an event type")).into());
+        }
+        let now = chrono::Utc::now();
+        let ts = herald_shared::envelope::format_timestamp(
+            chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now),
+        );
+        let (event_id, delivery_id) =
+            self.state.store.send_test_event(&who.workspace, &r.webhook_id, event_type, ts).await.map_err(
+                |e| match e {
+                    StoreError::Invalid { message, .. } => Status::failed_precondition(message),
+                    other => status_of(other),
+                },
+            )?;
+        self.state.dispatcher.wake();
+        self.state.dispatcher.changed(vec![delivery_id.clone()]);
+        tracing::info!(webhook = %r.webhook_id, %event_id, "test event sent");
+        Ok(Response::new(proto::SendTestEventResponse { event_id, delivery_id }))
     }
 
     async fn list_event_types(

@@ -165,6 +165,7 @@ impl NewDelivery<'_> {
             last_error: Set(None),
             created_at: Set(self.created_at),
             updated_at: Set(self.created_at),
+            manual_from: Set(None),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! Architecture invariant: every write goes through the group-commit `Writer`; reads use the
 //! pool directly.
 
+pub mod deliveries;
 pub mod events;
 pub mod keys;
 pub mod queue;

@@ -329,10 +329,16 @@ impl Store {
                             continue;
                         }
                         let number = d.attempt_count + 1;
-                        attempts.push(attempt_row(d, r, number, false, &policy));
+                        let mut row = attempt_row(d, r, number, false, &policy);
+                        row.manual = Set(d.manual_from.is_some());
+                        attempts.push(row);
                         let outcome = if is_success(r.status) && r.error_kind == ErrorKind::Unspecified {
                             settle(txn, d, status::SUCCEEDED, None, number, r, now).await?;
                             Applied::Succeeded
+                        } else if let Some(back) = d.manual_from {
+                            // A failed manual attempt returns the delivery to where it was.
+                            settle(txn, d, back, None, number, r, now).await?;
+                            Applied::Failed
                         } else {
                             fail_attempt(txn, d, number, Some(r), now, &policy).await?
                         };
@@ -467,6 +473,7 @@ async fn settle(
         .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
         .col_expr(delivery::Column::LastStatus, Expr::value(i32::try_from(r.status).unwrap_or(0)))
         .col_expr(delivery::Column::LastError, Expr::value(error_text(r)))
+        .col_expr(delivery::Column::ManualFrom, Expr::value(Option::<i16>::None))
         .col_expr(delivery::Column::UpdatedAt, Expr::value(now));
     if let Some(at) = next_at {
         update = update.col_expr(delivery::Column::NextAttemptAt, Expr::value(at));
@@ -475,6 +482,7 @@ async fn settle(
     d.status = to;
     d.attempt_count = number;
     d.lost_leases = 0;
+    d.manual_from = None;
     Ok(())
 }
 

@@ -13,19 +13,19 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
 both_databases!(one_event_reaches_three_webhooks_in_two_zones, nothing_is_lost_across_a_control_plane_crash);
 
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// HMAC-SHA256 computed here with ring, independently of `herald-shared`.
-fn expected_signature(secret: &str, body: &[u8]) -> String {
+pub(crate) fn expected_signature(secret: &str, body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
     format!("sha256={}", hex::encode(ring::hmac::sign(&key, body).as_ref()))
 }
 
-async fn create(cp: &ControlPlaneProcess, w: proto::Webhook) -> proto::Webhook {
+pub(crate) async fn create(cp: &ControlPlaneProcess, w: proto::Webhook) -> proto::Webhook {
     cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.expect("create").into_inner()
 }
 
-async fn publish(cp: &ControlPlaneProcess, event_type: &str, data_json: &str) -> proto::Event {
+pub(crate) async fn publish(cp: &ControlPlaneProcess, event_type: &str, data_json: &str) -> proto::Event {
     let e = herald_tests::event(event_type, data_json);
     cp.events().publish_event(proto::PublishEventRequest { event: Some(e) }).await.expect("publish").into_inner()
 }
@@ -36,7 +36,7 @@ fn in_zone(mut w: proto::Webhook, zone: &str) -> proto::Webhook {
 }
 
 /// Waits until every delivery of `event_id` is in a final state; returns them.
-async fn settled(db: &TestDb, event_id: &str) -> Vec<delivery::Model> {
+pub(crate) async fn settled(db: &TestDb, event_id: &str) -> Vec<delivery::Model> {
     let deadline = tokio::time::Instant::now() + WAIT;
     let conn = db.connect().await;
     loop {
@@ -50,7 +50,7 @@ async fn settled(db: &TestDb, event_id: &str) -> Vec<delivery::Model> {
     }
 }
 
-async fn attempts_of(db: &TestDb, delivery_id: &str) -> Vec<attempt::Model> {
+pub(crate) async fn attempts_of(db: &TestDb, delivery_id: &str) -> Vec<attempt::Model> {
     let conn = db.connect().await;
     let rows = attempt::Entity::find()
         .filter(attempt::Column::DeliveryId.eq(delivery_id))
@@ -142,7 +142,7 @@ async fn one_event_reaches_three_webhooks_in_two_zones(backend: Backend) {
 }
 
 /// A control plane for one zone-`default` agent on SQLite, with a compressed schedule.
-async fn single_zone(extra: &[&str]) -> (TestCa, TestDb, ControlPlaneProcess, AgentProcess) {
+pub(crate) async fn single_zone(extra: &[&str]) -> (TestCa, TestDb, ControlPlaneProcess, AgentProcess) {
     let ca = TestCa::new();
     let db = TestDb::new(Backend::Sqlite).await;
     let cp = ControlPlaneProcess::start(&db.url, extra).await;

@@ -15,7 +15,7 @@ both_databases!(
     secrets_and_headers_are_masked,
     catalog_and_templates,
     standard_webhooks_secrets,
-    later_rpcs_are_unimplemented,
+    delivery_rpcs_validate_input,
 );
 
 fn mask(paths: &[&str]) -> Option<FieldMask> {
@@ -366,37 +366,63 @@ async fn standard_webhooks_secrets(backend: Backend) {
     cp.stop().await;
 }
 
-async fn later_rpcs_are_unimplemented(backend: Backend) {
+async fn delivery_rpcs_validate_input(backend: Backend) {
     const TOKEN: &str = "agent-token-0123456789";
-    let (cp, _db) = start_with(backend, |c| {
+    let (cp, db) = start_with(backend, |c| {
         c.agent_tokens = vec![herald_control_plane::config::AgentToken { token: TOKEN.into(), zones: None }];
     })
     .await;
     let key = Some(cp.api_key.as_str());
+    let before = db.snapshot().await;
+    let field = |r: Result<tonic::Response<proto::Delivery>, tonic::Status>| {
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        bad_field(&e).unwrap()
+    };
+    let mut d = cp.deliveries_as(key);
+    assert_eq!(field(d.get_delivery(proto::GetDeliveryRequest { id: String::new() }).await), "id");
+    assert_eq!(field(d.get_delivery(proto::GetDeliveryRequest { id: "evt_123".into() }).await), "id");
+    assert_eq!(field(d.retry_delivery(proto::RetryDeliveryRequest { id: "dlv_x".into() }).await), "id");
+    let missing = d.get_delivery(proto::GetDeliveryRequest { id: "dlv_01aaaaaaaaaaaaaaaaaaaaaaaa".into() }).await;
+    assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+    let list = |r: proto::ListDeliveriesRequest| {
+        let mut d = cp.deliveries_as(key);
+        async move { d.list_deliveries(r).await }
+    };
+    for (req, want) in [
+        (proto::ListDeliveriesRequest { status: 42, ..Default::default() }, "status"),
+        (proto::ListDeliveriesRequest { webhook_id: "nope".into(), ..Default::default() }, "webhook_id"),
+        (proto::ListDeliveriesRequest { event_type: "incident.exploded".into(), ..Default::default() }, "event_type"),
+        (proto::ListDeliveriesRequest { page_token: "forged".into(), ..Default::default() }, "page_token"),
+        (proto::ListDeliveriesRequest { page_size: -5, ..Default::default() }, "page_size"),
+        (
+            proto::ListDeliveriesRequest {
+                created_after: Some(prost_types::Timestamp { seconds: 100, nanos: 0 }),
+                created_before: Some(prost_types::Timestamp { seconds: 50, nanos: 0 }),
+                ..Default::default()
+            },
+            "created_before",
+        ),
+    ] {
+        let e = list(req).await.unwrap_err();
+        assert_eq!(bad_field(&e).as_deref(), Some(want), "{e:?}");
+    }
+    let replay =
+        d.replay_webhook(proto::ReplayWebhookRequest { webhook_id: "wh_x".into(), ..Default::default() }).await;
+    assert_eq!(bad_field(&replay.unwrap_err()).as_deref(), Some("webhook_id"));
     let test = cp
         .webhooks()
         .send_test_event(proto::SendTestEventRequest { webhook_id: "wh_x".into(), event_type: String::new() })
         .await
         .unwrap_err();
-    assert_eq!(test.code(), Code::Unimplemented);
-    let mut d = cp.deliveries_as(key);
-    assert_eq!(
-        d.list_deliveries(proto::ListDeliveriesRequest::default()).await.unwrap_err().code(),
-        Code::Unimplemented
-    );
-    assert_eq!(d.get_delivery(proto::GetDeliveryRequest::default()).await.unwrap_err().code(), Code::Unimplemented);
-    assert_eq!(d.retry_delivery(proto::RetryDeliveryRequest::default()).await.unwrap_err().code(), Code::Unimplemented);
-    assert_eq!(d.replay_webhook(proto::ReplayWebhookRequest::default()).await.unwrap_err().code(), Code::Unimplemented);
-    assert_eq!(
-        d.watch_deliveries(proto::WatchDeliveriesRequest::default()).await.unwrap_err().code(),
-        Code::Unimplemented
-    );
+    assert_eq!(bad_field(&test).as_deref(), Some("webhook_id"));
     let agents = cp.agents_as(key).list_agents(proto::ListAgentsRequest::default()).await.unwrap().into_inner();
     assert!(agents.agents.is_empty(), "no agent is connected");
     // A session with a configured agent token passes authentication; it must open with a hello.
     let session = cp.agents_as(Some(TOKEN)).session(tokio_stream::iter(Vec::<proto::AgentMessage>::new())).await;
     let err = session.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(herald_tests::bad_field(&err).as_deref(), Some("hello"));
+    assert_eq!(bad_field(&err).as_deref(), Some("hello"));
+    assert_eq!(db.snapshot().await, before, "rejected calls write nothing");
     cp.stop().await;
 }

@@ -41,6 +41,9 @@ pub struct Model {
     pub last_error: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Set while a manual attempt (RetryDelivery) runs on a finished delivery: the state it
+    /// returns to if that attempt fails.
+    pub manual_from: Option<i16>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

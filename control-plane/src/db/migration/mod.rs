@@ -5,6 +5,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261128_000001_create_schema;
 mod m20261128_000002_dispatch_indexes;
+mod m20261128_000003_manual_attempts;
 
 pub struct Migrator;
 
@@ -14,6 +15,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261128_000001_create_schema::Migration),
             Box::new(m20261128_000002_dispatch_indexes::Migration),
+            Box::new(m20261128_000003_manual_attempts::Migration),
         ]
     }
 }

@@ -1,0 +1,215 @@
+//! Pause, test events and the delivery log (list, get, retry, replay, watch), end to end with
+//! the real binaries.
+
+use std::time::Duration;
+
+use herald_control_plane::db::entity::delivery;
+use herald_shared::proto::{self, DeliveryStatus, ErrorKind};
+use herald_tests::receiver::{Receiver, Reply};
+use herald_tests::{TestDb, webhook};
+use prost_types::FieldMask;
+use sea_orm::EntityTrait;
+
+use crate::pipeline::{WAIT, attempts_of, create, expected_signature, publish, settled, single_zone};
+
+async fn row(db: &TestDb, id: &str) -> delivery::Model {
+    let conn = db.connect().await;
+    let d = delivery::Entity::find_by_id(id.to_owned()).one(&conn).await.unwrap().unwrap();
+    conn.close().await.ok();
+    d
+}
+
+async fn until(db: &TestDb, id: &str, what: &str, ok: impl Fn(&delivery::Model) -> bool) -> delivery::Model {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let d = row(db, id).await;
+        if ok(&d) {
+            return d;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {d:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn set_active(id: &str, active: bool) -> proto::UpdateWebhookRequest {
+    proto::UpdateWebhookRequest {
+        webhook: Some(proto::Webhook { id: id.into(), active: Some(active), ..Default::default() }),
+        update_mask: Some(FieldMask { paths: vec!["active".into()] }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_webhooks_queue_nothing_and_their_retries_wait() {
+    let (ca, db, cp, _agent) = single_zone(&["--retry-schedule", "0s,300ms"]).await;
+    let r = Receiver::https(&ca).await;
+    r.script([Reply::status(500)]);
+    let hook = create(&cp, webhook("p", &r.url("/"), &["incident.*"])).await;
+    let e = publish(&cp, "incident.created", "{}").await;
+    let id = e.deliveries[0].id.clone();
+    until(&db, &id, "first attempt recorded", |d| d.attempt_count == 1).await;
+    cp.webhooks().update_webhook(set_active(&hook.id, false)).await.unwrap();
+    let parked = until(&db, &id, "retry parked", |d| d.status == delivery::status::PARKED).await;
+    assert_eq!(parked.attempt_count, 1);
+    let during = publish(&cp, "incident.updated", "{}").await;
+    assert!(during.deliveries.is_empty(), "events during the pause are not queued");
+    let listed = cp.deliveries().get_delivery(proto::GetDeliveryRequest { id: id.clone() }).await.unwrap().into_inner();
+    assert!(listed.paused && listed.status == DeliveryStatus::Pending as i32, "shown as pending, paused");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(r.requests().len(), 1, "the due retry waits while paused");
+    cp.webhooks().update_webhook(set_active(&hook.id, true)).await.unwrap();
+    r.wait_for(2, WAIT).await;
+    let d = settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 2));
+    assert_eq!(r.requests().len(), 2, "nothing was queued for the event published during the pause");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_events_and_the_delivery_log() {
+    let (ca, db, cp, _agent) = single_zone(&["--retry-schedule", "0s,50ms"]).await;
+    let good = Receiver::https(&ca).await;
+    let bad = Receiver::https(&ca).await;
+    bad.always(Reply::Status(500, vec![("x-reason", "db down".into())]));
+    let mut w = webhook("good", &good.url("/hook"), &["incident.*"]);
+    w.headers.insert("Authorization".into(), "Bearer very-secret".into());
+    let g = create(&cp, w).await;
+    let b = create(&cp, webhook("bad", &bad.url("/hook"), &["task.*"])).await;
+
+    // A test event goes through the real pipeline to that one webhook.
+    let sent = cp
+        .webhooks()
+        .send_test_event(proto::SendTestEventRequest { webhook_id: g.id.clone(), event_type: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = good.wait_for(1, WAIT).await;
+    let body: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!((body["type"].as_str(), body["data"]["test"].as_bool()), (Some("webhook.test"), Some(true)));
+    assert_eq!(got[0].header("x-cloudthinker-signature"), expected_signature(&g.secret, &got[0].body));
+    let test_delivery = settled(&db, &sent.event_id).await.remove(0);
+    assert!(test_delivery.test);
+    assert_eq!(test_delivery.id, sent.delivery_id);
+
+    let inc = publish(&cp, "incident.created", r#"{"title":"x"}"#).await;
+    let task = publish(&cp, "task.failed", "{}").await;
+    settled(&db, &inc.id).await;
+    let failed = settled(&db, &task.id).await.remove(0);
+    assert_eq!(failed.status, delivery::status::FAILED);
+
+    // GetDelivery: every attempt with its request and response.
+    let mut log = cp.deliveries();
+    let detail = log.get_delivery(proto::GetDeliveryRequest { id: failed.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(detail.attempts.len(), 2);
+    let a = &detail.attempts[0];
+    assert_eq!((a.number, a.response_status, a.error_kind), (1, 500, ErrorKind::HttpStatus as i32));
+    assert_eq!((a.agent_id.as_str(), a.zone.as_str()), ("agent-1", "default"));
+    assert_eq!(a.response_body, "received");
+    assert_eq!(a.response_headers.get("x-reason").map(String::as_str), Some("db down"));
+    assert!(a.started_at.is_some() && a.duration.is_some());
+    assert_eq!(a.request_headers.get("x-cloudthinker-event").map(String::as_str), Some("task.failed"));
+    let good_delivery = inc.deliveries[0].id.clone();
+    let ok = log.get_delivery(proto::GetDeliveryRequest { id: good_delivery.clone() }).await.unwrap().into_inner();
+    assert_eq!(ok.attempts[0].request_headers.get("authorization").map(String::as_str), Some("***"));
+
+    // ListDeliveries: every filter, and pages.
+    let list = |req: proto::ListDeliveriesRequest| {
+        let mut log = cp.deliveries();
+        async move { log.list_deliveries(req).await.unwrap().into_inner().deliveries }
+    };
+    let ids = |ds: Vec<proto::Delivery>| ds.into_iter().map(|d| d.id).collect::<Vec<_>>();
+    assert_eq!(ids(list(proto::ListDeliveriesRequest::default()).await).len(), 3);
+    assert_eq!(
+        ids(list(proto::ListDeliveriesRequest { webhook_id: b.id.clone(), ..Default::default() }).await),
+        [failed.id.as_str()]
+    );
+    let by_status = proto::ListDeliveriesRequest { status: DeliveryStatus::Failed as i32, ..Default::default() };
+    assert_eq!(ids(list(by_status).await), [failed.id.as_str()]);
+    let by_type = proto::ListDeliveriesRequest { event_type: "incident.created".into(), ..Default::default() };
+    assert_eq!(ids(list(by_type).await), [good_delivery.as_str()]);
+    let created = row(&db, &good_delivery).await.created_at;
+    let ts = |ms: i64| Some(prost_types::Timestamp { seconds: ms / 1000, nanos: ((ms % 1000) * 1_000_000) as i32 });
+    let window = proto::ListDeliveriesRequest {
+        created_after: ts(created),
+        created_before: ts(created + 1),
+        ..Default::default()
+    };
+    assert!(ids(list(window).await).contains(&good_delivery));
+    let later = proto::ListDeliveriesRequest { created_after: ts(created + 60_000), ..Default::default() };
+    assert!(list(later).await.is_empty());
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = log
+            .list_deliveries(proto::ListDeliveriesRequest {
+                page_size: 1,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages.extend(ids(page.deliveries));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages.len(), 3, "newest first, one per page: {pages:?}");
+    assert!(pages.windows(2).all(|w| w[0] > w[1]));
+
+    // RetryDelivery: one manual attempt; when it fails, the delivery is failed again and nothing
+    // more is scheduled.
+    let retried = log.retry_delivery(proto::RetryDeliveryRequest { id: failed.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(retried.status, DeliveryStatus::Pending as i32);
+    bad.wait_for(3, WAIT).await;
+    let back = until(&db, &failed.id, "manual attempt recorded", |d| d.attempt_count == 3).await;
+    assert_eq!(back.status, delivery::status::FAILED);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bad.requests().len(), 3, "a failed manual attempt schedules nothing");
+    let attempts = attempts_of(&db, &failed.id).await;
+    assert!(attempts[2].manual && !attempts[1].manual);
+
+    // ReplayWebhook re-opens the failed deliveries with a fresh schedule, durably.
+    bad.always(Reply::ok());
+    let replay = log
+        .replay_webhook(proto::ReplayWebhookRequest {
+            webhook_id: b.id.clone(),
+            created_after: Some(prost_types::Timestamp { seconds: 0, nanos: 0 }),
+            created_before: None,
+            include_all: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay.queued, 1);
+    let done = until(&db, &failed.id, "replayed delivery succeeds", |d| d.status == delivery::status::SUCCEEDED).await;
+    assert_eq!(done.attempt_count, 1, "a replay starts a fresh schedule");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watching_deliveries_follows_them_to_the_end() {
+    let (ca, _db, cp, _agent) = single_zone(&[]).await;
+    let r = Receiver::https(&ca).await;
+    let hook = create(&cp, webhook("w", &r.url("/"), &["*"])).await;
+    let other = create(&cp, webhook("other", &r.url("/other"), &["task.*"])).await;
+    let mut stream = cp
+        .deliveries()
+        .watch_deliveries(proto::WatchDeliveriesRequest { webhook_id: hook.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = publish(&cp, "task.started", "{}").await;
+    let mine = e.deliveries.iter().find(|d| d.webhook_id == hook.id).unwrap().id.clone();
+    let mut seen = Vec::new();
+    let outcome = tokio::time::timeout(WAIT, async {
+        while let Some(change) = stream.message().await.unwrap() {
+            let d = change.delivery.unwrap();
+            assert_eq!(d.webhook_id, hook.id, "only the filtered webhook: not {}", other.id);
+            seen.push(d.status);
+            if d.id == mine && d.status == DeliveryStatus::Succeeded as i32 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(outcome.is_ok(), "the watcher saw the delivery succeed; saw {seen:?}");
+}
