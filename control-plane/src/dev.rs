@@ -1,5 +1,6 @@
-//! `herald dev`: a control plane on SQLite in a local folder, with its secret key and an admin API
-//! key kept in `herald-dev.json` beside the database (so printed commands keep working across
+//! `herald dev`: a control plane on SQLite in a local folder plus an embedded agent in zone
+//! `default` that may reach loopback and plain `http`, with its secret key and an admin API key
+//! kept in `herald-dev.json` beside the database (so printed commands keep working across
 //! restarts), and copy-paste examples printed at start-up.
 
 use std::path::Path;
@@ -42,6 +43,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     config.secret_key = SecretKey::from_base64(&state.secret_key).context("herald-dev.json holds a bad secret key")?;
     config.bootstrap_api_key = Some(state.api_key.clone());
     config.allow_http = true;
+    let agent_token = crate::store::keys::generate_key();
+    config.agent_tokens = vec![crate::config::AgentToken { token: agent_token.clone(), zones: None }];
 
     let grpc = crate::bind(args.grpc_addr, "gRPC").await?;
     let http = crate::bind(args.http_addr, "HTTP").await?;
@@ -52,8 +55,25 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     if !wait_serving(addr, &server).await {
         return server.await.context("the control plane task failed")?;
     }
+    // The embedded agent: zone `default`, loopback and plain http allowed, for local receivers.
+    let agent = herald_agent::Args {
+        control_planes: vec![format!("http://{addr}")],
+        zone: "default".into(),
+        token: agent_token,
+        agent_id: Some("dev-agent".into()),
+        max_in_flight: 256,
+        http_addr: "127.0.0.1:0".parse().expect("a valid address"),
+        egress_ip: Vec::new(),
+        allow_cidr: vec!["127.0.0.0/8".parse().expect("a valid range"), "::1/128".parse().expect("a valid range")],
+        extra_ca_cert: None,
+        allow_http: true,
+        drain_timeout: std::time::Duration::from_secs(35),
+    };
+    let agent_task = tokio::spawn(herald_agent::run(agent, shutdown.clone()));
     println!("{}", banner(&addr.to_string(), &http_addr.to_string(), &db_path.display().to_string(), &state.api_key));
-    server.await.context("the control plane task failed")?
+    let served = server.await.context("the control plane task failed")?;
+    let _ = agent_task.await;
+    served
 }
 
 /// Waits until the gRPC health service says SERVING; false if the server task ended first.
@@ -84,6 +104,7 @@ Herald dev is running.
   probes     http://{http}/healthz  http://{http}/readyz
   database   sqlite://{db}
   API key    {key}   (workspace ws_default, scope admin)
+  agent      dev-agent, zone default (may reach loopback and plain http)
 
 Try it (copy and paste):
   grpcurl -plaintext {addr} list
