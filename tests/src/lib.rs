@@ -224,7 +224,9 @@ pub fn bad_field(status: &Status) -> Option<String> {
 /// Path of a binary of this workspace, built by the same `cargo test` run.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target profile folder");
+    // Test binaries live in `target/<profile>/deps`, other binaries in `target/<profile>`.
+    let dir = exe.parent().expect("executable folder");
+    let dir = if dir.ends_with("deps") { dir.parent().expect("target profile folder") } else { dir };
     let path = dir.join(name);
     assert!(
         path.exists(),
