@@ -82,3 +82,49 @@ pub fn all() -> Vec<Template> {
         },
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENVELOPE: &[u8] = br#"{"id":"evt_1","type":"recommendation.created","timestamp":"2024-01-15T10:30:00Z","workspace_id":"ws_1","data":{"title":"Right-size i-0abc","potential_savings":150.00}}"#;
+
+    fn render(id: &str, vars: &[(&str, &str)]) -> Value {
+        let t = all().into_iter().find(|t| t.id == id).unwrap();
+        let vars = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        crate::transform::check(&t.transform, "transform").unwrap();
+        serde_json::from_slice(&crate::transform::render(&t.transform, ENVELOPE, &vars).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn slack_posts_text() {
+        assert_eq!(render("slack", &[]), json!({"text": "New recommendation.created: Right-size i-0abc"}));
+    }
+
+    #[test]
+    fn github_repository_dispatch() {
+        let v = render("github_actions", &[]);
+        assert_eq!(v["event_type"], "recommendation-created", "the type with dots turned to dashes");
+        assert_eq!(v["client_payload"], json!({"title": "Right-size i-0abc", "potential_savings": 150.0}));
+    }
+
+    #[test]
+    fn pagerduty_events_v2() {
+        let v = render("pagerduty", &[("routing_key", "R0123456789")]);
+        assert_eq!(v["routing_key"], "R0123456789");
+        assert_eq!(v["event_action"], "trigger");
+        assert_eq!(v["dedup_key"], "evt_1");
+        assert_eq!(v["payload"]["summary"], "Right-size i-0abc");
+        assert_eq!(v["payload"]["source"], "cloudthinker");
+        assert_eq!(v["payload"]["severity"], "error");
+        assert!(v["payload"]["custom_details"].is_object());
+    }
+
+    #[test]
+    fn jira_issue() {
+        let v = render("jira", &[("project_key", "OPS")]);
+        assert_eq!(v["fields"]["project"]["key"], "OPS");
+        assert_eq!(v["fields"]["summary"], "Right-size i-0abc");
+        assert_eq!(v["fields"]["issuetype"]["name"], "Task");
+    }
+}

@@ -53,6 +53,9 @@ impl Received {
 
 #[derive(Default)]
 struct Shared {
+    /// Requests being answered now, and the most ever at once.
+    active: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
     script: Mutex<VecDeque<Reply>>,
     fallback: Mutex<Option<Reply>>,
     seen: Mutex<Vec<Received>>,
@@ -129,6 +132,11 @@ impl Receiver {
         *self.shared.fallback.lock().unwrap() = Some(reply);
     }
 
+    /// The most requests that were being answered at the same time.
+    pub fn most_concurrent(&self) -> usize {
+        self.shared.most.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Received> {
         self.shared.seen.lock().unwrap().clone()
@@ -151,6 +159,15 @@ impl Receiver {
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let now_active = shared.active.fetch_add(1, SeqCst) + 1;
+    shared.most.fetch_max(now_active, SeqCst);
+    let answer = answer(&shared, req).await;
+    shared.active.fetch_sub(1, SeqCst);
+    answer
+}
+
+async fn answer(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let headers = req.headers().clone();
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();

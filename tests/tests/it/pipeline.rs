@@ -319,3 +319,69 @@ async fn the_slack_template_renders_and_is_signed() {
     assert_eq!(body, serde_json::json!({"text": "New incident.created: DB down"}));
     assert_eq!(got[0].header("x-cloudthinker-signature"), expected_signature(&hook.secret, &got[0].body));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_and_rate_limits_hold() {
+    let (ca, db, cp, _agent) = single_zone(&[]).await;
+    let slow = Receiver::https(&ca).await;
+    slow.always(Reply::Hang(Duration::from_millis(150)));
+    let mut w = webhook("one-at-a-time", &slow.url("/"), &["task.*"]);
+    w.max_in_flight = Some(1);
+    create(&cp, w).await;
+    let limited = Receiver::https(&ca).await;
+    let mut w = webhook("five-per-second", &limited.url("/"), &["incident.*"]);
+    w.rate_limit_per_second = Some(5);
+    create(&cp, w).await;
+    let mut last = Vec::new();
+    for _ in 0..5 {
+        last.push(publish(&cp, "task.started", "{}").await.id);
+    }
+    for _ in 0..10 {
+        last.push(publish(&cp, "incident.created", "{}").await.id);
+    }
+    for id in &last {
+        settled(&db, id).await;
+    }
+    assert_eq!(slow.requests().len(), 5);
+    assert_eq!(slow.most_concurrent(), 1, "max_in_flight = 1 means one request at a time");
+    let at: Vec<i64> = limited.requests().iter().map(|r| r.at_ms).collect();
+    assert_eq!(at.len(), 10);
+    // A burst of five, then one every 200 ms: ten requests take at least a second.
+    assert!(at[9] - at[0] >= 900, "rate limit ignored: {:?}", at.iter().map(|t| t - at[0]).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_list_their_zone_and_egress_ips_and_drain_on_sigterm() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let mut agent = AgentProcess::start(
+        &cp.url(),
+        "eu-west",
+        "agent-eu",
+        Some(&ca.path),
+        &["--egress-ip", "203.0.113.7", "--max-in-flight", "8"],
+    );
+    cp.wait_agents(&["agent-eu"]).await;
+    let listed =
+        cp.agents().list_agents(proto::ListAgentsRequest { zone: "eu-west".into() }).await.unwrap().into_inner();
+    assert_eq!(listed.agents.len(), 1);
+    let a = &listed.agents[0];
+    assert_eq!((a.id.as_str(), a.zone.as_str(), a.capacity), ("agent-eu", "eu-west", 8));
+    assert_eq!(a.egress_ips, ["203.0.113.7"]);
+    let other = cp.agents().list_agents(proto::ListAgentsRequest { zone: "us".into() }).await.unwrap().into_inner();
+    assert!(other.agents.is_empty());
+
+    // SIGTERM while a request is in flight: the agent finishes it, reports it, then exits.
+    let r = Receiver::https(&ca).await;
+    r.script([Reply::Hang(Duration::from_millis(800))]);
+    create(&cp, in_zone(webhook("slow", &r.url("/"), &["*"]), "eu-west")).await;
+    let e = publish(&cp, "task.completed", "{}").await;
+    r.wait_for(1, WAIT).await;
+    signal(&agent.child, "TERM");
+    let status = tokio::time::timeout(WAIT, agent.child.wait()).await.expect("the agent exits after draining").unwrap();
+    assert!(status.success(), "{status:?}");
+    let d = settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 1), "the in-flight attempt was reported");
+    assert_eq!(r.requests().len(), 1);
+}
