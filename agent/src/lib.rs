@@ -75,9 +75,13 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 /// Where results go: the open session, or a list kept for the next one.
 #[derive(Default)]
 struct Outbox {
-    current: Mutex<Option<mpsc::Sender<proto::AgentMessage>>>,
+    /// The open session's outbound stream. Unbounded: it holds at most one result and one credit
+    /// per job, and jobs are bounded by capacity.
+    current: Mutex<Option<mpsc::UnboundedSender<proto::AgentMessage>>>,
     unreported: Mutex<Vec<proto::AttemptResult>>,
     in_flight: AtomicU32,
+    /// While draining, finished jobs give back no credit.
+    draining: AtomicBool,
 }
 
 impl Outbox {
@@ -86,12 +90,14 @@ impl Outbox {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         let current = self.current.lock().expect("outbox lock").clone();
         let unsent = match current {
-            Some(tx) => match tx.try_send(message(agent_message::Msg::Result(result))) {
+            Some(tx) => match tx.send(message(agent_message::Msg::Result(result))) {
                 Ok(()) => {
-                    let _ = tx.try_send(message(agent_message::Msg::Credit(proto::Credit { jobs: 1 })));
+                    if !self.draining.load(Ordering::SeqCst) {
+                        let _ = tx.send(message(agent_message::Msg::Credit(proto::Credit { jobs: 1 })));
+                    }
                     None
                 }
-                Err(e) => match e.into_inner().msg {
+                Err(e) => match e.0.msg {
                     Some(agent_message::Msg::Result(r)) => Some(r),
                     _ => None,
                 },
@@ -239,7 +245,7 @@ async fn connect(
 async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToken) -> Result<End, Status> {
     let mut client = connect(agent, endpoint).await?;
     let capacity = agent.args.max_in_flight.max(1);
-    let (tx, rx) = mpsc::channel(capacity as usize * 2 + 64);
+    let (tx, rx) = mpsc::unbounded_channel();
     let pending = std::mem::take(&mut *agent.outbox.unreported.lock().expect("outbox lock"));
     let hello = proto::Hello {
         agent_id: agent.id.clone(),
@@ -251,11 +257,11 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     };
     let restore =
         |pending: Vec<proto::AttemptResult>| agent.outbox.unreported.lock().expect("outbox lock").extend(pending);
-    if tx.send(message(agent_message::Msg::Hello(hello))).await.is_err() {
+    if tx.send(message(agent_message::Msg::Hello(hello))).is_err() {
         restore(pending);
         return Err(Status::internal("session channel closed"));
     }
-    let mut inbound = match client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+    let mut inbound = match client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
         Err(e) => {
             restore(pending);
@@ -283,7 +289,8 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     *agent.outbox.current.lock().expect("outbox lock") = Some(tx.clone());
     agent.ready.store(true, Ordering::SeqCst);
     let free = capacity.saturating_sub(agent.outbox.in_flight.load(Ordering::SeqCst));
-    let _ = tx.send(message(agent_message::Msg::Credit(proto::Credit { jobs: free }))).await;
+    agent.outbox.draining.store(false, Ordering::SeqCst);
+    let _ = tx.send(message(agent_message::Msg::Credit(proto::Credit { jobs: free })));
 
     let mut draining = false;
     let mut last_heard = Instant::now();
@@ -317,6 +324,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
                         Some(control_message::Msg::Drain(d)) => {
                             tracing::info!(reason = %d.reason, "drain requested by the control plane");
                             draining = true;
+                            agent.outbox.draining.store(true, Ordering::SeqCst);
                         }
                         _ => {}
                     }
@@ -330,11 +338,12 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
                 }
                 let now = chrono::Utc::now();
                 let hb = proto::Heartbeat { sent_at: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: 0 }) };
-                let _ = tx.try_send(message(agent_message::Msg::Heartbeat(hb)));
+                let _ = tx.send(message(agent_message::Msg::Heartbeat(hb)));
             }
             _ = shutdown.cancelled(), if !draining => {
                 tracing::info!(in_flight = agent.outbox.in_flight.load(Ordering::SeqCst), "draining");
                 draining = true;
+                agent.outbox.draining.store(true, Ordering::SeqCst);
             }
             _ = drain_check.tick(), if draining => {
                 if agent.outbox.in_flight.load(Ordering::SeqCst) == 0 {

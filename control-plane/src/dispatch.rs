@@ -32,12 +32,13 @@ use crate::store::{Store, StoreError, now_millis};
 const CLAIM_BATCH: u32 = 256;
 /// Results applied in one transaction at most.
 const RESULT_BATCH: usize = 512;
-/// How often expired leases are looked for.
-const RECLAIM_EVERY_MS: i64 = 1000;
+/// Expired leases are looked for when the earliest known lease expires, and at least this often
+/// (leases of another replica or an earlier run are not known in advance).
+const RECLAIM_EVERY_MS: i64 = 30_000;
 /// How often both sides send heartbeats; a session silent for three is closed.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// The longest the dispatcher sleeps with nothing to do, as a safety net.
-const IDLE_WAKE_MS: i64 = 5_000;
+const IDLE_WAKE_MS: i64 = 30_000;
 
 type Outbound = mpsc::Sender<Result<proto::ControlMessage, Status>>;
 /// Per-webhook rate limiters with the rate they were made for.
@@ -55,6 +56,8 @@ struct Session {
     credit: u32,
     in_flight: u32,
     connected_at: i64,
+    /// The agent is draining (it returned a job unsent): it gets nothing more.
+    draining: bool,
     tx: Outbound,
 }
 
@@ -99,6 +102,8 @@ struct Inner {
     rate_wake: Arc<AtomicI64>,
     /// The earliest known due time of a pending retry (ms), or 0.
     due_wake: AtomicI64,
+    /// The earliest known lease expiry (ms), or 0.
+    lease_wake: AtomicI64,
     wake: Notify,
     results: mpsc::Sender<Arrived>,
     /// Delivery changes for `WatchDeliveries`.
@@ -131,6 +136,7 @@ impl Dispatcher {
             limiters: Arc::default(),
             rate_wake: Arc::new(AtomicI64::new(0)),
             due_wake: AtomicI64::new(0),
+            lease_wake: AtomicI64::new(0),
             wake: Notify::new(),
             results,
             changes: tokio::sync::broadcast::channel(4096).0,
@@ -193,6 +199,7 @@ impl Dispatcher {
                 credit: 0,
                 in_flight: 0,
                 connected_at: now_millis(),
+                draining: false,
                 tx,
             },
         );
@@ -213,8 +220,10 @@ impl Dispatcher {
 
     /// More credit from an agent.
     pub fn credit(&self, session: u64, jobs: u32) {
-        if let Some(s) = self.inner.state.lock().expect("dispatcher lock").sessions.get_mut(&session) {
-            s.credit = s.credit.saturating_add(jobs).min(s.capacity.max(1) * 2);
+        if let Some(s) = self.inner.state.lock().expect("dispatcher lock").sessions.get_mut(&session)
+            && !s.draining
+        {
+            s.credit = s.credit.saturating_add(jobs).min(s.capacity.max(1));
         }
         self.wake();
     }
@@ -232,6 +241,11 @@ impl Dispatcher {
                     if live {
                         s.in_flight = s.in_flight.saturating_sub(1);
                     }
+                    if result.not_sent {
+                        // Only a draining agent returns jobs unsent: send it nothing more.
+                        s.draining = true;
+                        s.credit = 0;
+                    }
                     (s.agent_id.clone(), s.zone.clone())
                 }
                 None => return,
@@ -240,13 +254,18 @@ impl Dispatcher {
         let _ = self.inner.results.send(Arrived { agent_id, zone, result }).await;
     }
 
-    /// The session ended: its leases go back to the queue at once, without using an attempt.
-    pub async fn close(&self, session: u64) {
+    /// The session ended: its leases go back to the queue at once, without using an attempt —
+    /// unless `reclaim` is false (the control plane is shutting down: the agent keeps its results
+    /// for the next session, under leases that are still current).
+    pub async fn close(&self, session: u64, reclaim: bool) {
         let holder = {
             let mut state = self.inner.state.lock().expect("dispatcher lock");
             let Some(s) = state.sessions.remove(&session) else { return };
             s.holder
         };
+        if !reclaim {
+            return;
+        }
         match self.inner.store.reclaim_leases(Some(&holder), now_millis(), &self.inner.policy).await {
             Ok(leases) => {
                 if !leases.is_empty() {
@@ -295,9 +314,14 @@ impl Dispatcher {
 
     async fn dispatch_loop(self, shutdown: CancellationToken) {
         let mut last_reclaim = 0i64;
+        let mut next_expiry = 0i64;
         loop {
             let now = now_millis();
-            if now - last_reclaim >= RECLAIM_EVERY_MS {
+            let hinted = self.inner.lease_wake.swap(0, Ordering::SeqCst);
+            if hinted > 0 {
+                next_expiry = if next_expiry == 0 { hinted } else { next_expiry.min(hinted) };
+            }
+            if now - last_reclaim >= RECLAIM_EVERY_MS || (next_expiry > 0 && now > next_expiry) {
                 last_reclaim = now;
                 match self.inner.store.reclaim_leases(None, now, &self.inner.policy).await {
                     Ok(leases) if !leases.is_empty() => {
@@ -307,8 +331,15 @@ impl Dispatcher {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot take back expired leases"),
                 }
+                next_expiry = match self.inner.store.next_lease_expiry().await {
+                    Ok(at) => at.unwrap_or(0),
+                    Err(_) => 0,
+                };
             }
-            let mut next_wake = now + IDLE_WAKE_MS.min(RECLAIM_EVERY_MS.max(1));
+            let mut next_wake = now + IDLE_WAKE_MS.min(RECLAIM_EVERY_MS);
+            if next_expiry > 0 {
+                next_wake = next_wake.min(next_expiry + 1);
+            }
             match self.dispatch_round().await {
                 Ok(Some(due)) => next_wake = next_wake.min(due),
                 Ok(None) => {}
@@ -341,7 +372,7 @@ impl Dispatcher {
                 state
                     .sessions
                     .iter()
-                    .filter(|(_, s)| s.credit > 0 && !drained.contains(&s.zone))
+                    .filter(|(_, s)| s.credit > 0 && !s.draining && !drained.contains(&s.zone))
                     .min_by_key(|(_, s)| (s.in_flight, s.connected_at))
                     .map(|(id, s)| (*id, s.holder.clone(), s.zone.clone(), s.credit.min(CLAIM_BATCH)))
             };
@@ -420,6 +451,7 @@ impl Dispatcher {
     }
 
     async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64) {
+        let claimed_expiry = claimed.iter().map(|c| c.lease_expires_at).min().unwrap_or(now);
         let rows: Vec<&crate::db::entity::delivery::Model> = claimed.iter().map(|c| &c.delivery).collect();
         let claimed_rows: Vec<crate::db::entity::delivery::Model> = if self.inner.changes.receiver_count() > 0 {
             claimed.iter().map(|c| c.delivery.clone()).collect()
@@ -435,6 +467,7 @@ impl Dispatcher {
         };
         let mut envelopes: HashMap<(String, String), Bytes> = HashMap::new();
         let mut undeliverable = Vec::new();
+        let mut unsent = Vec::new();
         let mut jobs = Vec::with_capacity(claimed.len());
         for c in claimed {
             let d = &c.delivery;
@@ -445,8 +478,14 @@ impl Dispatcher {
             };
             let hook = match self.hook(&d.webhook_id).await {
                 Ok(h) => h,
+                Err(StoreError::NotFound(_)) => {
+                    undeliverable.push((c, "the webhook was deleted".to_owned()));
+                    continue;
+                }
+                // Herald's own trouble: the lease is handed back, no attempt is used.
                 Err(e) => {
-                    undeliverable.push((c, format!("the webhook cannot be loaded: {e}")));
+                    tracing::warn!(error = %e, delivery = %d.id, "cannot load the webhook; the delivery waits");
+                    unsent.push(c);
                     continue;
                 }
             };
@@ -506,6 +545,20 @@ impl Dispatcher {
                 request_body,
             ));
         }
+        if !unsent.is_empty() {
+            let reports = unsent
+                .iter()
+                .map(|c| AttemptReport {
+                    lease_id: c.lease_id.clone(),
+                    delivery_id: c.delivery.id.clone(),
+                    not_sent: true,
+                    ..Default::default()
+                })
+                .collect();
+            if let Err(e) = self.inner.store.record_results(reports, now, &self.inner.policy).await {
+                tracing::warn!(error = %e, "cannot hand back leases; they will expire");
+            }
+        }
         // Jobs that cannot be built fail their attempt now, with the reason in the log.
         for (c, why) in undeliverable {
             tracing::warn!(delivery = %c.delivery.id, %why, "cannot build the job");
@@ -525,6 +578,10 @@ impl Dispatcher {
         }
         let tx = {
             let mut state = self.inner.state.lock().expect("dispatcher lock");
+            if !state.sessions.contains_key(&session) {
+                // The session closed meanwhile; `close` or lease expiry takes these leases back.
+                return;
+            }
             let mut counts = self.inner.hook_in_flight.lock().expect("in-flight lock");
             for (job, webhook_id, request_body) in &jobs {
                 *counts.entry(webhook_id.clone()).or_default() += 1;
@@ -550,9 +607,17 @@ impl Dispatcher {
         }
         // A session that went away meanwhile has its leases taken back by `close`.
         let Some(tx) = tx else { return };
+        let expiry = claimed_expiry;
+        let _ = self
+            .inner
+            .lease_wake
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some(if w == 0 { expiry } else { w.min(expiry) }));
+        // Never wait on one agent's stream: the channel holds the agent's whole credit, so a
+        // full channel means a stuck session, whose leases expire.
         for (job, _, _) in jobs {
             let message = proto::ControlMessage { msg: Some(control_message::Msg::Job(job)) };
-            if tx.send(Ok(message)).await.is_err() {
+            if tx.try_send(Ok(message)).is_err() {
+                tracing::warn!(session, "an agent's stream is full or closed; its leases will expire");
                 break;
             }
         }

@@ -40,7 +40,7 @@ pub fn all() -> Vec<Template> {
             transform: json!({
                 "fields": {
                     "project": {"key": "{{ vars.project_key }}"},
-                    "summary": "{{ data.title }}",
+                    "summary": "{{ data.title | default(type ~ ' ' ~ id) }}",
                     "description": "CloudThinker {{ type }} {{ id }} at {{ timestamp }}",
                     "issuetype": {"name": "Task"}
                 }
@@ -59,7 +59,7 @@ pub fn all() -> Vec<Template> {
                 "event_action": "trigger",
                 "dedup_key": "{{ id }}",
                 "payload": {
-                    "summary": "{{ data.title }}",
+                    "summary": "{{ data.title | default(type ~ ' ' ~ id) }}",
                     "source": "cloudthinker",
                     "severity": "error",
                     "custom_details": "{{ data }}"
@@ -70,7 +70,7 @@ pub fn all() -> Vec<Template> {
         Template {
             id: "github_actions",
             name: "GitHub Actions",
-            description: "Triggers a workflow with repository_dispatch (POST /repos/OWNER/REPO/dispatches). The event_type is the event type with dots turned to dashes; client_payload is the event's data.",
+            description: "Triggers a workflow with repository_dispatch (POST /repos/OWNER/REPO/dispatches). The event_type is the event type with dots turned to dashes; client_payload is the event's data (GitHub accepts at most 10 top-level keys there).",
             url_pattern: "https://api.github.com/repos/OWNER/REPO/dispatches",
             default_events: &["recommendation.created"],
             headers: &[("Authorization", "Bearer <token with repo scope>"), ("Accept", "application/vnd.github+json")],
@@ -118,6 +118,15 @@ mod tests {
         assert_eq!(v["payload"]["source"], "cloudthinker");
         assert_eq!(v["payload"]["severity"], "error");
         assert!(v["payload"]["custom_details"].is_object());
+    }
+
+    #[test]
+    fn summaries_never_render_empty() {
+        let t = all().into_iter().find(|t| t.id == "pagerduty").unwrap();
+        let envelope = br#"{"id":"evt_2","type":"task.failed","timestamp":"2024-01-15T10:30:00Z","workspace_id":"ws_1","data":{}}"#;
+        let out = crate::transform::render(&t.transform, envelope, &Default::default()).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["payload"]["summary"], "task.failed evt_2");
     }
 
     #[test]

@@ -63,8 +63,10 @@ impl AgentService for AgentApi {
         {
             return Err(Status::permission_denied(format!("this agent token does not cover zone {zone:?}")));
         }
-        let hello = proto::Hello { zone, ..hello };
-        let (tx, rx) = tokio::sync::mpsc::channel(hello.capacity.min(4096) as usize + 64);
+        // Credit never exceeds capacity, and the job channel below holds that much.
+        let hello = proto::Hello { zone, capacity: hello.capacity.min(4096), ..hello };
+        // Room for the agent's whole credit plus heartbeats: job sends never wait.
+        let (tx, rx) = tokio::sync::mpsc::channel(hello.capacity as usize + 64);
         let dispatcher = self.state.dispatcher.clone();
         let (session, welcome) = dispatcher.open(&hello, tx.clone());
         tracing::info!(agent = %welcome.agent_id, zone = %hello.zone, capacity = hello.capacity, "agent connected");
@@ -75,6 +77,7 @@ impl AgentService for AgentApi {
             let mut beat = tokio::time::interval(HEARTBEAT);
             let silence = HEARTBEAT * 3;
             let mut last_heard = tokio::time::Instant::now();
+            let mut reclaim = true;
             loop {
                 tokio::select! {
                     msg = inbound.message() => match msg {
@@ -103,11 +106,12 @@ impl AgentService for AgentApi {
                     }
                     _ = shutdown.cancelled() => {
                         let _ = tx.try_send(control(control_message::Msg::Drain(proto::Drain { reason: "control plane shutting down".into() })));
+                        reclaim = false;
                         break;
                     }
                 }
             }
-            dispatcher.close(session).await;
+            dispatcher.close(session, reclaim).await;
             tracing::info!(agent = %welcome.agent_id, "agent disconnected");
         });
         Ok(Response::new(ReceiverStream::new(rx)))

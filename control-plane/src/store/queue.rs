@@ -154,6 +154,18 @@ impl Store {
         Ok(due.flatten())
     }
 
+    /// When the earliest current lease expires, if any delivery is in flight.
+    pub async fn next_lease_expiry(&self) -> Result<Option<i64>, StoreError> {
+        let at: Option<Option<i64>> = delivery::Entity::find()
+            .select_only()
+            .column_as(delivery::Column::LeaseExpiresAt.min(), "at")
+            .filter(delivery::Column::Status.eq(status::IN_FLIGHT))
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(at.flatten())
+    }
+
     /// The events of `deliveries`, by (workspace, id).
     pub async fn events_of(
         &self,
@@ -199,47 +211,60 @@ impl Store {
             return Ok(Vec::new());
         }
         let (zone, agent_id, grace) = (zone.to_owned(), agent_id.to_owned(), policy.lease_grace_ms);
-        let Filter { exclude, mut allow } = filter;
+        let Filter { mut exclude, mut allow } = filter;
         self.writer
             .write(move |txn| {
                 Box::pin(async move {
-                    let mut q = delivery::Entity::find()
-                        .filter(delivery::Column::Zone.eq(&zone))
-                        .filter(delivery::Column::Status.eq(status::PENDING))
-                        .filter(delivery::Column::NextAttemptAt.lte(now))
-                        .order_by_asc(delivery::Column::NextAttemptAt)
-                        .limit(if allow.is_some() { limit * 4 } else { limit });
-                    if !exclude.is_empty() {
-                        q = q.filter(delivery::Column::WebhookId.is_not_in(exclude));
+                    // Pages of due rows, oldest first. A webhook whose row is turned down (at its
+                    // limit) is left out of later pages, so one busy webhook cannot hide the
+                    // others' work behind it.
+                    let mut due: Vec<delivery::Model> = Vec::new();
+                    let mut seen: HashSet<String> = HashSet::new();
+                    let mut hook_rows: HashMap<String, (Option<i64>, Limits)> = HashMap::new();
+                    for _page in 0..8 {
+                        let mut q = delivery::Entity::find()
+                            .filter(delivery::Column::Zone.eq(&zone))
+                            .filter(delivery::Column::Status.eq(status::PENDING))
+                            .filter(delivery::Column::NextAttemptAt.lte(now))
+                            .order_by_asc(delivery::Column::NextAttemptAt)
+                            .order_by_asc(delivery::Column::Id)
+                            .limit(limit * 2);
+                        if !exclude.is_empty() {
+                            q = q.filter(delivery::Column::WebhookId.is_not_in(exclude.clone()));
+                        }
+                        if !seen.is_empty() {
+                            q = q.filter(delivery::Column::Id.is_not_in(seen.iter().cloned().collect::<Vec<_>>()));
+                        }
+                        if txn.get_database_backend() == DbBackend::Postgres {
+                            q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+                        }
+                        let page = q.all(txn).await?;
+                        let exhausted = (page.len() as u64) < limit * 2;
+                        let new_hooks: Vec<String> =
+                            page.iter().map(|d| d.webhook_id.clone()).filter(|w| !hook_rows.contains_key(w)).collect();
+                        if !new_hooks.is_empty() {
+                            hook_rows.extend(hook_limits(txn, new_hooks).await?);
+                        }
+                        for d in page {
+                            seen.insert(d.id.clone());
+                            if due.len() as u64 >= limit {
+                                break;
+                            }
+                            if exclude.contains(&d.webhook_id) {
+                                continue;
+                            }
+                            let limits = hook_rows.get(&d.webhook_id).map(|h| h.1).unwrap_or_default();
+                            let allowed = allow.as_mut().is_none_or(|allow| allow(&d, limits));
+                            if allowed {
+                                due.push(d);
+                            } else {
+                                exclude.push(d.webhook_id.clone());
+                            }
+                        }
+                        if allow.is_none() || exhausted || due.len() as u64 >= limit {
+                            break;
+                        }
                     }
-                    if txn.get_database_backend() == DbBackend::Postgres {
-                        q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
-                    }
-                    let mut due = q.all(txn).await?;
-                    if due.is_empty() {
-                        return Ok(Vec::new());
-                    }
-                    let hooks: HashSet<&str> = due.iter().map(|d| d.webhook_id.as_str()).collect();
-                    type HookRow = (String, Option<i64>, Option<i64>, Option<i64>);
-                    let hook_rows: HashMap<String, (Option<i64>, Limits)> = webhook::Entity::find()
-                        .select_only()
-                        .column(webhook::Column::Id)
-                        .column(webhook::Column::TimeoutMs)
-                        .column(webhook::Column::MaxInFlight)
-                        .column(webhook::Column::RateLimitPerSecond)
-                        .filter(webhook::Column::Id.is_in(hooks))
-                        .into_tuple::<HookRow>()
-                        .all(txn)
-                        .await?
-                        .into_iter()
-                        .map(|(id, timeout, max_in_flight, rate)| {
-                            (id, (timeout, Limits { max_in_flight, rate_limit_per_second: rate }))
-                        })
-                        .collect();
-                    if let Some(allow) = allow.as_mut() {
-                        due.retain(|d| allow(d, hook_rows.get(&d.webhook_id).map(|h| h.1).unwrap_or_default()));
-                    }
-                    due.truncate(limit as usize);
                     if due.is_empty() {
                         return Ok(Vec::new());
                     }
@@ -394,8 +419,16 @@ impl Store {
                                 ),
                                 ..Default::default()
                             };
-                            attempts.push(attempt_row(&d, &report, number, false, &policy));
-                            fail_attempt(txn, &mut d, number, Some(&report), now, &policy).await?;
+                            let mut row = attempt_row(&d, &report, number, false, &policy);
+                            row.manual = Set(d.manual_from.is_some());
+                            attempts.push(row);
+                            match d.manual_from {
+                                // A manual attempt that keeps losing its lease returns to where it was.
+                                Some(back) => settle(txn, &mut d, back, None, number, &report, now).await?,
+                                None => {
+                                    fail_attempt(txn, &mut d, number, Some(&report), now, &policy).await?;
+                                }
+                            }
                         } else {
                             release(txn, &mut d, now, true).await?;
                         }
@@ -406,6 +439,29 @@ impl Store {
             })
             .await
     }
+}
+
+/// The timeout and limits of these webhooks.
+async fn hook_limits(
+    txn: &DatabaseTransaction,
+    ids: Vec<String>,
+) -> Result<HashMap<String, (Option<i64>, Limits)>, StoreError> {
+    type HookRow = (String, Option<i64>, Option<i64>, Option<i64>);
+    Ok(webhook::Entity::find()
+        .select_only()
+        .column(webhook::Column::Id)
+        .column(webhook::Column::TimeoutMs)
+        .column(webhook::Column::MaxInFlight)
+        .column(webhook::Column::RateLimitPerSecond)
+        .filter(webhook::Column::Id.is_in(ids))
+        .into_tuple::<HookRow>()
+        .all(txn)
+        .await?
+        .into_iter()
+        .map(|(id, timeout, max_in_flight, rate)| {
+            (id, (timeout, Limits { max_in_flight, rate_limit_per_second: rate }))
+        })
+        .collect())
 }
 
 fn attempt_row(
@@ -439,8 +495,11 @@ fn attempt_row(
 /// Puts a leased delivery back in the queue, due now. `lost` counts it as a lost lease.
 async fn release(txn: &DatabaseTransaction, d: &mut delivery::Model, now: i64, lost: bool) -> Result<(), StoreError> {
     d.lost_leases += i32::from(lost);
+    // A paused webhook's delivery waits, parked, instead of being sent during the pause.
+    let to = if webhook_active(txn, &d.webhook_id).await? { status::PENDING } else { status::PARKED };
+    d.status = to;
     delivery::Entity::update_many()
-        .col_expr(delivery::Column::Status, Expr::value(status::PENDING))
+        .col_expr(delivery::Column::Status, Expr::value(to))
         .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
         .col_expr(delivery::Column::LeaseAgent, Expr::value(Option::<String>::None))
         .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
@@ -448,9 +507,31 @@ async fn release(txn: &DatabaseTransaction, d: &mut delivery::Model, now: i64, l
         .col_expr(delivery::Column::NextAttemptAt, Expr::value(now))
         .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
         .filter(delivery::Column::Id.eq(&d.id))
+        .filter(lease_fence(d))
         .exec(txn)
         .await?;
     Ok(())
+}
+
+/// Updates of a leased delivery apply only while that lease is still its current one, so that
+/// two writers (replicas, a reclaim racing a result) can never both settle it.
+fn lease_fence(d: &delivery::Model) -> sea_orm::Condition {
+    match &d.lease_id {
+        Some(lease) => sea_orm::Condition::all().add(delivery::Column::LeaseId.eq(lease.clone())),
+        None => sea_orm::Condition::all().add(delivery::Column::LeaseId.is_null()),
+    }
+}
+
+/// Whether a webhook exists and is active.
+async fn webhook_active(txn: &DatabaseTransaction, webhook_id: &str) -> Result<bool, StoreError> {
+    Ok(webhook::Entity::find_by_id(webhook_id.to_owned())
+        .filter(webhook::Column::DeletedAt.is_null())
+        .select_only()
+        .column(webhook::Column::Active)
+        .into_tuple::<bool>()
+        .one(txn)
+        .await?
+        .unwrap_or(false))
 }
 
 /// Records that attempt `number` ended as `r` says: the delivery moves to `to` (a final state, or
@@ -478,7 +559,7 @@ async fn settle(
     if let Some(at) = next_at {
         update = update.col_expr(delivery::Column::NextAttemptAt, Expr::value(at));
     }
-    update.filter(delivery::Column::Id.eq(&d.id)).exec(txn).await?;
+    update.filter(delivery::Column::Id.eq(&d.id)).filter(lease_fence(d)).exec(txn).await?;
     d.status = to;
     d.attempt_count = number;
     d.lost_leases = 0;
@@ -510,14 +591,7 @@ async fn fail_attempt(
     match next_attempt_at(policy, next, now, r.retry_after_ms) {
         Some(at) => {
             // A paused webhook's retry waits, parked, until re-activation.
-            let active = webhook::Entity::find_by_id(d.webhook_id.clone())
-                .select_only()
-                .column(webhook::Column::Active)
-                .into_tuple::<bool>()
-                .one(txn)
-                .await?
-                .unwrap_or(false);
-            let to = if active { status::PENDING } else { status::PARKED };
+            let to = if webhook_active(txn, &d.webhook_id).await? { status::PENDING } else { status::PARKED };
             settle(txn, d, to, Some(at), number, r, now).await?;
             Ok(Applied::Retry { at })
         }

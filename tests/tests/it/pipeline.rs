@@ -385,3 +385,94 @@ async fn agents_list_their_zone_and_egress_ips_and_drain_on_sigterm() {
     assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 1), "the in-flight attempt was reported");
     assert_eq!(r.requests().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_for_an_expired_lease_changes_nothing() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "300ms"]).await;
+    let mut a = AgentProcess::start(&cp.url(), "default", "agent-a", Some(&ca.path), &[]);
+    let mut b = AgentProcess::start(&cp.url(), "default", "agent-b", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-a", "agent-b"]).await;
+    let r = Receiver::https(&ca).await;
+    r.script([Reply::Hang(Duration::from_secs(3))]);
+    create(&cp, with_timeout(webhook("slow", &r.url("/"), &["*"]), 1_000)).await;
+    let e = publish(&cp, "task.failed", "{}").await;
+    r.wait_for(1, WAIT).await;
+    let conn = db.connect().await;
+    let held = delivery::Entity::find().filter(delivery::Column::EventId.eq(&e.id)).one(&conn).await.unwrap().unwrap();
+    conn.close().await.ok();
+    let (frozen, other) =
+        if held.lease_agent.unwrap().starts_with("agent-a@") { (&mut a, "agent-b") } else { (&mut b, "agent-a") };
+    // Freeze the holder: its lease (1 s timeout + 300 ms grace) expires; the other agent delivers.
+    signal(&frozen.child, "STOP");
+    r.wait_for(2, WAIT).await;
+    let d = settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 1));
+    // Thawed, the holder reports its (timed out) attempt under the expired lease.
+    signal(&frozen.child, "CONT");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let log = loop {
+        let log = attempts_of(&db, &d.id).await;
+        if log.len() == 2 {
+            break log;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the stale result was not recorded: {log:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let fresh = log.iter().find(|x| !x.stale).expect("the applied attempt");
+    let stale = log.iter().find(|x| x.stale).expect("the stale attempt");
+    assert_eq!(fresh.agent_id, other);
+    assert_ne!(stale.agent_id, other);
+    let after = settled(&db, &e.id).await.remove(0);
+    assert_eq!(
+        (after.status, after.attempt_count),
+        (delivery::status::SUCCEEDED, 1),
+        "the stale result changed nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herald_dev_delivers_to_a_local_plain_http_receiver() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = herald_tests::procs::free_port();
+    let mut dev = tokio::process::Command::new(herald_tests::bin("herald"))
+        .args(["dev", "--grpc-addr", &format!("127.0.0.1:{port}"), "--http-addr", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(dev.stdout.take().unwrap()).lines();
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("Herald dev is running") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("herald dev prints its banner");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("herald-dev.json")).unwrap()).unwrap();
+    let key = state["api_key"].as_str().unwrap().to_owned();
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect_lazy();
+    let bearer = herald_tests::Bearer(Some(format!("Bearer {key}").parse().unwrap()));
+    let receiver = Receiver::http().await;
+    let mut hooks =
+        proto::webhook_service_client::WebhookServiceClient::with_interceptor(channel.clone(), bearer.clone());
+    hooks
+        .create_webhook(proto::CreateWebhookRequest { webhook: Some(webhook("local", &receiver.url("/hook"), &["*"])) })
+        .await
+        .unwrap();
+    let mut events = proto::event_service_client::EventServiceClient::with_interceptor(channel, bearer);
+    let e = herald_tests::event("incident.created", r#"{"title":"DB down"}"#);
+    events.publish_event(proto::PublishEventRequest { event: Some(e) }).await.unwrap();
+    let got = receiver.wait_for(1, WAIT).await;
+    assert!(std::str::from_utf8(&got[0].body).unwrap().contains(r#""title":"DB down""#));
+    signal(&dev, "TERM");
+    let status = tokio::time::timeout(WAIT, dev.wait()).await.expect("herald dev stops on SIGTERM").unwrap();
+    assert!(status.success());
+}
