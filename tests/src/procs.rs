@@ -96,6 +96,45 @@ impl ControlPlaneProcess {
         }
     }
 
+    /// Runs `herald dev` in `dir` and returns a handle with its admin key (read from
+    /// `herald-dev.json`) and the child.
+    pub async fn dev(dir: &std::path::Path) -> (ControlPlaneProcess, Child) {
+        let logs = tempfile::tempdir().unwrap();
+        let log = logs.path().join("dev.log");
+        let port = free_port();
+        let child = Command::new(bin("herald"))
+            .args(["dev", "--grpc-addr", &format!("127.0.0.1:{port}"), "--http-addr", "127.0.0.1:0"])
+            .current_dir(dir)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start herald dev");
+        let state = dir.join("herald-dev.json");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let api_key = loop {
+            if let Ok(text) = std::fs::read_to_string(&state)
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            {
+                break v["api_key"].as_str().unwrap_or_default().to_owned();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "herald dev did not start");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let mut cp = ControlPlaneProcess {
+            child: Command::new("true").spawn().unwrap(),
+            port,
+            api_key,
+            db_url: String::new(),
+            args: Vec::new(),
+            log,
+            _logs: logs,
+        };
+        cp.wait_serving().await;
+        (cp, child)
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)

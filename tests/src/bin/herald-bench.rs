@@ -3,7 +3,9 @@
 //!
 //! Today it has one scenario, `quick`: one webhook, `--events` events published in batches of
 //! 1000 by four concurrent publishers; the run ends when every delivery row is `succeeded` in the
-//! database. It prints a table and, with `--json FILE`, writes the numbers.
+//! database. It prints a table and, with `--json FILE`, writes the numbers. With `--dev` it runs
+//! `herald dev` (control plane and embedded agent in one process, SQLite) instead of `herald serve`
+//! and a separate `herald-agent`.
 
 use std::time::{Duration, Instant};
 
@@ -19,10 +21,11 @@ struct Options {
     events: usize,
     backend: Backend,
     json: Option<String>,
+    dev: bool,
 }
 
 fn options() -> anyhow::Result<Options> {
-    let mut o = Options { scenario: "quick".into(), events: 20_000, backend: Backend::Sqlite, json: None };
+    let mut o = Options { scenario: "quick".into(), events: 20_000, backend: Backend::Sqlite, json: None, dev: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
@@ -37,8 +40,11 @@ fn options() -> anyhow::Result<Options> {
                 }
             }
             "--json" => o.json = Some(value()?),
+            "--dev" => o.dev = true,
             "--help" | "-h" => {
-                println!("herald-bench [--scenario quick] [--events N] [--database sqlite|postgres] [--json FILE]");
+                println!(
+                    "herald-bench [--scenario quick] [--events N] [--database sqlite|postgres] [--dev] [--json FILE]"
+                );
                 std::process::exit(0);
             }
             other => anyhow::bail!("unknown argument {other}"),
@@ -53,10 +59,20 @@ async fn main() -> anyhow::Result<()> {
     let o = options()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let db = TestDb::new(o.backend).await;
-    let cp = ControlPlaneProcess::start(&db.url, &["--allow-http"]).await;
-    let _agent =
-        AgentProcess::start(&cp.url(), "default", "bench-agent", None, &["--allow-http", "--max-in-flight", "512"]);
-    cp.wait_agents(&["bench-agent"]).await;
+    let dev_dir = tempfile::tempdir()?;
+    let (cp, _agent, _dev, db_url) = if o.dev {
+        let (cp, child) = ControlPlaneProcess::dev(dev_dir.path()).await;
+        cp.wait_agents(&["dev-agent"]).await;
+        let url = format!("sqlite://{}", dev_dir.path().join("herald.db").display());
+        (cp, None, Some(child), url)
+    } else {
+        let cp = ControlPlaneProcess::start(&db.url, &["--allow-http"]).await;
+        let agent =
+            AgentProcess::start(&cp.url(), "default", "bench-agent", None, &["--allow-http", "--max-in-flight", "512"]);
+        cp.wait_agents(&["bench-agent"]).await;
+        let url = db.url.clone();
+        (cp, Some(agent), None, url)
+    };
     let receiver = Receiver::http().await;
     let hook = proto::Webhook {
         name: "bench".into(),
@@ -91,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
     let published = started.elapsed();
     receiver.wait_for(o.events, Duration::from_secs(600)).await;
     let received = started.elapsed();
-    let conn = db.connect().await;
+    let conn = herald_control_plane::db::connect(&db_url).await?;
     loop {
         let open = delivery::Entity::find()
             .filter(delivery::Column::Status.ne(delivery::status::SUCCEEDED))
@@ -109,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "{:<9} {:<9} {:<7} {:<10.0} {:<11.0} {:<12.0} {}",
         o.scenario,
-        format!("{:?}", o.backend).to_lowercase(),
+        if o.dev { "dev".to_owned() } else { format!("{:?}", o.backend).to_lowercase() },
         o.events,
         rate(published),
         rate(received),
