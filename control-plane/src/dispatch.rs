@@ -317,10 +317,6 @@ impl Dispatcher {
         let mut next_expiry = 0i64;
         loop {
             let now = now_millis();
-            let hinted = self.inner.lease_wake.swap(0, Ordering::SeqCst);
-            if hinted > 0 {
-                next_expiry = if next_expiry == 0 { hinted } else { next_expiry.min(hinted) };
-            }
             if now - last_reclaim >= RECLAIM_EVERY_MS || (next_expiry > 0 && now > next_expiry) {
                 last_reclaim = now;
                 match self.inner.store.reclaim_leases(None, now, &self.inner.policy).await {
@@ -337,13 +333,18 @@ impl Dispatcher {
                 };
             }
             let mut next_wake = now + IDLE_WAKE_MS.min(RECLAIM_EVERY_MS);
-            if next_expiry > 0 {
-                next_wake = next_wake.min(next_expiry + 1);
-            }
             match self.dispatch_round().await {
                 Ok(Some(due)) => next_wake = next_wake.min(due),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "dispatch round failed"),
+            }
+            // Leases given out in this round may expire before anything else wakes us.
+            let hinted = self.inner.lease_wake.swap(0, Ordering::SeqCst);
+            if hinted > 0 {
+                next_expiry = if next_expiry == 0 { hinted } else { next_expiry.min(hinted) };
+            }
+            if next_expiry > 0 {
+                next_wake = next_wake.min(next_expiry + 1);
             }
             for hint in [&self.inner.rate_wake, &self.inner.due_wake] {
                 let at = hint.swap(0, Ordering::SeqCst);

@@ -59,6 +59,10 @@ struct Shared {
     script: Mutex<VecDeque<Reply>>,
     fallback: Mutex<Option<Reply>>,
     seen: Mutex<Vec<Received>>,
+    /// Requests so far (also counted when they are not kept).
+    count: std::sync::atomic::AtomicUsize,
+    /// Keep only the count, not the requests (for benchmarks).
+    count_only: std::sync::atomic::AtomicBool,
     arrived: Notify,
 }
 
@@ -127,6 +131,16 @@ impl Receiver {
         self.shared.script.lock().unwrap().extend(replies);
     }
 
+    /// Keeps only the number of requests, not the requests themselves (for benchmarks).
+    pub fn count_only(&self) {
+        self.shared.count_only.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many requests arrived.
+    pub fn count(&self) -> usize {
+        self.shared.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Answers every request not scripted with `reply` (200 by default).
     pub fn always(&self, reply: Reply) {
         *self.shared.fallback.lock().unwrap() = Some(reply);
@@ -147,12 +161,11 @@ impl Receiver {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let notified = self.shared.arrived.notified();
-            let seen = self.requests();
-            if seen.len() >= n {
-                return seen;
+            if self.count() >= n {
+                return self.requests();
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("expected {n} requests at {}, got {} within {limit:?}", self.url(""), self.requests().len());
+                panic!("expected {n} requests at {}, got {} within {limit:?}", self.url(""), self.count());
             }
         }
     }
@@ -172,7 +185,10 @@ async fn answer(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full
     let headers = req.headers().clone();
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let at_ms = chrono::Utc::now().timestamp_millis();
-    shared.seen.lock().unwrap().push(Received { path, headers, body, at_ms });
+    if !shared.count_only.load(std::sync::atomic::Ordering::SeqCst) {
+        shared.seen.lock().unwrap().push(Received { path, headers, body, at_ms });
+    }
+    shared.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     shared.arrived.notify_waiters();
     let reply = shared
         .script

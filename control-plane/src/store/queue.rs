@@ -21,7 +21,7 @@ use std::time::Duration;
 use herald_shared::proto::ErrorKind;
 use herald_shared::retry::RetrySchedule;
 use herald_shared::{catalog, envelope, ids};
-use sea_orm::sea_query::{Expr, LockBehavior, LockType};
+use sea_orm::sea_query::{Expr, ExprTrait as _, LockBehavior, LockType};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect,
@@ -126,7 +126,7 @@ pub fn next_attempt_at(policy: &QueuePolicy, next: u32, now: i64, retry_after_ms
     let delay = policy.schedule.delay_before(next)?;
     let scheduled = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
     let asked = retry_after_ms.map(|ms| now.saturating_add(ms.clamp(0, policy.retry_after_max_ms)));
-    Some(asked.map_or(scheduled, |a| a.max(scheduled)))
+    Some(asked.map_or(scheduled, |a| std::cmp::max(a, scheduled)))
 }
 
 fn headers_json(headers: &[(String, String)]) -> String {
@@ -213,7 +213,7 @@ impl Store {
         let (zone, agent_id, grace) = (zone.to_owned(), agent_id.to_owned(), policy.lease_grace_ms);
         let Filter { mut exclude, mut allow } = filter;
         self.writer
-            .write(move |txn| {
+            .write_relaxed(move |txn| {
                 Box::pin(async move {
                     // Pages of due rows, oldest first. A webhook whose row is turned down (at its
                     // limit) is left out of later pages, so one busy webhook cannot hide the
@@ -321,7 +321,7 @@ impl Store {
     ) -> Result<Vec<Applied>, StoreError> {
         let policy = policy.clone();
         self.writer
-            .write(move |txn| {
+            .write_relaxed(move |txn| {
                 Box::pin(async move {
                     let ids: Vec<String> = reports.iter().map(|r| r.delivery_id.clone()).collect();
                     let mut rows: HashMap<String, delivery::Model> = delivery::Entity::find()
@@ -333,6 +333,7 @@ impl Store {
                         .collect();
                     let mut attempts = Vec::with_capacity(reports.len());
                     let mut applied = Vec::with_capacity(reports.len());
+                    let mut succeeded: HashMap<u32, Vec<String>> = HashMap::new();
                     for r in &reports {
                         let Some(d) = rows.get_mut(&r.delivery_id) else {
                             // Pruned or never ours: nothing to attach the attempt to.
@@ -358,7 +359,13 @@ impl Store {
                         row.manual = Set(d.manual_from.is_some());
                         attempts.push(row);
                         let outcome = if is_success(r.status) && r.error_kind == ErrorKind::Unspecified {
-                            settle(txn, d, status::SUCCEEDED, None, number, r, now).await?;
+                            // Successes are settled together below, one statement per status code.
+                            let lease = d.lease_id.take().unwrap_or_default();
+                            d.status = status::SUCCEEDED;
+                            d.attempt_count = number;
+                            d.lost_leases = 0;
+                            d.manual_from = None;
+                            succeeded.entry(r.status).or_default().push(lease);
                             Applied::Succeeded
                         } else if let Some(back) = d.manual_from {
                             // A failed manual attempt returns the delivery to where it was.
@@ -368,6 +375,29 @@ impl Store {
                             fail_attempt(txn, d, number, Some(r), now, &policy).await?
                         };
                         applied.push(outcome);
+                    }
+                    // A lease id names exactly one delivery and dispatch, so `lease_id IN (…)`
+                    // fences each row as `settle` does.
+                    for (code, leases) in succeeded {
+                        for chunk in leases.chunks(1000) {
+                            delivery::Entity::update_many()
+                                .col_expr(delivery::Column::Status, Expr::value(status::SUCCEEDED))
+                                .col_expr(
+                                    delivery::Column::AttemptCount,
+                                    Expr::col(delivery::Column::AttemptCount).add(1),
+                                )
+                                .col_expr(delivery::Column::LostLeases, Expr::value(0))
+                                .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
+                                .col_expr(delivery::Column::LeaseAgent, Expr::value(Option::<String>::None))
+                                .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
+                                .col_expr(delivery::Column::LastStatus, Expr::value(i32::try_from(code).unwrap_or(0)))
+                                .col_expr(delivery::Column::LastError, Expr::value(Option::<String>::None))
+                                .col_expr(delivery::Column::ManualFrom, Expr::value(Option::<i16>::None))
+                                .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+                                .filter(delivery::Column::LeaseId.is_in(chunk.to_vec()))
+                                .exec(txn)
+                                .await?;
+                        }
                     }
                     insert_chunked(txn, attempts).await?;
                     Ok(applied)
@@ -388,7 +418,7 @@ impl Store {
         let policy = policy.clone();
         let agent = agent.map(str::to_owned);
         self.writer
-            .write(move |txn| {
+            .write_relaxed(move |txn| {
                 Box::pin(async move {
                     let mut q = delivery::Entity::find().filter(delivery::Column::Status.eq(status::IN_FLIGHT));
                     q = match &agent {

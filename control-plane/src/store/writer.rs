@@ -14,7 +14,8 @@ use std::time::Duration;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use sea_orm::{
-    DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,11 +38,15 @@ trait Operation: Send {
     fn run<'t>(&'t mut self, txn: &'t DatabaseTransaction) -> BoxFuture<'t, bool>;
     /// Answers the caller: its own result if the batch committed, otherwise the commit's error.
     fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
+    /// Whether a caller is acknowledged on the strength of this write (then its batch is synced
+    /// to disk at commit).
+    fn durable(&self) -> bool;
 }
 
 type WriteFn<T> = Box<dyn for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<T, StoreError>> + Send>;
 
 struct Pending<T> {
+    durable: bool,
     f: Option<WriteFn<T>>,
     result: Option<Result<T, StoreError>>,
     reply: oneshot::Sender<Result<T, StoreError>>,
@@ -56,6 +61,10 @@ impl<T: Send + 'static> Operation for Pending<T> {
             self.result = Some(result);
             ok
         })
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
     }
 
     fn finish(self: Box<Self>, outcome: Result<(), StoreError>) {
@@ -85,14 +94,32 @@ impl Writer {
         Writer { tx }
     }
 
-    /// Runs `f` in a transaction shared with other writes and returns its result once committed.
+    /// Runs `f` in a transaction shared with other writes and returns its result once committed
+    /// and synced to disk.
     pub async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<T, StoreError>> + Send + 'static,
     {
+        self.submit(true, Box::new(f)).await
+    }
+
+    /// Like `write`, for writes that acknowledge nothing to a client (leases, attempt results):
+    /// a batch of only such writes commits without waiting for the disk (SQLite
+    /// `synchronous=NORMAL` in WAL mode, PostgreSQL `synchronous_commit=off`). A process crash
+    /// loses nothing; a power loss may lose the last of them, which at-least-once delivery
+    /// absorbs (a lease expires, an attempt is made again). The next durable commit syncs them.
+    pub async fn write_relaxed<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<T, StoreError>> + Send + 'static,
+    {
+        self.submit(false, Box::new(f)).await
+    }
+
+    async fn submit<T: Send + 'static>(&self, durable: bool, f: WriteFn<T>) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let op: Op = Box::new(Pending { f: Some(Box::new(f)), result: None, reply });
+        let op: Op = Box::new(Pending { durable, f: Some(f), result: None, reply });
         match tokio::time::timeout(ENQUEUE_TIMEOUT, self.tx.send(op)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(StoreError::Unavailable("the writer has stopped".into())),
@@ -103,7 +130,32 @@ impl Writer {
     }
 }
 
+/// On SQLite the writer has a connection of its own, so that it can switch the sync level between
+/// batches (SQLite refuses to inside a transaction) and never competes with readers for one.
+/// Also says whether relaxed batches may relax the sync level: only on a connection of its own,
+/// where the level set before a batch is certainly the one its commit uses.
+async fn own_connection(db: DatabaseConnection) -> (DatabaseConnection, bool) {
+    if db.get_database_backend() != DbBackend::Sqlite {
+        return (db, true);
+    }
+    let options = (*db.get_sqlite_connection_pool().connect_options()).clone();
+    match sea_orm::sqlx::pool::PoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .acquire_timeout(crate::db::ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+    {
+        Ok(pool) => (sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(pool), true),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the writer's own SQLite connection; sharing the pool, every commit synced");
+            (db, false)
+        }
+    }
+}
+
 async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>) {
+    let (db, may_relax) = own_connection(db).await;
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
     loop {
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
@@ -113,8 +165,11 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>) {
         let n = ops.len();
         // Dropping the batch on timeout or panic drops its transaction (rolled back if not yet
         // committed) and its answer channels, which tells each caller the outcome is unknown.
-        match tokio::time::timeout(BATCH_TIMEOUT, std::panic::AssertUnwindSafe(commit_batch(&db, ops)).catch_unwind())
-            .await
+        match tokio::time::timeout(
+            BATCH_TIMEOUT,
+            std::panic::AssertUnwindSafe(commit_batch(&db, ops, may_relax)).catch_unwind(),
+        )
+        .await
         {
             Ok(Ok(())) => {}
             Ok(Err(_)) => tracing::error!(operations = n, "a write panicked; its batch was abandoned"),
@@ -125,16 +180,25 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>) {
 
 /// Begins the batch's transaction; on SQLite `BEGIN IMMEDIATE`, so that a batch that reads before
 /// it writes cannot fail half-way with `SQLITE_BUSY` against another process (`herald keys create`).
-async fn begin(db: &DatabaseConnection) -> Result<DatabaseTransaction, sea_orm::DbErr> {
+async fn begin(db: &DatabaseConnection, durable: bool) -> Result<DatabaseTransaction, sea_orm::DbErr> {
     match db.get_database_backend() {
         DbBackend::Sqlite => {
+            // The writer's single connection: the level set here applies to this batch's commit.
+            db.execute_unprepared(if durable { "PRAGMA synchronous = FULL" } else { "PRAGMA synchronous = NORMAL" })
+                .await?;
             db.begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..Default::default()
             })
             .await
         }
-        _ => db.begin().await,
+        _ => {
+            let txn = db.begin().await?;
+            if !durable {
+                txn.execute_unprepared("SET LOCAL synchronous_commit = off").await?;
+            }
+            Ok(txn)
+        }
     }
 }
 
@@ -144,8 +208,9 @@ fn fail_all(ops: impl IntoIterator<Item = Op>, err: &StoreError) {
     }
 }
 
-async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>) {
-    let txn = match begin(db).await {
+async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>, may_relax: bool) {
+    let durable = !may_relax || ops.iter().any(|op| op.durable());
+    let txn = match begin(db, durable).await {
         Ok(txn) => txn,
         Err(e) => {
             let err = StoreError::from(e);

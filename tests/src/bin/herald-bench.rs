@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         (cp, Some(agent), None, url)
     };
     let receiver = Receiver::http().await;
+    receiver.count_only();
     let hook = proto::Webhook {
         name: "bench".into(),
         url: receiver.url("/hook"),
