@@ -66,6 +66,16 @@ fn event_type_filter(t: &str, field: &str) -> Result<Option<String>, FieldError>
     Ok(Some(t.to_owned()))
 }
 
+/// The filters List and Watch share.
+fn filter(webhook_id: &str, status: i32, event_type: &str) -> Result<DeliveryFilter, FieldError> {
+    Ok(DeliveryFilter {
+        webhook_id: webhook_filter(webhook_id, "webhook_id")?,
+        statuses: statuses(status, "status")?,
+        event_type: event_type_filter(event_type, "event_type")?,
+        ..Default::default()
+    })
+}
+
 fn delivery_id(id: &str) -> Result<(), FieldError> {
     if ids::has_prefix(id, ids::DELIVERY) {
         Ok(())
@@ -133,11 +143,9 @@ impl DeliveryService for DeliveryApi {
         let who = self.state.auth.check(&request, Scope::Admin).await?;
         let r = request.get_ref();
         let filter = DeliveryFilter {
-            webhook_id: webhook_filter(&r.webhook_id, "webhook_id")?,
-            statuses: statuses(r.status, "status")?,
-            event_type: event_type_filter(&r.event_type, "event_type")?,
             created_after: r.created_after.as_ref().map(|t| millis(t, "created_after")).transpose()?,
             created_before: r.created_before.as_ref().map(|t| millis(t, "created_before")).transpose()?,
+            ..filter(&r.webhook_id, r.status, &r.event_type)?
         };
         if let (Some(a), Some(b)) = (filter.created_after, filter.created_before)
             && a >= b
@@ -228,12 +236,7 @@ impl DeliveryService for DeliveryApi {
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
         let who = self.state.auth.check(&request, Scope::Admin).await?;
         let r = request.get_ref();
-        let filter = DeliveryFilter {
-            webhook_id: webhook_filter(&r.webhook_id, "webhook_id")?,
-            statuses: statuses(r.status, "status")?,
-            event_type: event_type_filter(&r.event_type, "event_type")?,
-            ..Default::default()
-        };
+        let filter = filter(&r.webhook_id, r.status, &r.event_type)?;
         let mut changes = self.state.dispatcher.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let shutdown = self.state.shutdown.clone();

@@ -5,6 +5,7 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::events::NewDelivery;
+use super::webhooks::active_state;
 use super::{Store, StoreError, now_millis};
 use crate::db::entity::delivery::{self, status};
 use crate::db::entity::{attempt, event, webhook};
@@ -118,12 +119,7 @@ impl Store {
                         status::PENDING | status::PARKED => d.manual_from,
                         finished => Some(finished),
                     };
-                    let active = webhook::Entity::find_by_id(d.webhook_id.clone())
-                        .filter(webhook::Column::DeletedAt.is_null())
-                        .select_only()
-                        .column(webhook::Column::Active)
-                        .into_tuple::<bool>()
-                        .one(txn)
+                    let active = active_state(txn, &d.webhook_id, None)
                         .await?
                         .ok_or_else(|| StoreError::invalid("id", "the delivery's webhook was deleted"))?;
                     let to = if active { status::PENDING } else { status::PARKED };
@@ -155,13 +151,7 @@ impl Store {
         self.writer
             .write(move |txn| {
                 Box::pin(async move {
-                    let active = webhook::Entity::find_by_id(webhook_id.clone())
-                        .filter(webhook::Column::WorkspaceId.eq(&workspace))
-                        .filter(webhook::Column::DeletedAt.is_null())
-                        .select_only()
-                        .column(webhook::Column::Active)
-                        .into_tuple::<bool>()
-                        .one(txn)
+                    let active = active_state(txn, &webhook_id, Some(&workspace))
                         .await?
                         .ok_or(StoreError::NotFound("webhook"))?;
                     let finished =

@@ -554,14 +554,7 @@ fn lease_fence(d: &delivery::Model) -> sea_orm::Condition {
 
 /// Whether a webhook exists and is active.
 async fn webhook_active(txn: &DatabaseTransaction, webhook_id: &str) -> Result<bool, StoreError> {
-    Ok(webhook::Entity::find_by_id(webhook_id.to_owned())
-        .filter(webhook::Column::DeletedAt.is_null())
-        .select_only()
-        .column(webhook::Column::Active)
-        .into_tuple::<bool>()
-        .one(txn)
-        .await?
-        .unwrap_or(false))
+    Ok(super::webhooks::active_state(txn, webhook_id, None).await?.unwrap_or(false))
 }
 
 /// Records that attempt `number` ended as `r` says: the delivery moves to `to` (a final state, or

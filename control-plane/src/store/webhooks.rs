@@ -136,6 +136,19 @@ fn seal_spec(key: &SecretKey, spec: &WebhookSpec, am: &mut webhook::ActiveModel)
     am.description = Set(spec.description.clone());
 }
 
+/// Whether a live webhook (of `workspace`, when given) is active; `None` when there is none.
+pub(crate) async fn active_state(
+    db: &impl ConnectionTrait,
+    webhook_id: &str,
+    workspace: Option<&str>,
+) -> Result<Option<bool>, StoreError> {
+    let mut q = webhook::Entity::find_by_id(webhook_id.to_owned()).filter(webhook::Column::DeletedAt.is_null());
+    if let Some(ws) = workspace {
+        q = q.filter(webhook::Column::WorkspaceId.eq(ws));
+    }
+    Ok(q.select_only().column(webhook::Column::Active).into_tuple::<bool>().one(db).await?)
+}
+
 /// Loads a live (not deleted) webhook of the workspace.
 async fn load(db: &impl ConnectionTrait, workspace: &str, id: &str) -> Result<webhook::Model, StoreError> {
     webhook::Entity::find_by_id(id.to_owned())
