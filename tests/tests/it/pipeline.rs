@@ -480,3 +480,26 @@ async fn herald_dev_delivers_to_a_local_plain_http_receiver() {
     let status = tokio::time::timeout(WAIT, dev.wait()).await.expect("herald dev stops on SIGTERM").unwrap();
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_the_agent_could_not_report_arrive_with_its_next_session() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-1"]).await;
+    let r = Receiver::https(&ca).await;
+    r.script([Reply::Hang(Duration::from_millis(1500))]);
+    create(&cp, webhook("slow", &r.url("/"), &["*"])).await;
+    let e = publish(&cp, "task.completed", "{}").await;
+    r.wait_for(1, WAIT).await;
+    // The control plane dies while the attempt is in flight; the agent finishes it, keeps the
+    // result, and reports it in the hello of its next session, under a lease still current.
+    cp.kill_and_restart().await;
+    let d = settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count, d.lost_leases), (delivery::status::SUCCEEDED, 1, 0));
+    let log = attempts_of(&db, &d.id).await;
+    assert_eq!(log.len(), 1);
+    assert!(!log[0].stale, "the kept result was applied, not dismissed as stale");
+    assert_eq!(r.requests().len(), 1, "nothing was sent twice");
+}
