@@ -251,26 +251,48 @@ async fn redirects_are_failures_and_retry_after_is_honoured() {
     assert!(waited >= 990, "Retry-After: 1 moved the attempt 100ms -> 1s later, waited {waited}ms");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_agent_that_holds_the_lease_costs_no_attempt() {
+/// Two agents in one zone and a receiver that hangs on the first request: the delivery is in
+/// flight, held by one of them.
+struct HeldLease {
+    db: TestDb,
+    cp: ControlPlaneProcess,
+    a: AgentProcess,
+    b: AgentProcess,
+    r: Receiver,
+    event: proto::Event,
+    /// Whether agent-a holds the lease (else agent-b).
+    a_holds: bool,
+    ca: TestCa,
+}
+
+async fn held_lease(lease_grace: &str, hang: Duration, timeout_ms: i64) -> HeldLease {
     let ca = TestCa::new();
     let db = TestDb::new(Backend::Sqlite).await;
-    let cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "1s"]).await;
-    let mut a = AgentProcess::start(&cp.url(), "default", "agent-a", Some(&ca.path), &[]);
-    let mut b = AgentProcess::start(&cp.url(), "default", "agent-b", Some(&ca.path), &[]);
+    let cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", lease_grace]).await;
+    let a = AgentProcess::start(&cp.url(), "default", "agent-a", Some(&ca.path), &[]);
+    let b = AgentProcess::start(&cp.url(), "default", "agent-b", Some(&ca.path), &[]);
     cp.wait_agents(&["agent-a", "agent-b"]).await;
     let r = Receiver::https(&ca).await;
-    r.script([Reply::Hang(Duration::from_secs(60))]);
-    create(&cp, with_timeout(webhook("slow", &r.url("/"), &["*"]), 5_000)).await;
-    let e = publish(&cp, "task.failed", "{}").await;
+    r.script([Reply::Hang(hang)]);
+    create(&cp, with_timeout(webhook("slow", &r.url("/"), &["*"]), timeout_ms)).await;
+    let event = publish(&cp, "task.failed", "{}").await;
     r.wait_for(1, WAIT).await;
     // Which agent holds the lease?
     let conn = db.connect().await;
-    let held = delivery::Entity::find().filter(delivery::Column::EventId.eq(&e.id)).one(&conn).await.unwrap().unwrap();
+    let held =
+        delivery::Entity::find().filter(delivery::Column::EventId.eq(&event.id)).one(&conn).await.unwrap().unwrap();
     conn.close().await.ok();
     assert_eq!(held.status, delivery::status::IN_FLIGHT);
-    let holder = held.lease_agent.clone().unwrap();
-    let (victim, survivor) = if holder.starts_with("agent-a@") { (&mut a, "agent-b") } else { (&mut b, "agent-a") };
+    let a_holds = held.lease_agent.unwrap().starts_with("agent-a@");
+    HeldLease { db, cp, a, b, r, event, a_holds, ca }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_agent_that_holds_the_lease_costs_no_attempt() {
+    // Every field is bound: the control plane and CA must live as long as the test.
+    let HeldLease { db, cp: _cp, mut a, mut b, r, event: e, a_holds, ca: _ca } =
+        held_lease("1s", Duration::from_secs(60), 5_000).await;
+    let (victim, survivor) = if a_holds { (&mut a, "agent-b") } else { (&mut b, "agent-a") };
     signal(&victim.child, "KILL");
     let _ = victim.child.wait().await;
 
@@ -392,22 +414,10 @@ async fn agents_list_their_zone_and_egress_ips_and_drain_on_sigterm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_for_an_expired_lease_changes_nothing() {
-    let ca = TestCa::new();
-    let db = TestDb::new(Backend::Sqlite).await;
-    let cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "300ms"]).await;
-    let mut a = AgentProcess::start(&cp.url(), "default", "agent-a", Some(&ca.path), &[]);
-    let mut b = AgentProcess::start(&cp.url(), "default", "agent-b", Some(&ca.path), &[]);
-    cp.wait_agents(&["agent-a", "agent-b"]).await;
-    let r = Receiver::https(&ca).await;
-    r.script([Reply::Hang(Duration::from_secs(3))]);
-    create(&cp, with_timeout(webhook("slow", &r.url("/"), &["*"]), 1_000)).await;
-    let e = publish(&cp, "task.failed", "{}").await;
-    r.wait_for(1, WAIT).await;
-    let conn = db.connect().await;
-    let held = delivery::Entity::find().filter(delivery::Column::EventId.eq(&e.id)).one(&conn).await.unwrap().unwrap();
-    conn.close().await.ok();
-    let (frozen, other) =
-        if held.lease_agent.unwrap().starts_with("agent-a@") { (&mut a, "agent-b") } else { (&mut b, "agent-a") };
+    // Every field is bound: the control plane and CA must live as long as the test.
+    let HeldLease { db, cp: _cp, mut a, mut b, r, event: e, a_holds, ca: _ca } =
+        held_lease("300ms", Duration::from_secs(3), 1_000).await;
+    let (frozen, other) = if a_holds { (&mut a, "agent-b") } else { (&mut b, "agent-a") };
     // Freeze the holder: its lease (1 s timeout + 300 ms grace) expires; the other agent delivers.
     signal(&frozen.child, "STOP");
     r.wait_for(2, WAIT).await;
