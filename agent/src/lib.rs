@@ -55,6 +55,12 @@ pub struct Args {
     /// Allow plain `http://` endpoints (development only).
     #[arg(long, env = "HERALD_ALLOW_HTTP")]
     pub allow_http: bool,
+    /// PEM client certificate presented to control planes that require mTLS (`--client-ca`).
+    #[arg(long, env = "HERALD_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `--client-cert`.
+    #[arg(long, env = "HERALD_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<std::path::PathBuf>,
     /// How long a drain (SIGTERM) waits for in-flight attempts before giving up on them.
     #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "75s", value_parser = humantime_duration)]
     pub drain_timeout: Duration,
@@ -224,10 +230,15 @@ async fn connect(
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
     if endpoint.starts_with("https://") {
-        let mut tls = tonic::transport::ClientTlsConfig::new();
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| Status::failed_precondition(format!("{}: {e}", path.display())))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
         if let Some(ca) = &agent.args.extra_ca_cert {
-            let pem = std::fs::read(ca).map_err(|e| Status::failed_precondition(format!("{}: {e}", ca.display())))?;
-            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&agent.args.client_cert, &agent.args.client_key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?));
         }
         ep = ep.tls_config(tls).map_err(|e| Status::failed_precondition(format!("TLS: {e}")))?;
     }

@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// Accept plain `http://` webhook URLs (development only).
     #[arg(long, env = "HERALD_ALLOW_HTTP")]
     pub allow_http: bool,
+    /// Accept webhook URLs whose host is a literal address in these ranges (by default every
+    /// literal non-global address is refused). Agents guard egress with their own `--allow-cidr`.
+    #[arg(long, env = "HERALD_ALLOW_CIDR", value_delimiter = ',')]
+    pub allow_cidr: Vec<ipnet::IpNet>,
     /// Prefix of Herald's delivery headers.
     #[arg(long, env = "HERALD_HEADER_PREFIX", default_value = "X-CloudThinker")]
     pub header_prefix: String,
@@ -141,6 +145,7 @@ pub struct Config {
     pub secret_key: SecretKey,
     pub tls: Option<TlsFiles>,
     pub allow_http: bool,
+    pub allow_cidr: Vec<ipnet::IpNet>,
     pub header_prefix: String,
     pub response_body_limit: usize,
 }
@@ -235,6 +240,7 @@ impl TryFrom<ServeArgs> for Config {
             secret_key,
             tls,
             allow_http: a.allow_http,
+            allow_cidr: a.allow_cidr,
             header_prefix: a.header_prefix,
             response_body_limit: a.response_body_limit,
         })
@@ -286,8 +292,14 @@ impl Config {
             secret_key: SecretKey::from_bytes([7u8; 32]),
             tls: None,
             allow_http: true,
+            allow_cidr: crate::config::loopback(),
             header_prefix: "X-CloudThinker".into(),
             response_body_limit: 4096,
         }
     }
+}
+
+/// The loopback ranges, IPv4 and IPv6: what `herald dev` and the tests open for local receivers.
+pub fn loopback() -> Vec<ipnet::IpNet> {
+    ["127.0.0.0/8", "::1/128"].iter().map(|r| r.parse().expect("a valid range")).collect()
 }

@@ -64,9 +64,11 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         max_in_flight: 256,
         http_addr: "127.0.0.1:0".parse().expect("a valid address"),
         egress_ip: Vec::new(),
-        allow_cidr: vec!["127.0.0.0/8".parse().expect("a valid range"), "::1/128".parse().expect("a valid range")],
+        allow_cidr: crate::config::loopback(),
         extra_ca_cert: None,
         allow_http: true,
+        client_cert: None,
+        client_key: None,
         drain_timeout: std::time::Duration::from_secs(35),
     };
     let agent_task = tokio::spawn(herald_agent::run(agent, shutdown.clone()));

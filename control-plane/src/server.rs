@@ -82,7 +82,11 @@ pub async fn run(
         shutdown: shutdown.clone(),
         auth: Authenticator::new(store.clone()),
         store,
-        rules: Rules { allow_http: config.allow_http, header_prefix: config.header_prefix.clone() },
+        rules: Rules {
+            allow_http: config.allow_http,
+            allow_cidr: config.allow_cidr.clone(),
+            header_prefix: config.header_prefix.clone(),
+        },
         config: Arc::new(config),
     };
 

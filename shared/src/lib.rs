@@ -4,6 +4,7 @@
 //! This crate holds no I/O and no state: everything here is a pure function of its inputs, so the
 //! agent and the control plane can never disagree on what an envelope or a signature is.
 
+pub mod addr;
 pub mod catalog;
 pub mod envelope;
 pub mod ids;

@@ -141,7 +141,22 @@ impl ControlPlane {
         let (addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(herald_control_plane::server::run(config.clone(), grpc, Some(http), shutdown.clone()));
-        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        let channel = match &config.tls {
+            // A TLS control plane's certificate comes from `TestCa::server_files`, which writes
+            // it beside the CA's `ca.pem`; it is reached as `localhost`, a name it must carry.
+            Some(tls) => {
+                let ca = tls.cert.parent().expect("certificate folder").join("ca.pem");
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(ca).expect("ca.pem")))
+                    .domain_name("localhost");
+                Channel::from_shared(format!("https://localhost:{}", addr.port()))
+                    .unwrap()
+                    .tls_config(tls)
+                    .expect("client TLS")
+                    .connect_lazy()
+            }
+            None => Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy(),
+        };
         let cp = ControlPlane { addr, http_addr, channel, api_key, config, shutdown, task };
         cp.wait_serving().await;
         cp

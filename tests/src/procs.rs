@@ -60,7 +60,7 @@ impl ControlPlaneProcess {
         self.child = Command::new(bin("herald"))
             .args(["serve", "--grpc-addr", &format!("127.0.0.1:{}", self.port), "--http-addr", "127.0.0.1:0"])
             .args(["--database-url", &self.db_url, "--secret-key", SECRET_KEY, "--bootstrap-api-key", &self.api_key])
-            .args(["--agent-token", AGENT_TOKEN])
+            .args(["--agent-token", AGENT_TOKEN, "--allow-cidr", "127.0.0.0/8,::1/128"])
             .args(&self.args)
             .env("RUST_LOG", "info,herald_control_plane=debug")
             .env("NO_COLOR", "1")
@@ -198,12 +198,19 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts an agent of `zone` for the control plane at `url`, trusting `ca` and loopback.
     pub fn start(url: &str, zone: &str, id: &str, ca: Option<&std::path::Path>, extra: &[&str]) -> AgentProcess {
+        let mut args = vec!["--allow-cidr", "127.0.0.0/8"];
+        args.extend_from_slice(extra);
+        Self::guarded(url, zone, id, ca, &args)
+    }
+
+    /// Starts an agent whose egress guard opens no range beyond those `extra` names.
+    pub fn guarded(url: &str, zone: &str, id: &str, ca: Option<&std::path::Path>, extra: &[&str]) -> AgentProcess {
         let logs = tempfile::tempdir().unwrap();
         let log = logs.path().join("agent.log");
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(bin("herald-agent"));
         cmd.args(["--control-plane", url, "--zone", zone, "--agent-id", id, "--token", AGENT_TOKEN])
-            .args(["--http-addr", "127.0.0.1:0", "--allow-cidr", "127.0.0.0/8"])
+            .args(["--http-addr", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

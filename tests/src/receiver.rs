@@ -83,16 +83,21 @@ impl Drop for Receiver {
 impl Receiver {
     /// An HTTPS receiver whose certificate `ca` signed (for `localhost` and `127.0.0.1`).
     pub async fn https(ca: &TestCa) -> Receiver {
-        Self::start(Some(tokio_rustls::TlsAcceptor::from(ca.server_config(&["localhost", "127.0.0.1"])))).await
+        Self::https_at(ca, "127.0.0.1:0", &["localhost", "127.0.0.1"]).await
+    }
+
+    /// An HTTPS receiver listening on `bind`, with a certificate for `names`.
+    pub async fn https_at(ca: &TestCa, bind: &str, names: &[&str]) -> Receiver {
+        Self::start(bind, Some(tokio_rustls::TlsAcceptor::from(ca.server_config(names)))).await
     }
 
     /// A plain HTTP receiver.
     pub async fn http() -> Receiver {
-        Self::start(None).await
+        Self::start("127.0.0.1:0", None).await
     }
 
-    async fn start(tls: Option<tokio_rustls::TlsAcceptor>) -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+    async fn start(bind: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Receiver {
+        let listener = tokio::net::TcpListener::bind(bind).await.expect("bind receiver");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared::default());
         let s = shared.clone();

@@ -29,6 +29,35 @@ impl TestCa {
         TestCa { issuer: Issuer::new(params, key), pem, path, _dir: dir }
     }
 
+    /// A certificate for `names` signed by this CA, with `usage`: its PEM and its key's PEM.
+    fn issue(&self, names: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) -> (String, String) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("herald"));
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn write_pair(&self, stem: &str, (cert, key): (String, String)) -> (PathBuf, PathBuf) {
+        let dir = self._dir.path();
+        let (cert_path, key_path) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}-key.pem")));
+        std::fs::write(&cert_path, cert).expect("write certificate");
+        std::fs::write(&key_path, key).expect("write key");
+        (cert_path, key_path)
+    }
+
+    /// Server certificate and key files for `names`, for `herald serve --tls-cert --tls-key`.
+    pub fn server_files(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        self.write_pair(stem, self.issue(names, rcgen::ExtendedKeyUsagePurpose::ServerAuth))
+    }
+
+    /// Client certificate and key files, for `herald-agent --client-cert --client-key`.
+    pub fn client_files(&self, stem: &str) -> (PathBuf, PathBuf) {
+        self.write_pair(stem, self.issue(&[stem], rcgen::ExtendedKeyUsagePurpose::ClientAuth))
+    }
+
     /// A rustls server configuration for `names` (host names or IP addresses), signed by this CA.
     pub fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
         let params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).expect("params");

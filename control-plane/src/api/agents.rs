@@ -1,6 +1,7 @@
 //! `herald.v1.AgentService`: agent sessions and the list of connected agents.
 //!
-//! A session authenticates its agent token, takes the agent's hello (the zone must be one the
+//! A session checks the agent's client certificate (when `--client-ca` asks for mTLS) and its
+//! agent token, takes the agent's hello (the zone must be one the
 //! token covers), answers a welcome, then relays credit and results to the dispatcher and jobs
 //! and heartbeats back, until either side closes, the agent goes silent for three heartbeat
 //! intervals, or the control plane shuts down (then it asks the agent to drain).
@@ -45,6 +46,14 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        // With `--client-ca`, TLS verified any certificate offered; an agent must offer one.
+        if self.state.config.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+            && request.peer_certs().is_none_or(|certs| certs.is_empty())
+        {
+            return Err(Status::unauthenticated(
+                "this control plane requires agents to present a client certificate (mTLS): see --client-cert",
+            ));
+        }
         let token = agent_token(&self.state.config.agent_tokens, &request)?.clone();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(15), inbound.message())

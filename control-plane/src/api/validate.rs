@@ -18,6 +18,8 @@ pub const MASK: &str = "***";
 #[derive(Debug, Clone)]
 pub struct Rules {
     pub allow_http: bool,
+    /// Ranges whose literal addresses a URL may name (`--allow-cidr`).
+    pub allow_cidr: Vec<ipnet::IpNet>,
     pub header_prefix: String,
 }
 
@@ -87,6 +89,20 @@ pub fn url(v: &str, rules: &Rules, field: &str) -> Result<String, FieldError> {
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(FieldError::new(field, "must not contain user-info (put credentials in a header)"));
+    }
+    // Names are vetted by the agent when it resolves them; a literal address can be judged now.
+    let literal: Option<std::net::IpAddr> = match parsed.host() {
+        Some(url::Host::Ipv4(ip)) => Some(ip.into()),
+        Some(url::Host::Ipv6(ip)) => Some(ip.into()),
+        _ => None,
+    };
+    if let Some(ip) = literal
+        && !herald_shared::addr::permitted(&rules.allow_cidr, ip)
+    {
+        return Err(FieldError::new(
+            field,
+            format!("must not name the non-global address {ip} (private, loopback, link-local, reserved, …)"),
+        ));
     }
     Ok(v.to_owned())
 }
@@ -395,7 +411,7 @@ mod tests {
     use super::*;
 
     fn rules() -> Rules {
-        Rules { allow_http: false, header_prefix: "X-CloudThinker".into() }
+        Rules { allow_http: false, allow_cidr: Vec::new(), header_prefix: "X-CloudThinker".into() }
     }
 
     #[test]
@@ -412,11 +428,22 @@ mod tests {
             "https:///path",
             "https://exämple.com",
             "https://example.com/a b",
+            "https://127.0.0.1/hook",
+            "https://2130706433/hook",
+            "https://10.0.0.1/hook",
+            "https://169.254.169.254/latest/meta-data",
+            "https://[::1]:8443/hook",
+            "https://[::ffff:192.168.0.1]/hook",
+            "https://[fd00::1]/hook",
         ] {
             assert_eq!(url(bad, &r, "webhook.url").unwrap_err().field, "webhook.url", "{bad}");
         }
         let long = format!("https://example.com/{}", "a".repeat(2030));
         assert!(url(&long, &r, "url").is_err());
+        assert!(url("https://93.184.216.34/hook", &r, "url").is_ok(), "global literals are fine");
+        let opened = Rules { allow_cidr: vec!["127.0.0.0/8".parse().unwrap()], ..rules() };
+        assert!(url("https://127.0.0.1:8443/hook", &opened, "url").is_ok(), "--allow-cidr opens a range");
+        assert!(url("https://[::1]:8443/hook", &opened, "url").is_err());
         assert!(url("http://example.com", &Rules { allow_http: true, ..r }, "url").is_ok());
     }
 

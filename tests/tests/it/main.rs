@@ -29,5 +29,6 @@ mod events;
 mod logs;
 mod pipeline;
 mod queue;
+mod security;
 mod support;
 mod webhooks;
