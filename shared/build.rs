@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .bytes(".herald.v1.Job.body")
+        .codec_path("crate::codec::HeraldCodec")
         .compile_fds(fds)?;
     Ok(())
 }

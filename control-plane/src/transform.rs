@@ -35,23 +35,43 @@ fn whole_expression(s: &str) -> Option<&str> {
     (!inner.contains("{{") && !inner.contains("}}")).then(|| inner.trim())
 }
 
-/// Compiles every leaf, naming the first that does not compile (for create and update).
+/// Compiles every leaf, naming the first that does not compile, then renders it over a sample
+/// envelope so that a leaf that loops past its fuel whatever the event is refused at create and
+/// update rather than failing every delivery. Other render errors depend on the event's data
+/// (`data.title` of an event without one) and are left to delivery time.
 pub fn check(transform: &Json, field: &str) -> Result<(), RenderError> {
     let env = environment();
-    walk_check(&env, transform, field)
+    let sample = minijinja::context! {
+        id => "evt_sample", type => "incident.created", timestamp => "2024-01-15T10:30:00Z",
+        workspace_id => "ws_sample", data => minijinja::context! {},
+        vars => minijinja::context! {},
+    };
+    walk_check(&env, transform, &sample, field)
 }
 
-fn walk_check(env: &Environment<'static>, v: &Json, path: &str) -> Result<(), RenderError> {
-    let fail = |e: minijinja::Error| RenderError { path: path.to_owned(), message: e.to_string() };
+fn walk_check(env: &Environment<'static>, v: &Json, sample: &minijinja::Value, path: &str) -> Result<(), RenderError> {
+    let fail = |message: String| RenderError { path: path.to_owned(), message };
+    let out_of_fuel = |r: Result<(), minijinja::Error>| match r {
+        Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => {
+            Err(fail(format!("does not finish within {FUEL} steps of fuel (a loop?)")))
+        }
+        _ => Ok(()),
+    };
     match v {
         Json::String(s) => match whole_expression(s) {
-            Some(expr) => env.compile_expression(expr).map(|_| ()).map_err(fail),
-            None => env.template_from_str(s).map(|_| ()).map_err(fail),
+            Some(expr) => {
+                let compiled = env.compile_expression(expr).map_err(|e| fail(e.to_string()))?;
+                out_of_fuel(compiled.eval(sample).map(|_| ()))
+            }
+            None => {
+                let compiled = env.template_from_str(s).map_err(|e| fail(e.to_string()))?;
+                out_of_fuel(compiled.render(sample).map(|_| ()))
+            }
         },
         Json::Array(items) => {
-            items.iter().enumerate().try_for_each(|(i, v)| walk_check(env, v, &format!("{path}[{i}]")))
+            items.iter().enumerate().try_for_each(|(i, v)| walk_check(env, v, sample, &format!("{path}[{i}]")))
         }
-        Json::Object(map) => map.iter().try_for_each(|(k, v)| walk_check(env, v, &format!("{path}.{k}"))),
+        Json::Object(map) => map.iter().try_for_each(|(k, v)| walk_check(env, v, sample, &format!("{path}.{k}"))),
         _ => Ok(()),
     }
 }
@@ -151,5 +171,50 @@ mod tests {
             check(&json!({"a": ["x", "{{ broken"]}), "webhook.transform").unwrap_err().path,
             "webhook.transform.a[1]"
         );
+        let looping =
+            json!({"a": {"b": "{% for i in range(100000) %}{% for j in range(100000) %}.{% endfor %}{% endfor %}"}});
+        let err = check(&looping, "webhook.transform").unwrap_err();
+        assert_eq!(err.path, "webhook.transform.a.b");
+        assert!(err.message.contains("fuel"), "{}", err.message);
+        // What depends on the event's data is judged when an event is there.
+        assert!(check(&json!({"t": "{{ data.incident.title }}", "n": "{{ data.items | length }}"}), "t").is_ok());
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_text_in_the_data_renders_to_valid_json_unchanged(title in any::<String>(), n in any::<i64>()) {
+                let data = json!({"title": title, "n": n}).to_string();
+                let envelope = herald_shared::envelope::build("evt_1", "incident.created", "t", "ws_1", &data);
+                let t = json!({"text": "{{ data.title }}", "quoted": "title: {{ data.title }}", "n": "{{ data.n }}", "all": "{{ data }}"});
+                let v: Json = serde_json::from_slice(&render(&t, &envelope, &vars()).unwrap()).unwrap();
+                prop_assert_eq!(&v["text"], &Json::String(title.clone()));
+                prop_assert_eq!(&v["quoted"], &Json::String(format!("title: {title}")));
+                prop_assert_eq!(&v["n"], &json!(n));
+                prop_assert_eq!(&v["all"], &serde_json::from_str::<Json>(&data).unwrap());
+            }
+
+            #[test]
+            fn any_template_is_judged_without_panicking_and_renders_json_or_an_error(
+                text in any::<String>(),
+                jinja in r"\{[{%] [a-z_.|()0-9' ]{0,24} [}%]\}",
+            ) {
+                let t = json!({"a": text, "b": jinja, "c": [format!("{{{{ {text} }}}}")]});
+                let checked = check(&t, "t");
+                if let Err(e) = &checked {
+                    prop_assert!(e.path.starts_with("t."), "the failing leaf is named: {}", e.path);
+                }
+                if let Ok(body) = render(&t, ENVELOPE, &vars()) {
+                    prop_assert!(checked.is_ok(), "what renders also passes the check");
+                    prop_assert!(serde_json::from_slice::<Json>(&body).is_ok());
+                }
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod addr;
 pub mod catalog;
+pub mod codec;
 pub mod envelope;
 pub mod ids;
 pub mod retry;

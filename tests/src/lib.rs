@@ -44,6 +44,8 @@ pub struct TestDb {
     pub url: String,
     /// Keeps the SQLite folder alive as long as the test.
     _dir: Option<tempfile::TempDir>,
+    /// The connection snapshots read through, opened on first use.
+    snapshots: tokio::sync::OnceCell<DatabaseConnection>,
 }
 
 impl TestDb {
@@ -52,7 +54,7 @@ impl TestDb {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temporary folder");
                 let url = format!("sqlite://{}", dir.path().join("herald.db").display());
-                TestDb { backend, url, _dir: Some(dir) }
+                TestDb { backend, url, _dir: Some(dir), snapshots: Default::default() }
             }
             Backend::Postgres => {
                 let base = postgres_url();
@@ -64,7 +66,7 @@ impl TestDb {
                 admin.close().await.ok();
                 let sep = if base.contains('?') { '&' } else { '?' };
                 let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
-                TestDb { backend, url, _dir: None }
+                TestDb { backend, url, _dir: None, snapshots: Default::default() }
             }
         }
     }
@@ -78,11 +80,11 @@ impl TestDb {
     /// written in between.
     pub async fn snapshot(&self) -> String {
         use herald_control_plane::db::entity::*;
-        let db = self.connect().await;
+        let db = self.snapshots.get_or_init(|| self.connect()).await;
         let mut out = String::new();
         macro_rules! dump {
             ($m:ident, $($col:ident),+) => {{
-                let rows = $m::Entity::find()$(.order_by_asc($m::Column::$col))+.all(&db).await.expect("read table");
+                let rows = $m::Entity::find()$(.order_by_asc($m::Column::$col))+.all(db).await.expect("read table");
                 out.push_str(&format!("{}: {:?}\n", stringify!($m), rows));
             }};
         }
@@ -93,7 +95,6 @@ impl TestDb {
         dump!(delivery, Id);
         dump!(attempt, Id);
         dump!(agent, Id);
-        db.close().await.ok();
         out
     }
 }

@@ -26,6 +26,7 @@ macro_rules! both_databases {
 mod auth;
 mod binaries;
 mod events;
+mod hostile;
 mod logs;
 mod pipeline;
 mod queue;
