@@ -30,6 +30,15 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Re-seal every secret at rest under `--secret-key`, opening old values with
+    /// `--previous-secret-key`: the last step of rotating the master key. Safe beside a running
+    /// control plane that has both keys.
+    Rekey {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -52,6 +61,29 @@ pub enum KeysCommand {
         #[arg(long, default_value = "admin")]
         scope: String,
     },
+}
+
+/// The master key that seals secrets at rest, and retired ones during its rotation.
+#[derive(Args, Clone)]
+pub struct KeyArgs {
+    /// The key that encrypts secrets, header values and transform variables at rest: 32 bytes,
+    /// base64. `herald dev` generates one in a local file.
+    #[arg(long, env = "HERALD_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
+    /// Retired master keys that still open values sealed before a rotation, until `herald rekey`
+    /// has re-sealed them under `--secret-key` (repeatable).
+    #[arg(long, env = "HERALD_PREVIOUS_SECRET_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub previous_secret_key: Vec<String>,
+}
+
+impl KeyArgs {
+    /// The master key with its retired keys.
+    pub fn keyring(&self) -> Result<SecretKey, ConfigError> {
+        let parse = |k: &str| SecretKey::from_base64(k).map_err(|e| ConfigError::SecretKey(e.to_string()));
+        let current = parse(self.secret_key.as_deref().ok_or(ConfigError::MissingSecretKey)?)?;
+        let retired = self.previous_secret_key.iter().map(|k| parse(k)).collect::<Result<Vec<_>, _>>()?;
+        Ok(current.with_retired(retired))
+    }
 }
 
 /// Flags of `herald serve`. No `Debug`: they hold secrets; `Config` prints redacted.
@@ -89,10 +121,8 @@ pub struct ServeArgs {
     /// Events, deliveries and attempts older than this are pruned.
     #[arg(long, env = "HERALD_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
     pub retention: Duration,
-    /// The key that encrypts secrets, header values and transform variables at rest: 32 bytes,
-    /// base64. `herald dev` generates one in a local file.
-    #[arg(long, env = "HERALD_SECRET_KEY", hide_env_values = true)]
-    pub secret_key: Option<String>,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     /// PEM certificate of the gRPC server (TLS).
     #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -210,8 +240,7 @@ impl TryFrom<ServeArgs> for Config {
     type Error = ConfigError;
 
     fn try_from(a: ServeArgs) -> Result<Self, ConfigError> {
-        let secret_key = a.secret_key.as_deref().ok_or(ConfigError::MissingSecretKey)?;
-        let secret_key = SecretKey::from_base64(secret_key).map_err(|e| ConfigError::SecretKey(e.to_string()))?;
+        let secret_key = a.keys.keyring()?;
         let agent_tokens = a.agent_token.iter().map(|t| parse_agent_token(t)).collect::<Result<Vec<_>, _>>()?;
         if a.response_body_limit > 65536 {
             return Err(ConfigError::BodyLimit);

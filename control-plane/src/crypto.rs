@@ -11,11 +11,14 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 
-/// The master key. `Debug` never prints it.
+/// The master key, and the retired keys that may still open values sealed before a rotation of
+/// the master key (`--previous-secret-key`; `herald rekey` re-seals them under the current one).
+/// `Debug` never prints a key.
 #[derive(Clone)]
 pub struct SecretKey {
     raw: [u8; 32],
     id: String,
+    retired: std::sync::Arc<Vec<SecretKey>>,
 }
 
 impl std::fmt::Debug for SecretKey {
@@ -41,7 +44,22 @@ impl SecretKey {
     /// A key from 32 raw bytes.
     pub fn from_bytes(raw: [u8; 32]) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, &raw);
-        SecretKey { raw, id: hex::encode(&digest.as_ref()[..4]) }
+        SecretKey { raw, id: hex::encode(&digest.as_ref()[..4]), retired: Default::default() }
+    }
+
+    /// This key for sealing, and `retired` keys besides it for opening.
+    pub fn with_retired(self, retired: Vec<SecretKey>) -> Self {
+        SecretKey { retired: std::sync::Arc::new(retired), ..self }
+    }
+
+    /// The id that sealed values carry: the first 8 hex digits of the key's SHA-256.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether `sealed` was sealed by this key (not by a retired one).
+    pub fn sealed_by_current(&self, sealed: &str) -> bool {
+        sealed.split('.').nth(1) == Some(self.id.as_str())
     }
 
     /// A key from base64 (standard or URL-safe) of 32 bytes.
@@ -84,16 +102,19 @@ impl SecretKey {
         let (Some("v1"), Some(kid), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(CryptoError::Malformed);
         };
-        if kid != self.id {
-            return Err(CryptoError::UnknownKey(kid.to_owned()));
-        }
+        let key = match kid == self.id {
+            true => self,
+            false => {
+                self.retired.iter().find(|k| k.id == kid).ok_or_else(|| CryptoError::UnknownKey(kid.to_owned()))?
+            }
+        };
         let mut bytes = URL_SAFE_NO_PAD.decode(body).map_err(|_| CryptoError::Malformed)?;
         if bytes.len() < NONCE_LEN {
             return Err(CryptoError::Malformed);
         }
         let mut ciphertext = bytes.split_off(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(&bytes).map_err(|_| CryptoError::Malformed)?;
-        let plain = self
+        let plain = key
             .aead()
             .open_in_place(nonce, Aad::from(purpose.as_bytes()), &mut ciphertext)
             .map_err(|_| CryptoError::Authentication)?;
@@ -136,6 +157,18 @@ mod tests {
         tampered.push(if sealed.ends_with('A') { 'B' } else { 'A' });
         assert!(key.open("webhook.secret", &tampered).is_err());
         assert_eq!(key.open("webhook.secret", "plain"), Err(CryptoError::Malformed));
+    }
+
+    #[test]
+    fn retired_keys_open_what_they_sealed_and_never_seal() {
+        let old = SecretKey::from_bytes([1; 32]);
+        let sealed = old.seal_str("webhook.secret", "s");
+        let new = SecretKey::from_bytes([2; 32]).with_retired(vec![old.clone()]);
+        assert_eq!(new.open_str("webhook.secret", &sealed).unwrap(), "s");
+        assert!(!new.sealed_by_current(&sealed));
+        let resealed = new.seal_str("webhook.secret", "s");
+        assert!(new.sealed_by_current(&resealed) && resealed.split('.').nth(1) == Some(new.id()));
+        assert!(matches!(old.open("webhook.secret", &resealed), Err(CryptoError::UnknownKey(_))));
     }
 
     #[test]

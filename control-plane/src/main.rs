@@ -25,6 +25,14 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied to {}", herald_control_plane::config::redact_url(&args.database_url));
             Ok(())
         }
+        Command::Rekey { db: args, keys } => {
+            let key = keys.keyring()?;
+            let conn = db::connect(&args.database_url).await.context("cannot open the database")?;
+            db::migrate(&conn).await.context("cannot migrate the database")?;
+            let rewritten = store::Store::new(conn, key.clone()).reseal_all().await?;
+            println!("re-sealed {rewritten} webhooks under key {}", key.id());
+            Ok(())
+        }
         Command::Keys(KeysCommand::Create { db: args, workspace, scope }) => {
             let scope = Scope::parse(&scope).context("--scope must be `admin` or `publish`")?;
             herald_control_plane::auth::validate_workspace_id(&workspace).map_err(anyhow::Error::msg)?;

@@ -331,3 +331,59 @@ impl Store {
             .await
     }
 }
+
+impl Store {
+    /// Re-seals every secret, header value and transform variable that a retired key sealed under
+    /// the current key (`herald rekey`), and returns how many webhooks it rewrote. A row is
+    /// rewritten only if it did not change since it was read; a pass repeats until none is left,
+    /// so running beside a control plane that holds both keys is safe.
+    pub async fn reseal_all(&self) -> Result<u64, StoreError> {
+        let key = &self.key;
+        let crypto = |id: &str, e: crate::crypto::CryptoError| StoreError::Internal(format!("webhook {id}: {e}"));
+        let reseal = |id: &str, purpose: &str, sealed: &str| -> Result<String, StoreError> {
+            match key.sealed_by_current(sealed) {
+                true => Ok(sealed.to_owned()),
+                false => Ok(key.seal(purpose, &key.open(purpose, sealed).map_err(|e| crypto(id, e))?)),
+            }
+        };
+        let mut rewritten = 0;
+        for _pass in 0..10 {
+            let mut stale = 0;
+            for m in webhook::Entity::find().order_by_asc(webhook::Column::Id).all(&self.db).await? {
+                let headers: BTreeMap<String, String> =
+                    serde_json::from_str(&m.headers).map_err(|e| StoreError::Internal(e.to_string()))?;
+                let sealed = std::iter::once(&m.secret)
+                    .chain(m.previous_secret.iter())
+                    .chain(m.transform_vars.iter())
+                    .chain(headers.values());
+                if sealed.clone().all(|s| key.sealed_by_current(s)) {
+                    continue;
+                }
+                let headers = headers
+                    .iter()
+                    .map(|(name, v)| Ok((name.clone(), reseal(&m.id, HEADERS, v)?)))
+                    .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
+                let previous = m.previous_secret.as_deref().map(|s| reseal(&m.id, SECRET, s)).transpose()?;
+                let vars = m.transform_vars.as_deref().map(|s| reseal(&m.id, VARS, s)).transpose()?;
+                let done = webhook::Entity::update_many()
+                    .col_expr(webhook::Column::Secret, Expr::value(reseal(&m.id, SECRET, &m.secret)?))
+                    .col_expr(webhook::Column::PreviousSecret, Expr::value(previous))
+                    .col_expr(webhook::Column::TransformVars, Expr::value(vars))
+                    .col_expr(webhook::Column::Headers, Expr::value(serde_json::to_string(&headers).expect("strings")))
+                    .filter(webhook::Column::Id.eq(&m.id))
+                    .filter(webhook::Column::UpdatedAt.eq(m.updated_at))
+                    .filter(webhook::Column::Secret.eq(&m.secret))
+                    .exec(&self.db)
+                    .await?;
+                match done.rows_affected {
+                    0 => stale += 1,
+                    n => rewritten += n,
+                }
+            }
+            if stale == 0 {
+                return Ok(rewritten);
+            }
+        }
+        Err(StoreError::Unavailable("webhooks kept changing while they were re-sealed; run rekey again".into()))
+    }
+}

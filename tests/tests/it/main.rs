@@ -30,6 +30,7 @@ mod hostile;
 mod logs;
 mod pipeline;
 mod queue;
+mod receivers;
 mod security;
 mod support;
 mod webhooks;

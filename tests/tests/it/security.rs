@@ -346,3 +346,54 @@ async fn rotation_signs_with_both_secrets_during_the_grace_period_then_with_the_
     assert_eq!(after.header("webhook-signature").split(' ').count(), 1);
     assert!(verifies(&rotated[1], &after) && !verifies(&std_hook.secret, &after));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_key_rotates_with_rekey() {
+    use herald_control_plane::crypto::SecretKey;
+    use herald_control_plane::store::Store;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let (old, new) = (SecretKey::generate_base64(), SecretKey::generate_base64());
+    let mut config = Config::for_tests(db.url.clone());
+    config.secret_key = SecretKey::from_base64(&old).unwrap();
+    let cp = ControlPlane::start(config).await;
+    let mut w = webhook("sealed", "https://example.com/hook", &["*"]);
+    w.headers.insert("Authorization".into(), "Bearer header-value-6a1f".into());
+    w.transform_vars.insert("token".into(), "var-value-93be".into());
+    let created = cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
+    let created = created.into_inner();
+    let rotated = cp
+        .webhooks()
+        .rotate_webhook_secret(proto::RotateWebhookSecretRequest { id: created.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    cp.stop().await;
+
+    // The new key alone cannot open what the old one sealed, and says so.
+    let store = Store::new(db.connect().await, SecretKey::from_base64(&new).unwrap());
+    let refused = store.get_webhook_any(&created.id).await.unwrap_err();
+    assert!(refused.to_string().contains("not configured"), "{refused}");
+
+    let rekey = || {
+        tokio::process::Command::new(herald_tests::bin("herald"))
+            .args(["rekey", "--database-url", &db.url])
+            .env("HERALD_SECRET_KEY", &new)
+            .env("HERALD_PREVIOUS_SECRET_KEYS", &old)
+            .output()
+    };
+    let out = rekey().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("re-sealed 1 webhooks"));
+    let opened = store.get_webhook_any(&created.id).await.expect("the new key opens everything now");
+    assert_eq!(opened.secret, rotated.secret);
+    assert_eq!(opened.previous_secret.as_deref(), Some(created.secret.as_str()));
+    assert_eq!(opened.spec.headers["Authorization"], "Bearer header-value-6a1f");
+    assert_eq!(opened.spec.transform_vars["token"], "var-value-93be");
+    let old_id = SecretKey::from_base64(&old).unwrap().id().to_owned();
+    assert!(!db.snapshot().await.contains(&format!("v1.{old_id}.")), "nothing sealed by the old key is left");
+    let again = rekey().await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&again.stdout).starts_with("re-sealed 0 webhooks"),
+        "a second run has nothing to do"
+    );
+}
