@@ -112,7 +112,9 @@ async fn run_sample_receiver(interpreter: &str, script: &str) {
     tampered_body[10] ^= 1;
     let fresh = body("evt_fresh");
     let stale = body("evt_stale");
-    let cases: Vec<(&str, &str, Vec<(&str, String)>, &[u8], u16, &str)> = vec![
+    type Headers = Vec<(&'static str, String)>;
+    // (what, path, headers, body, status wanted, decision wanted)
+    let cases: Vec<(&str, &str, Headers, &[u8], u16, &str)> = vec![
         (
             "a forged signature",
             "/ct",
