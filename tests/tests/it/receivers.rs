@@ -48,6 +48,15 @@ async fn post(port: u16, path: &str, headers: &[(&str, String)], body: &[u8]) ->
     answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not HTTP: {answer:?}"))
 }
 
+/// A request sent straight to a receiver, and the status and decision it must get.
+struct Forged<'a> {
+    what: &'a str,
+    path: &'a str,
+    headers: Vec<(&'static str, String)>,
+    body: &'a [u8],
+    want: (u16, &'a str),
+}
+
 fn standard_headers(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
     let key = herald_shared::signature::standard_key(secret).unwrap();
     vec![
@@ -112,55 +121,54 @@ async fn run_sample_receiver(interpreter: &str, script: &str) {
     tampered_body[10] ^= 1;
     let fresh = body("evt_fresh");
     let stale = body("evt_stale");
-    type Headers = Vec<(&'static str, String)>;
-    // (what, path, headers, body, status wanted, decision wanted)
-    let cases: Vec<(&str, &str, Headers, &[u8], u16, &str)> = vec![
-        (
-            "a forged signature",
-            "/ct",
-            vec![("X-CloudThinker-Signature", sig("guessed-secret-0000000000", &forged))],
-            &forged,
-            401,
-            "rejected",
-        ),
-        (
-            "a replay of a processed event",
-            "/ct",
-            vec![("X-CloudThinker-Signature", sig(CT_SECRET, &replayed))],
-            &replayed,
-            200,
-            "duplicate",
-        ),
-        (
-            "a rotation: the old secret unknown here, the new one in -Next",
-            "/ct",
-            vec![
+    let cases = [
+        Forged {
+            what: "a forged signature",
+            path: "/ct",
+            headers: vec![("X-CloudThinker-Signature", sig("guessed-secret-0000000000", &forged))],
+            body: &forged,
+            want: (401, "rejected"),
+        },
+        Forged {
+            what: "a replay of a processed event",
+            path: "/ct",
+            headers: vec![("X-CloudThinker-Signature", sig(CT_SECRET, &replayed))],
+            body: &replayed,
+            want: (200, "duplicate"),
+        },
+        Forged {
+            what: "a rotation: the old secret unknown here, the new one in -Next",
+            path: "/ct",
+            headers: vec![
                 ("X-CloudThinker-Signature", sig("the-retired-secret-000000000", &rotated)),
                 ("X-CloudThinker-Signature-Next", sig(CT_SECRET, &rotated)),
             ],
-            &rotated,
-            204,
-            "processed",
-        ),
-        (
-            "a stale timestamp",
-            "/std",
-            standard_headers(&std_secret, "evt_stale", now - 600, &stale),
-            &stale,
-            401,
-            "rejected",
-        ),
-        ("a tampered body", "/std", tampered_headers, &tampered_body, 401, "rejected"),
-        (
-            "a fresh, valid request",
-            "/std",
-            standard_headers(&std_secret, "evt_fresh", now, &fresh),
-            &fresh,
-            204,
-            "processed",
-        ),
+            body: &rotated,
+            want: (204, "processed"),
+        },
+        Forged {
+            what: "a stale timestamp",
+            path: "/std",
+            headers: standard_headers(&std_secret, "evt_stale", now - 600, &stale),
+            body: &stale,
+            want: (401, "rejected"),
+        },
+        Forged {
+            what: "a tampered body",
+            path: "/std",
+            headers: tampered_headers,
+            body: &tampered_body,
+            want: (401, "rejected"),
+        },
+        Forged {
+            what: "a fresh, valid request",
+            path: "/std",
+            headers: standard_headers(&std_secret, "evt_fresh", now, &fresh),
+            body: &fresh,
+            want: (204, "processed"),
+        },
     ];
-    for (what, path, headers, body, status, outcome) in cases {
+    for Forged { what, path, headers, body, want: (status, outcome) } in cases {
         assert_eq!(post(port, path, &headers, body).await, status, "{interpreter}: {what}");
         let (seen_path, seen_outcome, _) = next_decision(&mut lines).await;
         assert_eq!((seen_path.as_str(), seen_outcome.as_str()), (path, outcome), "{interpreter}: {what}");
