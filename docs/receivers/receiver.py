@@ -16,12 +16,14 @@ import hmac
 import json
 import os
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SECRETS = [s for s in os.environ.get("WEBHOOK_SECRETS", "").split(",") if s]
 TOLERANCE_SECONDS = 5 * 60
 seen_events = set()  # in production: a table with a unique key on (endpoint, event id)
+lock = threading.Lock()  # requests are handled on several threads
 
 
 def cloudthinker_ok(body, headers):
@@ -65,14 +67,17 @@ class Receiver(BaseHTTPRequestHandler):
             return self.answer(401, "rejected", None)
         event_id = json.loads(body)["id"]  # also in X-CloudThinker-Event-Id
         key = (self.path, event_id)  # one endpoint sees each event once
-        if key in seen_events:
+        with lock:
+            duplicate = key in seen_events
+            seen_events.add(key)
+        if duplicate:
             return self.answer(200, "duplicate", event_id)
-        seen_events.add(key)
         # ... act on the event here ...
         self.answer(204, "processed", event_id)
 
     def answer(self, status, outcome, event_id):
-        print(json.dumps({"path": self.path, "outcome": outcome, "event_id": event_id}), flush=True)
+        with lock:
+            print(json.dumps({"path": self.path, "outcome": outcome, "event_id": event_id}), flush=True)
         self.send_response(status)
         self.send_header("Content-Length", "0")
         self.end_headers()
