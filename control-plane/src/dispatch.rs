@@ -24,6 +24,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::metrics::{AttemptLabels, Metrics, Outcome, OutcomeLabels, Reason, ReasonLabels};
 use crate::store::queue::{Applied, AttemptReport, Claimed, Filter, Limits, QueuePolicy};
 use crate::store::webhooks::Webhook;
 use crate::store::{Store, StoreError, now_millis};
@@ -108,6 +109,7 @@ struct Inner {
     results: mpsc::Sender<Arrived>,
     /// Delivery changes for `WatchDeliveries`.
     changes: tokio::sync::broadcast::Sender<Arc<crate::db::entity::delivery::Model>>,
+    metrics: Arc<Metrics>,
 }
 
 /// A handle to the dispatcher. Cheap to clone.
@@ -123,6 +125,7 @@ impl Dispatcher {
         policy: QueuePolicy,
         header_prefix: String,
         response_body_limit: usize,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Dispatcher {
         let (results, rx) = mpsc::channel(8192);
@@ -140,6 +143,7 @@ impl Dispatcher {
             wake: Notify::new(),
             results,
             changes: tokio::sync::broadcast::channel(4096).0,
+            metrics,
         });
         let d = Dispatcher { inner };
         tokio::spawn(d.clone().dispatch_loop(shutdown.clone()));
@@ -270,12 +274,23 @@ impl Dispatcher {
             Ok(leases) => {
                 if !leases.is_empty() {
                     tracing::info!(holder, leases = leases.len(), "an agent left; its leases are dispatched again");
+                    self.inner.metrics.leases_reclaimed.get_or_create(&agent_left()).inc_by(leases.len() as u64);
                 }
                 self.release_leases(&leases);
             }
             Err(e) => tracing::warn!(error = %e, "cannot take back the leases of a closed session; they will expire"),
         }
         self.wake();
+    }
+
+    /// How many agent sessions are open, per zone.
+    pub fn zones(&self) -> HashMap<String, i64> {
+        let state = self.inner.state.lock().expect("dispatcher lock");
+        let mut zones = HashMap::new();
+        for s in state.sessions.values() {
+            *zones.entry(s.zone.clone()).or_default() += 1;
+        }
+        zones
     }
 
     /// The connected agents, optionally of one zone.
@@ -322,6 +337,7 @@ impl Dispatcher {
                 match self.inner.store.reclaim_leases(None, now, &self.inner.policy).await {
                     Ok(leases) if !leases.is_empty() => {
                         tracing::info!(leases = leases.len(), "expired leases taken back");
+                        self.inner.metrics.leases_reclaimed.get_or_create(&expired()).inc_by(leases.len() as u64);
                         self.release_leases(&leases);
                     }
                     Ok(_) => {}
@@ -634,13 +650,21 @@ impl Dispatcher {
             let batch = std::mem::take(&mut buf);
             let leases: Vec<String> = batch.iter().map(|a| a.result.lease_id.clone()).collect();
             let delivery_ids: Vec<String> = batch.iter().map(|a| a.result.delivery_id.clone()).collect();
+            let metrics = &self.inner.metrics;
             let reports: Vec<AttemptReport> = {
                 let state = self.inner.state.lock().expect("dispatcher lock");
                 batch
                     .into_iter()
                     .map(|a| {
-                        let request_body = state.leases.get(&a.result.lease_id).and_then(|m| m.request_body.clone());
-                        report(a, request_body)
+                        let meta = state.leases.get(&a.result.lease_id);
+                        let report = report(a, meta.and_then(|m| m.request_body.clone()));
+                        if let (Some(meta), false) = (meta, report.not_sent) {
+                            let webhook = metrics.webhook_label(&meta.webhook_id);
+                            let class = crate::metrics::class(report.status, report.error_kind);
+                            metrics.attempts.get_or_create(&AttemptLabels { webhook, class }).inc();
+                            metrics.attempt_seconds.observe(report.duration_ms as f64 / 1000.0);
+                        }
+                        report
                     })
                     .collect()
             };
@@ -648,6 +672,15 @@ impl Dispatcher {
             match self.inner.store.record_results(reports, now, &self.inner.policy).await {
                 Ok(applied) => {
                     for a in applied {
+                        let outcome = match a {
+                            Applied::Succeeded => Some(Outcome::succeeded),
+                            Applied::Retry { .. } => Some(Outcome::retrying),
+                            Applied::Failed => Some(Outcome::failed),
+                            Applied::Released | Applied::Stale => None,
+                        };
+                        if let Some(outcome) = outcome {
+                            metrics.deliveries.get_or_create(&OutcomeLabels { outcome }).inc();
+                        }
                         if let Applied::Retry { at } = a {
                             let _ = self.inner.due_wake.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
                                 Some(if w == 0 { at } else { w.min(at) })
@@ -706,4 +739,12 @@ fn traceparent() -> String {
     rand::rng().fill_bytes(&mut trace);
     rand::rng().fill_bytes(&mut span);
     format!("00-{}-{}-01", hex::encode(trace), hex::encode(span))
+}
+
+fn expired() -> ReasonLabels {
+    ReasonLabels { reason: Reason::expired }
+}
+
+fn agent_left() -> ReasonLabels {
+    ReasonLabels { reason: Reason::agent_left }
 }

@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod db;
 pub mod dev;
 pub mod dispatch;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod templates;

@@ -40,6 +40,7 @@ pub struct AppState {
     pub auth: Authenticator,
     pub config: Arc<Config>,
     pub rules: Rules,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Runs a control plane on the given listeners until `shutdown` is cancelled, then stops
@@ -70,14 +71,17 @@ pub async fn run(
         config.retry_after_max,
         config.response_body_limit,
     );
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let dispatcher = crate::dispatch::Dispatcher::spawn(
         store.clone(),
         policy,
         config.header_prefix.clone(),
         config.response_body_limit,
+        metrics.clone(),
         shutdown.clone(),
     );
     let state = AppState {
+        metrics,
         dispatcher,
         shutdown: shutdown.clone(),
         auth: Authenticator::new(store.clone()),
@@ -124,7 +128,8 @@ pub async fn run(
             let app = axum::Router::new()
                 .route("/healthz", get(|| async { "ok" }))
                 .route("/readyz", get(readyz))
-                .with_state(state.store.db.clone());
+                .route("/metrics", get(metrics_page))
+                .with_state(state.clone());
             let token = shutdown.clone();
             Some(tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await {
@@ -159,9 +164,40 @@ pub async fn run(
     served.context("gRPC server failed")
 }
 
-async fn readyz(State(db): State<sea_orm::DatabaseConnection>) -> (StatusCode, &'static str) {
-    match tokio::time::timeout(db::ACQUIRE_TIMEOUT, db::ping(&db)).await {
+async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    match tokio::time::timeout(db::ACQUIRE_TIMEOUT, db::ping(&state.store.db)).await {
         Ok(Ok(())) => (StatusCode::OK, "ready"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable"),
     }
+}
+
+/// The Prometheus exposition, with the queue read from the database and the agents from the
+/// dispatcher at scrape time.
+async fn metrics_page(State(state): State<AppState>) -> (StatusCode, [(axum::http::HeaderName, &'static str); 1], String) {
+    use crate::metrics::{StatusLabels, ZoneLabels};
+    let m = &state.metrics;
+    match tokio::time::timeout(db::ACQUIRE_TIMEOUT, state.store.queue_stats()).await {
+        Ok(Ok((counts, oldest))) => {
+            m.queue_depth.clear();
+            for (status, n) in counts {
+                let status = match status {
+                    crate::db::entity::delivery::status::IN_FLIGHT => "in_flight",
+                    crate::db::entity::delivery::status::PARKED => "paused",
+                    _ => "pending",
+                }
+                .to_owned();
+                m.queue_depth.get_or_create(&StatusLabels { status }).set(n);
+            }
+            let age = oldest.map_or(0, |t| (crate::store::now_millis() - t).max(0) / 1000);
+            m.oldest_pending_seconds.set(age);
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queue for /metrics"),
+        Err(_) => tracing::warn!("reading the queue for /metrics timed out"),
+    }
+    m.agents_connected.clear();
+    for (zone, n) in state.dispatcher.zones() {
+        m.agents_connected.get_or_create(&ZoneLabels { zone }).set(n);
+    }
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, content_type)], m.encode())
 }

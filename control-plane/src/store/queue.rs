@@ -154,6 +154,28 @@ impl Store {
         Ok(due.flatten())
     }
 
+    /// Deliveries not yet final, counted by status, and when the oldest pending one was created
+    /// (for `/metrics`).
+    pub async fn queue_stats(&self) -> Result<(Vec<(i16, i64)>, Option<i64>), StoreError> {
+        let counts: Vec<(i16, i64)> = delivery::Entity::find()
+            .select_only()
+            .column(delivery::Column::Status)
+            .column_as(delivery::Column::Id.count(), "n")
+            .filter(delivery::Column::Status.is_in(status::OPEN))
+            .group_by(delivery::Column::Status)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let oldest: Option<Option<i64>> = delivery::Entity::find()
+            .select_only()
+            .column_as(delivery::Column::CreatedAt.min(), "oldest")
+            .filter(delivery::Column::Status.eq(status::PENDING))
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok((counts, oldest.flatten()))
+    }
+
     /// When the earliest current lease expires, if any delivery is in flight.
     pub async fn next_lease_expiry(&self) -> Result<Option<i64>, StoreError> {
         let at: Option<Option<i64>> = delivery::Entity::find()
