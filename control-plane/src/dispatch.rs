@@ -523,7 +523,7 @@ impl Dispatcher {
                 None => (envelope, None),
                 Some(t) => match crate::transform::render(t, &envelope, &spec.transform_vars) {
                     Ok(b) => {
-                        let text = String::from_utf8_lossy(&b).into_owned();
+                        let text = crate::transform::redact(&String::from_utf8_lossy(&b), &spec.transform_vars);
                         (Bytes::from(b), Some(text))
                     }
                     Err(e) => {

@@ -95,7 +95,11 @@ impl Default for Metrics {
         let oldest_pending_seconds = Gauge::default();
         let agents_connected = Family::<ZoneLabels, Gauge>::default();
         let mut r = Registry::with_prefix("herald");
-        r.register("events_published", "Events acknowledged by PublishEvent(s), idempotent repeats included", events_published.clone());
+        r.register(
+            "events_published",
+            "Events acknowledged by PublishEvent(s), idempotent repeats included",
+            events_published.clone(),
+        );
         r.register("deliveries", "Attempt results applied, by what they made of the delivery", deliveries.clone());
         r.register("attempts", "Attempts by webhook and HTTP status class or error kind", attempts.clone());
         r.register("attempt_duration_seconds", "How long attempts took, as agents measured", attempt_seconds.clone());

@@ -173,7 +173,9 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
 
 /// The Prometheus exposition, with the queue read from the database and the agents from the
 /// dispatcher at scrape time.
-async fn metrics_page(State(state): State<AppState>) -> (StatusCode, [(axum::http::HeaderName, &'static str); 1], String) {
+async fn metrics_page(
+    State(state): State<AppState>,
+) -> (StatusCode, [(axum::http::HeaderName, &'static str); 1], String) {
     use crate::metrics::{StatusLabels, ZoneLabels};
     let m = &state.metrics;
     match tokio::time::timeout(db::ACQUIRE_TIMEOUT, state.store.queue_stats()).await {

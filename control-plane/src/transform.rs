@@ -35,10 +35,61 @@ fn whole_expression(s: &str) -> Option<&str> {
     (!inner.contains("{{") && !inner.contains("}}")).then(|| inner.trim())
 }
 
+/// Rendered text, refused past `left` bytes: a template that repeats a large string stops at the
+/// output limit instead of growing without bound.
+struct Capped<'a> {
+    out: Vec<u8>,
+    left: &'a mut usize,
+}
+
+impl std::io::Write for Capped<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() > *self.left {
+            return Err(std::io::Error::other(format!("renders more than {MAX_OUTPUT} bytes")));
+        }
+        *self.left -= buf.len();
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Renders one template leaf into at most `left` more bytes.
+fn render_leaf(
+    env: &Environment<'static>,
+    source: &str,
+    ctx: &minijinja::Value,
+    left: &mut usize,
+) -> Result<String, minijinja::Error> {
+    let template = env.template_from_str(source)?;
+    let mut out = Capped { out: Vec::new(), left };
+    template.render_captured_to(ctx.clone(), &mut out).map_err(|e| match e.kind() {
+        minijinja::ErrorKind::WriteFailure => {
+            minijinja::Error::new(minijinja::ErrorKind::WriteFailure, format!("renders more than {MAX_OUTPUT} bytes"))
+        }
+        _ => e,
+    })?;
+    Ok(String::from_utf8_lossy(&out.out).into_owned())
+}
+
+/// Errors a leaf makes whatever the event holds: a loop past its fuel, output past the limit,
+/// recursion past the limit, a filter, test, function or method that does not exist.
+fn independent_of_data(e: &minijinja::Error) -> bool {
+    use minijinja::ErrorKind::*;
+    matches!(
+        e.kind(),
+        OutOfFuel | WriteFailure | UnknownFilter | UnknownTest | UnknownFunction | UnknownMethod | UnknownBlock
+    ) || e.to_string().contains("recursion limit")
+}
+
 /// Compiles every leaf, naming the first that does not compile, then renders it over a sample
-/// envelope so that a leaf that loops past its fuel whatever the event is refused at create and
-/// update rather than failing every delivery. Other render errors depend on the event's data
-/// (`data.title` of an event without one) and are left to delivery time.
+/// envelope so that a leaf that fails whatever the event is (a loop past its fuel, output past
+/// the limit, an unknown filter) is refused at create and update rather than failing every
+/// delivery. Other render errors depend on the event's data (`data.title` of an event without
+/// one) and are left to delivery time.
 pub fn check(transform: &Json, field: &str) -> Result<(), RenderError> {
     let env = environment();
     let sample = minijinja::context! {
@@ -51,21 +102,22 @@ pub fn check(transform: &Json, field: &str) -> Result<(), RenderError> {
 
 fn walk_check(env: &Environment<'static>, v: &Json, sample: &minijinja::Value, path: &str) -> Result<(), RenderError> {
     let fail = |message: String| RenderError { path: path.to_owned(), message };
-    let out_of_fuel = |r: Result<(), minijinja::Error>| match r {
+    let judge = |r: Result<(), minijinja::Error>| match r {
         Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => {
             Err(fail(format!("does not finish within {FUEL} steps of fuel (a loop?)")))
         }
+        Err(e) if independent_of_data(&e) => Err(fail(format!("fails whatever the event: {e}"))),
         _ => Ok(()),
     };
     match v {
         Json::String(s) => match whole_expression(s) {
             Some(expr) => {
                 let compiled = env.compile_expression(expr).map_err(|e| fail(e.to_string()))?;
-                out_of_fuel(compiled.eval(sample).map(|_| ()))
+                judge(compiled.eval(sample).map(|_| ()))
             }
             None => {
-                let compiled = env.template_from_str(s).map_err(|e| fail(e.to_string()))?;
-                out_of_fuel(compiled.render(sample).map(|_| ()))
+                env.template_from_str(s).map_err(|e| fail(e.to_string()))?;
+                judge(render_leaf(env, s, sample, &mut MAX_OUTPUT.clone()).map(|_| ()))
             }
         },
         Json::Array(items) => {
@@ -90,7 +142,7 @@ pub fn render(
     }
     let ctx = minijinja::Value::deserialize(ctx).map_err(|e| fail("envelope", e.to_string()))?;
     let env = environment();
-    let body = walk_render(&env, transform, &ctx, "transform")?;
+    let body = walk_render(&env, transform, &ctx, "transform", &mut MAX_OUTPUT.clone())?;
     let bytes = serde_json::to_vec(&body).map_err(|e| fail("transform", e.to_string()))?;
     if bytes.len() > MAX_OUTPUT {
         return Err(fail("transform", format!("renders {} bytes; at most {MAX_OUTPUT}", bytes.len())));
@@ -98,7 +150,13 @@ pub fn render(
     Ok(bytes)
 }
 
-fn walk_render(env: &Environment<'static>, v: &Json, ctx: &minijinja::Value, path: &str) -> Result<Json, RenderError> {
+fn walk_render(
+    env: &Environment<'static>,
+    v: &Json,
+    ctx: &minijinja::Value,
+    path: &str,
+    left: &mut usize,
+) -> Result<Json, RenderError> {
     let fail = |e: String| RenderError { path: path.to_owned(), message: e };
     Ok(match v {
         Json::String(s) => match whole_expression(s) {
@@ -110,22 +168,37 @@ fn walk_render(env: &Environment<'static>, v: &Json, ctx: &minijinja::Value, pat
                     serde_json::to_value(&value).map_err(|e| fail(e.to_string()))?
                 }
             }
-            None => Json::String(env.render_str(s, ctx).map_err(|e| fail(e.to_string()))?),
+            None => Json::String(render_leaf(env, s, ctx, left).map_err(|e| fail(e.to_string()))?),
         },
         Json::Array(items) => Json::Array(
             items
                 .iter()
                 .enumerate()
-                .map(|(i, v)| walk_render(env, v, ctx, &format!("{path}[{i}]")))
+                .map(|(i, v)| walk_render(env, v, ctx, &format!("{path}[{i}]"), left))
                 .collect::<Result<_, _>>()?,
         ),
         Json::Object(map) => Json::Object(
             map.iter()
-                .map(|(k, v)| Ok((k.clone(), walk_render(env, v, ctx, &format!("{path}.{k}"))?)))
+                .map(|(k, v)| Ok((k.clone(), walk_render(env, v, ctx, &format!("{path}.{k}"), left)?)))
                 .collect::<Result<_, RenderError>>()?,
         ),
         other => other.clone(),
     })
+}
+
+/// `body` with every non-empty value of `vars` (and its JSON-escaped spelling) replaced by
+/// `***`, for the attempt log: a transform may place a secret variable (a routing key, a token)
+/// in the body it sends, and the log must not keep it.
+pub fn redact(body: &str, vars: &std::collections::BTreeMap<String, String>) -> String {
+    let mut values: Vec<String> = Vec::new();
+    for v in vars.values().filter(|v| !v.is_empty()) {
+        let escaped = serde_json::to_string(v).expect("strings serialize");
+        values.push(escaped[1..escaped.len() - 1].to_owned());
+        values.push(v.clone());
+    }
+    // Longest first, so a value containing another is replaced whole.
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values.into_iter().fold(body.to_owned(), |body, v| body.replace(&v, "***"))
 }
 
 #[cfg(test)]
@@ -162,6 +235,39 @@ mod tests {
         let t = json!({"x": "{% for i in range(100000) %}{% for j in range(100000) %}.{% endfor %}{% endfor %}"});
         let err = render(&t, ENVELOPE, &vars()).unwrap_err();
         assert_eq!(err.path, "transform.x");
+    }
+
+    #[test]
+    fn output_is_capped_while_it_renders() {
+        let huge = json!({"x": "{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{{ s }}{% endfor %}"});
+        let err = render(&huge, ENVELOPE, &vars()).unwrap_err();
+        assert!(err.message.contains("renders more than"), "{}", err.message);
+        let err = check(&huge, "t").unwrap_err();
+        assert!(err.message.contains("renders more than"), "{}", err.message);
+    }
+
+    #[test]
+    fn data_independent_failures_are_refused_at_check() {
+        for leaf in [
+            "{{ type | no_such_filter }}",
+            "{{ no_such_function() }}",
+            "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}",
+        ] {
+            let err = check(&json!({"a": leaf}), "t").unwrap_err();
+            assert_eq!(err.path, "t.a", "{leaf}");
+        }
+    }
+
+    #[test]
+    fn secrets_in_vars_are_redacted_from_the_logged_body() {
+        let vars = [("key".to_owned(), "R0UT\"ING".to_owned()), ("empty".to_owned(), String::new())].into();
+        let body =
+            render(&json!({"routing_key": "{{ vars.key }}", "k": "key={{ vars.key }}"}), ENVELOPE, &vars).unwrap();
+        let body = String::from_utf8(body).unwrap();
+        assert!(body.contains(r#"R0UT\"ING"#));
+        let logged = redact(&body, &vars);
+        assert!(!logged.contains("R0UT"), "{logged}");
+        assert_eq!(logged, r#"{"k":"key=***","routing_key":"***"}"#);
     }
 
     #[test]

@@ -8,8 +8,9 @@ use ipnet::IpNet;
 /// Whether `ip` may be reached: it is global, or one of the `allow` ranges (`--allow-cidr`)
 /// contains it. IPv4-mapped addresses are judged as the IPv4 address they carry.
 pub fn permitted(allow: &[IpNet], ip: IpAddr) -> bool {
-    let ip = canonical(ip);
-    allow.iter().any(|net| net.contains(&ip)) || is_global(ip)
+    let v4 = canonical(ip);
+    // A range may be written either way: `127.0.0.0/8`, or mapped as `::ffff:127.0.0.0/104`.
+    allow.iter().any(|net| net.contains(&v4) || net.contains(&ip)) || is_global(v4)
 }
 
 /// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are judged as the IPv4 address they carry.
@@ -58,7 +59,8 @@ fn is_global_v6(ip: Ipv6Addr) -> bool {
         || (s[0] == 0x2001 && s[1] == 0x0db8)  // documentation
         || (s[0] == 0x3fff && s[1] < 0x1000)   // documentation 3fff::/20
         || (s[0] == 0x2001 && s[1] == 0)       // Teredo 2001::/32 (embeds IPv4)
-        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x0010) // ORCHIDv1/v2
+        || (s[0] == 0x2001 && s[1] == 0x0002 && s[2] == 0) // benchmarking 2001:2::/48
+        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x0010) // ORCHIDv1 2001:10::/28 (deprecated)
         || s[0] == 0x2002                      // 6to4 (embeds IPv4)
         || (s[0] == 0x0064 && s[1] == 0xff9b)  // NAT64 64:ff9b::/96 and 64:ff9b:1::/48
         || (s[0] == 0x0100 && s[1..4] == [0, 0, 0]) // discard 100::/64
@@ -124,6 +126,7 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "febf::1",
             "3fff::1",
+            "2001:2::1",
         ];
         let allowed = [
             "8.8.8.8",
@@ -163,5 +166,7 @@ mod tests {
         assert!(!permitted(&allow, "10.0.0.1".parse().unwrap()));
         assert!(!permitted(&allow, "::1".parse().unwrap()));
         assert!(permitted(&allow, "8.8.8.8".parse().unwrap()));
+        let mapped: Vec<IpNet> = vec!["::ffff:127.0.0.0/104".parse().unwrap()];
+        assert!(permitted(&mapped, "::ffff:127.0.0.1".parse().unwrap()), "a range may be written mapped");
     }
 }

@@ -205,6 +205,18 @@ impl AgentProcess {
 
     /// Starts an agent whose egress guard opens no range beyond those `extra` names.
     pub fn guarded(url: &str, zone: &str, id: &str, ca: Option<&std::path::Path>, extra: &[&str]) -> AgentProcess {
+        Self::with_env(url, zone, id, ca, extra, &[])
+    }
+
+    /// Like [`AgentProcess::guarded`], with `env` added to the agent's environment.
+    pub fn with_env(
+        url: &str,
+        zone: &str,
+        id: &str,
+        ca: Option<&std::path::Path>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
         let logs = tempfile::tempdir().unwrap();
         let log = logs.path().join("agent.log");
         let file = std::fs::File::create(&log).unwrap();
@@ -212,6 +224,7 @@ impl AgentProcess {
         cmd.args(["--control-plane", url, "--zone", zone, "--agent-id", id, "--token", AGENT_TOKEN])
             .args(["--http-addr", "127.0.0.1:0"])
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

@@ -211,6 +211,36 @@ async fn every_rpc_answers_hostile_input_and_writes_nothing(backend: Backend) {
     let req = proto::CreateWebhookRequest { webhook: Some(w) };
     let field = Some("webhook.headers[\"X-Big\"]");
     case!("CreateWebhook", "header value over 8 KiB", InvalidArgument, field, cp.webhooks(), create_webhook, req);
+    let long_name = format!("X-{}", "a".repeat(255));
+    let mut w = webhook("h", "https://example.com/hook", &["*"]);
+    w.headers.insert(long_name.clone(), "v".into());
+    let req = proto::CreateWebhookRequest { webhook: Some(w) };
+    let field = format!("webhook.headers[{long_name:?}]");
+    let field = Some(field.as_str());
+    case!("CreateWebhook", "header name over 256", InvalidArgument, field, cp.webhooks(), create_webhook, req);
+    let mut w = webhook("v", "https://example.com/hook", &["*"]);
+    w.transform_vars.insert("token".into(), "v".repeat(4097));
+    let req = proto::CreateWebhookRequest { webhook: Some(w) };
+    let field = Some("webhook.transform_vars[\"token\"]");
+    case!("CreateWebhook", "variable over 4 KiB", InvalidArgument, field, cp.webhooks(), create_webhook, req);
+    let mut w = webhook("v", "https://example.com/hook", &["*"]);
+    w.transform_vars = (0..65).map(|i| (format!("v{i}"), "x".to_owned())).collect();
+    let req = proto::CreateWebhookRequest { webhook: Some(w) };
+    let field = Some("webhook.transform_vars");
+    case!("CreateWebhook", "65 variables", InvalidArgument, field, cp.webhooks(), create_webhook, req);
+    let patterns: Vec<String> = (0..101).map(|_| "incident.created".to_owned()).collect();
+    let mut w = webhook("e", "https://example.com/hook", &[]);
+    w.events = patterns;
+    let req = proto::CreateWebhookRequest { webhook: Some(w) };
+    case!(
+        "CreateWebhook",
+        "101 event patterns",
+        InvalidArgument,
+        Some("webhook.events"),
+        cp.webhooks(),
+        create_webhook,
+        req
+    );
     let req = proto::CreateWebhookRequest { webhook: None };
     case!("CreateWebhook", "no webhook", InvalidArgument, Some("webhook"), cp.webhooks(), create_webhook, req);
 
@@ -268,8 +298,6 @@ async fn every_rpc_answers_hostile_input_and_writes_nothing(backend: Backend) {
         case!("RotateWebhookSecret", what, InvalidArgument, Some("id"), cp.webhooks(), rotate_webhook_secret, req);
         let req = proto::SendTestEventRequest { webhook_id: (*id).into(), event_type: String::new() };
         case!("SendTestEvent", what, InvalidArgument, Some("webhook_id"), cp.webhooks(), send_test_event, req);
-        let req = proto::GetEventRequest { id: format!("{id}\u{0}") };
-        case!("GetEvent", what, InvalidArgument, Some("id"), cp.events(), get_event, req);
         let req = proto::GetDeliveryRequest { id: (*id).into() };
         case!("GetDelivery", what, InvalidArgument, Some("id"), cp.deliveries_as(key), get_delivery, req);
         let req = proto::RetryDeliveryRequest { id: (*id).into() };
@@ -277,6 +305,23 @@ async fn every_rpc_answers_hostile_input_and_writes_nothing(backend: Backend) {
         let req = proto::ReplayWebhookRequest { webhook_id: (*id).into(), ..Default::default() };
         case!("ReplayWebhook", what, InvalidArgument, Some("webhook_id"), cp.deliveries_as(key), replay_webhook, req);
     }
+    // Event ids are the publisher's own; these break their rules.
+    for id in ["", "../../etc/passwd", "evt_1'", "a b", "evt\u{0}", &"a".repeat(65)] {
+        let req = proto::GetEventRequest { id: id.to_owned() };
+        case!("GetEvent", format!("malformed id {id:?}"), InvalidArgument, Some("id"), cp.events(), get_event, req);
+    }
+    // Well-formed ids of nothing.
+    let unknown = "wh_01aaaaaaaaaaaaaaaaaaaaaaaa";
+    let req = proto::GetWebhookRequest { id: unknown.into() };
+    case!("GetWebhook", "unknown id", NotFound, None, cp.webhooks(), get_webhook, req);
+    let req = proto::DeleteWebhookRequest { id: unknown.into() };
+    case!("DeleteWebhook", "unknown id", NotFound, None, cp.webhooks(), delete_webhook, req);
+    let req = proto::GetEventRequest { id: "evt_nothere".into() };
+    case!("GetEvent", "unknown id", NotFound, None, cp.events(), get_event, req);
+    let req = proto::GetDeliveryRequest { id: "dlv_01aaaaaaaaaaaaaaaaaaaaaaaa".into() };
+    case!("GetDelivery", "unknown id", NotFound, None, cp.deliveries_as(key), get_delivery, req);
+    let req = proto::RetryDeliveryRequest { id: "dlv_01aaaaaaaaaaaaaaaaaaaaaaaa".into() };
+    case!("RetryDelivery", "unknown id", NotFound, None, cp.deliveries_as(key), retry_delivery, req);
     let other = "another workspace's id";
     let req = proto::GetWebhookRequest { id: theirs.id.clone() };
     case!("GetWebhook", other, NotFound, None, cp.webhooks(), get_webhook, req);
@@ -530,6 +575,13 @@ async fn every_rpc_answers_hostile_input_and_writes_nothing(backend: Backend) {
         before = after;
     }
     assert!(count >= 150, "the matrix has {count} cases");
+    // Filtering by another workspace's webhook finds nothing, exactly as for an id of nothing:
+    // the answer does not tell whether the id exists elsewhere.
+    for webhook_id in [theirs.id.clone(), "wh_01aaaaaaaaaaaaaaaaaaaaaaaa".to_owned()] {
+        let req = proto::ListDeliveriesRequest { webhook_id, ..Default::default() };
+        let listed = cp.deliveries_as(key).list_deliveries(req).await.unwrap().into_inner();
+        assert!(listed.deliveries.is_empty() && listed.next_page_token.is_empty());
+    }
     println!("hostile-input matrix: {count} cases");
     cp.stop().await;
 }

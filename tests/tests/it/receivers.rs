@@ -120,6 +120,12 @@ async fn run_sample_receiver(interpreter: &str, script: &str) {
     let tampered_headers = standard_headers(&std_secret, "evt_tampered", now, &tampered_body);
     tampered_body[10] ^= 1;
     let fresh = body("evt_fresh");
+    // During a rotation: the old secret (unknown to the receiver) and the new one, both listed.
+    let both = body("evt_both");
+    let retired = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode([9u8; 32]));
+    let mut both_headers = standard_headers(&std_secret, "evt_both", now, &both);
+    let old = standard_headers(&retired, "evt_both", now, &both).remove(2).1;
+    both_headers[2].1 = format!("{old} {}", both_headers[2].1);
     let stale = body("evt_stale");
     let cases = [
         Forged {
@@ -159,6 +165,13 @@ async fn run_sample_receiver(interpreter: &str, script: &str) {
             headers: tampered_headers,
             body: &tampered_body,
             want: (401, "rejected"),
+        },
+        Forged {
+            what: "a rotation: two signatures listed, the second by the known secret",
+            path: "/std",
+            headers: both_headers,
+            body: &both,
+            want: (204, "processed"),
         },
         Forged {
             what: "a fresh, valid request",

@@ -62,12 +62,28 @@ async fn the_egress_guard_refuses_loopback_unless_a_range_is_opened() {
     // One attempt only: a refusal is a failed attempt, so these deliveries end `failed`.
     let cp = ControlPlaneProcess::start(&db.url, &["--retry-schedule", "0s"]).await;
     let _guarded = AgentProcess::guarded(&cp.url(), "guarded", "agent-guarded", Some(&ca.path), &[]);
-    let _open = AgentProcess::guarded(
+    // A proxy the environment names, which the agent must ignore: it counts who connects.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let proxied = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = proxied.clone();
+    let _proxy = tokio::spawn(async move {
+        while proxy.accept().await.is_ok() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let proxy_env: Vec<(&str, &str)> =
+        ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+            .into_iter()
+            .map(|name| (name, proxy_url.as_str()))
+            .collect();
+    let _open = AgentProcess::with_env(
         &cp.url(),
         "open",
         "agent-open",
         Some(&ca.path),
         &["--allow-cidr", "127.0.0.0/8", "--allow-cidr", "::1/128"],
+        &proxy_env,
     );
     cp.wait_agents(&["agent-guarded", "agent-open"]).await;
     let mut zone_of = std::collections::HashMap::new();
@@ -110,6 +126,7 @@ async fn the_egress_guard_refuses_loopback_unless_a_range_is_opened() {
         v4.requests().iter().chain(v6.requests().iter()).map(|r| r.header("x-cloudthinker-delivery")).collect();
     assert_eq!(seen, delivered);
     assert_eq!((v4.count(), v6.count()), (3, 1), "localhost, 127.0.0.1 and {name} on IPv4; [::1] on IPv6");
+    assert_eq!(proxied.load(std::sync::atomic::Ordering::SeqCst), 0, "proxy variables are ignored");
 }
 
 /// Opens an agent session over TLS as an agent would, and returns the status it is refused with
@@ -238,16 +255,22 @@ fn encodings(secret: &[u8]) -> Vec<(String, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_database_files_in_any_encoding() {
+    let ca = TestCa::new();
     let db = TestDb::new(Backend::Sqlite).await;
-    let cp = ControlPlane::start(Config::for_tests(db.url.clone())).await;
+    let cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-1"]).await;
+    let receiver = Receiver::https(&ca).await;
     let header_value = "Bearer customer-token-7f3a91c2e5";
     let var_value = "xoxb-transform-var-4d2e8b7a19";
-    let mut w = webhook("disk", "https://hooks.example.com/secret-test", &["incident.created"]);
+    let mut w = webhook("disk", &receiver.url("/secret-test"), &["incident.created"]);
     w.headers.insert("Authorization".into(), header_value.into());
     w.headers.insert("X-Api-Key".into(), "api-key-value-5c81d0e3b2".into());
     w.transform_vars.insert("token".into(), var_value.into());
-    let created = cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
-    let created = created.into_inner();
+    // The variable goes into the body sent, as the PagerDuty template puts its routing key.
+    let transform = serde_json::json!({"routing_key": "{{ vars.token }}", "summary": "{{ data.title }}"});
+    w.transform = Some(herald_control_plane::api::json::from_json(&transform));
+    let created = create(&cp, w).await;
     let rotated = cp
         .webhooks()
         .rotate_webhook_secret(proto::RotateWebhookSecretRequest { id: created.id.clone(), ..Default::default() })
@@ -268,6 +291,20 @@ async fn no_secret_reaches_the_database_files_in_any_encoding() {
         secrets.push(raw.as_bytes().to_vec());
         secrets.push(base64::engine::general_purpose::STANDARD.decode(raw).expect("base64 key"));
     }
+    // One delivery, so that the attempt log is written too: the receiver gets every value.
+    let e = publish(&cp, "incident.created", r#"{"title":"disk"}"#).await;
+    assert_eq!(settled(&db, &e.id).await[0].status, delivery::status::SUCCEEDED);
+    let got = receiver.requests().remove(0);
+    assert_eq!(got.header("authorization"), header_value);
+    assert_eq!(std::str::from_utf8(&got.body).unwrap(), format!(r#"{{"routing_key":"{var_value}","summary":"disk"}}"#));
+    let logged = cp
+        .deliveries()
+        .get_delivery(proto::GetDeliveryRequest { id: got.header("x-cloudthinker-delivery") })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(logged.attempts[0].request_body, r#"{"routing_key":"***","summary":"disk"}"#, "the log redacts it");
+    assert_eq!(logged.attempts[0].request_headers["authorization"], "***");
 
     let path = PathBuf::from(db.url.strip_prefix("sqlite://").unwrap());
     let files: Vec<(String, Vec<u8>)> = ["", "-wal", "-shm"]
@@ -280,7 +317,7 @@ async fn no_secret_reaches_the_database_files_in_any_encoding() {
     assert!(files.len() >= 2, "the main file and its WAL exist while the control plane runs");
     let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     // The search reads what the control plane wrote: the webhook's plain fields are there.
-    assert!(files.iter().any(|(_, bytes)| contains(bytes, b"hooks.example.com/secret-test")));
+    assert!(files.iter().any(|(_, bytes)| contains(bytes, b"/secret-test")));
     assert!(files.iter().any(|(_, bytes)| contains(bytes, created.id.as_bytes())));
     for secret in &secrets {
         for (encoding, needle) in encodings(secret) {
@@ -293,14 +330,13 @@ async fn no_secret_reaches_the_database_files_in_any_encoding() {
             }
         }
     }
-    cp.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_signs_with_both_secrets_during_the_grace_period_then_with_the_new_one() {
     let ca = TestCa::new();
     let db = TestDb::new(Backend::Sqlite).await;
-    let cp = ControlPlaneProcess::start(&db.url, &["--rotation-grace", "1500ms"]).await;
+    let cp = ControlPlaneProcess::start(&db.url, &["--rotation-grace", "3s"]).await;
     let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
     cp.wait_agents(&["agent-1"]).await;
     let (r_ct, r_std) = (Receiver::https(&ca).await, Receiver::https(&ca).await);
