@@ -6,6 +6,7 @@
 //! not report (the session broke) are kept in memory and sent with the next session's hello.
 
 pub mod egress;
+pub mod metrics;
 pub mod send;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -40,7 +41,8 @@ pub struct Args {
     /// Jobs held at once.
     #[arg(long, env = "HERALD_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: u32,
-    /// Address of the `/healthz` and `/readyz` probes (ready while a session is open).
+    /// Address of the `/healthz` and `/readyz` probes (ready while a session is open) and of
+    /// `/metrics`.
     #[arg(long, env = "HERALD_HTTP_ADDR", default_value = "127.0.0.1:9091")]
     pub http_addr: std::net::SocketAddr,
     /// Public address requests leave from, shown to customers for allowlists. Repeatable.
@@ -128,6 +130,7 @@ struct Agent {
     outbox: Outbox,
     jobs: TaskTracker,
     ready: AtomicBool,
+    metrics: metrics::Metrics,
 }
 
 /// How a session ended without an error.
@@ -153,6 +156,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         outbox: Outbox::default(),
         jobs: TaskTracker::new(),
         ready: AtomicBool::new(false),
+        metrics: metrics::Metrics::default(),
         args,
     });
     let probes = tokio::net::TcpListener::bind(agent.args.http_addr).await?;
@@ -160,19 +164,36 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let probe_agent = agent.clone();
     let probe_stop = shutdown.clone();
     tokio::spawn(async move {
-        let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })).route(
-            "/readyz",
-            axum::routing::get(move || {
-                let ready = probe_agent.ready.load(Ordering::SeqCst);
-                async move {
-                    if ready {
-                        (axum::http::StatusCode::OK, "ready")
-                    } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no session")
+        let ready_agent = probe_agent.clone();
+        let app = axum::Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                axum::routing::get(move || {
+                    let ready = ready_agent.ready.load(Ordering::SeqCst);
+                    async move {
+                        if ready {
+                            (axum::http::StatusCode::OK, "ready")
+                        } else {
+                            (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no session")
+                        }
                     }
-                }
-            }),
-        );
+                }),
+            )
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let a = probe_agent.clone();
+                    async move {
+                        let m = &a.metrics;
+                        m.in_flight.set(i64::from(a.outbox.in_flight.load(Ordering::SeqCst)));
+                        m.connected.set(i64::from(a.ready.load(Ordering::SeqCst)));
+                        m.unreported.set(a.outbox.unreported.lock().expect("outbox lock").len() as i64);
+                        let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+                        ([(axum::http::header::CONTENT_TYPE, content_type)], m.encode())
+                    }
+                }),
+            );
         let _ = axum::serve(probes, app).with_graceful_shutdown(probe_stop.cancelled_owned()).await;
     });
 
@@ -329,6 +350,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
                             let a = agent.clone();
                             agent.jobs.spawn(async move {
                                 let result = a.sender.attempt(&job, body_limit, "X-CloudThinker").await;
+                                a.metrics.attempt(&result);
                                 a.outbox.report(result);
                             });
                         }

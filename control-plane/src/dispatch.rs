@@ -660,7 +660,7 @@ impl Dispatcher {
                         let report = report(a, meta.and_then(|m| m.request_body.clone()));
                         if let (Some(meta), false) = (meta, report.not_sent) {
                             let webhook = metrics.webhook_label(&meta.webhook_id);
-                            let class = crate::metrics::class(report.status, report.error_kind);
+                            let class = herald_shared::attempt_class(report.status, report.error_kind);
                             metrics.attempts.get_or_create(&AttemptLabels { webhook, class }).inc();
                             metrics.attempt_seconds.observe(report.duration_ms as f64 / 1000.0);
                         }

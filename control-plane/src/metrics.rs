@@ -107,6 +107,10 @@ impl Default for Metrics {
         r.register("queue_depth", "Deliveries not yet final, by status", queue_depth.clone());
         r.register("oldest_pending_age_seconds", "Age of the oldest delivery waiting", oldest_pending_seconds.clone());
         r.register("agents_connected", "Agent sessions open on this control plane, by zone", agents_connected.clone());
+        // Both reasons are exported from the start, at 0, so that alerts can use them.
+        for reason in [Reason::expired, Reason::agent_left] {
+            leases_reclaimed.get_or_create(&ReasonLabels { reason }).inc_by(0);
+        }
         Metrics {
             registry: r,
             events_published,
@@ -141,10 +145,25 @@ impl Metrics {
     }
 }
 
-/// The class of an attempt: its HTTP status class, or its error kind when there was no answer.
-pub fn class(status: u32, error_kind: herald_shared::proto::ErrorKind) -> String {
-    match status {
-        100..=599 => format!("{}xx", status / 100),
-        _ => error_kind.as_str_name().trim_start_matches("ERROR_KIND_").to_ascii_lowercase(),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_labels_are_bounded() {
+        let m = Metrics::default();
+        for i in 0..WEBHOOK_LABELS {
+            assert_eq!(m.webhook_label(&format!("wh_{i}")), format!("wh_{i}"));
+        }
+        assert_eq!(m.webhook_label("wh_one_too_many"), "other");
+        assert_eq!(m.webhook_label("wh_7"), "wh_7", "a labelled webhook keeps its label");
+    }
+
+    #[test]
+    fn the_exposition_names_every_family() {
+        let text = Metrics::default().encode();
+        for name in ["herald_events_published_total", "herald_leases_reclaimed_total{reason=\"expired\"} 0"] {
+            assert!(text.contains(name), "{name} in {text}");
+        }
     }
 }

@@ -22,5 +22,14 @@ pub mod proto {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("herald_descriptor");
 }
 
+/// The class of an attempt for metrics: its HTTP status class (`2xx` … `5xx`), or its error
+/// kind when there was no answer (`timeout`, `connect`, `blocked`, …). A bounded label set.
+pub fn attempt_class(status: u32, error_kind: proto::ErrorKind) -> String {
+    match status {
+        100..=599 => format!("{}xx", status / 100),
+        _ => error_kind.as_str_name().trim_start_matches("ERROR_KIND_").to_ascii_lowercase(),
+    }
+}
+
 /// The version every binary reports (`User-Agent: Herald/<version>`, agent hello).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -266,3 +266,29 @@ pub fn webhook(name: &str, url: &str, events: &[&str]) -> proto::Webhook {
 pub fn event(event_type: &str, data_json: &str) -> proto::Event {
     proto::Event { r#type: event_type.into(), data_json: data_json.into(), ..Default::default() }
 }
+
+/// A plain HTTP/1.1 GET on loopback: the status and the body (for probes and `/metrics`).
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send the request");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The samples of a Prometheus text exposition, by series (`name{label="value",…}`, labels as
+/// written) to value.
+pub fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}

@@ -31,6 +31,8 @@ pub fn signal(child: &Child, signal: &str) {
 pub struct ControlPlaneProcess {
     pub child: Child,
     pub port: u16,
+    /// The port of `/healthz`, `/readyz` and `/metrics`.
+    pub http_port: u16,
     pub api_key: String,
     pub db_url: String,
     args: Vec<String>,
@@ -45,6 +47,7 @@ impl ControlPlaneProcess {
         let mut cp = ControlPlaneProcess {
             child: Command::new("true").spawn().unwrap(),
             port: free_port(),
+            http_port: free_port(),
             api_key: crate::new_key(),
             db_url: db_url.to_owned(),
             args: extra.iter().map(|s| (*s).to_owned()).collect(),
@@ -58,7 +61,8 @@ impl ControlPlaneProcess {
     async fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         self.child = Command::new(bin("herald"))
-            .args(["serve", "--grpc-addr", &format!("127.0.0.1:{}", self.port), "--http-addr", "127.0.0.1:0"])
+            .args(["serve", "--grpc-addr", &format!("127.0.0.1:{}", self.port)])
+            .args(["--http-addr", &format!("127.0.0.1:{}", self.http_port)])
             .args(["--database-url", &self.db_url, "--secret-key", SECRET_KEY, "--bootstrap-api-key", &self.api_key])
             .args(["--agent-token", AGENT_TOKEN, "--allow-cidr", "127.0.0.0/8,::1/128"])
             .args(&self.args)
@@ -101,9 +105,15 @@ impl ControlPlaneProcess {
     pub async fn dev(dir: &std::path::Path) -> (ControlPlaneProcess, Child) {
         let logs = tempfile::tempdir().unwrap();
         let log = logs.path().join("dev.log");
-        let port = free_port();
+        let (port, http_port) = (free_port(), free_port());
         let child = Command::new(bin("herald"))
-            .args(["dev", "--grpc-addr", &format!("127.0.0.1:{port}"), "--http-addr", "127.0.0.1:0"])
+            .args([
+                "dev",
+                "--grpc-addr",
+                &format!("127.0.0.1:{port}"),
+                "--http-addr",
+                &format!("127.0.0.1:{http_port}"),
+            ])
             .current_dir(dir)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -125,6 +135,7 @@ impl ControlPlaneProcess {
         let mut cp = ControlPlaneProcess {
             child: Command::new("true").spawn().unwrap(),
             port,
+            http_port,
             api_key,
             db_url: String::new(),
             args: Vec::new(),
@@ -189,6 +200,8 @@ impl ControlPlaneProcess {
 /// A `herald-agent` process.
 pub struct AgentProcess {
     pub child: Child,
+    /// The port of the agent's probes and `/metrics`.
+    pub http_port: u16,
     pub id: String,
     pub zone: String,
     pub log: std::path::PathBuf,
@@ -220,9 +233,10 @@ impl AgentProcess {
         let logs = tempfile::tempdir().unwrap();
         let log = logs.path().join("agent.log");
         let file = std::fs::File::create(&log).unwrap();
+        let http_port = free_port();
         let mut cmd = Command::new(bin("herald-agent"));
         cmd.args(["--control-plane", url, "--zone", zone, "--agent-id", id, "--token", AGENT_TOKEN])
-            .args(["--http-addr", "127.0.0.1:0"])
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
             .args(extra)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
@@ -234,6 +248,6 @@ impl AgentProcess {
             cmd.arg("--extra-ca-cert").arg(ca);
         }
         let child = cmd.spawn().expect("start herald-agent");
-        AgentProcess { child, id: id.to_owned(), zone: zone.to_owned(), log, _logs: logs }
+        AgentProcess { child, http_port, id: id.to_owned(), zone: zone.to_owned(), log, _logs: logs }
     }
 }

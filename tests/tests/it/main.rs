@@ -28,6 +28,7 @@ mod binaries;
 mod events;
 mod hostile;
 mod logs;
+mod metrics;
 mod pipeline;
 mod queue;
 mod receivers;
