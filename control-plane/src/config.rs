@@ -30,6 +30,41 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Webhooks: create, list, get, update, delete, rotate-secret, test.
+    Webhooks {
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+        #[command(subcommand)]
+        command: crate::cli::WebhooksCommand,
+    },
+    /// Publish events: one from an argument or stdin, or a file of them.
+    Events {
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+        #[command(subcommand)]
+        command: crate::cli::EventsCommand,
+    },
+    /// The delivery log: list, get, retry, watch.
+    Deliveries {
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+        #[command(subcommand)]
+        command: crate::cli::DeliveriesCommand,
+    },
+    /// Connected agents.
+    Agents {
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+        #[command(subcommand)]
+        command: crate::cli::AgentsCommand,
+    },
+    /// Webhook templates.
+    Templates {
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+        #[command(subcommand)]
+        command: crate::cli::TemplatesCommand,
+    },
     /// Re-seal every secret at rest under `--secret-key`, opening old values with
     /// `--previous-secret-key`: the last step of rotating the master key. Safe beside a running
     /// control plane that has both keys.

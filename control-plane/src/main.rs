@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use herald_control_plane::auth::Scope;
 use herald_control_plane::config::{Cli, Command, Config, KeysCommand};
-use herald_control_plane::{bind, db, dev, server, shutdown_on_signals, store};
+use herald_control_plane::{bind, cli, db, dev, server, shutdown_on_signals, store};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -25,6 +25,11 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied to {}", herald_control_plane::config::redact_url(&args.database_url));
             Ok(())
         }
+        Command::Webhooks { client, command } => cli::webhooks(&client, command).await,
+        Command::Events { client, command } => cli::events(&client, command).await,
+        Command::Deliveries { client, command } => cli::deliveries(&client, command).await,
+        Command::Agents { client, command } => cli::agents(&client, command).await,
+        Command::Templates { client, command } => cli::templates(&client, command).await,
         Command::Rekey { db: args, keys } => {
             let key = keys.keyring()?;
             let conn = db::connect(&args.database_url).await.context("cannot open the database")?;

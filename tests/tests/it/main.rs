@@ -25,6 +25,7 @@ macro_rules! both_databases {
 
 mod auth;
 mod binaries;
+mod command_line;
 mod events;
 mod hostile;
 mod logs;

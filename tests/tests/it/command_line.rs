@@ -1,0 +1,221 @@
+//! The `herald` CLI for people, end to end: every subcommand against a real control plane and
+//! agent, as tables and as `--json`, with the key from the environment or from flags.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use herald_tests::procs::{AgentProcess, ControlPlaneProcess};
+use herald_tests::receiver::Receiver;
+use herald_tests::tls::TestCa;
+use herald_tests::{Backend, TestDb, bin};
+use serde_json::Value as Json;
+use tokio::io::AsyncWriteExt as _;
+
+use crate::pipeline::{WAIT, settled};
+
+struct Cli<'a> {
+    cp: &'a ControlPlaneProcess,
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn json(&self) -> Json {
+        assert_eq!(self.code, 0, "stderr: {}", self.stderr);
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {}", self.stdout))
+    }
+
+    fn ok(&self) -> &str {
+        assert_eq!(self.code, 0, "stderr: {}", self.stderr);
+        assert!(!self.stdout.contains('\x1b'), "no colours when stdout is not a terminal: {}", self.stdout);
+        &self.stdout
+    }
+}
+
+impl Cli<'_> {
+    /// Runs `herald ARGS` with the server and key in the environment, `stdin` fed to it.
+    async fn run(&self, args: &[&str], stdin: Option<&str>) -> Out {
+        let mut child = tokio::process::Command::new(bin("herald"))
+            .args(args)
+            .env("HERALD_SERVER", self.cp.url())
+            .env("HERALD_API_KEY", &self.cp.api_key)
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("run herald");
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).await.unwrap();
+        }
+        drop(input);
+        let out = tokio::time::timeout(WAIT, child.wait_with_output()).await.expect("herald finishes").unwrap();
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subcommand_works_for_people_and_scripts() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &["--egress-ip", "203.0.113.7"]);
+    cp.wait_agents(&["agent-1"]).await;
+    let receiver = Receiver::https(&ca).await;
+    let cli = Cli { cp: &cp };
+
+    // templates list
+    assert!(cli.run(&["templates", "list"], None).await.ok().contains("Slack"));
+    let templates = cli.run(&["templates", "list", "--json"], None).await.json();
+    assert!(templates.as_array().unwrap().iter().any(|t| t["id"] == "slack" && t["transform"].is_object()));
+
+    // webhooks create: the secret once, header values masked; a bad field is named.
+    let url = receiver.url("/hook");
+    let create = ["webhooks", "create", "--name", "payments", "--url", &url, "--events", "incident.*,task.failed"];
+    let created = cli.run(&[&create[..], &["--header", "X-Team: payments", "--json"]].concat(), None).await.json();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
+    assert_eq!(created["headers"]["X-Team"], "***");
+    assert_eq!(created["events"], serde_json::json!(["incident.*", "task.failed"]));
+    let bad =
+        cli.run(&["webhooks", "create", "--name", "x", "--url", "ftp://example.com", "--events", "*"], None).await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("webhook.url"), "the field is named: {}", bad.stderr);
+    let other = ["webhooks", "create", "--name", "other", "--url", &url, "--events", "task.started"];
+    let table = cli.run(&other, None).await;
+    assert!(table.ok().contains("signing secret (shown once): whsec_"), "{}", table.stdout);
+
+    // webhooks list and get
+    let listed = cli.run(&["webhooks", "list"], None).await;
+    assert!(listed.ok().contains(&id) && listed.stdout.contains("payments"));
+    assert_eq!(cli.run(&["webhooks", "list", "--json"], None).await.json().as_array().unwrap().len(), 2);
+    let got = cli.run(&["webhooks", "get", &id, "--json"], None).await.json();
+    assert!(got["secret"].is_null(), "reads never show the secret");
+
+    // webhooks update: only the fields given change.
+    let paused = cli.run(&["webhooks", "update", &id, "--name", "renamed", "--active", "false", "--json"], None).await;
+    let paused = paused.json();
+    assert_eq!((paused["name"].as_str(), paused["active"].as_bool()), (Some("renamed"), Some(false)));
+    assert_eq!(paused["url"], url.as_str());
+    assert!(cli.run(&["webhooks", "update", &id, "--active", "true"], None).await.ok().contains("active"));
+    let nothing = cli.run(&["webhooks", "update", &id], None).await;
+    assert!(nothing.code != 0 && nothing.stderr.contains("nothing to change"));
+
+    // webhooks rotate-secret
+    let rotated = cli.run(&["webhooks", "rotate-secret", &id, "--json"], None).await.json();
+    assert!(rotated["secret"].as_str().unwrap().starts_with("whsec_") && rotated["secret"] != created["secret"]);
+    assert!(rotated["rotation_grace_ends_at"].is_string());
+
+    // webhooks test, then the delivery log
+    let test = cli.run(&["webhooks", "test", &id, "--json"], None).await.json();
+    let test_delivery = test["delivery_id"].as_str().unwrap().to_owned();
+    settled(&db, test["event_id"].as_str().unwrap()).await;
+    let shown = cli.run(&["deliveries", "get", &test_delivery, "--json"], None).await.json();
+    assert_eq!(shown["status"], "succeeded");
+    assert_eq!(shown["attempts"][0]["response_status"], 200);
+    let table = cli.run(&["deliveries", "get", &test_delivery], None).await;
+    assert!(table.ok().contains("agent-1") && table.stdout.contains("200"), "{}", table.stdout);
+
+    // events publish: from an argument, from stdin, from a file (and a file on stdin).
+    let one = cli.run(&["events", "publish", "--type", "incident.created", r#"{"title":"one"}"#, "--json"], None).await;
+    let one = one.json();
+    assert_eq!(one["deliveries"].as_array().unwrap().len(), 1);
+    let piped =
+        cli.run(&["events", "publish", "--type", "task.failed", "--id", "job-7", "-", "--json"], Some(r#"{"job":7}"#));
+    let piped = piped.await.json();
+    assert_eq!(piped["id"], "job-7");
+    let lines: String =
+        (0..3).map(|i| format!("{{\"type\":\"incident.resolved\",\"data\":{{\"n\":{i}}}}}\n")).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    std::fs::write(&file, &lines).unwrap();
+    let many = cli.run(&["events", "publish", "--file", file.to_str().unwrap()], None).await;
+    assert!(many.ok().contains("published 3 events; 3 deliveries queued"), "{}", many.stdout);
+    let from_stdin = cli.run(&["events", "publish", "--file", "-", "--json"], Some(&lines)).await.json();
+    assert_eq!(from_stdin.as_array().unwrap().len(), 3);
+    let bad = cli.run(&["events", "publish", "--type", "incident.created", "[1,2]"], None).await;
+    assert!(bad.code != 0 && bad.stderr.contains("event.data_json"), "{}", bad.stderr);
+    settled(&db, one["id"].as_str().unwrap()).await;
+
+    // deliveries list with the log filters
+    let all = cli.run(&["deliveries", "list", "--webhook", &id, "--since", "1h", "--json"], None).await.json();
+    assert_eq!(all.as_array().unwrap().len(), 9, "test + one + stdin + 3 + 3");
+    let mine = cli.run(&["deliveries", "list", "--event-type", "task.failed", "--json"], None).await.json();
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine:#}");
+    let ok = cli.run(&["deliveries", "list", "--status", "succeeded", "--limit", "2", "--json"], None).await.json();
+    assert_eq!(ok.as_array().unwrap().len(), 2);
+    assert!(ok.as_array().unwrap().iter().all(|d| d["status"] == "succeeded"));
+    assert!(cli.run(&["deliveries", "list"], None).await.ok().contains("incident.resolved"));
+    let bad = cli.run(&["deliveries", "list", "--status", "lost"], None).await;
+    assert!(bad.code != 0 && bad.stderr.contains("--status"));
+
+    // deliveries retry: one more attempt on the same delivery
+    let retried = cli.run(&["deliveries", "retry", &test_delivery, "--json"], None).await.json();
+    assert_eq!(retried["id"], test_delivery.as_str());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while cli.run(&["deliveries", "get", &test_delivery, "--json"], None).await.json()["attempts"]
+        .as_array()
+        .unwrap()
+        .len()
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the manual attempt is made");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // deliveries watch: changes as they happen
+    let mut watch = tokio::process::Command::new(bin("herald"))
+        .args(["deliveries", "watch", "--event-type", "task.failed", "--count", "1", "--json"])
+        .env("HERALD_SERVER", cp.url())
+        .env("HERALD_API_KEY", &cp.api_key)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let status = loop {
+        cli.run(&["events", "publish", "--type", "task.failed", "{}"], None).await.ok();
+        if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_millis(300), watch.wait()).await {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "watch saw no change");
+    };
+    assert!(status.success());
+    let mut line = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut watch.stdout.take().unwrap(), &mut line).await.unwrap();
+    let change: Json = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(change["event_type"], "task.failed");
+
+    // agents list, with the key given as flags instead of the environment
+    let flags = ["--server", &cp.url(), "--api-key", &cp.api_key];
+    let agents = tokio::process::Command::new(bin("herald"))
+        .args(["agents", "list", "--json"])
+        .args(flags)
+        .env_remove("HERALD_API_KEY")
+        .output()
+        .await
+        .unwrap();
+    let agents: Json = serde_json::from_slice(&agents.stdout).unwrap();
+    assert_eq!(agents[0]["id"], "agent-1");
+    assert_eq!(agents[0]["egress_ips"], serde_json::json!(["203.0.113.7"]));
+    assert!(cli.run(&["agents", "list"], None).await.ok().contains("203.0.113.7"));
+    let nokey = tokio::process::Command::new(bin("herald")).args(["agents", "list"]).args(&flags[..2]).output().await;
+    let nokey = nokey.unwrap();
+    assert!(!nokey.status.success() && String::from_utf8_lossy(&nokey.stderr).contains("API key"));
+
+    // webhooks delete
+    let deleted = cli.run(&["webhooks", "delete", &id, "--json"], None).await.json();
+    assert_eq!(deleted["deleted"], true);
+    let gone = cli.run(&["webhooks", "get", &id], None).await;
+    assert!(gone.code != 0 && gone.stderr.contains("NotFound"), "{}", gone.stderr);
+}
