@@ -349,7 +349,12 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
                             }
                             let a = agent.clone();
                             agent.jobs.spawn(async move {
+                                let mut job = job;
+                                let span = attempt_span(&mut job);
                                 let result = a.sender.attempt(&job, body_limit, "X-CloudThinker").await;
+                                if let Some(span) = span {
+                                    end_attempt_span(span, &result);
+                                }
                                 a.metrics.attempt(&result);
                                 a.outbox.report(result);
                             });
@@ -396,4 +401,47 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
                 .await;
     }
     end
+}
+
+/// Starts the `herald.attempt` span of a job (when traces are exported), a child of the
+/// control plane's dispatch span, and makes the job's `traceparent` (sent to the receiver) this
+/// span's, so that the customer's trace joins the attempt.
+fn attempt_span(job: &mut proto::Job) -> Option<opentelemetry::global::BoxedSpan> {
+    use herald_shared::telemetry;
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt as _, Tracer as _};
+    if !telemetry::enabled() {
+        return None;
+    }
+    let parent = telemetry::parse_traceparent(&job.traceparent)
+        .map_or_else(opentelemetry::Context::new, |sc| opentelemetry::Context::new().with_remote_span_context(sc));
+    let host = url::Url::parse(&job.url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+    let tracer = telemetry::tracer();
+    let span = tracer
+        .span_builder("herald.attempt")
+        .with_kind(SpanKind::Client)
+        .with_attributes([
+            KeyValue::new("herald.delivery_id", job.delivery_id.clone()),
+            KeyValue::new("herald.event_id", job.event_id.clone()),
+            KeyValue::new("herald.attempt", i64::from(job.attempt)),
+            KeyValue::new("server.address", host),
+            KeyValue::new("http.request.method", "POST"),
+        ])
+        .start_with_context(&tracer, &parent);
+    job.traceparent = telemetry::traceparent(span.span_context());
+    Some(span)
+}
+
+fn end_attempt_span(mut span: opentelemetry::global::BoxedSpan, result: &proto::AttemptResult) {
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::Span as _;
+    if result.status > 0 {
+        span.set_attribute(KeyValue::new("http.response.status_code", i64::from(result.status)));
+    }
+    if !(200..300).contains(&result.status) {
+        let kind = proto::ErrorKind::try_from(result.error_kind).unwrap_or_default();
+        span.set_attribute(KeyValue::new("error.type", herald_shared::attempt_class(result.status, kind)));
+        span.set_status(opentelemetry::trace::Status::error(result.error_message.clone()));
+    }
+    span.end();
 }

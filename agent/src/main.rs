@@ -4,7 +4,7 @@ use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    herald_shared::telemetry::init();
+    let _telemetry = herald_shared::telemetry::init("herald-agent");
     let args = herald_agent::Args::parse();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let token = shutdown.clone();

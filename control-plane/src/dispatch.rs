@@ -19,7 +19,6 @@ use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use herald_shared::proto::{self, ErrorKind, control_message};
 use herald_shared::{envelope, ids};
-use rand::RngCore as _;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -556,7 +555,7 @@ impl Dispatcher {
                         seconds: timeout_ms / 1000,
                         nanos: ((timeout_ms % 1000) * 1_000_000) as i32,
                     }),
-                    traceparent: traceparent(),
+                    traceparent: dispatch_span(d, c.attempt, event.trace_context.as_deref()),
                 },
                 d.webhook_id.clone(),
                 request_body,
@@ -732,13 +731,33 @@ fn limiter(rate: i64) -> Arc<DefaultDirectRateLimiter> {
     Arc::new(RateLimiter::direct(Quota::per_second(per_second)))
 }
 
-/// A fresh W3C `traceparent` for an attempt.
-fn traceparent() -> String {
-    let mut trace = [0u8; 16];
-    let mut span = [0u8; 8];
-    rand::rng().fill_bytes(&mut trace);
-    rand::rng().fill_bytes(&mut span);
-    format!("00-{}-{}-01", hex::encode(trace), hex::encode(span))
+/// Records the `herald.dispatch` span of one job (when traces are exported) and returns the
+/// `traceparent` the job carries: a trace per delivery, a span per attempt, linked to the publish
+/// that created the delivery and to the attempt before this one.
+fn dispatch_span(d: &crate::db::entity::delivery::Model, attempt: u32, publish: Option<&str>) -> String {
+    use herald_shared::telemetry;
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{Link, Span as _, SpanKind};
+    let cx = telemetry::dispatch_context(&d.id, attempt);
+    if telemetry::enabled() {
+        let mut links: Vec<Link> =
+            publish.and_then(telemetry::parse_traceparent).map(Link::with_context).into_iter().collect();
+        if attempt > 1 {
+            links.push(Link::with_context(telemetry::dispatch_context(&d.id, attempt - 1)));
+        }
+        let builder = opentelemetry::trace::SpanBuilder::from_name("herald.dispatch")
+            .with_kind(SpanKind::Producer)
+            .with_links(links)
+            .with_attributes([
+                KeyValue::new("herald.delivery_id", d.id.clone()),
+                KeyValue::new("herald.webhook_id", d.webhook_id.clone()),
+                KeyValue::new("herald.event_id", d.event_id.clone()),
+                KeyValue::new("herald.attempt", i64::from(attempt)),
+                KeyValue::new("herald.zone", d.zone.clone()),
+            ]);
+        telemetry::start_with_ids(builder, &cx).end();
+    }
+    telemetry::traceparent(&cx)
 }
 
 fn expired() -> ReasonLabels {

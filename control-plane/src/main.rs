@@ -8,7 +8,7 @@ use herald_control_plane::{bind, cli, db, dev, server, shutdown_on_signals, stor
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    herald_shared::telemetry::init();
+    let _telemetry = herald_shared::telemetry::init("herald-control-plane");
     let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().command {
         Command::Serve(args) => {

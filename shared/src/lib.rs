@@ -1,8 +1,9 @@
 //! Pieces shared by the control plane, the agent and the tests: the generated gRPC contract, the
 //! event envelope, ids, the signature schemes, the event-type catalog and the retry schedule.
 //!
-//! This crate holds no I/O and no state: everything here is a pure function of its inputs, so the
-//! agent and the control plane can never disagree on what an envelope or a signature is.
+//! Apart from `telemetry` (which installs the log subscriber and the trace exporter), everything
+//! here is a pure function of its inputs, so the agent and the control plane can never disagree
+//! on what an envelope, a signature or an address is.
 
 pub mod addr;
 pub mod catalog;

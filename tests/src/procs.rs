@@ -36,6 +36,7 @@ pub struct ControlPlaneProcess {
     pub api_key: String,
     pub db_url: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     pub log: std::path::PathBuf,
     _logs: tempfile::TempDir,
 }
@@ -43,6 +44,11 @@ pub struct ControlPlaneProcess {
 impl ControlPlaneProcess {
     /// Starts `herald serve` on `db_url` with `extra` flags and waits until it serves.
     pub async fn start(db_url: &str, extra: &[&str]) -> ControlPlaneProcess {
+        Self::start_with_env(db_url, extra, &[]).await
+    }
+
+    /// Like [`ControlPlaneProcess::start`], with `env` added to the process's environment.
+    pub async fn start_with_env(db_url: &str, extra: &[&str], env: &[(&str, &str)]) -> ControlPlaneProcess {
         let logs = tempfile::tempdir().unwrap();
         let mut cp = ControlPlaneProcess {
             child: Command::new("true").spawn().unwrap(),
@@ -51,6 +57,7 @@ impl ControlPlaneProcess {
             api_key: crate::new_key(),
             db_url: db_url.to_owned(),
             args: extra.iter().map(|s| (*s).to_owned()).collect(),
+            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             log: logs.path().join("control-plane.log"),
             _logs: logs,
         };
@@ -66,6 +73,7 @@ impl ControlPlaneProcess {
             .args(["--database-url", &self.db_url, "--secret-key", SECRET_KEY, "--bootstrap-api-key", &self.api_key])
             .args(["--agent-token", AGENT_TOKEN, "--allow-cidr", "127.0.0.0/8,::1/128"])
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info,herald_control_plane=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -139,6 +147,7 @@ impl ControlPlaneProcess {
             api_key,
             db_url: String::new(),
             args: Vec::new(),
+            env: Vec::new(),
             log,
             _logs: logs,
         };

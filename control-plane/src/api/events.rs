@@ -89,7 +89,7 @@ pub fn new_event(e: proto::Event, prefix: &str, now: DateTime<Utc>) -> Result<Ne
     if data.len() > MAX_DATA {
         return Err(FieldError::new(field("data"), format!("is {} bytes as JSON; at most {MAX_DATA}", data.len())));
     }
-    Ok(NewEvent { id, event_type: e.r#type, timestamp, timestamp_supplied, data, parsed })
+    Ok(NewEvent { id, event_type: e.r#type, timestamp, timestamp_supplied, data, parsed, trace_context: None })
 }
 
 /// The API view of a stored event. `with_data` fills `data` and `data_json` (GetEvent); publish
@@ -148,14 +148,15 @@ impl EventService for EventApi {
         request: Request<proto::PublishEventRequest>,
     ) -> Result<Response<proto::Event>, Status> {
         let who = self.state.auth.check(&request, Scope::Publish).await?;
+        let (mut span, trace_context) = publish_span(&request, &who.workspace, 1);
         let e = request.into_inner().event.ok_or_else(|| FieldError::new("event", "is required"))?;
-        let event = new_event(e, "event", now_millis_precision())?;
+        let event = NewEvent { trace_context, ..new_event(e, "event", now_millis_precision())? };
         let mut stored = self
             .state
             .store
             .publish(&who.workspace, vec![event], false, self.first_delay_ms())
             .await
-            .map_err(status_of)?;
+            .map_err(|e| failed(&mut span, status_of(e)))?;
         self.state.metrics.events_published.inc();
         self.state.dispatcher.wake();
         let stored = stored.pop().ok_or_else(|| Status::internal("internal error"))?;
@@ -168,6 +169,7 @@ impl EventService for EventApi {
         request: Request<proto::PublishEventsRequest>,
     ) -> Result<Response<proto::PublishEventsResponse>, Status> {
         let who = self.state.auth.check(&request, Scope::Publish).await?;
+        let (mut span, trace_context) = publish_span(&request, &who.workspace, request.get_ref().events.len());
         let events = request.into_inner().events;
         if events.is_empty() {
             return Err(FieldError::new("events", "must hold at least one event").into());
@@ -180,14 +182,18 @@ impl EventService for EventApi {
         let mut batch = Vec::with_capacity(events.len());
         for (i, e) in events.into_iter().enumerate() {
             let prefix = format!("events[{i}]");
-            let event = new_event(e, &prefix, now)?;
+            let event = NewEvent { trace_context: trace_context.clone(), ..new_event(e, &prefix, now)? };
             if let Some(first) = seen.insert(event.id.clone(), i) {
                 return Err(FieldError::new(format!("{prefix}.id"), format!("duplicates events[{first}].id")).into());
             }
             batch.push(event);
         }
-        let stored =
-            self.state.store.publish(&who.workspace, batch, true, self.first_delay_ms()).await.map_err(status_of)?;
+        let stored = self
+            .state
+            .store
+            .publish(&who.workspace, batch, true, self.first_delay_ms())
+            .await
+            .map_err(|e| failed(&mut span, status_of(e)))?;
         self.state.metrics.events_published.inc_by(stored.len() as u64);
         self.state.dispatcher.wake();
         self.state.dispatcher.changed(stored.iter().flat_map(|e| e.deliveries.iter().map(|d| d.id.clone())).collect());
@@ -203,6 +209,42 @@ impl EventService for EventApi {
         let stored = self.state.store.get_event(&who.workspace, id).await.map_err(status_of)?;
         Ok(Response::new(to_proto(&stored, true)))
     }
+}
+
+/// The `herald.publish` span of a publish call, a child of the caller's span when the request
+/// carries a `traceparent`; and its own `traceparent`, which the events keep (when traces are
+/// exported) so that their dispatches can link to it.
+fn publish_span<T>(
+    request: &Request<T>,
+    workspace: &str,
+    events: usize,
+) -> (opentelemetry::global::BoxedSpan, Option<String>) {
+    use herald_shared::telemetry;
+    use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt as _, Tracer as _};
+    let parent = request
+        .metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(telemetry::parse_traceparent)
+        .map_or_else(opentelemetry::Context::new, |sc| opentelemetry::Context::new().with_remote_span_context(sc));
+    let tracer = telemetry::tracer();
+    let span = tracer
+        .span_builder("herald.publish")
+        .with_kind(SpanKind::Server)
+        .with_attributes([
+            opentelemetry::KeyValue::new("herald.workspace", workspace.to_owned()),
+            opentelemetry::KeyValue::new("herald.events", events as i64),
+        ])
+        .start_with_context(&tracer, &parent);
+    let context = span.span_context().is_valid().then(|| telemetry::traceparent(span.span_context()));
+    (span, context)
+}
+
+/// Marks the publish span failed with `status`, and passes `status` on.
+fn failed(span: &mut opentelemetry::global::BoxedSpan, status: Status) -> Status {
+    use opentelemetry::trace::Span as _;
+    span.set_status(opentelemetry::trace::Status::error(status.message().to_owned()));
+    status
 }
 
 #[cfg(test)]

@@ -215,6 +215,7 @@ impl Store {
                         data: Set(r#"{"test":true}"#.to_owned()),
                         test: Set(true),
                         created_at: Set(now),
+                        trace_context: Set(None),
                     })
                     .exec_without_returning(txn)
                     .await?;

@@ -26,6 +26,8 @@ pub struct NewEvent {
     pub data: String,
     /// The parsed payload, for idempotency comparisons.
     pub parsed: serde_json::Value,
+    /// The `traceparent` of the publish call (see `herald_shared::telemetry`).
+    pub trace_context: Option<String>,
 }
 
 /// Where an event stands, derived from its deliveries.
@@ -246,6 +248,7 @@ impl Store {
                             data: e.data,
                             test: false,
                             created_at: now,
+                            trace_context: e.trace_context,
                         };
                         new_events.push(event::ActiveModel::from(model.clone()));
                         out.push(StoredEvent { event: model, deliveries });

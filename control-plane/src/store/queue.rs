@@ -687,6 +687,7 @@ async fn publish_delivery_failed(
         data: Set(data.to_string()),
         test: Set(false),
         created_at: Set(now),
+        trace_context: Set(None),
     })
     .exec_without_returning(txn)
     .await?;

@@ -273,6 +273,7 @@ async fn star_never_matches_operational_events(backend: Backend) {
         timestamp_supplied: false,
         data: "{}".into(),
         parsed: serde_json::json!({}),
+        trace_context: None,
     };
     let stored = store.publish("ws_default", vec![e], false, 0).await.unwrap();
     let mut got: Vec<&str> = stored[0].deliveries.iter().map(|d| d.webhook_id.as_str()).collect();

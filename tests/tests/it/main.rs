@@ -35,4 +35,5 @@ mod queue;
 mod receivers;
 mod security;
 mod support;
+mod traces;
 mod webhooks;

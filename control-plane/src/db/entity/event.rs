@@ -19,6 +19,8 @@ pub struct Model {
     /// Published by `SendTestEvent`.
     pub test: bool,
     pub created_at: i64,
+    /// The W3C `traceparent` of the publish call, when traces are exported.
+    pub trace_context: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

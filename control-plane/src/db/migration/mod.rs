@@ -6,6 +6,7 @@ use sea_orm_migration::prelude::*;
 mod m20261128_000001_create_schema;
 mod m20261128_000002_dispatch_indexes;
 mod m20261128_000003_manual_attempts;
+mod m20261128_000004_event_trace_context;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000001_create_schema::Migration),
             Box::new(m20261128_000002_dispatch_indexes::Migration),
             Box::new(m20261128_000003_manual_attempts::Migration),
+            Box::new(m20261128_000004_event_trace_context::Migration),
         ]
     }
 }
