@@ -36,4 +36,5 @@ mod receivers;
 mod security;
 mod support;
 mod traces;
+mod walkthrough;
 mod webhooks;
