@@ -71,11 +71,24 @@ def env(c):
     return {e["name"]: e for e in c.get("env", [])}
 
 
+def seconds(text):
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for unit in sorted(units, key=len, reverse=True):
+        if str(text).endswith(unit):
+            return float(str(text)[: -len(unit)]) * units[unit]
+    return float(text)
+
+
 def check_common(chart, docs, container_name, grace_over):
     k = kinds(docs)
     d = k["Deployment"]
     pod = d["spec"]["template"]["spec"]
     c = container(d, container_name)
+    if "HERALD_DRAIN_TIMEOUT" in env(c):
+        # A pod must outlive its drain, which must outlive the longest webhook timeout (60 s).
+        drain = seconds(env(c)["HERALD_DRAIN_TIMEOUT"]["value"])
+        assert drain > 60, f"{chart}: drain timeout {drain}s"
+        grace_over = max(grace_over, drain)
     assert pod["securityContext"]["runAsNonRoot"] is True, chart
     assert c["securityContext"]["readOnlyRootFilesystem"] is True, chart
     assert c["securityContext"]["allowPrivilegeEscalation"] is False, chart
@@ -87,7 +100,12 @@ def check_common(chart, docs, container_name, grace_over):
     for e in env(c).values():
         if "SECRET" in e["name"] or "TOKEN" in e["name"] or e["name"] in ("HERALD_DATABASE_URL", "HERALD_BOOTSTRAP_API_KEY"):
             assert "secretKeyRef" in e.get("valueFrom", {}), f"{chart}: {e['name']} must come from a Secret"
-    assert not any("--" in a for a in c.get("args", [])), f"{chart}: flags belong in the environment"
+    for each in pod["containers"] + pod.get("initContainers", []):
+        words = each.get("command", []) + each.get("args", [])
+        assert not any(w.startswith("-") for w in words), f"{chart}: flags belong in the environment: {words}"
+        for e in env(each).values():
+            if e["name"] in ("HERALD_DATABASE_URL", "HERALD_SECRET_KEY", "HERALD_AGENT_TOKEN"):
+                assert "secretKeyRef" in e.get("valueFrom", {}), f"{chart}: {e['name']} must come from a Secret"
     return d, c
 
 
@@ -124,6 +142,16 @@ def main():
     except helm_python.HelmError as e:
         assert "token.existingSecret" in str(e), e
 
+    # Every rendering keeps the common promises, defaults included.
+    for chart, name, grace in (("herald-agent", "default", 75), ("herald-control-plane", "default", 30)):
+        check_common(chart, render(chart, values(chart, name)), "agent" if chart == "herald-agent" else "control-plane", grace)
+    # A drain longer than the pod's grace period would be cut short: the check catches it.
+    try:
+        check_common("herald-agent", render("herald-agent", {"drainTimeout": "120s"}), "agent", 0)
+        sys.exit("a drain longer than the grace period passed the check")
+    except AssertionError:
+        pass
+
     # The control plane: PostgreSQL URL from a Secret, migrations before serving, TLS and mTLS.
     cp = render("herald-control-plane", values("herald-control-plane", "production"))
     d, c = check_common("herald-control-plane", cp, "control-plane", grace_over=30)
@@ -133,7 +161,7 @@ def main():
     assert e["HERALD_CLIENT_CA"]["value"] == "/etc/herald/client-ca/ca.crt"
     init = d["spec"]["template"]["spec"]["initContainers"][0]
     assert init["args"] == ["migrate"] and "secretKeyRef" in env(init)["HERALD_DATABASE_URL"]["valueFrom"]
-    assert d["spec"]["replicas"] == 3
+    assert d["spec"]["replicas"] == 1, "one replica until replicas coordinate per-webhook limits"
     print("chart promises hold: zone, token and secrets from Secrets, probes, grace, PDB, non-root, migrations")
 
 

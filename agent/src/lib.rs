@@ -162,7 +162,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let probes = tokio::net::TcpListener::bind(agent.args.http_addr).await?;
     tracing::info!(addr = %probes.local_addr()?, "HTTP listening");
     let probe_agent = agent.clone();
-    let probe_stop = shutdown.clone();
+    // The probes and /metrics stay up through the drain, until the agent has stopped.
+    let stopped = CancellationToken::new();
+    let probe_stop = stopped.clone();
     tokio::spawn(async move {
         let ready_agent = probe_agent.clone();
         let app = axum::Router::new()
@@ -233,6 +235,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         tracing::warn!(results = lost, "exiting with results no control plane took; their leases will expire");
     }
     tracing::info!("agent stopped");
+    stopped.cancel();
     Ok(())
 }
 

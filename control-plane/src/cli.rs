@@ -401,19 +401,19 @@ fn webhook_from(f: &WebhookFlags) -> anyhow::Result<(proto::Webhook, Vec<&'stati
     Ok((w, mask))
 }
 
-fn webhooks_table(c: &Client, hooks: &[proto::Webhook]) -> String {
+fn webhooks_table(hooks: &[proto::Webhook]) -> String {
     let rows = hooks
         .iter()
         .map(|w| {
             let state = if w.active.unwrap_or(true) { "active" } else { "paused" };
-            vec![w.id.clone(), w.name.clone(), w.url.clone(), w.events.join(","), w.zone.clone(), c.status(state)]
+            vec![w.id.clone(), w.name.clone(), w.url.clone(), w.events.join(","), w.zone.clone(), state.to_owned()]
         })
         .collect();
     table(&["ID", "NAME", "URL", "EVENTS", "ZONE", "STATE"], rows)
 }
 
-fn webhook_detail(c: &Client, w: &proto::Webhook) -> String {
-    let mut out = webhooks_table(c, std::slice::from_ref(w));
+fn webhook_detail(w: &proto::Webhook) -> String {
+    let mut out = webhooks_table(std::slice::from_ref(w));
     if !w.secret.is_empty() {
         out.push_str(&format!("\nsigning secret (shown once): {}", w.secret));
     }
@@ -442,7 +442,7 @@ pub async fn webhooks(client: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Resu
             w.secret = secret.unwrap_or_default();
             let w = api.create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.map_err(failed)?;
             let w = w.into_inner();
-            c.print(&webhook_json(&w), || webhook_detail(&c, &w));
+            c.print(&webhook_json(&w), || webhook_detail(&w));
         }
         WebhooksCommand::List => {
             let mut all = Vec::new();
@@ -459,11 +459,11 @@ pub async fn webhooks(client: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Resu
                 }
                 page_token = page.next_page_token;
             }
-            c.print(&Json::Array(all.iter().map(webhook_json).collect()), || webhooks_table(&c, &all));
+            c.print(&Json::Array(all.iter().map(webhook_json).collect()), || webhooks_table(&all));
         }
         WebhooksCommand::Get { id } => {
             let w = api.get_webhook(proto::GetWebhookRequest { id }).await.map_err(failed)?.into_inner();
-            c.print(&webhook_json(&w), || webhook_detail(&c, &w));
+            c.print(&webhook_json(&w), || webhook_detail(&w));
         }
         WebhooksCommand::Update { id, spec, active } => {
             let (mut w, mut mask) = webhook_from(&spec)?;
@@ -478,7 +478,7 @@ pub async fn webhooks(client: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Resu
             let update_mask = Some(prost_types::FieldMask { paths: mask.iter().map(|p| (*p).to_owned()).collect() });
             let w = api.update_webhook(proto::UpdateWebhookRequest { webhook: Some(w), update_mask }).await;
             let w = w.map_err(failed)?.into_inner();
-            c.print(&webhook_json(&w), || webhook_detail(&c, &w));
+            c.print(&webhook_json(&w), || webhook_detail(&w));
         }
         WebhooksCommand::Delete { id } => {
             let r = api.delete_webhook(proto::DeleteWebhookRequest { id: id.clone() }).await.map_err(failed)?;
@@ -490,7 +490,7 @@ pub async fn webhooks(client: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Resu
         WebhooksCommand::RotateSecret { id, secret } => {
             let req = proto::RotateWebhookSecretRequest { id, secret: secret.unwrap_or_default() };
             let w = api.rotate_webhook_secret(req).await.map_err(failed)?.into_inner();
-            c.print(&webhook_json(&w), || webhook_detail(&c, &w));
+            c.print(&webhook_json(&w), || webhook_detail(&w));
         }
         WebhooksCommand::Test { id, event_type } => {
             let req = proto::SendTestEventRequest { webhook_id: id, event_type };
@@ -506,15 +506,23 @@ pub async fn webhooks(client: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Resu
     Ok(())
 }
 
-/// One line of an events file: `{"type": …, "data": {…}, "id": …}`.
+/// One line of an events file: `{"type": …, "data": {…}, "id": …}`. `data` is sent byte for
+/// byte as written (`150.00` stays `150.00`).
 fn event_line(line: &str, n: usize) -> anyhow::Result<proto::Event> {
-    let v: Json = serde_json::from_str(line).with_context(|| format!("line {n}: not JSON"))?;
-    let event_type = v["type"].as_str().with_context(|| format!("line {n}: no \"type\""))?;
-    let data = v.get("data").cloned().unwrap_or_else(|| json!({}));
+    #[derive(serde::Deserialize)]
+    struct Line<'a> {
+        #[serde(rename = "type")]
+        event_type: String,
+        #[serde(default)]
+        id: String,
+        #[serde(borrow)]
+        data: Option<&'a serde_json::value::RawValue>,
+    }
+    let l: Line = serde_json::from_str(line).with_context(|| format!("line {n}: not an event object"))?;
     Ok(proto::Event {
-        id: v["id"].as_str().unwrap_or_default().to_owned(),
-        r#type: event_type.to_owned(),
-        data_json: data.to_string(),
+        id: l.id,
+        r#type: l.event_type,
+        data_json: l.data.map_or_else(|| "{}".to_owned(), |d| d.get().to_owned()),
         ..Default::default()
     })
 }
@@ -580,7 +588,7 @@ pub async fn events(client: &ClientArgs, cmd: EventsCommand) -> anyhow::Result<(
         let rows = e
             .deliveries
             .iter()
-            .map(|d| vec![d.id.clone(), d.webhook_id.clone(), c.status(delivery_status(d.status))])
+            .map(|d| vec![d.id.clone(), d.webhook_id.clone(), delivery_status(d.status).to_owned()])
             .collect();
         format!("event {} ({})\n{}", e.id, e.r#type, table(&["DELIVERY", "WEBHOOK", "STATUS"], rows))
     });
@@ -610,7 +618,7 @@ fn when(s: &str) -> anyhow::Result<prost_types::Timestamp> {
     Ok(prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 })
 }
 
-fn deliveries_table(c: &Client, ds: &[proto::Delivery]) -> String {
+fn deliveries_table(ds: &[proto::Delivery]) -> String {
     let rows = ds
         .iter()
         .map(|d| {
@@ -619,7 +627,7 @@ fn deliveries_table(c: &Client, ds: &[proto::Delivery]) -> String {
                 d.id.clone(),
                 d.event_type.clone(),
                 d.webhook_id.clone(),
-                c.status(status),
+                status.to_owned(),
                 d.attempt_count.to_string(),
                 time(&d.created_at),
             ]
@@ -628,8 +636,8 @@ fn deliveries_table(c: &Client, ds: &[proto::Delivery]) -> String {
     table(&["DELIVERY", "EVENT TYPE", "WEBHOOK", "STATUS", "ATTEMPTS", "CREATED"], rows)
 }
 
-fn delivery_detail(c: &Client, d: &proto::Delivery) -> String {
-    let mut out = deliveries_table(c, std::slice::from_ref(d));
+fn delivery_detail(d: &proto::Delivery) -> String {
+    let mut out = deliveries_table(std::slice::from_ref(d));
     let rows = d
         .attempts
         .iter()
@@ -682,16 +690,16 @@ pub async fn deliveries(client: &ClientArgs, cmd: DeliveriesCommand) -> anyhow::
                 req.page_token = page.next_page_token;
             }
             all.truncate(limit);
-            c.print(&Json::Array(all.iter().map(delivery_json).collect()), || deliveries_table(&c, &all));
+            c.print(&Json::Array(all.iter().map(delivery_json).collect()), || deliveries_table(&all));
         }
         DeliveriesCommand::Get { id } => {
             let d = api.get_delivery(proto::GetDeliveryRequest { id }).await.map_err(failed)?.into_inner();
-            c.print(&delivery_json(&d), || delivery_detail(&c, &d));
+            c.print(&delivery_json(&d), || delivery_detail(&d));
         }
         DeliveriesCommand::Retry { id } => {
             let d = api.retry_delivery(proto::RetryDeliveryRequest { id }).await.map_err(failed)?.into_inner();
             c.print(&delivery_json(&d), || {
-                format!("one more attempt queued\n{}", deliveries_table(&c, std::slice::from_ref(&d)))
+                format!("one more attempt queued\n{}", deliveries_table(std::slice::from_ref(&d)))
             });
         }
         DeliveriesCommand::Watch { filters, count } => {

@@ -732,18 +732,22 @@ fn limiter(rate: i64) -> Arc<DefaultDirectRateLimiter> {
 }
 
 /// Records the `herald.dispatch` span of one job (when traces are exported) and returns the
-/// `traceparent` the job carries: a trace per delivery, a span per attempt, linked to the publish
-/// that created the delivery and to the attempt before this one.
+/// `traceparent` the job carries: a trace per delivery, a span per dispatch, linked to the
+/// publish that created the delivery and to the dispatch before this one — the one whose lease
+/// was lost, or (for a retry) the first dispatch of the previous attempt.
 fn dispatch_span(d: &crate::db::entity::delivery::Model, attempt: u32, publish: Option<&str>) -> String {
     use herald_shared::telemetry;
     use opentelemetry::KeyValue;
     use opentelemetry::trace::{Link, Span as _, SpanKind};
-    let cx = telemetry::dispatch_context(&d.id, attempt);
+    let lost = u32::try_from(d.lost_leases).unwrap_or(0);
+    let cx = telemetry::dispatch_context(&d.id, attempt, lost);
     if telemetry::enabled() {
         let mut links: Vec<Link> =
             publish.and_then(telemetry::parse_traceparent).map(Link::with_context).into_iter().collect();
-        if attempt > 1 {
-            links.push(Link::with_context(telemetry::dispatch_context(&d.id, attempt - 1)));
+        if lost > 0 {
+            links.push(Link::with_context(telemetry::dispatch_context(&d.id, attempt, lost - 1)));
+        } else if attempt > 1 {
+            links.push(Link::with_context(telemetry::dispatch_context(&d.id, attempt - 1, 0)));
         }
         let builder = opentelemetry::trace::SpanBuilder::from_name("herald.dispatch")
             .with_kind(SpanKind::Producer)

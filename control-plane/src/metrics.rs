@@ -105,8 +105,16 @@ impl Default for Metrics {
         r.register("attempt_duration_seconds", "How long attempts took, as agents measured", attempt_seconds.clone());
         r.register("leases_reclaimed", "Leases taken back to dispatch again, by reason", leases_reclaimed.clone());
         r.register("queue_depth", "Deliveries not yet final, by status", queue_depth.clone());
-        r.register("oldest_pending_age_seconds", "Age of the oldest delivery waiting", oldest_pending_seconds.clone());
-        r.register("agents_connected", "Agent sessions open on this control plane, by zone", agents_connected.clone());
+        r.register(
+            "oldest_pending_age_seconds",
+            "How long the oldest delivery that is due has waited to be sent",
+            oldest_pending_seconds.clone(),
+        );
+        r.register(
+            "agents_connected",
+            "Agent sessions open on this control plane, by zone (0 for zones webhooks name)",
+            agents_connected.clone(),
+        );
         // Both reasons are exported from the start, at 0, so that alerts can use them.
         for reason in [Reason::expired, Reason::agent_left] {
             leases_reclaimed.get_or_create(&ReasonLabels { reason }).inc_by(0);

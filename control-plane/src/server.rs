@@ -178,7 +178,8 @@ async fn metrics_page(
 ) -> (StatusCode, [(axum::http::HeaderName, &'static str); 1], String) {
     use crate::metrics::{StatusLabels, ZoneLabels};
     let m = &state.metrics;
-    match tokio::time::timeout(db::ACQUIRE_TIMEOUT, state.store.queue_stats()).await {
+    let now = crate::store::now_millis();
+    match tokio::time::timeout(db::ACQUIRE_TIMEOUT, state.store.queue_stats(now)).await {
         Ok(Ok((counts, oldest))) => {
             m.queue_depth.clear();
             for (status, n) in counts {
@@ -190,14 +191,20 @@ async fn metrics_page(
                 .to_owned();
                 m.queue_depth.get_or_create(&StatusLabels { status }).set(n);
             }
-            let age = oldest.map_or(0, |t| (crate::store::now_millis() - t).max(0) / 1000);
+            let age = oldest.map_or(0, |t| (now - t).max(0) / 1000);
             m.oldest_pending_seconds.set(age);
         }
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queue for /metrics"),
         Err(_) => tracing::warn!("reading the queue for /metrics timed out"),
     }
     m.agents_connected.clear();
-    for (zone, n) in state.dispatcher.zones() {
+    let mut zones = state.dispatcher.zones();
+    if let Ok(Ok(named)) = tokio::time::timeout(db::ACQUIRE_TIMEOUT, state.store.webhook_zones()).await {
+        for zone in named {
+            zones.entry(zone).or_insert(0);
+        }
+    }
+    for (zone, n) in zones {
         m.agents_connected.get_or_create(&ZoneLabels { zone }).set(n);
     }
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -148,12 +148,14 @@ pub fn start_with_ids(
     span
 }
 
-/// The span context of attempt `attempt`'s dispatch of `delivery`: a trace per delivery, a span
-/// per attempt, derived from the ids so that any attempt can name the one before it.
-pub fn dispatch_context(delivery: &str, attempt: u32) -> SpanContext {
+/// The span context of a dispatch of `delivery` for attempt `attempt`, after `lost` leases of that
+/// attempt were lost: a trace per delivery, a span per dispatch, derived from the ids so that any
+/// dispatch can name the one before it.
+pub fn dispatch_context(delivery: &str, attempt: u32, lost: u32) -> SpanContext {
     let trace = ring::digest::digest(&ring::digest::SHA256, delivery.as_bytes());
     let mut span_input = delivery.as_bytes().to_vec();
     span_input.extend_from_slice(&attempt.to_be_bytes());
+    span_input.extend_from_slice(&lost.to_be_bytes());
     let span = ring::digest::digest(&ring::digest::SHA256, &span_input);
     let trace_id = TraceId::from_bytes(trace.as_ref()[..16].try_into().expect("16 bytes"));
     let span_id = SpanId::from_bytes(span.as_ref()[..8].try_into().expect("8 bytes"));
@@ -192,7 +194,7 @@ mod tests {
 
     #[test]
     fn traceparent_round_trips_and_rejects_junk() {
-        let cx = dispatch_context("dlv_1", 2);
+        let cx = dispatch_context("dlv_1", 2, 0);
         let tp = traceparent(&cx);
         assert_eq!(tp.len(), 55);
         let back = parse_traceparent(&tp).unwrap();
@@ -209,10 +211,12 @@ mod tests {
 
     #[test]
     fn dispatch_contexts_share_a_trace_per_delivery() {
-        let (a1, a2, b1) = (dispatch_context("dlv_a", 1), dispatch_context("dlv_a", 2), dispatch_context("dlv_b", 1));
+        let (a1, a2, b1) =
+            (dispatch_context("dlv_a", 1, 0), dispatch_context("dlv_a", 2, 0), dispatch_context("dlv_b", 1, 0));
+        assert_ne!(a1.span_id(), dispatch_context("dlv_a", 1, 1).span_id(), "a re-dispatch is a span of its own");
         assert_eq!(a1.trace_id(), a2.trace_id());
         assert_ne!(a1.span_id(), a2.span_id());
         assert_ne!(a1.trace_id(), b1.trace_id());
-        assert_eq!(a1, dispatch_context("dlv_a", 1), "the same inputs give the same ids");
+        assert_eq!(a1, dispatch_context("dlv_a", 1, 0), "the same inputs give the same ids");
     }
 }

@@ -154,9 +154,9 @@ impl Store {
         Ok(due.flatten())
     }
 
-    /// Deliveries not yet final, counted by status, and when the oldest pending one was created
-    /// (for `/metrics`).
-    pub async fn queue_stats(&self) -> Result<(Vec<(i16, i64)>, Option<i64>), StoreError> {
+    /// Deliveries not yet final, counted by status, and since when the oldest delivery that is
+    /// due has been waiting to be sent (for `/metrics`; a retry scheduled for later is not late).
+    pub async fn queue_stats(&self, now: i64) -> Result<(Vec<(i16, i64)>, Option<i64>), StoreError> {
         let counts: Vec<(i16, i64)> = delivery::Entity::find()
             .select_only()
             .column(delivery::Column::Status)
@@ -168,12 +168,24 @@ impl Store {
             .await?;
         let oldest: Option<Option<i64>> = delivery::Entity::find()
             .select_only()
-            .column_as(delivery::Column::CreatedAt.min(), "oldest")
+            .column_as(delivery::Column::NextAttemptAt.min(), "oldest")
             .filter(delivery::Column::Status.eq(status::PENDING))
+            .filter(delivery::Column::NextAttemptAt.lte(now))
             .into_tuple()
             .one(&self.db)
             .await?;
         Ok((counts, oldest.flatten()))
+    }
+
+    /// The zones webhooks name, so that a zone without agents shows as 0 rather than nothing.
+    pub async fn webhook_zones(&self) -> Result<Vec<String>, StoreError> {
+        Ok(webhook::Entity::find()
+            .select_only()
+            .column(webhook::Column::Zone)
+            .distinct()
+            .into_tuple()
+            .all(&self.db)
+            .await?)
     }
 
     /// When the earliest current lease expires, if any delivery is in flight.

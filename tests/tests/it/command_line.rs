@@ -4,10 +4,12 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use herald_control_plane::db::entity::event;
 use herald_tests::procs::{AgentProcess, ControlPlaneProcess};
 use herald_tests::receiver::Receiver;
 use herald_tests::tls::TestCa;
 use herald_tests::{Backend, TestDb, bin};
+use sea_orm::EntityTrait as _;
 use serde_json::Value as Json;
 use tokio::io::AsyncWriteExt as _;
 
@@ -92,13 +94,23 @@ async fn every_subcommand_works_for_people_and_scripts() {
     assert_ne!(bad.code, 0);
     assert!(bad.stderr.contains("webhook.url"), "the field is named: {}", bad.stderr);
     let other = ["webhooks", "create", "--name", "other", "--url", &url, "--events", "task.started"];
+    let other = [&other[..], &["--secret", "a-secret-of-enough-length-42"]].concat();
     let table = cli.run(&other, None).await;
-    assert!(table.ok().contains("signing secret (shown once): whsec_"), "{}", table.stdout);
+    assert!(table.ok().contains("a-secret-of-enough-length-42"), "the given secret is used");
+    let slack = ["webhooks", "create", "--name", "chat", "--url", &url, "--template", "slack", "--json"];
+    let slack = cli.run(&slack, None).await.json();
+    assert!(slack["transform"].is_object(), "a template brings its transform: {slack}");
+    let chat = slack["id"].as_str().unwrap().to_owned();
+    let generated =
+        cli.run(&["webhooks", "create", "--name", "gen", "--url", &url, "--events", "task.started"], None).await;
+    assert!(generated.ok().contains("signing secret (shown once): whsec_"), "{}", generated.stdout);
 
     // webhooks list and get
     let listed = cli.run(&["webhooks", "list"], None).await;
     assert!(listed.ok().contains(&id) && listed.stdout.contains("payments"));
-    assert_eq!(cli.run(&["webhooks", "list", "--json"], None).await.json().as_array().unwrap().len(), 2);
+    assert_eq!(cli.run(&["webhooks", "list", "--json"], None).await.json().as_array().unwrap().len(), 4);
+    let deleted = cli.run(&["webhooks", "delete", &chat], None).await;
+    assert!(deleted.ok().contains(&format!("deleted {chat}")));
     let got = cli.run(&["webhooks", "get", &id, "--json"], None).await.json();
     assert!(got["secret"].is_null(), "reads never show the secret");
 
@@ -117,6 +129,8 @@ async fn every_subcommand_works_for_people_and_scripts() {
     assert!(rotated["rotation_grace_ends_at"].is_string());
 
     // webhooks test, then the delivery log
+    let sample = cli.run(&["webhooks", "test", &id, "--event-type", "incident.created"], None).await;
+    assert!(sample.ok().contains("queued as delivery dlv_"), "{}", sample.stdout);
     let test = cli.run(&["webhooks", "test", &id, "--json"], None).await.json();
     let test_delivery = test["delivery_id"].as_str().unwrap().to_owned();
     settled(&db, test["event_id"].as_str().unwrap()).await;
@@ -139,6 +153,19 @@ async fn every_subcommand_works_for_people_and_scripts() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("events.jsonl");
     std::fs::write(&file, &lines).unwrap();
+    // Data from a file keeps its bytes: 150.00 stays 150.00.
+    let exact = dir.path().join("exact.jsonl");
+    std::fs::write(
+        &exact,
+        "{\"type\":\"recommendation.created\",\"id\":\"rec-1\",\"data\":{\"potential_savings\": 150.00}}\n",
+    )
+    .unwrap();
+    cli.run(&["events", "publish", "--file", exact.to_str().unwrap()], None).await.ok();
+    let conn = db.connect().await;
+    let key = ("ws_default".to_owned(), "rec-1".to_owned());
+    let stored = event::Entity::find_by_id(key).one(&conn).await.unwrap().expect("rec-1 stored");
+    assert_eq!(stored.data, r#"{"potential_savings": 150.00}"#);
+    conn.close().await.ok();
     let many = cli.run(&["events", "publish", "--file", file.to_str().unwrap()], None).await;
     assert!(many.ok().contains("published 3 events; 3 deliveries queued"), "{}", many.stdout);
     let from_stdin = cli.run(&["events", "publish", "--file", "-", "--json"], Some(&lines)).await.json();
@@ -149,7 +176,9 @@ async fn every_subcommand_works_for_people_and_scripts() {
 
     // deliveries list with the log filters
     let all = cli.run(&["deliveries", "list", "--webhook", &id, "--since", "1h", "--json"], None).await.json();
-    assert_eq!(all.as_array().unwrap().len(), 9, "test + one + stdin + 3 + 3");
+    assert_eq!(all.as_array().unwrap().len(), 10, "2 tests + one + stdin + 3 + 3");
+    let before = cli.run(&["deliveries", "list", "--until", "1h", "--json"], None).await.json();
+    assert!(before.as_array().unwrap().is_empty(), "nothing was created over an hour ago");
     let mine = cli.run(&["deliveries", "list", "--event-type", "task.failed", "--json"], None).await.json();
     assert_eq!(mine.as_array().unwrap().len(), 1, "{mine:#}");
     let ok = cli.run(&["deliveries", "list", "--status", "succeeded", "--limit", "2", "--json"], None).await.json();
@@ -175,7 +204,7 @@ async fn every_subcommand_works_for_people_and_scripts() {
 
     // deliveries watch: changes as they happen
     let mut watch = tokio::process::Command::new(bin("herald"))
-        .args(["deliveries", "watch", "--event-type", "task.failed", "--count", "1", "--json"])
+        .args(["deliveries", "watch", "--event-type", "task.failed", "--count", "2"])
         .env("HERALD_SERVER", cp.url())
         .env("HERALD_API_KEY", &cp.api_key)
         .stdout(Stdio::piped())
@@ -191,10 +220,10 @@ async fn every_subcommand_works_for_people_and_scripts() {
         assert!(tokio::time::Instant::now() < deadline, "watch saw no change");
     };
     assert!(status.success());
-    let mut line = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut watch.stdout.take().unwrap(), &mut line).await.unwrap();
-    let change: Json = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
-    assert_eq!(change["event_type"], "task.failed");
+    let mut lines = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut watch.stdout.take().unwrap(), &mut lines).await.unwrap();
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    assert!(lines.lines().all(|l| l.contains(" task.failed ") && l.contains("dlv_") && !l.contains('\x1b')), "{lines}");
 
     // agents list, with the key given as flags instead of the environment
     let flags = ["--server", &cp.url(), "--api-key", &cp.api_key];

@@ -69,6 +69,8 @@ async fn both_processes_export_what_happened() {
     }
     conn.close().await.ok();
 
+    // The waiting deliveries are due: once a second has passed, the oldest one's age shows it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let m = scrape(cp.http_port).await;
     let at = |k: &str| m.get(k).copied().unwrap_or_else(|| panic!("no series {k} in {m:#?}"));
     assert_eq!(at("herald_events_published_total"), 3.0);
@@ -80,7 +82,16 @@ async fn both_processes_export_what_happened() {
     assert_eq!(at("herald_attempt_duration_seconds_count"), 9.0);
     assert_eq!(at(r#"herald_agents_connected{zone="default"}"#), 1.0);
     assert_eq!(at(r#"herald_queue_depth{status="pending"}"#), 3.0);
-    assert!(at("herald_oldest_pending_age_seconds") >= 0.0);
+    assert!(at("herald_oldest_pending_age_seconds") >= 1.0, "the nowhere deliveries have waited");
+    assert_eq!(at(r#"herald_agents_connected{zone="nowhere"}"#), 0.0, "a zone without agents shows as 0");
+    for (port, path, want) in [
+        (cp.http_port, "/healthz", 200),
+        (cp.http_port, "/readyz", 200),
+        (agent.http_port, "/healthz", 200),
+        (agent.http_port, "/readyz", 200),
+    ] {
+        assert_eq!(http_get(port, path).await.0, want, "{path} on {port}");
+    }
     assert_eq!(at(r#"herald_leases_reclaimed_total{reason="expired"}"#), 0.0);
 
     let a = scrape(agent.http_port).await;
@@ -108,7 +119,7 @@ async fn both_processes_export_what_happened() {
     .await;
     signal(&agent.child, "KILL");
     scrape_until(cp.http_port, "the killed agent is no longer counted", |m| {
-        m.get(r#"herald_agents_connected{zone="default"}"#).is_none()
+        m.get(r#"herald_agents_connected{zone="default"}"#) == Some(&0.0)
     })
     .await;
 }

@@ -39,6 +39,26 @@ async fn the_readme_grpcurl_walkthrough_runs_as_written() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the walk-through failed:\n{stdout}\n{stderr}");
+    // The invalid-input example, in the same shell, answers as the README shows.
+    let invalid = readme
+        .split("Invalid input is answered")
+        .nth(1)
+        .and_then(|s| s.split("```sh").nth(1))
+        .and_then(|b| b.split("```").next());
+    let invalid = invalid.expect("the invalid-input example");
+    let shown: Vec<&str> = invalid.lines().filter_map(|l| l.trim().strip_prefix("#   ")).collect();
+    assert_eq!(shown.len(), 2, "the example shows the code and the message");
+    let script = format!(
+        "{}\n{}",
+        script.lines().take_while(|l| !l.starts_with("grpcurl")).collect::<Vec<_>>().join("\n"),
+        invalid.replace("127.0.0.1:7070", &format!("127.0.0.1:{}", cp.port))
+    );
+    let out =
+        tokio::process::Command::new("bash").arg("-c").arg(&script).current_dir(dir.path()).output().await.unwrap();
+    let both = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for line in shown {
+        assert!(both.contains(line), "{line:?} not in the answer:\n{both}");
+    }
     for expected in [
         "herald.v1.EventService",
         "Publishes one event",
