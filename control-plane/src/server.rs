@@ -51,6 +51,12 @@ pub async fn run(
     http: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // SQLite serves one control plane: a second one dispatching from the same file would
+    // double-send. The lock lives as long as this function.
+    let _single = match db::sqlite_path(&config.database_url) {
+        Some(path) => Some(db::lock_single_server(&path)?),
+        None => None,
+    };
     let db = db::connect(&config.database_url)
         .await
         .with_context(|| format!("cannot open the database {}", crate::config::redact_url(&config.database_url)))?;
@@ -71,6 +77,7 @@ pub async fn run(
         config.retry_after_max,
         config.response_body_limit,
     );
+    tokio::spawn(retention_loop(store.clone(), config.retention, shutdown.clone()));
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let dispatcher = crate::dispatch::Dispatcher::spawn(
         store.clone(),
@@ -209,4 +216,37 @@ async fn metrics_page(
     }
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, content_type)], m.encode())
+}
+
+/// Prunes what `--retention` no longer keeps, in batches, every quarter of the retention period
+/// (between 100 ms and a minute), with a pause between batches so that dispatch goes on.
+async fn retention_loop(store: Store, retention: std::time::Duration, shutdown: CancellationToken) {
+    const BATCH: u64 = 500;
+    let every = (retention / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let cutoff = crate::store::now_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let mut pruned = 0;
+        loop {
+            match store.prune(cutoff, BATCH).await {
+                Ok(n) => {
+                    pruned += n;
+                    if n < BATCH || shutdown.is_cancelled() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot prune old events; trying again later");
+                    break;
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(events = pruned, "pruned events older than the retention period");
+        }
+    }
 }

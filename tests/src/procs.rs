@@ -179,6 +179,12 @@ impl ControlPlaneProcess {
         proto::webhook_service_client::WebhookServiceClient::with_interceptor(self.channel(), self.bearer())
     }
 
+    /// The webhook service with another API key.
+    pub fn webhooks_as(&self, key: &str) -> proto::webhook_service_client::WebhookServiceClient<Authed> {
+        let bearer = Bearer(Some(format!("Bearer {key}").parse().unwrap()));
+        proto::webhook_service_client::WebhookServiceClient::with_interceptor(self.channel(), bearer)
+    }
+
     pub fn events(&self) -> proto::event_service_client::EventServiceClient<Authed> {
         proto::event_service_client::EventServiceClient::with_interceptor(self.channel(), self.bearer())
     }

@@ -97,3 +97,33 @@ pub async fn sync_setting(db: &DatabaseConnection) -> Result<String, DbErr> {
     };
     Ok(value)
 }
+
+/// The file of a `sqlite://` URL (none for PostgreSQL or an in-memory database).
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then(|| std::path::PathBuf::from(path))
+}
+
+/// Takes the lock that makes a SQLite database serve one control plane at a time (`<db>.lock`,
+/// an advisory file lock the OS releases when the process ends, even on SIGKILL). `herald migrate`
+/// and `herald keys create` do not take it and work beside a running control plane.
+pub fn lock_single_server(db: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = std::path::PathBuf::from(format!("{}.lock", db.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+            "another control plane is already serving {} (it holds {}): a SQLite database serves one \
+             control plane; use PostgreSQL to run several",
+            db.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+    }
+}

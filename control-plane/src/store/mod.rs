@@ -8,6 +8,7 @@ pub mod deliveries;
 pub mod events;
 pub mod keys;
 pub mod queue;
+pub mod retention;
 pub mod webhooks;
 pub mod writer;
 

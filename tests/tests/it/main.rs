@@ -33,6 +33,7 @@ mod metrics;
 mod pipeline;
 mod queue;
 mod receivers;
+mod reliability;
 mod security;
 mod support;
 mod traces;
