@@ -5,6 +5,7 @@
 //! Every wait has a timeout; ports are bound before use, so there are no sleeps to guess.
 
 pub mod procs;
+pub mod proxy;
 pub mod receiver;
 pub mod tls;
 

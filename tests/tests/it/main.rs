@@ -27,6 +27,7 @@ mod auth;
 mod binaries;
 mod command_line;
 mod events;
+mod faults;
 mod hostile;
 mod logs;
 mod metrics;

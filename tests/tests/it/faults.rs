@@ -1,0 +1,400 @@
+//! Fault injection under load, counted at the receiver: the control plane SIGKILLed mid-burst,
+//! agents killed again and again, the agent link black-holed past the lease, PostgreSQL
+//! unreachable, and receivers that hang, reset, stream forever or answer garbage. In each: every
+//! acknowledged event is delivered at least once, nothing is left in flight, duplicates are
+//! counted. Each scenario prints one `fault:` line with its numbers.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use herald_control_plane::db::entity::{attempt, delivery};
+use herald_shared::proto::{self, ErrorKind};
+use herald_tests::procs::{AgentProcess, ControlPlaneProcess, signal};
+use herald_tests::proxy::{Mode, Proxy};
+use herald_tests::receiver::{Receiver, Reply};
+use herald_tests::tls::TestCa;
+use herald_tests::{Backend, TestDb, event, webhook};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::pipeline::{WAIT, create};
+
+both_databases!(control_plane_sigkill_mid_burst);
+
+/// Publishes `ids` in batches of 100 until every batch is acknowledged (retrying the same ids:
+/// idempotent), and returns the ids acknowledged and how many calls failed. `progress` counts
+/// the events acknowledged so far.
+async fn publish_all(cp: &ControlPlaneProcess, ids: Vec<String>, deadline: Duration) -> (Vec<String>, usize) {
+    publisher(cp.url(), cp.api_key.clone(), ids, deadline, Default::default()).await
+}
+
+async fn publisher(
+    url: String,
+    key: String,
+    ids: Vec<String>,
+    deadline: Duration,
+    progress: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> (Vec<String>, usize) {
+    let channel = tonic::transport::Channel::from_shared(url).unwrap().connect_lazy();
+    let bearer = herald_tests::Bearer(Some(format!("Bearer {key}").parse().unwrap()));
+    let mut events = proto::event_service_client::EventServiceClient::with_interceptor(channel, bearer);
+    let until = Instant::now() + deadline;
+    let mut acked = Vec::new();
+    let mut failures = 0;
+    for chunk in ids.chunks(100) {
+        let batch: Vec<proto::Event> =
+            chunk.iter().map(|id| proto::Event { id: id.clone(), ..event("incident.created", "{}") }).collect();
+        loop {
+            match events.publish_events(proto::PublishEventsRequest { events: batch.clone() }).await {
+                Ok(_) => {
+                    acked.extend(chunk.iter().cloned());
+                    progress.fetch_add(chunk.len(), std::sync::atomic::Ordering::SeqCst);
+                    break;
+                }
+                Err(_) => {
+                    failures += 1;
+                    assert!(Instant::now() < until, "publishing never recovered");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    (acked, failures)
+}
+
+/// Waits until the receiver has seen every id; returns (delivered distinct, duplicates).
+async fn delivered(receiver: &Receiver, ids: &[String], limit: Duration) -> (usize, usize) {
+    let until = Instant::now() + limit;
+    loop {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for r in receiver.requests() {
+            *seen.entry(r.header("x-cloudthinker-event-id")).or_default() += 1;
+        }
+        let missing = ids.iter().filter(|id| !seen.contains_key(*id)).count();
+        if missing == 0 {
+            let dups = seen.values().map(|n| n - 1).sum();
+            return (seen.len(), dups);
+        }
+        assert!(Instant::now() < until, "{missing} acknowledged events were never delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until no delivery is open; fails if one stays in flight or pending.
+async fn nothing_open(db: &TestDb) {
+    let conn = db.connect().await;
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let open = delivery::Entity::find()
+            .filter(delivery::Column::Status.is_in(delivery::status::OPEN))
+            .count(&conn)
+            .await
+            .unwrap();
+        if open == 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "{open} deliveries are still open");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    conn.close().await.ok();
+}
+
+async fn control_plane_sigkill_mid_burst(backend: Backend) {
+    let ca = TestCa::new();
+    let db = TestDb::new(backend).await;
+    // Short leases (2 s timeout + 500 ms): results lost with the control plane are sent again soon.
+    let mut cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "500ms"]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-1"]).await;
+    let receiver = Receiver::https(&ca).await;
+    let mut hook = webhook("burst", &receiver.url("/"), &["incident.created"]);
+    hook.timeout = Some(prost_types::Duration { seconds: 2, nanos: 0 });
+    create(&cp, hook).await;
+
+    let ids: Vec<String> = (0..5000).map(|i| format!("burst-{i}")).collect();
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let burst = tokio::spawn(publisher(cp.url(), cp.api_key.clone(), ids, Duration::from_secs(60), progress.clone()));
+    while progress.load(std::sync::atomic::Ordering::SeqCst) < 2000 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Killed mid-burst, with deliveries in flight and the publisher still publishing.
+    let killed = Instant::now();
+    cp.kill_and_restart().await;
+    let (acked, failures) = burst.await.unwrap();
+    let (got, dups) = delivered(&receiver, &acked, Duration::from_secs(120)).await;
+    let recovered = killed.elapsed();
+    nothing_open(&db).await;
+    println!(
+        "fault: control plane SIGKILL mid-burst ({backend:?}): published {} acknowledged, delivered {got}, duplicates {dups}, failed publish calls {failures}, recovered and drained in {:.1} s",
+        acked.len(),
+        recovered.as_secs_f64()
+    );
+    assert_eq!(acked.len(), 5000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_killed_and_restarted_under_load() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "300ms"]).await;
+    let receiver = Receiver::https(&ca).await;
+    create(&cp, webhook("load", &receiver.url("/"), &["incident.created"])).await;
+    let mut a = AgentProcess::start(&cp.url(), "default", "agent-a", Some(&ca.path), &[]);
+    let _b = AgentProcess::start(&cp.url(), "default", "agent-b", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-a", "agent-b"]).await;
+    let ids: Vec<String> = (0..2000).map(|i| format!("kill-{i}")).collect();
+    let started = Instant::now();
+    let publisher = {
+        let ids = ids.clone();
+        let cp_url = cp.url();
+        let key = cp.api_key.clone();
+        tokio::spawn(async move {
+            let channel = tonic::transport::Channel::from_shared(cp_url).unwrap().connect_lazy();
+            let bearer = herald_tests::Bearer(Some(format!("Bearer {key}").parse().unwrap()));
+            let mut events = proto::event_service_client::EventServiceClient::with_interceptor(channel, bearer);
+            for chunk in ids.chunks(50) {
+                let batch =
+                    chunk.iter().map(|id| proto::Event { id: id.clone(), ..event("incident.created", "{}") }).collect();
+                events.publish_events(proto::PublishEventsRequest { events: batch }).await.expect("publish");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // agent-a is SIGKILLed and restarted five times while the load runs.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        signal(&a.child, "KILL");
+        let _ = a.child.wait().await;
+        a = AgentProcess::start(&cp.url(), "default", "agent-a", Some(&ca.path), &[]);
+    }
+    publisher.await.unwrap();
+    let (got, dups) = delivered(&receiver, &ids, Duration::from_secs(60)).await;
+    nothing_open(&db).await;
+    println!(
+        "fault: agent SIGKILLed 5 times under load: published {}, delivered {got}, duplicates {dups}, drained in {:.1} s",
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_link_black_holed_past_the_lease() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "300ms"]).await;
+    let cp_addr: std::net::SocketAddr = format!("127.0.0.1:{}", cp.port).parse().unwrap();
+    let link = Proxy::start(cp_addr).await;
+    let behind = AgentProcess::start(&format!("http://{}", link.addr), "default", "agent-behind", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-behind"]).await;
+    let receiver = Receiver::https(&ca).await;
+    // Slow answers keep leases held by the agent behind the proxy when the link goes dark.
+    receiver.always(Reply::Hang(Duration::from_millis(300)));
+    let mut hook = webhook("slow", &receiver.url("/"), &["incident.created"]);
+    hook.timeout = Some(prost_types::Duration { seconds: 1, nanos: 0 });
+    create(&cp, hook).await;
+    let ids: Vec<String> = (0..50).map(|i| format!("dark-{i}")).collect();
+    let (acked, _) = publish_all(&cp, ids, WAIT).await;
+    receiver.wait_for(1, WAIT).await;
+    link.set(Mode::Blackhole);
+    let dark = Instant::now();
+    // A second agent, connected directly, takes over once the leases expire (1 s + 300 ms).
+    let _direct = AgentProcess::start(&cp.url(), "default", "agent-direct", Some(&ca.path), &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    link.set(Mode::Pass);
+    let (got, dups) = delivered(&receiver, &acked, Duration::from_secs(60)).await;
+    nothing_open(&db).await;
+    let conn = db.connect().await;
+    let stale = attempt::Entity::find().filter(attempt::Column::Stale.eq(true)).count(&conn).await.unwrap();
+    conn.close().await.ok();
+    println!(
+        "fault: agent link black-holed 3 s (lease 1.3 s): published {}, delivered {got}, duplicates {dups}, late results fenced {stale}, recovered in {:.1} s",
+        acked.len(),
+        dark.elapsed().as_secs_f64()
+    );
+    drop(behind);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_unreachable_then_back() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Postgres).await;
+    let pg = herald_tests::postgres_url();
+    let host = pg.split('@').nth(1).and_then(|h| h.split('/').next()).expect("host:port in the URL");
+    let upstream: std::net::SocketAddr = tokio::net::lookup_host(host).await.unwrap().next().unwrap();
+    let cut = Proxy::start(upstream).await;
+    let via_proxy = db.url.replacen(host, &cut.addr.to_string(), 1);
+    let cp = ControlPlaneProcess::start(&via_proxy, &[]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-1"]).await;
+    let receiver = Receiver::https(&ca).await;
+    create(&cp, webhook("pg", &receiver.url("/"), &["incident.created"])).await;
+
+    let mut acked = Vec::new();
+    let (mut refused, mut slowest_refusal) = (0, Duration::ZERO);
+    let mut ready_during_outage = None;
+    let started = Instant::now();
+    let mut outage = None;
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(16) {
+        if outage.is_none() && started.elapsed() > Duration::from_secs(2) {
+            cut.set(Mode::Blackhole);
+            outage = Some(Instant::now());
+        }
+        if let Some(t) = outage
+            && t.elapsed() > Duration::from_secs(10)
+            && cut.accepted() > 0
+        {
+            cut.set(Mode::Pass);
+        }
+        let id = format!("pg-{i}");
+        i += 1;
+        let call = Instant::now();
+        let e = proto::Event { id: id.clone(), ..event("incident.created", "{}") };
+        match cp.events().publish_event(proto::PublishEventRequest { event: Some(e) }).await {
+            Ok(_) => acked.push(id),
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "an outage is UNAVAILABLE, never another error: {s:?}");
+                refused += 1;
+                slowest_refusal = slowest_refusal.max(call.elapsed());
+                if ready_during_outage.is_none() {
+                    ready_during_outage = Some(herald_tests::http_get(cp.http_port, "/readyz").await.0);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cut.set(Mode::Pass);
+    // Back without a restart: publishing works again, and everything acknowledged is delivered.
+    let after = proto::Event { id: "pg-after".into(), ..event("incident.created", "{}") };
+    let recovery = Instant::now();
+    loop {
+        match cp.events().publish_event(proto::PublishEventRequest { event: Some(after.clone()) }).await {
+            Ok(_) => break,
+            Err(s) => assert!(recovery.elapsed() < WAIT, "no recovery: {s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    acked.push("pg-after".into());
+    let (got, dups) = delivered(&receiver, &acked, Duration::from_secs(60)).await;
+    nothing_open(&db).await;
+    println!(
+        "fault: PostgreSQL unreachable 10 s: published {} acknowledged, {refused} refused UNAVAILABLE (slowest refusal {:.1} s), delivered {got}, duplicates {dups}, /readyz during the outage {:?}, publishing back {:.1} s after the link",
+        acked.len(),
+        slowest_refusal.as_secs_f64(),
+        ready_during_outage,
+        recovery.elapsed().as_secs_f64()
+    );
+    assert!(refused > 0, "the outage was seen");
+    assert!(slowest_refusal < Duration::from_secs(8), "refusals are quick, not hangs");
+    assert_eq!(ready_during_outage, Some(503), "/readyz tells the truth during the outage");
+}
+
+/// A receiver that misbehaves at the TCP level, as `kind` says; it counts connections.
+async fn misbehaving(kind: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = s.read(&mut buf).await;
+                match kind {
+                    "hang" => tokio::time::sleep(Duration::from_secs(600)).await,
+                    "reset" => {
+                        // Cut in the middle of the response head.
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Le").await;
+                        let _ = s.set_zero_linger();
+                    }
+                    "endless" => {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").await;
+                        let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                        while s.write_all(chunk.as_bytes()).await.is_ok() {}
+                    }
+                    _ => {
+                        let _ = s.write_all(b"garbage garbage garbage\r\n\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    (port, count)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receivers_that_hang_reset_stream_forever_or_answer_garbage() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &["--allow-http", "--retry-schedule", "0s,300ms"]).await;
+    let agent = AgentProcess::start(&cp.url(), "default", "agent-1", None, &["--allow-http"]);
+    cp.wait_agents(&["agent-1"]).await;
+    let mut hooks = HashMap::new();
+    for kind in ["hang", "reset", "endless", "garbage"] {
+        let (port, _) = misbehaving(kind).await;
+        let mut w = webhook(kind, &format!("http://127.0.0.1:{port}/"), &["incident.created"]);
+        w.timeout = Some(prost_types::Duration { seconds: 1, nanos: 0 });
+        hooks.insert(create(&cp, w).await.id, kind);
+    }
+    let published = cp
+        .events()
+        .publish_event(proto::PublishEventRequest { event: Some(event("incident.created", "{}")) })
+        .await
+        .unwrap()
+        .into_inner();
+    let pid = agent.child.id().unwrap();
+    let mut peak_rss = 0;
+    let conn = db.connect().await;
+    let until = Instant::now() + WAIT;
+    let rows = loop {
+        peak_rss = peak_rss.max(rss_kib(pid));
+        let rows =
+            delivery::Entity::find().filter(delivery::Column::EventId.eq(&published.id)).all(&conn).await.unwrap();
+        if rows.len() == 4
+            && rows.iter().all(|d| [delivery::status::FAILED, delivery::status::SUCCEEDED].contains(&d.status))
+        {
+            break rows;
+        }
+        assert!(Instant::now() < until, "{rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut kinds = Vec::new();
+    for d in &rows {
+        if hooks[&d.webhook_id] == "endless" {
+            // A 200 answer is success; the agent reads no more of the body than it keeps.
+            assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 1), "{d:?}");
+            kinds.push("endless=SUCCEEDED after reading at most the body limit".to_owned());
+            continue;
+        }
+        assert_eq!(d.status, delivery::status::FAILED, "{d:?}");
+        let log = attempt::Entity::find()
+            .filter(attempt::Column::DeliveryId.eq(&d.id))
+            .order_by_asc(attempt::Column::Number)
+            .all(&conn)
+            .await
+            .unwrap();
+        assert_eq!(log.len(), 2, "two attempts, on schedule: {log:?}");
+        let gap = log[1].started_at - log[0].started_at;
+        assert!(gap >= 300, "the retry waited for its schedule: {gap} ms");
+        let kind = ErrorKind::try_from(log[0].error_kind).unwrap();
+        let expected: &[ErrorKind] = match hooks[&d.webhook_id] {
+            "hang" => &[ErrorKind::Timeout],
+            "reset" => &[ErrorKind::Connect, ErrorKind::Protocol],
+            _ => &[ErrorKind::Protocol],
+        };
+        assert!(expected.contains(&kind), "{}: {kind:?} ({})", hooks[&d.webhook_id], log[0].error_message);
+        kinds.push(format!("{}={}", hooks[&d.webhook_id], kind.as_str_name()));
+    }
+    conn.close().await.ok();
+    println!("fault: misbehaving receivers: {}; agent peak RSS {} MiB", kinds.join(", "), peak_rss / 1024);
+    assert!(peak_rss < 100 * 1024, "an endless body does not grow the agent: {peak_rss} KiB");
+}
