@@ -87,6 +87,11 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     );
+    if let Some(pool) = (store.db.get_database_backend() == sea_orm::DbBackend::Postgres)
+        .then(|| store.db.get_postgres_connection_pool().clone())
+    {
+        tokio::spawn(wake_on_notify(pool, dispatcher.clone(), shutdown.clone()));
+    }
     let state = AppState {
         metrics,
         dispatcher,
@@ -247,6 +252,39 @@ async fn retention_loop(store: Store, retention: std::time::Duration, shutdown: 
         }
         if pruned > 0 {
             tracing::info!(events = pruned, "pruned events older than the retention period");
+        }
+    }
+}
+
+/// Wakes the dispatcher when another replica on the same PostgreSQL queues deliveries (`NOTIFY`
+/// on publish). The listener reconnects by itself; the dispatcher's own timers remain the
+/// fallback while it cannot.
+async fn wake_on_notify(
+    pool: sea_orm::sqlx::PgPool,
+    dispatcher: crate::dispatch::Dispatcher,
+    shutdown: CancellationToken,
+) {
+    use sea_orm::sqlx::postgres::PgListener;
+    loop {
+        let listening = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(crate::store::events::WAKE_CHANNEL).await?;
+            loop {
+                listener.recv().await?;
+                dispatcher.wake();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sea_orm::sqlx::Error>(())
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listening => if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot listen for other replicas' wake-ups; retrying");
+            },
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }
     }
 }

@@ -30,6 +30,10 @@ pub struct NewEvent {
     pub trace_context: Option<String>,
 }
 
+/// The PostgreSQL notification channel on which replicas tell each other that deliveries were
+/// queued.
+pub const WAKE_CHANNEL: &str = "herald_wake";
+
 /// Where an event stands, derived from its deliveries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventStatus {
@@ -262,7 +266,12 @@ impl Store {
                         },
                         other => other,
                     })?;
+                    let queued = !new_deliveries.is_empty();
                     insert_chunked(txn, new_deliveries).await?;
+                    // Other replicas on this PostgreSQL wake to dispatch them (delivered on commit).
+                    if queued && txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+                        txn.execute_unprepared(&format!("NOTIFY {WAKE_CHANNEL}")).await?;
+                    }
                     if !reused.is_empty() {
                         let ids: Vec<String> = reused.iter().map(|&i| out[i].event.id.clone()).collect();
                         let mut summaries = delivery_summaries(txn, &workspace, ids).await?;

@@ -398,3 +398,62 @@ async fn receivers_that_hang_reset_stream_forever_or_answer_garbage() {
     println!("fault: misbehaving receivers: {}; agent peak RSS {} MiB", kinds.join(", "), peak_rss / 1024);
     assert!(peak_rss < 100 * 1024, "an endless body does not grow the agent: {peak_rss} KiB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_postgres_one_sigkilled() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Postgres).await;
+    let flags = ["--lease-grace", "500ms"];
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(ControlPlaneProcess::start(&db.url, &flags).await);
+    }
+    let urls: Vec<String> = replicas.iter().map(ControlPlaneProcess::url).collect();
+    // Each agent dials its replica, and the next one when that one is gone.
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let id = format!("agent-{i}");
+        let fallback = urls[(i + 1) % 3].clone();
+        agents.push(AgentProcess::start(&urls[i], "default", &id, Some(&ca.path), &["--control-plane", &fallback]));
+        replicas[i].wait_agents(&[&id]).await;
+    }
+    let receiver = Receiver::https(&ca).await;
+    let mut hook = webhook("replicated", &receiver.url("/"), &["incident.created"]);
+    hook.timeout = Some(prost_types::Duration { seconds: 2, nanos: 0 });
+    create(&replicas[0], hook).await;
+
+    // Publishers on every replica; the second replica is SIGKILLed after a third of the events.
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut publishers = Vec::new();
+    for (i, r) in replicas.iter().enumerate() {
+        let ids: Vec<String> = (0..500).map(|n| format!("rep{i}-{n}")).collect();
+        // The killed replica's publisher moves to the next replica once its own is gone.
+        let url = if i == 1 { urls[2].clone() } else { r.url() };
+        let key = if i == 1 { replicas[2].api_key.clone() } else { r.api_key.clone() };
+        publishers.push(tokio::spawn(publisher(url, key, ids, Duration::from_secs(60), progress.clone())));
+    }
+    while progress.load(std::sync::atomic::Ordering::SeqCst) < 500 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed = Instant::now();
+    signal(&replicas[1].child, "KILL");
+    let mut acked = Vec::new();
+    for p in publishers {
+        acked.extend(p.await.unwrap().0);
+    }
+    let (got, dups) = delivered(&receiver, &acked, Duration::from_secs(120)).await;
+    nothing_open(&db).await;
+    // Never two replicas at once: each delivery has one attempt unless a lease was lost with the replica.
+    let conn = db.connect().await;
+    let attempts = attempt::Entity::find().count(&conn).await.unwrap();
+    conn.close().await.ok();
+    println!(
+        "fault: three replicas on PostgreSQL, one SIGKILLed: published {} acknowledged, delivered {got}, duplicates {dups}, attempts {attempts}, drained in {:.1} s",
+        acked.len(),
+        killed.elapsed().as_secs_f64()
+    );
+    assert_eq!(acked.len(), 1500);
+    // Duplicates can only come from jobs the dead replica had handed out: at most its agent's
+    // capacity (256). Jobs of the live replicas are never sent twice.
+    assert!(dups <= 256, "{dups} duplicates");
+}
