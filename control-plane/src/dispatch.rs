@@ -270,16 +270,31 @@ impl Dispatcher {
             return;
         }
         match self.inner.store.reclaim_leases(Some(&holder), now_millis(), &self.inner.policy).await {
-            Ok(leases) => {
+            Ok(reclaimed) => {
+                let leases = reclaimed.leases;
                 if !leases.is_empty() {
                     tracing::info!(holder, leases = leases.len(), "an agent left; its leases are dispatched again");
                     self.inner.metrics.leases_reclaimed.get_or_create(&agent_left()).inc_by(leases.len() as u64);
                 }
+                self.count_outcomes(&reclaimed.applied);
                 self.release_leases(&leases);
             }
             Err(e) => tracing::warn!(error = %e, "cannot take back the leases of a closed session; they will expire"),
         }
         self.wake();
+    }
+
+    /// Counts what results (or lost-lease attempts) made of their deliveries.
+    fn count_outcomes(&self, applied: &[Applied]) {
+        for a in applied {
+            let outcome = match a {
+                Applied::Succeeded => Outcome::succeeded,
+                Applied::Retry { .. } => Outcome::retrying,
+                Applied::Failed => Outcome::failed,
+                Applied::Released | Applied::Stale => continue,
+            };
+            self.inner.metrics.deliveries.get_or_create(&OutcomeLabels { outcome }).inc();
+        }
     }
 
     /// How many agent sessions are open, per zone.
@@ -334,9 +349,11 @@ impl Dispatcher {
             if now - last_reclaim >= RECLAIM_EVERY_MS || (next_expiry > 0 && now > next_expiry) {
                 last_reclaim = now;
                 match self.inner.store.reclaim_leases(None, now, &self.inner.policy).await {
-                    Ok(leases) if !leases.is_empty() => {
+                    Ok(reclaimed) if !reclaimed.leases.is_empty() => {
+                        let leases = reclaimed.leases;
                         tracing::info!(leases = leases.len(), "expired leases taken back");
                         self.inner.metrics.leases_reclaimed.get_or_create(&expired()).inc_by(leases.len() as u64);
+                        self.count_outcomes(&reclaimed.applied);
                         self.release_leases(&leases);
                     }
                     Ok(_) => {}
@@ -670,16 +687,8 @@ impl Dispatcher {
             let now = now_millis();
             match self.inner.store.record_results(reports, now, &self.inner.policy).await {
                 Ok(applied) => {
+                    self.count_outcomes(&applied);
                     for a in applied {
-                        let outcome = match a {
-                            Applied::Succeeded => Some(Outcome::succeeded),
-                            Applied::Retry { .. } => Some(Outcome::retrying),
-                            Applied::Failed => Some(Outcome::failed),
-                            Applied::Released | Applied::Stale => None,
-                        };
-                        if let Some(outcome) = outcome {
-                            metrics.deliveries.get_or_create(&OutcomeLabels { outcome }).inc();
-                        }
                         if let Applied::Retry { at } = a {
                             let _ = self.inner.due_wake.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
                                 Some(if w == 0 { at } else { w.min(at) })

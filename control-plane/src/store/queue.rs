@@ -100,6 +100,13 @@ pub struct AttemptReport {
     pub retry_after_ms: Option<i64>,
 }
 
+/// Leases taken back, and what the attempts counted for lost leases did.
+#[derive(Debug, Default)]
+pub struct Reclaimed {
+    pub leases: Vec<String>,
+    pub applied: Vec<Applied>,
+}
+
 /// What a report did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -442,13 +449,14 @@ impl Store {
 
     /// Takes back every lease that expired by `now` (or, with `agent`, every lease of that
     /// agent, which disconnected): the deliveries are due again at once without using an attempt,
-    /// unless they lost more than `FREE_LOST_LEASES` leases in a row. Returns the leases taken back.
+    /// unless they lost more than `FREE_LOST_LEASES` leases in a row. Returns the leases taken back
+    /// and what the lost-lease attempts made of their deliveries.
     pub async fn reclaim_leases(
         &self,
         agent: Option<&str>,
         now: i64,
         policy: &QueuePolicy,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Reclaimed, StoreError> {
         let policy = policy.clone();
         let agent = agent.map(str::to_owned);
         self.writer
@@ -462,6 +470,7 @@ impl Store {
                     let lost = q.limit(10_000).all(txn).await?;
                     let reclaimed: Vec<String> = lost.iter().filter_map(|d| d.lease_id.clone()).collect();
                     let mut attempts = Vec::new();
+                    let mut applied = Vec::new();
                     for mut d in lost {
                         if d.lost_leases >= FREE_LOST_LEASES {
                             let number = d.attempt_count + 1;
@@ -490,7 +499,7 @@ impl Store {
                                 // A manual attempt that keeps losing its lease returns to where it was.
                                 Some(back) => settle(txn, &mut d, back, None, number, &report, now).await?,
                                 None => {
-                                    fail_attempt(txn, &mut d, number, Some(&report), now, &policy).await?;
+                                    applied.push(fail_attempt(txn, &mut d, number, Some(&report), now, &policy).await?);
                                 }
                             }
                         } else {
@@ -498,7 +507,7 @@ impl Store {
                         }
                     }
                     insert_chunked(txn, attempts).await?;
-                    Ok(reclaimed)
+                    Ok(Reclaimed { leases: reclaimed, applied })
                 })
             })
             .await

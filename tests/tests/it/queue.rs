@@ -219,7 +219,7 @@ async fn lost_leases_cost_no_attempt_until_the_fourth(backend: Backend) {
     let mut now = t0();
     let first = store.claim("default", "agent-1", 1, now, &policy()).await.unwrap().remove(0);
     assert_eq!(
-        store.reclaim_leases(None, first.lease_expires_at - 1, &policy()).await.unwrap().len(),
+        store.reclaim_leases(None, first.lease_expires_at - 1, &policy()).await.unwrap().leases.len(),
         0,
         "not yet expired"
     );
@@ -227,7 +227,7 @@ async fn lost_leases_cost_no_attempt_until_the_fourth(backend: Backend) {
         let c = store.claim("default", "agent-1", 1, now, &policy()).await.unwrap();
         let c = if lost == 1 { first.clone() } else { c.into_iter().next().expect("due again at once") };
         now = c.lease_expires_at + 1;
-        assert_eq!(store.reclaim_leases(None, now, &policy()).await.unwrap().len(), 1);
+        assert_eq!(store.reclaim_leases(None, now, &policy()).await.unwrap().leases.len(), 1);
         let d = row(&db, &id).await;
         assert_eq!(
             (d.status, d.attempt_count, d.lost_leases),
@@ -241,7 +241,9 @@ async fn lost_leases_cost_no_attempt_until_the_fourth(backend: Backend) {
     }
     // The fourth loss in a row counts as a failed attempt, through the agent-disconnect path.
     let c = store.claim("default", "agent-9", 1, now, &policy()).await.unwrap().remove(0);
-    assert_eq!(store.reclaim_leases(Some("agent-9"), now, &policy()).await.unwrap().len(), 1);
+    let reclaimed = store.reclaim_leases(Some("agent-9"), now, &policy()).await.unwrap();
+    assert_eq!(reclaimed.leases.len(), 1);
+    assert_eq!(reclaimed.applied, [Applied::Retry { at: now + MIN }], "the lost-lease attempt is reported");
     let d = row(&db, &id).await;
     assert_eq!((d.status, d.attempt_count, d.lost_leases), (delivery::status::PENDING, 1, 0));
     assert_eq!(d.next_attempt_at, now + MIN, "scheduled like any failed attempt");
