@@ -248,3 +248,62 @@ async fn every_subcommand_works_for_people_and_scripts() {
     let gone = cli.run(&["webhooks", "get", &id], None).await;
     assert!(gone.code != 0 && gone.stderr.contains("NotFound"), "{}", gone.stderr);
 }
+
+/// Runs `herald ARGS` inside a pseudo-terminal (`script` from util-linux), with `env`; returns
+/// everything the terminal showed.
+async fn on_a_terminal(cp: &ControlPlaneProcess, args: &[&str], env: &[(&str, &str)]) -> String {
+    let command = std::iter::once(bin("herald").display().to_string())
+        .chain(args.iter().map(|a| format!("'{a}'")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("HERALD_SERVER", cp.url())
+        .env("HERALD_API_KEY", &cp.api_key)
+        .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(WAIT, out).await.expect("herald finishes").expect("script runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colours_and_the_progress_bar_appear_only_on_a_terminal() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-1"]).await;
+    let receiver = Receiver::https(&ca).await;
+    receiver.count_only();
+    crate::pipeline::create(&cp, herald_tests::webhook("t", &receiver.url("/"), &["incident.created"])).await;
+
+    // A large file: a progress bar on a terminal, none when stderr is a pipe.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big.jsonl");
+    let lines: String =
+        (0..1500).map(|i| format!("{{\"type\":\"incident.created\",\"data\":{{\"n\":{i}}}}}\n")).collect();
+    std::fs::write(&file, lines).unwrap();
+    let shown =
+        on_a_terminal(&cp, &["events", "publish", "--file", file.to_str().unwrap(), "--batch", "100"], &[]).await;
+    assert!(shown.contains("/1500 events"), "a progress bar on a terminal: {shown:?}");
+    assert!(shown.contains("published 1500 events"));
+    let piped = Cli { cp: &cp }.run(&["events", "publish", "--file", file.to_str().unwrap()], None).await;
+    assert!(piped.ok().contains("published 1500 events") && !piped.stderr.contains("/1500 events"), "{}", piped.stderr);
+
+    // `watch` colours statuses on a terminal, unless NO_COLOR is set.
+    for (env, coloured) in [(&[][..], true), (&[("NO_COLOR", "1")][..], false)] {
+        let watch = on_a_terminal(&cp, &["deliveries", "watch", "--count", "1"], env);
+        let publisher = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Cli { cp: &cp }.run(&["events", "publish", "--type", "incident.created", "{}"], None).await.ok();
+            }
+        };
+        let shown = tokio::select! { shown = watch => shown, () = publisher => unreachable!() };
+        assert!(shown.contains("dlv_"), "{shown:?}");
+        assert_eq!(shown.contains("\x1b["), coloured, "colours {coloured}: {shown:?}");
+    }
+}
