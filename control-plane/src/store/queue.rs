@@ -23,8 +23,8 @@ use herald_shared::retry::RetrySchedule;
 use herald_shared::{catalog, envelope, ids};
 use sea_orm::sea_query::{Expr, ExprTrait as _, LockBehavior, LockType};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect,
 };
 
 use super::events::{NewDelivery, insert_chunked, subscribers};
@@ -262,6 +262,11 @@ impl Store {
                     let mut due: Vec<delivery::Model> = Vec::new();
                     let mut seen: HashSet<String> = HashSet::new();
                     let mut hook_rows: HashMap<String, (Option<i64>, Limits)> = HashMap::new();
+                    // On PostgreSQL, `max_in_flight` holds across replicas: the slots left are
+                    // counted in the database under a per-webhook advisory lock that lasts until
+                    // this claim commits (a webhook another replica is claiming now is skipped).
+                    let shared = txn.get_database_backend() == DbBackend::Postgres;
+                    let mut slots: HashMap<String, i64> = HashMap::new();
                     for _page in 0..8 {
                         let mut q = delivery::Entity::find()
                             .filter(delivery::Column::Zone.eq(&zone))
@@ -284,7 +289,15 @@ impl Store {
                         let new_hooks: Vec<String> =
                             page.iter().map(|d| d.webhook_id.clone()).filter(|w| !hook_rows.contains_key(w)).collect();
                         if !new_hooks.is_empty() {
-                            hook_rows.extend(hook_limits(txn, new_hooks).await?);
+                            hook_rows.extend(hook_limits(txn, new_hooks.clone()).await?);
+                            if shared {
+                                for w in new_hooks {
+                                    if let Some(max) = hook_rows.get(&w).and_then(|h| h.1.max_in_flight) {
+                                        let free = free_slots(txn, &w, max).await?;
+                                        slots.insert(w, free);
+                                    }
+                                }
+                            }
                         }
                         for d in page {
                             seen.insert(d.id.clone());
@@ -294,9 +307,16 @@ impl Store {
                             if exclude.contains(&d.webhook_id) {
                                 continue;
                             }
+                            if slots.get(&d.webhook_id).is_some_and(|free| *free <= 0) {
+                                exclude.push(d.webhook_id.clone());
+                                continue;
+                            }
                             let limits = hook_rows.get(&d.webhook_id).map(|h| h.1).unwrap_or_default();
                             let allowed = allow.as_mut().is_none_or(|allow| allow(&d, limits));
                             if allowed {
+                                if let Some(free) = slots.get_mut(&d.webhook_id) {
+                                    *free -= 1;
+                                }
                                 due.push(d);
                             } else {
                                 exclude.push(d.webhook_id.clone());
@@ -441,6 +461,11 @@ impl Store {
                         }
                     }
                     insert_chunked(txn, attempts).await?;
+                    // Every replica on the same PostgreSQL wakes: a finished job frees a slot of its
+                    // webhook (`max_in_flight` counts across replicas).
+                    if txn.get_database_backend() == DbBackend::Postgres {
+                        txn.execute_unprepared(&format!("NOTIFY {}", super::events::WAKE_CHANNEL)).await?;
+                    }
                     Ok(applied)
                 })
             })
@@ -512,6 +537,30 @@ impl Store {
             })
             .await
     }
+}
+
+/// How many more jobs `webhook` may have in flight across every replica, or 0 when another
+/// replica is claiming for it right now (PostgreSQL only; the advisory lock is released when the
+/// claim's transaction ends, by which time its rows are counted as in flight).
+async fn free_slots(txn: &DatabaseTransaction, webhook: &str, max: i64) -> Result<i64, StoreError> {
+    let lock = sea_orm::Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_try_advisory_xact_lock(hashtext($1))",
+        [webhook.into()],
+    );
+    let locked: bool = match txn.query_one_raw(lock).await? {
+        Some(row) => row.try_get_by_index(0).map_err(|e| StoreError::Internal(e.to_string()))?,
+        None => false,
+    };
+    if !locked {
+        return Ok(0);
+    }
+    let busy = delivery::Entity::find()
+        .filter(delivery::Column::WebhookId.eq(webhook))
+        .filter(delivery::Column::Status.eq(status::IN_FLIGHT))
+        .count(txn)
+        .await?;
+    Ok(max - i64::try_from(busy).unwrap_or(i64::MAX))
 }
 
 /// The timeout and limits of these webhooks.

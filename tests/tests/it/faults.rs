@@ -457,3 +457,37 @@ async fn three_replicas_on_postgres_one_sigkilled() {
     // capacity (256). Jobs of the live replicas are never sent twice.
     assert!(dups <= 256, "{dups} duplicates");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_holds_across_two_replicas() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Postgres).await;
+    let replicas = [ControlPlaneProcess::start(&db.url, &[]).await, ControlPlaneProcess::start(&db.url, &[]).await];
+    // The first replica's agent takes two jobs at most: once both hang, only the second replica
+    // can claim more, and only a limit counted across replicas stops it.
+    let _first =
+        AgentProcess::start(&replicas[0].url(), "default", "agent-0", Some(&ca.path), &["--max-in-flight", "2"]);
+    replicas[0].wait_agents(&["agent-0"]).await;
+    let receiver = Receiver::https(&ca).await;
+    receiver.always(Reply::Hang(Duration::from_millis(700)));
+    let mut hook = webhook("limited", &receiver.url("/"), &["incident.created"]);
+    hook.max_in_flight = Some(2);
+    create(&replicas[0], hook).await;
+    let batch = |from: usize| proto::PublishEventsRequest {
+        events: (from..from + 6)
+            .map(|i| proto::Event { id: format!("limited-{i}"), ..event("incident.created", "{}") })
+            .collect(),
+    };
+    replicas[0].events().publish_events(batch(0)).await.unwrap();
+    receiver.wait_for(2, WAIT).await;
+    let _second = AgentProcess::start(&replicas[1].url(), "default", "agent-1", Some(&ca.path), &[]);
+    replicas[1].wait_agents(&["agent-1"]).await;
+    replicas[1].events().publish_events(batch(6)).await.unwrap();
+    let ids: Vec<String> = (0..12).map(|i| format!("limited-{i}")).collect();
+    let (got, dups) = delivered(&receiver, &ids, Duration::from_secs(60)).await;
+    nothing_open(&db).await;
+    let most = receiver.most_concurrent();
+    println!("fault: max_in_flight 2 across two replicas: delivered {got}, duplicates {dups}, most at once {most}");
+    assert!(most <= 2, "{most} requests at once for a webhook limited to 2");
+    assert_eq!((got, dups), (12, 0));
+}
