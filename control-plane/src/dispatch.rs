@@ -109,6 +109,8 @@ struct Inner {
     /// Delivery changes for `WatchDeliveries`.
     changes: tokio::sync::broadcast::Sender<Arc<crate::db::entity::delivery::Model>>,
     metrics: Arc<Metrics>,
+    /// This control plane's id among replicas (to skip its own change notifications).
+    replica: String,
 }
 
 /// A handle to the dispatcher. Cheap to clone.
@@ -143,6 +145,7 @@ impl Dispatcher {
             results,
             changes: tokio::sync::broadcast::channel(4096).0,
             metrics,
+            replica: ids::new_id("cp"),
         });
         let d = Dispatcher { inner };
         tokio::spawn(d.clone().dispatch_loop(shutdown.clone()));
@@ -162,6 +165,32 @@ impl Dispatcher {
 
     /// These deliveries changed: tell watchers, if there are any (reading the rows costs a query).
     pub fn changed(&self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        // Watchers of other replicas on the same PostgreSQL hear of it too.
+        if self.inner.store.db.get_database_backend() == sea_orm::DbBackend::Postgres {
+            let (db, me) = (self.inner.store.db.clone(), self.inner.replica.clone());
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                for chunk in ids.chunks(250) {
+                    let payload = format!("{me} {}", chunk.join(","));
+                    let notify = sea_orm::Statement::from_sql_and_values(
+                        sea_orm::DbBackend::Postgres,
+                        "SELECT pg_notify($1, $2)",
+                        [crate::store::events::CHANGES_CHANNEL.into(), payload.into()],
+                    );
+                    if let Err(e) = sea_orm::ConnectionTrait::execute_raw(&db, notify).await {
+                        tracing::debug!(error = %e, "cannot tell other replicas' watchers of changes");
+                    }
+                }
+            });
+        }
+        self.changed_here(ids);
+    }
+
+    /// Tells this replica's watchers that these deliveries changed (read from the database).
+    pub fn changed_here(&self, ids: Vec<String>) {
         if self.inner.changes.receiver_count() == 0 || ids.is_empty() {
             return;
         }
@@ -176,6 +205,11 @@ impl Dispatcher {
                 Err(e) => tracing::warn!(error = %e, "cannot read changed deliveries for watchers"),
             }
         });
+    }
+
+    /// This control plane's id among replicas.
+    pub fn replica(&self) -> &str {
+        &self.inner.replica
     }
 
     /// A webhook changed or was deleted: forget what is cached of it.
@@ -441,6 +475,7 @@ impl Dispatcher {
         let mut taken: HashMap<String, i64> = HashMap::new();
         Filter {
             exclude: Vec::new(),
+            rate_wake: Some(self.inner.rate_wake.clone()),
             allow: Some(Box::new(move |d, limits: Limits| {
                 if let Some(max) = limits.max_in_flight {
                     let busy =

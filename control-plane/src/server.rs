@@ -256,8 +256,9 @@ async fn retention_loop(store: Store, retention: std::time::Duration, shutdown: 
     }
 }
 
-/// Wakes the dispatcher when another replica on the same PostgreSQL queues deliveries (`NOTIFY`
-/// on publish). The listener reconnects by itself; the dispatcher's own timers remain the
+/// Wakes the dispatcher when another replica on the same PostgreSQL queues deliveries or
+/// finishes jobs (`NOTIFY herald_wake`), and relays other replicas' delivery changes to this
+/// replica's watchers (`herald_changes`). The listener reconnects by itself; the dispatcher's own timers remain the
 /// fallback while it cannot.
 async fn wake_on_notify(
     pool: sea_orm::sqlx::PgPool,
@@ -268,10 +269,18 @@ async fn wake_on_notify(
     loop {
         let listening = async {
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(crate::store::events::WAKE_CHANNEL).await?;
+            listener.listen_all([crate::store::events::WAKE_CHANNEL, crate::store::events::CHANGES_CHANNEL]).await?;
             loop {
-                listener.recv().await?;
-                dispatcher.wake();
+                let n = listener.recv().await?;
+                if n.channel() == crate::store::events::CHANGES_CHANNEL {
+                    if let Some((from, ids)) = n.payload().split_once(' ')
+                        && from != dispatcher.replica()
+                    {
+                        dispatcher.changed_here(ids.split(',').map(str::to_owned).collect());
+                    }
+                } else {
+                    dispatcher.wake();
+                }
             }
             #[allow(unreachable_code)]
             Ok::<(), sea_orm::sqlx::Error>(())

@@ -34,6 +34,10 @@ pub struct NewEvent {
 /// queued.
 pub const WAKE_CHANNEL: &str = "herald_wake";
 
+/// The channel on which replicas tell each other which deliveries changed (`<replica> <id>,<id>…`),
+/// for `WatchDeliveries` on any replica.
+pub const CHANGES_CHANNEL: &str = "herald_changes";
+
 /// Where an event stands, derived from its deliveries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventStatus {

@@ -63,6 +63,9 @@ pub struct Filter {
     /// Webhooks to skip entirely (at their `max_in_flight`, or rate-limited).
     pub exclude: Vec<String>,
     pub allow: Option<Allow>,
+    /// Lowered to the start of the next rate window when a webhook's shared rate limit (on
+    /// PostgreSQL, across replicas) held rows back, so that the dispatcher looks again then.
+    pub rate_wake: Option<std::sync::Arc<std::sync::atomic::AtomicI64>>,
 }
 
 /// A delivery leased to an agent.
@@ -252,7 +255,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let (zone, agent_id, grace) = (zone.to_owned(), agent_id.to_owned(), policy.lease_grace_ms);
-        let Filter { mut exclude, mut allow } = filter;
+        let Filter { mut exclude, mut allow, rate_wake } = filter;
         self.writer
             .write_relaxed(move |txn| {
                 Box::pin(async move {
@@ -262,11 +265,14 @@ impl Store {
                     let mut due: Vec<delivery::Model> = Vec::new();
                     let mut seen: HashSet<String> = HashSet::new();
                     let mut hook_rows: HashMap<String, (Option<i64>, Limits)> = HashMap::new();
-                    // On PostgreSQL, `max_in_flight` holds across replicas: the slots left are
-                    // counted in the database under a per-webhook advisory lock that lasts until
-                    // this claim commits (a webhook another replica is claiming now is skipped).
+                    // On PostgreSQL, `max_in_flight` and `rate_limit_per_second` hold across
+                    // replicas: the slots and the sends left in this second are read from the
+                    // database under a per-webhook advisory lock that lasts until this claim
+                    // commits (a webhook another replica is claiming now is skipped).
                     let shared = txn.get_database_backend() == DbBackend::Postgres;
                     let mut slots: HashMap<String, i64> = HashMap::new();
+                    let window = now - now.rem_euclid(1000);
+                    let mut sends: HashMap<String, (i64, i64)> = HashMap::new();
                     for _page in 0..8 {
                         let mut q = delivery::Entity::find()
                             .filter(delivery::Column::Zone.eq(&zone))
@@ -292,9 +298,20 @@ impl Store {
                             hook_rows.extend(hook_limits(txn, new_hooks.clone()).await?);
                             if shared {
                                 for w in new_hooks {
-                                    if let Some(max) = hook_rows.get(&w).and_then(|h| h.1.max_in_flight) {
-                                        let free = free_slots(txn, &w, max).await?;
-                                        slots.insert(w, free);
+                                    let limits = hook_rows.get(&w).map(|h| h.1).unwrap_or_default();
+                                    if limits.max_in_flight.is_none() && limits.rate_limit_per_second.is_none() {
+                                        continue;
+                                    }
+                                    if !advisory_lock(txn, &w).await? {
+                                        slots.insert(w, 0);
+                                        continue;
+                                    }
+                                    if let Some(max) = limits.max_in_flight {
+                                        slots.insert(w.clone(), free_slots(txn, &w, max).await?);
+                                    }
+                                    if let Some(rate) = limits.rate_limit_per_second {
+                                        let sent = sent_in_window(txn, &w, window).await?;
+                                        sends.insert(w, (sent, rate - sent));
                                     }
                                 }
                             }
@@ -311,11 +328,26 @@ impl Store {
                                 exclude.push(d.webhook_id.clone());
                                 continue;
                             }
+                            if sends.get(&d.webhook_id).is_some_and(|(_, left)| *left <= 0) {
+                                if let Some(wake) = &rate_wake {
+                                    let next = window + 1000;
+                                    let _ = wake.fetch_update(
+                                        std::sync::atomic::Ordering::SeqCst,
+                                        std::sync::atomic::Ordering::SeqCst,
+                                        |w| Some(if w == 0 { next } else { Ord::min(w, next) }),
+                                    );
+                                }
+                                exclude.push(d.webhook_id.clone());
+                                continue;
+                            }
                             let limits = hook_rows.get(&d.webhook_id).map(|h| h.1).unwrap_or_default();
                             let allowed = allow.as_mut().is_none_or(|allow| allow(&d, limits));
                             if allowed {
                                 if let Some(free) = slots.get_mut(&d.webhook_id) {
                                     *free -= 1;
+                                }
+                                if let Some((_, left)) = sends.get_mut(&d.webhook_id) {
+                                    *left -= 1;
                                 }
                                 due.push(d);
                             } else {
@@ -324,6 +356,12 @@ impl Store {
                         }
                         if allow.is_none() || exhausted || due.len() as u64 >= limit {
                             break;
+                        }
+                    }
+                    for (w, (sent, _)) in &sends {
+                        let taken = due.iter().filter(|d| &d.webhook_id == w).count() as i64;
+                        if taken > 0 {
+                            record_sends(txn, w, window, sent + taken).await?;
                         }
                     }
                     if due.is_empty() {
@@ -539,28 +577,53 @@ impl Store {
     }
 }
 
-/// How many more jobs `webhook` may have in flight across every replica, or 0 when another
-/// replica is claiming for it right now (PostgreSQL only; the advisory lock is released when the
-/// claim's transaction ends, by which time its rows are counted as in flight).
-async fn free_slots(txn: &DatabaseTransaction, webhook: &str, max: i64) -> Result<i64, StoreError> {
+/// Takes the per-webhook advisory lock that serializes claims for a limited webhook across
+/// replicas until the claim's transaction ends; `false` when another replica holds it now.
+async fn advisory_lock(txn: &DatabaseTransaction, webhook: &str) -> Result<bool, StoreError> {
     let lock = sea_orm::Statement::from_sql_and_values(
         DbBackend::Postgres,
         "SELECT pg_try_advisory_xact_lock(hashtext($1))",
         [webhook.into()],
     );
-    let locked: bool = match txn.query_one_raw(lock).await? {
-        Some(row) => row.try_get_by_index(0).map_err(|e| StoreError::Internal(e.to_string()))?,
-        None => false,
-    };
-    if !locked {
-        return Ok(0);
+    match txn.query_one_raw(lock).await? {
+        Some(row) => row.try_get_by_index(0).map_err(|e| StoreError::Internal(e.to_string())),
+        None => Ok(false),
     }
+}
+
+/// How many more jobs `webhook` may have in flight across every replica (under its lock).
+async fn free_slots(txn: &DatabaseTransaction, webhook: &str, max: i64) -> Result<i64, StoreError> {
     let busy = delivery::Entity::find()
         .filter(delivery::Column::WebhookId.eq(webhook))
         .filter(delivery::Column::Status.eq(status::IN_FLIGHT))
         .count(txn)
         .await?;
     Ok(max - i64::try_from(busy).unwrap_or(i64::MAX))
+}
+
+/// How many jobs of `webhook` every replica sent in the one-second window starting at `window`.
+async fn sent_in_window(txn: &DatabaseTransaction, webhook: &str, window: i64) -> Result<i64, StoreError> {
+    let read = sea_orm::Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT sent FROM webhook_rates WHERE webhook_id = $1 AND window_ms = $2",
+        [webhook.into(), window.into()],
+    );
+    match txn.query_one_raw(read).await? {
+        Some(row) => row.try_get_by_index::<i32>(0).map(i64::from).map_err(|e| StoreError::Internal(e.to_string())),
+        None => Ok(0),
+    }
+}
+
+/// Records that `webhook` has sent `sent` jobs in the window starting at `window`.
+async fn record_sends(txn: &DatabaseTransaction, webhook: &str, window: i64, sent: i64) -> Result<(), StoreError> {
+    let upsert = sea_orm::Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO webhook_rates (webhook_id, window_ms, sent) VALUES ($1, $2, $3) \
+         ON CONFLICT (webhook_id) DO UPDATE SET window_ms = EXCLUDED.window_ms, sent = EXCLUDED.sent",
+        [webhook.into(), window.into(), i32::try_from(sent).unwrap_or(i32::MAX).into()],
+    );
+    txn.execute_raw(upsert).await?;
+    Ok(())
 }
 
 /// The timeout and limits of these webhooks.

@@ -491,3 +491,82 @@ async fn max_in_flight_holds_across_two_replicas() {
     assert!(most <= 2, "{most} requests at once for a webhook limited to 2");
     assert_eq!((got, dups), (12, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_across_two_replicas() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Postgres).await;
+    let replicas = [ControlPlaneProcess::start(&db.url, &[]).await, ControlPlaneProcess::start(&db.url, &[]).await];
+    let mut agents = Vec::new();
+    for (i, r) in replicas.iter().enumerate() {
+        let id = format!("agent-{i}");
+        agents.push(AgentProcess::start(&r.url(), "default", &id, Some(&ca.path), &[]));
+        r.wait_agents(&[&id]).await;
+    }
+    let receiver = Receiver::https(&ca).await;
+    let mut hook = webhook("paced", &receiver.url("/"), &["incident.created"]);
+    hook.rate_limit_per_second = Some(4);
+    create(&replicas[0], hook).await;
+    // 24 events, half through each replica at once: at 4 a second in all, they take about six
+    // seconds; counted per replica (8 a second) they would take three.
+    let ids: Vec<String> = (0..24).map(|i| format!("paced-{i}")).collect();
+    let batch = |part: &[String]| proto::PublishEventsRequest {
+        events: part.iter().map(|id| proto::Event { id: id.clone(), ..event("incident.created", "{}") }).collect(),
+    };
+    let (mut first, mut second) = (replicas[0].events(), replicas[1].events());
+    let (a, b) = tokio::join!(first.publish_events(batch(&ids[..12])), second.publish_events(batch(&ids[12..])));
+    a.unwrap();
+    b.unwrap();
+    let (got, dups) = delivered(&receiver, &ids, Duration::from_secs(60)).await;
+    nothing_open(&db).await;
+    let arrivals: Vec<i64> = receiver.requests().iter().map(|r| r.at_ms).collect();
+    let span = arrivals.iter().max().unwrap() - arrivals.iter().min().unwrap();
+    let mut per_second: HashMap<i64, usize> = HashMap::new();
+    for at in &arrivals {
+        *per_second.entry(at.div_euclid(1000)).or_default() += 1;
+    }
+    let busiest = per_second.values().copied().max().unwrap_or(0);
+    let conn = db.connect().await;
+    let log = attempt::Entity::find().all(&conn).await.unwrap();
+    conn.close().await.ok();
+    let second_agent = log.iter().filter(|a| a.agent_id == "agent-1").count();
+    println!(
+        "fault: rate limit 4/s across two replicas: delivered {got}, duplicates {dups}, first to last {span} ms, busiest second {busiest}, through the second replica's agent {second_agent}"
+    );
+    assert!(span >= 4500, "24 sends at 4/s in all take at least five seconds, not {span} ms");
+    assert!(busiest <= 6, "{busiest} sends in one second for a webhook limited to 4");
+    assert_eq!((got, dups), (24, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watching_on_one_replica_sees_another_replicas_deliveries() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Postgres).await;
+    let replicas = [ControlPlaneProcess::start(&db.url, &[]).await, ControlPlaneProcess::start(&db.url, &[]).await];
+    let _agent = AgentProcess::start(&replicas[0].url(), "default", "agent-0", Some(&ca.path), &[]);
+    replicas[0].wait_agents(&["agent-0"]).await;
+    let receiver = Receiver::https(&ca).await;
+    let hook = create(&replicas[0], webhook("watched", &receiver.url("/"), &["incident.created"])).await;
+    // The watcher is on the replica with no agent: everything happens on the other one.
+    let watch = proto::WatchDeliveriesRequest { webhook_id: hook.id.clone(), ..Default::default() };
+    let mut stream = replicas[1].deliveries().watch_deliveries(watch).await.unwrap().into_inner();
+    let e = replicas[0]
+        .events()
+        .publish_event(proto::PublishEventRequest { event: Some(event("incident.created", "{}")) })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    let until = Instant::now() + WAIT;
+    while !seen.contains(&proto::DeliveryStatus::Succeeded) {
+        let change = tokio::time::timeout(until.saturating_duration_since(Instant::now()), stream.message())
+            .await
+            .expect("the watcher on the other replica hears of the delivery")
+            .unwrap()
+            .expect("the stream stays open");
+        let d = change.delivery.unwrap();
+        assert_eq!(d.event_id, e.id);
+        seen.push(proto::DeliveryStatus::try_from(d.status).unwrap());
+    }
+    println!("fault: a watcher on another replica saw {seen:?}");
+}

@@ -7,6 +7,7 @@ mod m20261128_000001_create_schema;
 mod m20261128_000002_dispatch_indexes;
 mod m20261128_000003_manual_attempts;
 mod m20261128_000004_event_trace_context;
+mod m20261128_000005_shared_rate_windows;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000002_dispatch_indexes::Migration),
             Box::new(m20261128_000003_manual_attempts::Migration),
             Box::new(m20261128_000004_event_trace_context::Migration),
+            Box::new(m20261128_000005_shared_rate_windows::Migration),
         ]
     }
 }
