@@ -86,6 +86,8 @@ struct Arrived {
     agent_id: String,
     zone: String,
     result: proto::AttemptResult,
+    /// Not a result: answered once every result queued before it has been applied.
+    flushed: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 struct Inner {
@@ -288,7 +290,7 @@ impl Dispatcher {
                 None => return,
             }
         };
-        let _ = self.inner.results.send(Arrived { agent_id, zone, result }).await;
+        let _ = self.inner.results.send(Arrived { agent_id, zone, result, flushed: None }).await;
     }
 
     /// The session ended: its leases go back to the queue at once, without using an attempt —
@@ -302,6 +304,18 @@ impl Dispatcher {
         };
         if !reclaim {
             return;
+        }
+        // Results the agent sent before it left are applied first: a lease it finished is not
+        // dispatched again.
+        let (flushed, done) = tokio::sync::oneshot::channel();
+        let marker = Arrived {
+            agent_id: String::new(),
+            zone: String::new(),
+            result: Default::default(),
+            flushed: Some(flushed),
+        };
+        if self.inner.results.send(marker).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
         }
         match self.inner.store.reclaim_leases(Some(&holder), now_millis(), &self.inner.policy).await {
             Ok(reclaimed) => {
@@ -698,7 +712,12 @@ impl Dispatcher {
                 n = rx.recv_many(&mut buf, RESULT_BATCH) => if n == 0 { return },
                 _ = shutdown.cancelled() => return,
             }
-            let batch = std::mem::take(&mut buf);
+            let (markers, batch): (Vec<Arrived>, Vec<Arrived>) =
+                std::mem::take(&mut buf).into_iter().partition(|a| a.flushed.is_some());
+            if batch.is_empty() {
+                markers.into_iter().filter_map(|m| m.flushed).for_each(|f| _ = f.send(()));
+                continue;
+            }
             let leases: Vec<String> = batch.iter().map(|a| a.result.lease_id.clone()).collect();
             let delivery_ids: Vec<String> = batch.iter().map(|a| a.result.delivery_id.clone()).collect();
             let metrics = &self.inner.metrics;
@@ -739,6 +758,7 @@ impl Dispatcher {
             self.release_leases(&leases);
             self.changed(delivery_ids);
             self.wake();
+            markers.into_iter().filter_map(|m| m.flushed).for_each(|f| _ = f.send(()));
         }
     }
 }

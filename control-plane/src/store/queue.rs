@@ -303,6 +303,15 @@ impl Store {
                                         continue;
                                     }
                                     if !advisory_lock(txn, &w).await? {
+                                        // Another replica is claiming it right now: look again soon.
+                                        if let Some(wake) = &rate_wake {
+                                            let soon = now + 50;
+                                            let _ = wake.fetch_update(
+                                                std::sync::atomic::Ordering::SeqCst,
+                                                std::sync::atomic::Ordering::SeqCst,
+                                                |at| Some(if at == 0 { soon } else { Ord::min(at, soon) }),
+                                            );
+                                        }
                                         slots.insert(w, 0);
                                         continue;
                                     }

@@ -25,19 +25,26 @@ both_databases!(control_plane_sigkill_mid_burst);
 /// idempotent), and returns the ids acknowledged and how many calls failed. `progress` counts
 /// the events acknowledged so far.
 async fn publish_all(cp: &ControlPlaneProcess, ids: Vec<String>, deadline: Duration) -> (Vec<String>, usize) {
-    publisher(cp.url(), cp.api_key.clone(), ids, deadline, Default::default()).await
+    publisher(vec![cp.url()], cp.api_key.clone(), ids, deadline, Default::default()).await
 }
 
+/// Publishes to the first of `urls`, moving to the next one after a failed call.
 async fn publisher(
-    url: String,
+    urls: Vec<String>,
     key: String,
     ids: Vec<String>,
     deadline: Duration,
     progress: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> (Vec<String>, usize) {
-    let channel = tonic::transport::Channel::from_shared(url).unwrap().connect_lazy();
     let bearer = herald_tests::Bearer(Some(format!("Bearer {key}").parse().unwrap()));
-    let mut events = proto::event_service_client::EventServiceClient::with_interceptor(channel, bearer);
+    let clients: Vec<_> = urls
+        .iter()
+        .map(|u| {
+            let channel = tonic::transport::Channel::from_shared(u.clone()).unwrap().connect_lazy();
+            proto::event_service_client::EventServiceClient::with_interceptor(channel, bearer.clone())
+        })
+        .collect();
+    let mut current = 0;
     let until = Instant::now() + deadline;
     let mut acked = Vec::new();
     let mut failures = 0;
@@ -45,6 +52,7 @@ async fn publisher(
         let batch: Vec<proto::Event> =
             chunk.iter().map(|id| proto::Event { id: id.clone(), ..event("incident.created", "{}") }).collect();
         loop {
+            let mut events = clients[current % clients.len()].clone();
             match events.publish_events(proto::PublishEventsRequest { events: batch.clone() }).await {
                 Ok(_) => {
                     acked.extend(chunk.iter().cloned());
@@ -53,6 +61,7 @@ async fn publisher(
                 }
                 Err(_) => {
                     failures += 1;
+                    current += 1;
                     assert!(Instant::now() < until, "publishing never recovered");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -113,7 +122,8 @@ async fn control_plane_sigkill_mid_burst(backend: Backend) {
 
     let ids: Vec<String> = (0..5000).map(|i| format!("burst-{i}")).collect();
     let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let burst = tokio::spawn(publisher(cp.url(), cp.api_key.clone(), ids, Duration::from_secs(60), progress.clone()));
+    let burst =
+        tokio::spawn(publisher(vec![cp.url()], cp.api_key.clone(), ids, Duration::from_secs(60), progress.clone()));
     while progress.load(std::sync::atomic::Ordering::SeqCst) < 2000 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -193,23 +203,42 @@ async fn the_agent_link_black_holed_past_the_lease() {
     hook.timeout = Some(prost_types::Duration { seconds: 1, nanos: 0 });
     create(&cp, hook).await;
     let ids: Vec<String> = (0..50).map(|i| format!("dark-{i}")).collect();
-    let (acked, _) = publish_all(&cp, ids, WAIT).await;
+    let (mut acked, _) = publish_all(&cp, ids, WAIT).await;
     receiver.wait_for(1, WAIT).await;
     link.set(Mode::Blackhole);
     let dark = Instant::now();
-    // A second agent, connected directly, takes over once the leases expire (1 s + 300 ms).
+    // A second agent, connected directly, takes over once the leases expire (1 s + 300 ms), and
+    // more events keep coming while the link is dark.
     let _direct = AgentProcess::start(&cp.url(), "default", "agent-direct", Some(&ca.path), &[]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    link.set(Mode::Pass);
+    let more: Vec<String> = (50..100).map(|i| format!("dark-{i}")).collect();
+    acked.extend(publish_all(&cp, more, WAIT).await.0);
+    // Everything is delivered while the link is still dark: the leases expired and moved.
     let (got, dups) = delivered(&receiver, &acked, Duration::from_secs(60)).await;
+    let recovered = dark.elapsed();
     nothing_open(&db).await;
+    link.set(Mode::Pass);
+    // Healed, the cut-off agent's late results arrive and are fenced: they change nothing.
     let conn = db.connect().await;
-    let stale = attempt::Entity::find().filter(attempt::Column::Stale.eq(true)).count(&conn).await.unwrap();
+    let until = Instant::now() + WAIT;
+    let stale = loop {
+        let stale = attempt::Entity::find().filter(attempt::Column::Stale.eq(true)).count(&conn).await.unwrap();
+        if stale > 0 {
+            break stale;
+        }
+        assert!(Instant::now() < until, "the cut-off agent's late results never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let succeeded = delivery::Entity::find()
+        .filter(delivery::Column::Status.eq(delivery::status::SUCCEEDED))
+        .count(&conn)
+        .await
+        .unwrap();
     conn.close().await.ok();
+    assert_eq!(succeeded, 100, "late results changed nothing");
     println!(
-        "fault: agent link black-holed 3 s (lease 1.3 s): published {}, delivered {got}, duplicates {dups}, late results fenced {stale}, recovered in {:.1} s",
+        "fault: agent link black-holed (lease 1.3 s), 50 more events published during the cut: published {}, delivered {got} while still dark, duplicates {dups}, late results fenced {stale}, recovered in {:.1} s",
         acked.len(),
-        dark.elapsed().as_secs_f64()
+        recovered.as_secs_f64()
     );
     drop(behind);
 }
@@ -242,7 +271,6 @@ async fn postgres_unreachable_then_back() {
         }
         if let Some(t) = outage
             && t.elapsed() > Duration::from_secs(10)
-            && cut.accepted() > 0
         {
             cut.set(Mode::Pass);
         }
@@ -285,7 +313,7 @@ async fn postgres_unreachable_then_back() {
         recovery.elapsed().as_secs_f64()
     );
     assert!(refused > 0, "the outage was seen");
-    assert!(slowest_refusal < Duration::from_secs(8), "refusals are quick, not hangs");
+    assert!(slowest_refusal < Duration::from_millis(5800), "refusals come within the 5 s publish timeout");
     assert_eq!(ready_during_outage, Some(503), "/readyz tells the truth during the outage");
 }
 
@@ -427,10 +455,16 @@ async fn three_replicas_on_postgres_one_sigkilled() {
     let mut publishers = Vec::new();
     for (i, r) in replicas.iter().enumerate() {
         let ids: Vec<String> = (0..500).map(|n| format!("rep{i}-{n}")).collect();
-        // The killed replica's publisher moves to the next replica once its own is gone.
-        let url = if i == 1 { urls[2].clone() } else { r.url() };
-        let key = if i == 1 { replicas[2].api_key.clone() } else { r.api_key.clone() };
-        publishers.push(tokio::spawn(publisher(url, key, ids, Duration::from_secs(60), progress.clone())));
+        // Each publisher starts on its replica and moves to the next one if it fails (keys are
+        // shared: they live in the database).
+        let targets = vec![r.url(), urls[(i + 1) % 3].clone()];
+        publishers.push(tokio::spawn(publisher(
+            targets,
+            replicas[0].api_key.clone(),
+            ids,
+            Duration::from_secs(60),
+            progress.clone(),
+        )));
     }
     while progress.load(std::sync::atomic::Ordering::SeqCst) < 500 {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -533,7 +567,8 @@ async fn rate_limits_hold_across_two_replicas() {
     println!(
         "fault: rate limit 4/s across two replicas: delivered {got}, duplicates {dups}, first to last {span} ms, busiest second {busiest}, through the second replica's agent {second_agent}"
     );
-    assert!(span >= 4500, "24 sends at 4/s in all take at least five seconds, not {span} ms");
+    // Six windows of four: at least five window boundaries apart, more than 4 s (about 2 s at 8/s).
+    assert!(span >= 3900, "24 sends at 4/s in all span at least five windows, not {span} ms");
     assert!(busiest <= 6, "{busiest} sends in one second for a webhook limited to 4");
     assert_eq!((got, dups), (24, 0));
 }
@@ -569,4 +604,48 @@ async fn watching_on_one_replica_sees_another_replicas_deliveries() {
         seen.push(proto::DeliveryStatus::try_from(d.status).unwrap());
     }
     println!("fault: a watcher on another replica saw {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_sigtermed_under_load_finishes_and_reports_its_work() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let leaving = AgentProcess::start(&cp.url(), "default", "agent-leaving", Some(&ca.path), &[]);
+    let _staying = AgentProcess::start(&cp.url(), "default", "agent-staying", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-leaving", "agent-staying"]).await;
+    let receiver = Receiver::https(&ca).await;
+    receiver.always(Reply::Hang(Duration::from_millis(200)));
+    create(&cp, webhook("load", &receiver.url("/"), &["incident.created"])).await;
+    let ids: Vec<String> = (0..600).map(|i| format!("term-{i}")).collect();
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = tokio::spawn(publisher(vec![cp.url()], cp.api_key.clone(), ids.clone(), WAIT, progress));
+    receiver.wait_for(50, WAIT).await;
+    // SIGTERM while jobs are in flight on the leaving agent.
+    let terminated = Instant::now();
+    signal(&leaving.child, "TERM");
+    let mut leaving = leaving;
+    let status =
+        tokio::time::timeout(WAIT, leaving.child.wait()).await.expect("the agent exits after its drain").unwrap();
+    let drained_in = terminated.elapsed();
+    assert!(status.success(), "a drain is a clean exit: {status}");
+    let (acked, _) = load.await.unwrap();
+    let (got, dups) = delivered(&receiver, &acked, Duration::from_secs(60)).await;
+    nothing_open(&db).await;
+    let conn = db.connect().await;
+    let reported =
+        attempt::Entity::find().filter(attempt::Column::AgentId.eq("agent-leaving")).count(&conn).await.unwrap();
+    let lost = attempt::Entity::find()
+        .filter(attempt::Column::ErrorKind.eq(ErrorKind::LeaseLost as i32))
+        .count(&conn)
+        .await
+        .unwrap();
+    conn.close().await.ok();
+    println!(
+        "fault: agent SIGTERMed under load: published {}, delivered {got}, duplicates {dups}, attempts the leaving agent reported {reported}, drained and exited in {:.1} s",
+        acked.len(),
+        drained_in.as_secs_f64()
+    );
+    assert!(reported > 0, "the leaving agent's work was reported");
+    assert_eq!((dups, lost), (0, 0), "it finished and reported everything it had taken: nothing sent twice");
 }
