@@ -620,8 +620,17 @@ async fn an_agent_sigtermed_under_load_finishes_and_reports_its_work() {
     let ids: Vec<String> = (0..600).map(|i| format!("term-{i}")).collect();
     let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = tokio::spawn(publisher(vec![cp.url()], cp.api_key.clone(), ids.clone(), WAIT, progress));
-    receiver.wait_for(50, WAIT).await;
-    // SIGTERM while jobs are in flight on the leaving agent.
+    // SIGTERM once the leaving agent has jobs in flight (its own /metrics says so).
+    let until = Instant::now() + WAIT;
+    loop {
+        let (_, body) = herald_tests::http_get(leaving.http_port, "/metrics").await;
+        let busy = herald_tests::parse_metrics(&body).get("herald_agent_in_flight").copied().unwrap_or(0.0);
+        if busy >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < until, "the leaving agent never got work");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let terminated = Instant::now();
     signal(&leaving.child, "TERM");
     let mut leaving = leaving;
