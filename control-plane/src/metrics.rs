@@ -85,6 +85,13 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Metrics::new(crate::store::writer::Commits::default())
+    }
+}
+
+impl Metrics {
+    /// The metrics, with the writer's commit counters among them.
+    pub fn new(commits: crate::store::writer::Commits) -> Self {
         let events_published = Counter::default();
         let deliveries = Family::<OutcomeLabels, Counter>::default();
         let attempts = Family::<AttemptLabels, Counter>::default();
@@ -115,6 +122,11 @@ impl Default for Metrics {
             "Agent sessions open on this control plane, by zone (0 for zones webhooks name)",
             agents_connected.clone(),
         );
+        r.register(
+            "db_commits",
+            "Write transactions committed: durable ones waited for the disk (fsync), relaxed ones did not",
+            commits,
+        );
         // Both reasons are exported from the start, at 0, so that alerts can use them.
         for reason in [Reason::expired, Reason::agent_left] {
             leases_reclaimed.get_or_create(&ReasonLabels { reason }).inc_by(0);
@@ -132,9 +144,7 @@ impl Default for Metrics {
             labelled_webhooks: Mutex::new(HashSet::new()),
         }
     }
-}
 
-impl Metrics {
     /// The label for `webhook`: its id while fewer than [`WEBHOOK_LABELS`] have one, else `other`.
     pub fn webhook_label(&self, webhook: &str) -> String {
         let mut seen = self.labelled_webhooks.lock().expect("metrics lock");

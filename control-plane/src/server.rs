@@ -78,7 +78,7 @@ pub async fn run(
         config.response_body_limit,
     );
     tokio::spawn(retention_loop(store.clone(), config.retention, shutdown.clone()));
-    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let metrics = Arc::new(crate::metrics::Metrics::new(store.writer.commits.clone()));
     let dispatcher = crate::dispatch::Dispatcher::spawn(
         store.clone(),
         policy,

@@ -17,6 +17,9 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode, TransactionOptions,
     TransactionTrait,
 };
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
@@ -80,18 +83,34 @@ impl<T: Send + 'static> Operation for Pending<T> {
 
 type Op = Box<dyn Operation>;
 
+/// Labels of `herald_db_commits_total`: `durable` commits waited for the disk, `relaxed` ones
+/// did not (only leases and results).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommitLabels {
+    pub sync: &'static str,
+}
+
+/// Committed write transactions, by whether they were synced to disk.
+pub type Commits = Family<CommitLabels, Counter>;
+
 /// A handle to the writer task. Cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Op>,
+    /// Transactions committed, durable or relaxed (exported as `herald_db_commits_total`).
+    pub commits: Commits,
 }
 
 impl Writer {
     /// Starts the writer task on `db`. It ends when every handle is dropped.
     pub fn spawn(db: DatabaseConnection) -> Writer {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(db, rx));
-        Writer { tx }
+        let commits = Commits::default();
+        for sync in ["durable", "relaxed"] {
+            commits.get_or_create(&CommitLabels { sync }).inc_by(0);
+        }
+        tokio::spawn(run(db, rx, commits.clone()));
+        Writer { tx, commits }
     }
 
     /// Runs `f` in a transaction shared with other writes and returns its result once committed
@@ -154,7 +173,7 @@ async fn own_connection(db: DatabaseConnection) -> (DatabaseConnection, bool) {
     }
 }
 
-async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>) {
+async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commits) {
     let (db, may_relax) = own_connection(db).await;
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -167,7 +186,7 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>) {
         // committed) and its answer channels, which tells each caller the outcome is unknown.
         match tokio::time::timeout(
             BATCH_TIMEOUT,
-            std::panic::AssertUnwindSafe(commit_batch(&db, ops, may_relax)).catch_unwind(),
+            std::panic::AssertUnwindSafe(commit_batch(&db, ops, may_relax, &commits)).catch_unwind(),
         )
         .await
         {
@@ -208,8 +227,11 @@ fn fail_all(ops: impl IntoIterator<Item = Op>, err: &StoreError) {
     }
 }
 
-async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>, may_relax: bool) {
+async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>, may_relax: bool, commits: &Commits) {
     let durable = !may_relax || ops.iter().any(|op| op.durable());
+    let committed = || {
+        commits.get_or_create(&CommitLabels { sync: if durable { "durable" } else { "relaxed" } }).inc();
+    };
     let txn = match begin(db, durable).await {
         Ok(txn) => txn,
         Err(e) => {
@@ -223,6 +245,9 @@ async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>, may_relax: bool) {
         let mut op = ops.into_iter().next().expect("one operation");
         if op.run(&txn).await {
             let outcome = txn.commit().await.map_err(StoreError::from);
+            if outcome.is_ok() {
+                committed();
+            }
             op.finish(outcome);
         } else {
             let _ = txn.rollback().await;
@@ -257,8 +282,9 @@ async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>, may_relax: bool) {
         }
     }
     let outcome = txn.commit().await.map_err(StoreError::from);
-    if let Err(e) = &outcome {
-        tracing::warn!(error = %e, operations = done.len(), "group commit failed");
+    match &outcome {
+        Ok(()) => committed(),
+        Err(e) => tracing::warn!(error = %e, operations = done.len(), "group commit failed"),
     }
     for op in done {
         op.finish(outcome.clone());

@@ -1,53 +1,80 @@
-//! `herald-bench`: runs the real release binaries (a control plane and one agent) against a fast
-//! local receiver and measures end-to-end delivery.
+//! `herald-bench`: runs the real binaries (a control plane on SQLite or PostgreSQL, agents), a
+//! fast local receiver and a publisher, all on this machine, and measures end to end.
 //!
-//! Scenarios:
-//! - `quick`: one webhook, `--events` events published in batches of 1000 by four concurrent
-//!   publishers; the run ends when every delivery row is `succeeded` in the database. With
-//!   `--dev` it runs `herald dev` (control plane and embedded agent in one process, SQLite)
-//!   instead of `herald serve` and a separate `herald-agent`.
+//! Scenarios (`--scenario NAME`, or `all`; sizes are multiplied by `--scale`):
+//! - `throughput`: one webhook, 200,000 events published as fast as they are accepted.
+//! - `fanout`: 100 webhooks, 2,000 events: each event to every webhook (200,000 deliveries).
+//! - `latency`: one webhook, 1,000 events/s, one event per `PublishEvents` call, for 60 s.
+//! - `backlog`: 1,000,000 deliveries queued with no agent connected; then one connects and
+//!   drains them. Reports the control plane's RSS while the backlog is held.
+//! - `zones`: 1,000 webhooks across 10 zones, one agent per zone, 200 events (200,000
+//!   deliveries).
+//! - `ingest`: publish only (one subscribed webhook, no agent): events acknowledged per second.
 //! - `soak`: load for `--minutes N` (or `--seconds N`) while random faults strike (an agent
-//!   SIGKILLed and restarted, the control plane SIGKILLed and restarted, the receiver hanging for
-//!   a while); then it waits for the queue to drain and counts published, delivered, duplicated
-//!   and lost.
+//!   SIGKILLed and restarted, the control plane SIGKILLed and restarted, the receiver hanging);
+//!   then the count of published, delivered, duplicated and lost.
 //!
-//! Each prints a table and, with `--json FILE`, writes the numbers.
+//! Before the scenarios, the raw limit: the same receiver driven by a bare reqwest client with 64
+//! connections and the same 300-byte body, nothing of Herald in between. Every delivery rate is
+//! also given as a ratio to it.
+//!
+//! A delivery scenario ends when every delivery row is `succeeded` in the database. Latency is
+//! publish-to-receipt: each event id carries the time its `PublishEvents` call started, and the
+//! receiver subtracts it from the time the request arrived. It prints a table and, with
+//! `--json FILE`, writes every number.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use herald_control_plane::db::entity::delivery;
 use herald_shared::proto;
 use herald_tests::procs::{AgentProcess, ControlPlaneProcess};
 use herald_tests::receiver::Receiver;
+use herald_tests::tls::TestCa;
 use herald_tests::{Backend, TestDb};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use serde_json::json;
+
+const SCENARIOS: [&str; 6] = ["throughput", "fanout", "latency", "backlog", "zones", "ingest"];
+/// The header that carries the event id (the default header prefix).
+const EVENT_ID_HEADER: &str = "x-cloudthinker-event-id";
+/// Events per `PublishEvents` call, and publishers calling at once, when publishing as fast as
+/// the control plane accepts.
+const BATCH: usize = 1000;
+const PUBLISHERS: usize = 4;
+/// Connections of the raw-limit client (the agent's pool holds as many per host).
+const RAW_CONNECTIONS: usize = 64;
 
 struct Options {
     scenario: String,
-    events: usize,
-    soak: Duration,
     backend: Backend,
+    scale: f64,
+    events: Option<usize>,
+    seconds: Option<f64>,
+    soak: Duration,
+    tls: bool,
     json: Option<String>,
-    dev: bool,
 }
 
 fn options() -> anyhow::Result<Options> {
     let mut o = Options {
-        scenario: "quick".into(),
-        events: 20_000,
-        soak: Duration::from_secs(60),
+        scenario: "throughput".into(),
         backend: Backend::Sqlite,
+        scale: 1.0,
+        events: None,
+        seconds: None,
+        soak: Duration::from_secs(60),
+        tls: false,
         json: None,
-        dev: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
         match a.as_str() {
             "--scenario" => o.scenario = value()?,
-            "--events" => o.events = value()?.parse()?,
-            "--minutes" => o.soak = Duration::from_secs(60 * value()?.parse::<u64>()?),
-            "--seconds" => o.soak = Duration::from_secs(value()?.parse()?),
             "--database" => {
                 o.backend = match value()?.as_str() {
                     "sqlite" => Backend::Sqlite,
@@ -55,18 +82,31 @@ fn options() -> anyhow::Result<Options> {
                     other => anyhow::bail!("--database sqlite|postgres, not {other}"),
                 }
             }
+            "--scale" => o.scale = value()?.parse()?,
+            "--events" => o.events = Some(value()?.parse()?),
+            "--seconds" => {
+                let s: f64 = value()?.parse()?;
+                o.seconds = Some(s);
+                o.soak = Duration::from_secs_f64(s);
+            }
+            "--minutes" => o.soak = Duration::from_secs(60 * value()?.parse::<u64>()?),
+            "--tls" => o.tls = true,
             "--json" => o.json = Some(value()?),
-            "--dev" => o.dev = true,
             "--help" | "-h" => {
                 println!(
-                    "herald-bench [--scenario quick|soak] [--events N] [--minutes N | --seconds N] [--database sqlite|postgres] [--dev] [--json FILE]"
+                    "herald-bench [--scenario throughput|fanout|latency|backlog|zones|ingest|all|soak] \
+                     [--database sqlite|postgres] [--scale F] [--events N] [--seconds N | --minutes N] [--tls] [--json FILE]\n\
+                     --scale multiplies every scenario's size; --events sets the events of the scenario; \
+                     --seconds the length of latency (or soak)"
                 );
                 std::process::exit(0);
             }
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
-    anyhow::ensure!(["quick", "soak"].contains(&o.scenario.as_str()), "--scenario quick|soak");
+    let known = o.scenario == "all" || o.scenario == "soak" || SCENARIOS.contains(&o.scenario.as_str());
+    anyhow::ensure!(known, "--scenario {}|all|soak, not {}", SCENARIOS.join("|"), o.scenario);
+    anyhow::ensure!(o.scale > 0.0, "--scale must be positive");
     Ok(o)
 }
 
@@ -77,46 +117,489 @@ async fn main() -> anyhow::Result<()> {
     if o.scenario == "soak" {
         return soak(&o).await;
     }
-    let db = TestDb::new(o.backend).await;
-    let dev_dir = tempfile::tempdir()?;
-    let (cp, _agent, _dev, db_url) = if o.dev {
-        let (cp, child) = ControlPlaneProcess::dev(dev_dir.path()).await;
-        cp.wait_agents(&["dev-agent"]).await;
-        let url = format!("sqlite://{}", dev_dir.path().join("herald.db").display());
-        (cp, None, Some(child), url)
-    } else {
-        let cp = ControlPlaneProcess::start(&db.url, &["--allow-http"]).await;
-        let agent =
-            AgentProcess::start(&cp.url(), "default", "bench-agent", None, &["--allow-http", "--max-in-flight", "512"]);
-        cp.wait_agents(&["bench-agent"]).await;
-        let url = db.url.clone();
-        (cp, Some(agent), None, url)
-    };
-    let receiver = Receiver::http().await;
-    receiver.count_only();
-    let hook = proto::Webhook {
-        name: "bench".into(),
-        url: receiver.url("/hook"),
-        events: vec!["*".into()],
-        ..Default::default()
-    };
-    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(hook) }).await?;
+    let ca = o.tls.then(TestCa::new);
+    let sink = Sink::start(ca.as_ref()).await?;
+    let body = Bytes::from(event_data());
+    let raw_seconds = (5.0 * o.scale).clamp(1.0, 5.0);
+    let raw = raw_limit(&sink, ca.as_ref(), body, raw_seconds).await?;
+    println!(
+        "raw limit: {raw:.0} requests/s ({RAW_CONNECTIONS} connections, {} bytes, {}, {raw_seconds:.0} s)",
+        event_data().len(),
+        if o.tls { "TLS" } else { "plain HTTP" }
+    );
+    let names: Vec<&str> =
+        if o.scenario == "all" { SCENARIOS.to_vec() } else { vec![o.scenario.as_str()] };
+    let mut results = Vec::new();
+    for name in names {
+        let r = run(name, &o, &sink, ca.as_ref(), raw).await?;
+        results.push(r);
+    }
+    print_table(&results);
+    if let Some(path) = &o.json {
+        let out = json!({
+            "machine": machine(),
+            "database": backend_name(o.backend),
+            "tls": o.tls,
+            "scale": o.scale,
+            "raw_limit_requests_per_second": raw,
+            "scenarios": results.iter().map(|r| &r.json).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+    }
+    Ok(())
+}
 
-    let data = format!(r#"{{"title":"{}","potential_savings":150.00,"status":"pending"}}"#, "x".repeat(230));
+/// About 300 bytes of event data, as the issue's benchmark asks.
+fn event_data() -> String {
+    format!(r#"{{"title":"{}","potential_savings":150.00,"status":"pending"}}"#, "x".repeat(242))
+}
+
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    }
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The receiver: hyper, HTTP/1.1 keep-alive, 200 to everything; counts, and measures latency.
+
+#[derive(Default)]
+struct Sink {
+    addr: std::sync::OnceLock<SocketAddr>,
+    deliveries: AtomicU64,
+    raw: AtomicU64,
+    /// Publish-to-receipt, in µs, of every delivery since the last `take_latencies`.
+    latencies: std::sync::Mutex<Vec<u32>>,
+}
+
+impl Sink {
+    async fn start(ca: Option<&TestCa>) -> anyhow::Result<Arc<Sink>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let sink = Arc::new(Sink::default());
+        let _ = sink.addr.set(listener.local_addr()?);
+        let tls = ca.map(|ca| tokio_rustls::TlsAcceptor::from(ca.server_config(&["localhost", "127.0.0.1"])));
+        let s = sink.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let _ = stream.set_nodelay(true);
+                let (s, tls) = (s.clone(), tls.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| answer(s.clone(), req));
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(sink)
+    }
+
+    fn url(&self, tls: bool, path: &str) -> String {
+        let port = self.addr.get().expect("started").port();
+        format!("{}://127.0.0.1:{port}{path}", if tls { "https" } else { "http" })
+    }
+
+    fn take_latencies(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.latencies.lock().expect("latency lock"))
+    }
+}
+
+async fn answer(
+    sink: Arc<Sink>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<http_body_util::Empty<Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt as _;
+    let raw = req.uri().path() == "/raw";
+    let sent = req
+        .headers()
+        .get(EVENT_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|id| id.split('-').nth(1))
+        .and_then(|us| us.parse::<i64>().ok());
+    // The whole body is read, as a real receiver reads it.
+    let _ = req.into_body().collect().await;
+    if raw {
+        sink.raw.fetch_add(1, Ordering::Relaxed);
+    } else {
+        if let Some(sent) = sent {
+            let took = (micros_now() - sent).clamp(0, i64::from(u32::MAX));
+            sink.latencies.lock().expect("latency lock").push(took as u32);
+        }
+        sink.deliveries.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(hyper::Response::new(http_body_util::Empty::new()))
+}
+
+fn micros_now() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// The raw limit: `RAW_CONNECTIONS` concurrent bare reqwest requests for `seconds`.
+async fn raw_limit(sink: &Arc<Sink>, ca: Option<&TestCa>, body: Bytes, seconds: f64) -> anyhow::Result<f64> {
+    let mut builder = reqwest::Client::builder().pool_max_idle_per_host(RAW_CONNECTIONS).tcp_nodelay(true).no_proxy();
+    if let Some(ca) = ca {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject as _;
+        roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes())?)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        builder = builder.use_preconfigured_tls(tls);
+    }
+    let client = builder.build()?;
+    let url = sink.url(ca.is_some(), "/raw");
+    // Warm the connections up first, then count.
+    let deadline = Instant::now() + Duration::from_secs_f64(0.3);
+    let run = |until: Instant| {
+        let tasks: Vec<_> = (0..RAW_CONNECTIONS)
+            .map(|_| {
+                let (client, url, body) = (client.clone(), url.clone(), body.clone());
+                tokio::spawn(async move {
+                    while Instant::now() < until {
+                        let r = client.post(&url).header("content-type", "application/json").body(body.clone()).send().await?;
+                        anyhow::ensure!(r.status().is_success(), "the receiver answered {}", r.status());
+                        r.bytes().await?;
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        async move {
+            for t in tasks {
+                t.await??;
+            }
+            anyhow::Ok(())
+        }
+    };
+    run(deadline).await?;
+    let before = sink.raw.load(Ordering::SeqCst);
     let started = Instant::now();
-    let batches = o.events.div_ceil(1000);
+    run(started + Duration::from_secs_f64(seconds)).await?;
+    let took = started.elapsed().as_secs_f64();
+    Ok((sink.raw.load(Ordering::SeqCst) - before) as f64 / took)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes: CPU and memory from /proc.
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// User plus system CPU seconds a process has used.
+fn cpu_seconds(pid: u32, tick: f64) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / tick
+}
+
+/// CPU seconds of every PostgreSQL server process (backends, WAL writer, checkpointer).
+fn postgres_cpu_seconds(tick: f64) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0.0 };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .map(|pid| cpu_seconds(pid, tick))
+        .sum()
+}
+
+/// (`VmRSS`, `VmHWM`: resident now and at its peak) of a process, in MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios.
+
+struct Plan {
+    webhooks: usize,
+    zones: usize,
+    /// Events published (for `latency`: per second, for `seconds`).
+    events: usize,
+    rate: Option<f64>,
+    seconds: f64,
+    agents: bool,
+    /// Agents connect only once everything is published (`backlog`).
+    agents_late: bool,
+}
+
+fn plan(name: &str, o: &Options) -> Plan {
+    let scaled = |n: f64| ((n * o.scale).round() as usize).max(1);
+    let base = Plan { webhooks: 1, zones: 1, events: 0, rate: None, seconds: 0.0, agents: true, agents_late: false };
+    let mut p = match name {
+        "throughput" => Plan { events: scaled(200_000.0), ..base },
+        "fanout" => Plan { webhooks: 100, events: scaled(2_000.0), ..base },
+        "latency" => Plan { rate: Some(1000.0), seconds: (60.0 * o.scale).max(2.0), ..base },
+        "backlog" => Plan { events: scaled(1_000_000.0), agents_late: true, ..base },
+        "zones" => Plan { webhooks: 1000, zones: 10, events: scaled(200.0), ..base },
+        "ingest" => Plan { events: scaled(200_000.0), agents: false, ..base },
+        _ => unreachable!("checked in options"),
+    };
+    if let Some(n) = o.events {
+        p.events = n;
+    }
+    if let Some(s) = o.seconds {
+        p.seconds = s;
+    }
+    if let Some(rate) = p.rate {
+        p.events = (rate * p.seconds).round() as usize;
+    }
+    p
+}
+
+struct Outcome {
+    row: Vec<String>,
+    json: serde_json::Value,
+}
+
+const COLUMNS: [&str; 13] = [
+    "scenario",
+    "deliveries",
+    "del/s",
+    "x raw",
+    "events/s acked",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "max ms",
+    "durable commits/1k ev",
+    "CPU s/1k del (cp, agents, pg, bench)",
+    "peak RSS MiB (cp, agent max)",
+    "sync",
+];
+
+fn print_table(results: &[Outcome]) {
+    let mut widths: Vec<usize> = COLUMNS.iter().map(|c| c.len()).collect();
+    for r in results {
+        for (w, cell) in widths.iter_mut().zip(&r.row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_owned()
+    };
+    println!("{}", line(COLUMNS.iter().map(|c| (*c).to_owned()).collect()));
+    for r in results {
+        println!("{}", line(r.row.clone()));
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    f64::from(sorted[i]) / 1000.0
+}
+
+async fn scrape_commits(cp: &ControlPlaneProcess) -> (f64, f64) {
+    let (_, text) = herald_tests::http_get(cp.http_port, "/metrics").await;
+    let m = herald_tests::parse_metrics(&text);
+    let get = |sync: &str| m.get(&format!("herald_db_commits_total{{sync=\"{sync}\"}}")).copied().unwrap_or(0.0);
+    (get("durable"), get("relaxed"))
+}
+
+async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw: f64) -> anyhow::Result<Outcome> {
+    let p = plan(name, o);
+    let tick = clock_ticks();
+    let db = TestDb::new(o.backend).await;
+    let cp = ControlPlaneProcess::start_with_env(&db.url, &["--allow-http"], &[("RUST_LOG", "info")]).await;
+    let zones: Vec<String> =
+        if p.zones == 1 { vec!["default".to_owned()] } else { (0..p.zones).map(|z| format!("zone-{z}")).collect() };
+    let ca_path = ca.map(|ca| ca.path.clone());
+    let start_agents = || -> Vec<AgentProcess> {
+        let mut args = vec!["--max-in-flight", "512"];
+        if !o.tls {
+            args.push("--allow-http");
+        }
+        zones
+            .iter()
+            .map(|z| AgentProcess::start(&cp.url(), z, &format!("bench-{z}"), ca_path.as_deref(), &args))
+            .collect()
+    };
+    let agent_ids: Vec<String> = zones.iter().map(|z| format!("bench-{z}")).collect();
+    let agent_refs: Vec<&str> = agent_ids.iter().map(String::as_str).collect();
+    let mut agents = Vec::new();
+    if p.agents && !p.agents_late {
+        agents = start_agents();
+        cp.wait_agents(&agent_refs).await;
+    }
+    // The webhooks, spread over the zones; every one subscribes to every event.
+    let mut hooks = cp.webhooks();
+    for i in 0..p.webhooks {
+        let hook = proto::Webhook {
+            name: format!("bench-{i}"),
+            url: sink.url(o.tls, &format!("/hook/{i}")),
+            events: vec!["*".into()],
+            zone: zones[i % zones.len()].clone(),
+            ..Default::default()
+        };
+        hooks.create_webhook(proto::CreateWebhookRequest { webhook: Some(hook) }).await?;
+    }
+    let expected = (p.events * p.webhooks) as u64;
+    let conn = herald_control_plane::db::connect(&db.url).await?;
+    let sync = herald_control_plane::db::sync_setting(&conn).await.unwrap_or_default();
+    sink.take_latencies();
+    let delivered_before = sink.deliveries.load(Ordering::SeqCst);
+    let (durable_before, relaxed_before) = scrape_commits(&cp).await;
+    let cpu = |agents: &[AgentProcess]| -> (f64, f64, f64, f64) {
+        let agents: f64 = agents.iter().filter_map(|a| a.child.id()).map(|pid| cpu_seconds(pid, tick)).sum();
+        (
+            cp.child.id().map_or(0.0, |pid| cpu_seconds(pid, tick)),
+            agents,
+            if o.backend == Backend::Postgres { postgres_cpu_seconds(tick) } else { 0.0 },
+            cpu_seconds(std::process::id(), tick),
+        )
+    };
+    let cpu_before = cpu(&agents);
+    let started = Instant::now();
+    let published = match p.rate {
+        Some(rate) => publish_at(&cp, rate, p.seconds).await?,
+        None => publish_all(&cp, p.events).await?,
+    };
+    let published_in = started.elapsed();
+    let mut held_rss = None;
+    let mut drain_started = started;
+    let mut agent_cpu_before = cpu_before.1;
+    if p.agents_late {
+        // The backlog is held: how much memory does the control plane need for it?
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        held_rss = cp.child.id().map(rss_mib);
+        agents = start_agents();
+        agent_cpu_before = 0.0;
+        drain_started = Instant::now();
+    }
+    if p.agents {
+        wait_succeeded(&conn, sink, delivered_before + expected, expected).await?;
+    }
+    let done = drain_started.elapsed();
+    let mut cpu_after = cpu(&agents);
+    cpu_after.1 -= agent_cpu_before;
+    let (durable_after, relaxed_after) = scrape_commits(&cp).await;
+    let cp_rss = cp.child.id().map_or((0.0, 0.0), rss_mib);
+    let agent_rss: Vec<f64> = agents.iter().filter_map(|a| a.child.id()).map(|pid| rss_mib(pid).1).collect();
+    let mut lat = sink.take_latencies();
+    lat.sort_unstable();
+
+    let deliveries = if p.agents { expected } else { 0 };
+    let per_second = if p.agents { deliveries as f64 / done.as_secs_f64() } else { 0.0 };
+    let acked = published as f64 / published_in.as_secs_f64();
+    let per_1k = |cpu: f64| if deliveries > 0 { cpu / deliveries as f64 * 1000.0 } else { cpu / published as f64 * 1000.0 };
+    let cpu_cp = per_1k(cpu_after.0 - cpu_before.0);
+    let cpu_agents = per_1k(cpu_after.1);
+    let cpu_pg = per_1k(cpu_after.2 - cpu_before.2);
+    let cpu_bench = per_1k(cpu_after.3 - cpu_before.3);
+    let durable_per_1k = (durable_after - durable_before) / published as f64 * 1000.0;
+    let relaxed = relaxed_after - relaxed_before;
+    let agent_peak = agent_rss.iter().copied().fold(0.0, f64::max);
+    let (p50, p95, p99, max) =
+        (percentile(&lat, 0.50), percentile(&lat, 0.95), percentile(&lat, 0.99), percentile(&lat, 1.0));
+    drop(agents);
+    drop(cp);
+    drop_schema(&db).await;
+
+    let row = vec![
+        name.to_owned(),
+        deliveries.to_string(),
+        format!("{per_second:.0}"),
+        if p.agents { format!("{:.2}", per_second / raw) } else { "-".into() },
+        format!("{acked:.0}"),
+        format!("{p50:.1}"),
+        format!("{p95:.1}"),
+        format!("{p99:.1}"),
+        format!("{max:.1}"),
+        format!("{durable_per_1k:.1}"),
+        format!("{cpu_cp:.3}, {cpu_agents:.3}, {cpu_pg:.3}, {cpu_bench:.3}"),
+        format!("{:.0}, {agent_peak:.0}", cp_rss.1),
+        sync.clone(),
+    ];
+    let json = json!({
+        "scenario": name,
+        "database": backend_name(o.backend),
+        "tls": o.tls,
+        "webhooks": p.webhooks,
+        "zones": p.zones,
+        "agents": if p.agents { p.zones } else { 0 },
+        "events": published,
+        "deliveries": deliveries,
+        "seconds": done.as_secs_f64(),
+        "deliveries_per_second": per_second,
+        "ratio_to_raw_limit": if p.agents { per_second / raw } else { 0.0 },
+        "events_per_second_acknowledged": acked,
+        "latency_ms": { "p50": p50, "p95": p95, "p99": p99, "max": max, "samples": lat.len() },
+        "cpu_seconds_per_1k": {
+            "per": if deliveries > 0 { "deliveries" } else { "events" },
+            "control_plane": cpu_cp, "agents": cpu_agents, "postgres": cpu_pg, "bench_publisher_and_receiver": cpu_bench,
+        },
+        "peak_rss_mib": { "control_plane": cp_rss.1, "agents": agent_rss },
+        "control_plane_rss_mib_with_backlog_held": held_rss.map(|r| r.0),
+        "sync": sync,
+        "durable_commits_per_1k_events": durable_per_1k,
+        "relaxed_commits": relaxed,
+    });
+    Ok(Outcome { row, json })
+}
+
+/// Publishes `total` events in batches of `BATCH` from `PUBLISHERS` concurrent callers, as fast
+/// as they are acknowledged.
+async fn publish_all(cp: &ControlPlaneProcess, total: usize) -> anyhow::Result<usize> {
+    let data = event_data();
+    let batches = total.div_ceil(BATCH);
     let mut publishers = Vec::new();
-    for p in 0..4 {
+    for p in 0..PUBLISHERS {
         let mut events = cp.events();
         let data = data.clone();
-        let total = o.events;
         publishers.push(tokio::spawn(async move {
             let mut b = p;
             while b < batches {
-                let n = (total - b * 1000).min(1000);
-                let batch = (0..n).map(|_| herald_tests::event("incident.created", &data)).collect();
+                let n = (total - b * BATCH).min(BATCH);
+                let sent = micros_now();
+                let batch = (0..n)
+                    .map(|i| proto::Event { id: format!("b-{sent}-{b}-{i}"), ..herald_tests::event("incident.created", &data) })
+                    .collect();
                 events.publish_events(proto::PublishEventsRequest { events: batch }).await?;
-                b += 4;
+                b += PUBLISHERS;
             }
             anyhow::Ok(())
         }));
@@ -124,47 +607,74 @@ async fn main() -> anyhow::Result<()> {
     for p in publishers {
         p.await??;
     }
-    let published = started.elapsed();
-    receiver.wait_for(o.events, Duration::from_secs(600)).await;
-    let received = started.elapsed();
-    let conn = herald_control_plane::db::connect(&db_url).await?;
+    Ok(total)
+}
+
+/// Publishes `rate` events a second, one per call, for `seconds`; calls overlap when one takes
+/// longer than the interval.
+async fn publish_at(cp: &ControlPlaneProcess, rate: f64, seconds: f64) -> anyhow::Result<usize> {
+    let data = Arc::new(event_data());
+    let total = (rate * seconds).round() as usize;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..total {
+        tick.tick().await;
+        let mut events = cp.events();
+        let data = data.clone();
+        calls.spawn(async move {
+            let sent = micros_now();
+            let event = proto::Event { id: format!("l-{sent}-{i}"), ..herald_tests::event("incident.created", &data) };
+            events.publish_events(proto::PublishEventsRequest { events: vec![event] }).await
+        });
+        while let Some(done) = calls.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = calls.join_next().await {
+        done??;
+    }
+    Ok(total)
+}
+
+/// Waits until the receiver has seen `received` requests and `expected` delivery rows are
+/// `succeeded` in the database, with none left open.
+async fn wait_succeeded(
+    conn: &sea_orm::DatabaseConnection,
+    sink: &Sink,
+    received: u64,
+    expected: u64,
+) -> anyhow::Result<()> {
+    let limit = Instant::now() + Duration::from_secs(3600);
+    while sink.deliveries.load(Ordering::SeqCst) < received {
+        anyhow::ensure!(Instant::now() < limit, "deliveries did not arrive within an hour");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     loop {
-        let open = delivery::Entity::find()
-            .filter(delivery::Column::Status.ne(delivery::status::SUCCEEDED))
-            .count(&conn)
-            .await?;
+        let open =
+            delivery::Entity::find().filter(delivery::Column::Status.is_in(delivery::status::OPEN)).count(conn).await?;
         if open == 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        anyhow::ensure!(Instant::now() < limit, "{open} deliveries still open after an hour");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let done = started.elapsed();
-    let sync = herald_control_plane::db::sync_setting(&conn).await.unwrap_or_default();
-    let rate = |d: Duration| o.events as f64 / d.as_secs_f64();
-    println!("scenario  database  events  publish/s  received/s  succeeded/s  sync");
-    println!(
-        "{:<9} {:<9} {:<7} {:<10.0} {:<11.0} {:<12.0} {}",
-        o.scenario,
-        if o.dev { "dev".to_owned() } else { format!("{:?}", o.backend).to_lowercase() },
-        o.events,
-        rate(published),
-        rate(received),
-        rate(done),
-        sync
-    );
-    if let Some(path) = o.json {
-        let out = serde_json::json!({
-            "scenario": o.scenario,
-            "database": format!("{:?}", o.backend).to_lowercase(),
-            "events": o.events,
-            "events_per_second_acknowledged": rate(published),
-            "deliveries_per_second_received": rate(received),
-            "deliveries_per_second_succeeded": rate(done),
-            "sync": sync,
-        });
-        std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
-    }
+    let succeeded =
+        delivery::Entity::find().filter(delivery::Column::Status.eq(delivery::status::SUCCEEDED)).count(conn).await?;
+    anyhow::ensure!(succeeded == expected, "{succeeded} deliveries succeeded, {expected} expected");
     Ok(())
+}
+
+/// Drops a PostgreSQL scenario's schema (a million rows need not outlive the run).
+async fn drop_schema(db: &TestDb) {
+    if db.backend != Backend::Postgres {
+        return;
+    }
+    let Some(schema) = db.url.rsplit("search_path%3D").next() else { return };
+    if let Ok(admin) = sea_orm::Database::connect(&herald_tests::postgres_url()).await {
+        let _ = admin.execute_unprepared(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await;
+        let _ = admin.close().await;
+    }
 }
 
 /// Load with random faults, then the count: every acknowledged event must be delivered.
