@@ -441,7 +441,7 @@ impl Store {
                         .collect();
                     let mut attempts = Vec::with_capacity(reports.len());
                     let mut applied = Vec::with_capacity(reports.len());
-                    let mut succeeded: HashMap<u32, Vec<String>> = HashMap::new();
+                    let mut succeeded: HashMap<u32, Vec<(String, String)>> = HashMap::new();
                     for r in &reports {
                         let Some(d) = rows.get_mut(&r.delivery_id) else {
                             // Pruned or never ours: nothing to attach the attempt to.
@@ -473,7 +473,7 @@ impl Store {
                             d.attempt_count = number;
                             d.lost_leases = 0;
                             d.manual_from = None;
-                            succeeded.entry(r.status).or_default().push(lease);
+                            succeeded.entry(r.status).or_default().push((d.id.clone(), lease));
                             Applied::Succeeded
                         } else if let Some(back) = d.manual_from {
                             // A failed manual attempt returns the delivery to where it was.
@@ -485,9 +485,10 @@ impl Store {
                         applied.push(outcome);
                     }
                     // A lease id names exactly one delivery and dispatch, so `lease_id IN (…)`
-                    // fences each row as `settle` does.
+                    // fences each row as `settle` does; `id IN (…)` finds the rows by primary key.
                     for (code, leases) in succeeded {
                         for chunk in leases.chunks(1000) {
+                            let (ids, leases): (Vec<String>, Vec<String>) = chunk.iter().cloned().unzip();
                             delivery::Entity::update_many()
                                 .col_expr(delivery::Column::Status, Expr::value(status::SUCCEEDED))
                                 .col_expr(
@@ -502,7 +503,8 @@ impl Store {
                                 .col_expr(delivery::Column::LastError, Expr::value(Option::<String>::None))
                                 .col_expr(delivery::Column::ManualFrom, Expr::value(Option::<i16>::None))
                                 .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-                                .filter(delivery::Column::LeaseId.is_in(chunk.to_vec()))
+                                .filter(delivery::Column::Id.is_in(ids))
+                                .filter(delivery::Column::LeaseId.is_in(leases))
                                 .exec(txn)
                                 .await?;
                         }

@@ -588,7 +588,8 @@ async fn publish_all(cp: &ControlPlaneProcess, total: usize) -> anyhow::Result<u
     let batches = total.div_ceil(BATCH);
     let mut publishers = Vec::new();
     for p in 0..PUBLISHERS {
-        let mut events = cp.events();
+        // Answers list every delivery of every event: with fan-out, more than tonic's default 4 MiB.
+        let mut events = cp.events().max_decoding_message_size(256 << 20);
         let data = data.clone();
         publishers.push(tokio::spawn(async move {
             let mut b = p;
