@@ -2,6 +2,11 @@
 
 use clap::Parser as _;
 
+/// mimalloc rather than glibc's malloc: allocation-heavy paths (SQL building, protobuf, HTTP)
+/// spent a quarter of their CPU in glibc's allocator (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = herald_shared::telemetry::init("herald-agent");

@@ -6,6 +6,11 @@ use herald_control_plane::auth::Scope;
 use herald_control_plane::config::{Cli, Command, Config, KeysCommand};
 use herald_control_plane::{bind, cli, db, dev, server, shutdown_on_signals, store};
 
+/// mimalloc rather than glibc's malloc: allocation-heavy paths (SQL building, protobuf, HTTP)
+/// spent a quarter of their CPU in glibc's allocator (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = herald_shared::telemetry::init("herald-control-plane");
