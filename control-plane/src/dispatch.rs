@@ -35,6 +35,8 @@ const RESULT_BATCH: usize = 512;
 /// Expired leases are looked for when the earliest known lease expires, and at least this often
 /// (leases of another replica or an earlier run are not known in advance).
 const RECLAIM_EVERY_MS: i64 = 30_000;
+/// Bytes of envelopes of recently published events kept for dispatch.
+const EVENT_CACHE_BYTES: usize = 32 << 20;
 /// How often both sides send heartbeats; a session silent for three is closed.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// The longest the dispatcher sleeps with nothing to do, as a safety net.
@@ -81,6 +83,31 @@ struct State {
     next_session: u64,
 }
 
+/// Envelopes of recently published events, oldest first out: the dispatcher sends what was just
+/// published without reading the event back. A miss (an older event, a retry, a restart) reads the
+/// database; the cache is only ever a copy of committed rows.
+#[derive(Default)]
+struct EventCache {
+    map: HashMap<(String, String), (Bytes, Option<String>)>,
+    order: std::collections::VecDeque<(String, String)>,
+    bytes: usize,
+}
+
+impl EventCache {
+    fn insert(&mut self, key: (String, String), envelope: Bytes, trace_context: Option<String>) {
+        self.bytes += envelope.len();
+        if self.map.insert(key.clone(), (envelope, trace_context)).is_none() {
+            self.order.push_back(key);
+        }
+        while self.bytes > EVENT_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some((e, _)) = self.map.remove(&old) {
+                self.bytes -= e.len();
+            }
+        }
+    }
+}
+
 /// A result as it arrived, waiting for the result writer.
 struct Arrived {
     agent_id: String,
@@ -98,6 +125,8 @@ struct Inner {
     state: Mutex<State>,
     /// Per-webhook jobs in flight, read by claims (`max_in_flight`).
     hook_in_flight: Arc<Mutex<HashMap<String, u32>>>,
+    /// Envelopes of events just published.
+    events: Mutex<EventCache>,
     /// Per-webhook rate limiters, consulted by claims.
     limiters: Limiters,
     /// The earliest time a rate-limited webhook may send again (ms), or 0.
@@ -139,6 +168,7 @@ impl Dispatcher {
             response_body_limit: u32::try_from(response_body_limit).unwrap_or(65536),
             state: Mutex::default(),
             hook_in_flight: Arc::default(),
+            events: Mutex::default(),
             limiters: Arc::default(),
             rate_wake: Arc::new(AtomicI64::new(0)),
             due_wake: AtomicI64::new(0),
@@ -158,6 +188,25 @@ impl Dispatcher {
     /// Something became due (a publish, a re-activation, a replay): look again now.
     pub fn wake(&self) {
         self.inner.wake.notify_one();
+    }
+
+    /// Events just stored and acknowledged: their envelopes are kept so that dispatching them
+    /// reads nothing back from the database.
+    pub fn published(&self, stored: &[crate::store::events::StoredEvent]) {
+        let built: Vec<_> = stored
+            .iter()
+            .filter(|s| !s.deliveries.is_empty())
+            .map(|s| {
+                let e = &s.event;
+                let envelope =
+                    Bytes::from(envelope::build(&e.id, &e.event_type, &e.timestamp, &e.workspace_id, &e.data));
+                ((e.workspace_id.clone(), e.id.clone()), envelope, e.trace_context.clone())
+            })
+            .collect();
+        let mut cache = self.inner.events.lock().expect("event cache lock");
+        for (key, envelope, trace_context) in built {
+            cache.insert(key, envelope, trace_context);
+        }
     }
 
     /// Follows delivery changes (for `WatchDeliveries`).
@@ -540,21 +589,40 @@ impl Dispatcher {
         } else {
             Vec::new()
         };
-        let events = match self.inner.store.events_of(&rows).await {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot load events of claimed deliveries; their leases will expire");
-                return;
+        // Each event's envelope and publish trace: from the cache, else read back and built once.
+        let mut events: HashMap<(String, String), (Bytes, Option<String>)> = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let cache = self.inner.events.lock().expect("event cache lock");
+            for d in &rows {
+                let key = (d.workspace_id.clone(), d.event_id.clone());
+                match cache.map.get(&key) {
+                    Some(hit) => _ = events.insert(key, hit.clone()),
+                    None => missing.push(*d),
+                }
             }
-        };
-        let mut envelopes: HashMap<(String, String), Bytes> = HashMap::new();
+        }
+        if !missing.is_empty() {
+            match self.inner.store.events_of(&missing).await {
+                Ok(read) => {
+                    for (key, e) in read {
+                        let envelope = envelope::build(&e.id, &e.event_type, &e.timestamp, &e.workspace_id, &e.data);
+                        events.insert(key, (Bytes::from(envelope), e.trace_context));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot load events of claimed deliveries; their leases will expire");
+                    return;
+                }
+            }
+        }
         let mut undeliverable = Vec::new();
         let mut unsent = Vec::new();
         let mut jobs = Vec::with_capacity(claimed.len());
         for c in claimed {
             let d = &c.delivery;
             let key = (d.workspace_id.clone(), d.event_id.clone());
-            let Some(event) = events.get(&key) else {
+            let Some((envelope, publish_trace)) = events.get(&key) else {
                 undeliverable.push((c, "the event is gone (retention)".to_owned()));
                 continue;
             };
@@ -571,18 +639,7 @@ impl Dispatcher {
                     continue;
                 }
             };
-            let envelope = envelopes
-                .entry(key)
-                .or_insert_with(|| {
-                    Bytes::from(envelope::build(
-                        &event.id,
-                        &event.event_type,
-                        &event.timestamp,
-                        &event.workspace_id,
-                        &event.data,
-                    ))
-                })
-                .clone();
+            let envelope = envelope.clone();
             let spec = &hook.webhook.spec;
             let (body, request_body) = match &spec.transform {
                 None => (envelope, None),
@@ -621,7 +678,7 @@ impl Dispatcher {
                         seconds: timeout_ms / 1000,
                         nanos: ((timeout_ms % 1000) * 1_000_000) as i32,
                     }),
-                    traceparent: dispatch_span(d, c.attempt, event.trace_context.as_deref()),
+                    traceparent: dispatch_span(d, c.attempt, publish_trace.as_deref()),
                 },
                 d.webhook_id.clone(),
                 request_body,

@@ -280,7 +280,7 @@ impl Store {
                             .filter(delivery::Column::NextAttemptAt.lte(now))
                             .order_by_asc(delivery::Column::NextAttemptAt)
                             .order_by_asc(delivery::Column::Id)
-                            .limit(limit * 2);
+                            .limit(limit);
                         if !exclude.is_empty() {
                             q = q.filter(delivery::Column::WebhookId.is_not_in(exclude.clone()));
                         }
@@ -291,7 +291,7 @@ impl Store {
                             q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
                         }
                         let page = q.all(txn).await?;
-                        let exhausted = (page.len() as u64) < limit * 2;
+                        let exhausted = (page.len() as u64) < limit;
                         let new_hooks: Vec<String> =
                             page.iter().map(|d| d.webhook_id.clone()).filter(|w| !hook_rows.contains_key(w)).collect();
                         if !new_hooks.is_empty() {
