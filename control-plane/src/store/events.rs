@@ -180,11 +180,217 @@ impl NewDelivery<'_> {
     }
 }
 
+/// One caller's publish, waiting to be written with others.
+pub(crate) struct PublishRequest {
+    workspace: String,
+    events: Vec<NewEvent>,
+    batch: bool,
+    first_delay_ms: i64,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<StoredEvent>, StoreError>>,
+}
+
+/// Publish calls merged into one write at most, and their events at most.
+const MERGE_CALLS: usize = 256;
+const MERGE_EVENTS: usize = 8192;
+
+/// Merges concurrent publish calls: every call waiting when the previous write finished goes into
+/// one write operation (one existence check, one subscriber read per workspace, one multi-row
+/// insert per table), which the writer then commits with whatever else is waiting. Each call
+/// still gets its own answer: a call whose event conflicts with a stored one fails alone.
+pub(crate) async fn publish_loop(writer: super::writer::Writer, mut rx: tokio::sync::mpsc::Receiver<PublishRequest>) {
+    let mut waiting: Vec<PublishRequest> = Vec::new();
+    let mut carried: Option<PublishRequest> = None;
+    loop {
+        if let Some(r) = carried.take() {
+            waiting.push(r);
+        } else {
+            match rx.recv().await {
+                Some(r) => waiting.push(r),
+                None => return,
+            }
+        }
+        let mut events: usize = waiting.iter().map(|r| r.events.len()).sum();
+        while waiting.len() < MERGE_CALLS {
+            match rx.try_recv() {
+                Ok(r) if events + r.events.len() > MERGE_EVENTS => {
+                    carried = Some(r);
+                    break;
+                }
+                Ok(r) => {
+                    events += r.events.len();
+                    waiting.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let requests = std::mem::take(&mut waiting);
+        let (calls, replies): (Vec<_>, Vec<_>) = requests
+            .into_iter()
+            .map(|r| ((r.workspace, r.events, r.batch, r.first_delay_ms), r.reply))
+            .unzip();
+        let answer = writer.write(move |txn| Box::pin(async move { publish_many(txn, calls).await })).await;
+        match answer {
+            Ok(each) => {
+                for (reply, result) in replies.into_iter().zip(each) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+type Call = (String, Vec<NewEvent>, bool, i64);
+
+/// Writes merged publish calls in `txn`: each call's answer, or the error that fails them all.
+async fn publish_many(
+    txn: &DatabaseTransaction,
+    calls: Vec<Call>,
+) -> Result<Vec<Result<Vec<StoredEvent>, StoreError>>, StoreError> {
+    let now = now_millis();
+    // What is stored already, per workspace, for every id of every call.
+    let mut existing: HashMap<String, HashMap<String, event::Model>> = HashMap::new();
+    let mut ids_by_workspace: HashMap<&str, Vec<String>> = HashMap::new();
+    for (workspace, events, _, _) in &calls {
+        ids_by_workspace.entry(workspace).or_default().extend(events.iter().map(|e| e.id.clone()));
+    }
+    for (workspace, ids) in ids_by_workspace {
+        existing.insert(workspace.to_owned(), existing_events(txn, workspace, ids).await?);
+    }
+    let mut subs: HashMap<String, Vec<Subscriber>> = HashMap::new();
+    // Events new in this write, so that a later call repeating one is answered idempotently.
+    let mut fresh: HashMap<(String, String), StoredEvent> = HashMap::new();
+    let mut new_events = Vec::new();
+    let mut new_deliveries = Vec::new();
+    let mut answers: Vec<Result<Vec<StoredEvent>, StoreError>> = Vec::with_capacity(calls.len());
+    // (call, position in its answer) of events that were stored before this write.
+    let mut reused: Vec<(usize, usize)> = Vec::new();
+    for (call, (workspace, events, batch, first_delay_ms)) in calls.into_iter().enumerate() {
+        let mut out = Vec::with_capacity(events.len());
+        let (mut staged_events, mut staged_deliveries, mut staged_reused) = (Vec::new(), Vec::new(), Vec::new());
+        let mut conflict = None;
+        for (index, e) in events.into_iter().enumerate() {
+            let key = (workspace.clone(), e.id.clone());
+            let before = existing.get(&workspace).and_then(|m| m.get(&e.id));
+            if let Some(stored) = before.or_else(|| fresh.get(&key).map(|f| &f.event)) {
+                let same_data = serde_json::from_str::<serde_json::Value>(&stored.data)
+                    .is_ok_and(|stored_data| json_equal(&stored_data, &e.parsed));
+                let same_time = !e.timestamp_supplied || e.timestamp == stored.timestamp;
+                if stored.event_type != e.event_type || !same_data || !same_time || stored.test {
+                    conflict = Some(StoreError::AlreadyExists {
+                        field: id_field(batch, index),
+                        message: format!("event {} already exists with a different type, data or timestamp", e.id),
+                    });
+                    break;
+                }
+                match fresh.get(&key) {
+                    Some(f) if before.is_none() => out.push(f.clone()),
+                    _ => {
+                        staged_reused.push(out.len());
+                        out.push(StoredEvent { event: stored.clone(), deliveries: Vec::new() });
+                    }
+                }
+                continue;
+            }
+            let subs = match subs.get(&workspace) {
+                Some(s) => s,
+                None => subs.entry(workspace.clone()).or_insert(subscribers(txn, &workspace).await?),
+            };
+            let mut deliveries = Vec::new();
+            for s in subs.iter().filter(|s| catalog::subscribes(&s.events, &e.event_type)) {
+                let row = NewDelivery {
+                    workspace: &workspace,
+                    event_id: &e.id,
+                    event_type: &e.event_type,
+                    webhook_id: &s.id,
+                    zone: &s.zone,
+                    test: false,
+                    created_at: now,
+                    due: now + first_delay_ms,
+                }
+                .row();
+                deliveries.push(DeliverySummary {
+                    id: row.id.clone().unwrap(),
+                    webhook_id: s.id.clone(),
+                    status: status::PENDING,
+                    attempt_count: 0,
+                });
+                staged_deliveries.push(row);
+            }
+            let model = event::Model {
+                workspace_id: workspace.clone(),
+                id: e.id,
+                event_type: e.event_type,
+                timestamp: e.timestamp,
+                timestamp_supplied: e.timestamp_supplied,
+                data: e.data,
+                test: false,
+                created_at: now,
+                trace_context: e.trace_context,
+            };
+            staged_events.push(event::ActiveModel::from(model.clone()));
+            out.push(StoredEvent { event: model, deliveries });
+        }
+        if let Some(e) = conflict {
+            // This call fails alone; nothing of it is written.
+            answers.push(Err(e));
+            continue;
+        }
+        for stored in &out {
+            fresh.entry((workspace.clone(), stored.event.id.clone())).or_insert_with(|| stored.clone());
+        }
+        new_events.append(&mut staged_events);
+        new_deliveries.append(&mut staged_deliveries);
+        reused.extend(staged_reused.into_iter().map(|i| (call, i)));
+        answers.push(Ok(out));
+    }
+    // A unique violation here means another replica stored one of these ids in the meantime:
+    // the publishers retry and get the idempotent answer.
+    insert_chunked(txn, new_events).await.map_err(|e| match e {
+        StoreError::AlreadyExists { .. } => StoreError::AlreadyExists {
+            field: "events".to_owned(),
+            message: "an event with this id was stored concurrently; publish again".to_owned(),
+        },
+        other => other,
+    })?;
+    let queued = !new_deliveries.is_empty();
+    insert_chunked(txn, new_deliveries).await?;
+    // Other replicas on this PostgreSQL wake to dispatch them (delivered on commit).
+    if queued && txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        txn.execute_unprepared(&format!("NOTIFY {WAKE_CHANNEL}")).await?;
+    }
+    // Events stored before: their deliveries as they stand.
+    let mut wanted: HashMap<String, Vec<String>> = HashMap::new();
+    for &(call, i) in &reused {
+        if let Ok(out) = &answers[call] {
+            wanted.entry(out[i].event.workspace_id.clone()).or_default().push(out[i].event.id.clone());
+        }
+    }
+    let mut summaries: HashMap<String, HashMap<String, Vec<DeliverySummary>>> = HashMap::new();
+    for (workspace, ids) in wanted {
+        let found = delivery_summaries(txn, &workspace, ids).await?;
+        summaries.insert(workspace, found);
+    }
+    for (call, i) in reused {
+        if let Ok(out) = &mut answers[call] {
+            let e = &out[i].event;
+            let found = summaries.get(&e.workspace_id).and_then(|m| m.get(&e.id)).cloned().unwrap_or_default();
+            out[i].deliveries = found;
+        }
+    }
+    Ok(answers)
+}
+
 impl Store {
     /// Publishes `events` for `workspace`, all or nothing, with one delivery row per matching
     /// active webhook. Existing ids with the same content are returned as stored; a different
     /// content is `AlreadyExists` naming the event's field. `first_delay_ms` is the retry
-    /// schedule's delay before attempt 1.
+    /// schedule's delay before attempt 1. Concurrent calls are written together
+    /// ([`publish_loop`]); each is acknowledged only once its rows are committed and synced.
     pub async fn publish(
         &self,
         workspace: &str,
@@ -192,101 +398,13 @@ impl Store {
         batch: bool,
         first_delay_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let workspace = workspace.to_owned();
-        self.writer
-            .write(move |txn| {
-                Box::pin(async move {
-                    let existing =
-                        existing_events(txn, &workspace, events.iter().map(|e| e.id.clone()).collect()).await?;
-                    let now = now_millis();
-                    let mut out = Vec::with_capacity(events.len());
-                    let mut new_events = Vec::new();
-                    let mut new_deliveries = Vec::new();
-                    let mut subs: Option<Vec<Subscriber>> = None;
-                    let mut reused = Vec::new();
-                    for (index, e) in events.into_iter().enumerate() {
-                        if let Some(stored) = existing.get(&e.id) {
-                            let same_data = serde_json::from_str::<serde_json::Value>(&stored.data)
-                                .is_ok_and(|stored_data| json_equal(&stored_data, &e.parsed));
-                            let same_time = !e.timestamp_supplied || e.timestamp == stored.timestamp;
-                            if stored.event_type != e.event_type || !same_data || !same_time || stored.test {
-                                return Err(StoreError::AlreadyExists {
-                                    field: id_field(batch, index),
-                                    message: format!(
-                                        "event {} already exists with a different type, data or timestamp",
-                                        e.id
-                                    ),
-                                });
-                            }
-                            reused.push(out.len());
-                            out.push(StoredEvent { event: stored.clone(), deliveries: Vec::new() });
-                            continue;
-                        }
-                        let subs = match &mut subs {
-                            Some(s) => s,
-                            None => subs.insert(subscribers(txn, &workspace).await?),
-                        };
-                        let mut deliveries = Vec::new();
-                        for s in subs.iter().filter(|s| catalog::subscribes(&s.events, &e.event_type)) {
-                            let row = NewDelivery {
-                                workspace: &workspace,
-                                event_id: &e.id,
-                                event_type: &e.event_type,
-                                webhook_id: &s.id,
-                                zone: &s.zone,
-                                test: false,
-                                created_at: now,
-                                due: now + first_delay_ms,
-                            }
-                            .row();
-                            deliveries.push(DeliverySummary {
-                                id: row.id.clone().unwrap(),
-                                webhook_id: s.id.clone(),
-                                status: status::PENDING,
-                                attempt_count: 0,
-                            });
-                            new_deliveries.push(row);
-                        }
-                        let model = event::Model {
-                            workspace_id: workspace.clone(),
-                            id: e.id,
-                            event_type: e.event_type,
-                            timestamp: e.timestamp,
-                            timestamp_supplied: e.timestamp_supplied,
-                            data: e.data,
-                            test: false,
-                            created_at: now,
-                            trace_context: e.trace_context,
-                        };
-                        new_events.push(event::ActiveModel::from(model.clone()));
-                        out.push(StoredEvent { event: model, deliveries });
-                    }
-                    // A unique violation here means another replica stored one of these ids in the
-                    // meantime: the publisher retries and gets the idempotent answer.
-                    insert_chunked(txn, new_events).await.map_err(|e| match e {
-                        StoreError::AlreadyExists { .. } => StoreError::AlreadyExists {
-                            field: if batch { "events".to_owned() } else { "event.id".to_owned() },
-                            message: "an event with this id was stored concurrently; publish again".to_owned(),
-                        },
-                        other => other,
-                    })?;
-                    let queued = !new_deliveries.is_empty();
-                    insert_chunked(txn, new_deliveries).await?;
-                    // Other replicas on this PostgreSQL wake to dispatch them (delivered on commit).
-                    if queued && txn.get_database_backend() == sea_orm::DbBackend::Postgres {
-                        txn.execute_unprepared(&format!("NOTIFY {WAKE_CHANNEL}")).await?;
-                    }
-                    if !reused.is_empty() {
-                        let ids: Vec<String> = reused.iter().map(|&i| out[i].event.id.clone()).collect();
-                        let mut summaries = delivery_summaries(txn, &workspace, ids).await?;
-                        for &i in &reused {
-                            out[i].deliveries = summaries.remove(&out[i].event.id).unwrap_or_default();
-                        }
-                    }
-                    Ok(out)
-                })
-            })
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = PublishRequest { workspace: workspace.to_owned(), events, batch, first_delay_ms, reply };
+        self.publisher
+            .send(request)
             .await
+            .map_err(|_| StoreError::Unavailable("the publisher has stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Unavailable("the write was interrupted; its outcome is unknown".into()))?
     }
 
     /// Reads an event of the workspace with its delivery summaries.
@@ -307,12 +425,11 @@ async fn existing_events(
 ) -> Result<HashMap<String, event::Model>, StoreError> {
     let mut found = HashMap::new();
     for chunk in ids.chunks(INSERT_CHUNK) {
-        let rows = event::Entity::find()
-            .filter(event::Column::WorkspaceId.eq(workspace))
-            .filter(event::Column::Id.is_in(chunk.to_vec()))
-            .all(db)
-            .await?;
-        found.extend(rows.into_iter().map(|r| (r.id.clone(), r)));
+        // By id alone (the `events_by_id` index), the workspace checked here: with
+        // `workspace_id = $1` beside the list, PostgreSQL's generic plan scans the workspace's
+        // whole primary-key range and tests each row against the list (1.5 s at 100,000 events).
+        let rows = event::Entity::find().filter(event::Column::Id.is_in(chunk.to_vec())).all(db).await?;
+        found.extend(rows.into_iter().filter(|r| r.workspace_id == workspace).map(|r| (r.id.clone(), r)));
     }
     Ok(found)
 }

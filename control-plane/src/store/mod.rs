@@ -84,12 +84,16 @@ pub struct Store {
     pub db: DatabaseConnection,
     pub writer: Writer,
     pub key: SecretKey,
+    /// Publish calls, merged into shared writes by `events::publish_loop`.
+    publisher: tokio::sync::mpsc::Sender<events::PublishRequest>,
 }
 
 impl Store {
     pub fn new(db: DatabaseConnection, key: SecretKey) -> Self {
         let writer = Writer::spawn(db.clone());
-        Store { db, writer, key }
+        let (publisher, calls) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(events::publish_loop(writer.clone(), calls));
+        Store { db, writer, key, publisher }
     }
 }
 

@@ -57,6 +57,8 @@ struct Options {
     soak: Duration,
     tls: bool,
     json: Option<String>,
+    /// Where to copy the processes' logs after each scenario.
+    logs: Option<std::path::PathBuf>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -69,6 +71,7 @@ fn options() -> anyhow::Result<Options> {
         soak: Duration::from_secs(60),
         tls: false,
         json: None,
+        logs: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -92,10 +95,11 @@ fn options() -> anyhow::Result<Options> {
             "--minutes" => o.soak = Duration::from_secs(60 * value()?.parse::<u64>()?),
             "--tls" => o.tls = true,
             "--json" => o.json = Some(value()?),
+            "--logs" => o.logs = Some(value()?.into()),
             "--help" | "-h" => {
                 println!(
                     "herald-bench [--scenario throughput|fanout|latency|backlog|zones|ingest|all|soak] \
-                     [--database sqlite|postgres] [--scale F] [--events N] [--seconds N | --minutes N] [--tls] [--json FILE]\n\
+                     [--database sqlite|postgres] [--scale F] [--events N] [--seconds N | --minutes N] [--tls] [--json FILE] [--logs DIR]\n\
                      --scale multiplies every scenario's size; --events sets the events of the scenario; \
                      --seconds the length of latency (or soak)"
                 );
@@ -445,6 +449,8 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
     let tick = clock_ticks();
     let db = TestDb::new(o.backend).await;
     let cp = ControlPlaneProcess::start_with_env(&db.url, &["--allow-http"], &[("RUST_LOG", "info")]).await;
+    // The control plane's log survives the scenario (also when it fails) with --logs.
+    let keep = o.logs.as_ref().map(|dir| KeepLog { from: cp.log.clone(), to: dir.join(format!("{name}-control-plane.log")) });
     let zones: Vec<String> =
         if p.zones == 1 { vec!["default".to_owned()] } else { (0..p.zones).map(|z| format!("zone-{z}")).collect() };
     let ca_path = ca.map(|ca| ca.path.clone());
@@ -535,6 +541,7 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
     let agent_peak = agent_rss.iter().copied().fold(0.0, f64::max);
     let (p50, p95, p99, max) =
         (percentile(&lat, 0.50), percentile(&lat, 0.95), percentile(&lat, 0.99), percentile(&lat, 1.0));
+    drop(keep);
     drop(agents);
     drop(cp);
     drop_schema(&db).await;
@@ -581,6 +588,21 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
     Ok(Outcome { row, json })
 }
 
+/// Copies a log file when dropped.
+struct KeepLog {
+    from: std::path::PathBuf,
+    to: std::path::PathBuf,
+}
+
+impl Drop for KeepLog {
+    fn drop(&mut self) {
+        if let Some(dir) = self.to.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::copy(&self.from, &self.to);
+    }
+}
+
 /// Publishes `total` events in batches of `BATCH` from `PUBLISHERS` concurrent callers, as fast
 /// as they are acknowledged.
 async fn publish_all(cp: &ControlPlaneProcess, total: usize) -> anyhow::Result<usize> {
@@ -619,9 +641,11 @@ async fn publish_at(cp: &ControlPlaneProcess, rate: f64, seconds: f64) -> anyhow
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut calls = tokio::task::JoinSet::new();
+    // One connection, as a publishing service keeps one: calls are multiplexed on it.
+    let client = cp.events();
     for i in 0..total {
         tick.tick().await;
-        let mut events = cp.events();
+        let mut events = client.clone();
         let data = data.clone();
         calls.spawn(async move {
             let sent = micros_now();
