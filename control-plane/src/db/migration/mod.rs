@@ -8,6 +8,7 @@ mod m20261128_000002_dispatch_indexes;
 mod m20261128_000003_manual_attempts;
 mod m20261128_000004_event_trace_context;
 mod m20261128_000005_shared_rate_windows;
+mod m20261128_000006_queue_index_order;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000003_manual_attempts::Migration),
             Box::new(m20261128_000004_event_trace_context::Migration),
             Box::new(m20261128_000005_shared_rate_windows::Migration),
+            Box::new(m20261128_000006_queue_index_order::Migration),
         ]
     }
 }
