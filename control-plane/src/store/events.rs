@@ -224,10 +224,8 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, mut rx: tokio::s
             }
         }
         let requests = std::mem::take(&mut waiting);
-        let (calls, replies): (Vec<_>, Vec<_>) = requests
-            .into_iter()
-            .map(|r| ((r.workspace, r.events, r.batch, r.first_delay_ms), r.reply))
-            .unzip();
+        let (calls, replies): (Vec<_>, Vec<_>) =
+            requests.into_iter().map(|r| ((r.workspace, r.events, r.batch, r.first_delay_ms), r.reply)).unzip();
         let answer = writer.write(move |txn| Box::pin(async move { publish_many(txn, calls).await })).await;
         match answer {
             Ok(each) => {
@@ -400,10 +398,7 @@ impl Store {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = PublishRequest { workspace: workspace.to_owned(), events, batch, first_delay_ms, reply };
-        self.publisher
-            .send(request)
-            .await
-            .map_err(|_| StoreError::Unavailable("the publisher has stopped".into()))?;
+        self.publisher.send(request).await.map_err(|_| StoreError::Unavailable("the publisher has stopped".into()))?;
         answer.await.map_err(|_| StoreError::Unavailable("the write was interrupted; its outcome is unknown".into()))?
     }
 

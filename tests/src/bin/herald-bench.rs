@@ -131,8 +131,7 @@ async fn main() -> anyhow::Result<()> {
         event_data().len(),
         if o.tls { "TLS" } else { "plain HTTP" }
     );
-    let names: Vec<&str> =
-        if o.scenario == "all" { SCENARIOS.to_vec() } else { vec![o.scenario.as_str()] };
+    let names: Vec<&str> = if o.scenario == "all" { SCENARIOS.to_vec() } else { vec![o.scenario.as_str()] };
     let mut results = Vec::new();
     for name in names {
         let r = run(name, &o, &sink, ca.as_ref(), raw).await?;
@@ -168,7 +167,9 @@ fn backend_name(b: Backend) -> &'static str {
 fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -284,7 +285,12 @@ async fn raw_limit(sink: &Arc<Sink>, ca: Option<&TestCa>, body: Bytes, seconds: 
                 let (client, url, body) = (client.clone(), url.clone(), body.clone());
                 tokio::spawn(async move {
                     while Instant::now() < until {
-                        let r = client.post(&url).header("content-type", "application/json").body(body.clone()).send().await?;
+                        let r = client
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .body(body.clone())
+                            .send()
+                            .await?;
                         anyhow::ensure!(r.status().is_success(), "the receiver answered {}", r.status());
                         r.bytes().await?;
                     }
@@ -450,7 +456,8 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
     let db = TestDb::new(o.backend).await;
     let cp = ControlPlaneProcess::start_with_env(&db.url, &["--allow-http"], &[("RUST_LOG", "info")]).await;
     // The control plane's log survives the scenario (also when it fails) with --logs.
-    let keep = o.logs.as_ref().map(|dir| KeepLog { from: cp.log.clone(), to: dir.join(format!("{name}-control-plane.log")) });
+    let keep =
+        o.logs.as_ref().map(|dir| KeepLog { from: cp.log.clone(), to: dir.join(format!("{name}-control-plane.log")) });
     let zones: Vec<String> =
         if p.zones == 1 { vec!["default".to_owned()] } else { (0..p.zones).map(|z| format!("zone-{z}")).collect() };
     let ca_path = ca.map(|ca| ca.path.clone());
@@ -531,7 +538,8 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
     let deliveries = if p.agents { expected } else { 0 };
     let per_second = if p.agents { deliveries as f64 / done.as_secs_f64() } else { 0.0 };
     let acked = published as f64 / published_in.as_secs_f64();
-    let per_1k = |cpu: f64| if deliveries > 0 { cpu / deliveries as f64 * 1000.0 } else { cpu / published as f64 * 1000.0 };
+    let per_1k =
+        |cpu: f64| if deliveries > 0 { cpu / deliveries as f64 * 1000.0 } else { cpu / published as f64 * 1000.0 };
     let cpu_cp = per_1k(cpu_after.0 - cpu_before.0);
     let cpu_agents = per_1k(cpu_after.1);
     let cpu_pg = per_1k(cpu_after.2 - cpu_before.2);
@@ -619,7 +627,10 @@ async fn publish_all(cp: &ControlPlaneProcess, total: usize) -> anyhow::Result<u
                 let n = (total - b * BATCH).min(BATCH);
                 let sent = micros_now();
                 let batch = (0..n)
-                    .map(|i| proto::Event { id: format!("b-{sent}-{b}-{i}"), ..herald_tests::event("incident.created", &data) })
+                    .map(|i| proto::Event {
+                        id: format!("b-{sent}-{b}-{i}"),
+                        ..herald_tests::event("incident.created", &data)
+                    })
                     .collect();
                 events.publish_events(proto::PublishEventsRequest { events: batch }).await?;
                 b += PUBLISHERS;
