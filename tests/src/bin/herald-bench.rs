@@ -415,7 +415,7 @@ const COLUMNS: [&str; 13] = [
     "max ms",
     "durable commits/1k ev",
     "CPU s/1k del (cp, agents, pg, bench)",
-    "peak RSS MiB (cp, agent max)",
+    "peak RSS MiB (cp, agent max, agent idle)",
     "sync",
 ];
 
@@ -474,9 +474,13 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
     let agent_ids: Vec<String> = zones.iter().map(|z| format!("bench-{z}")).collect();
     let agent_refs: Vec<&str> = agent_ids.iter().map(String::as_str).collect();
     let mut agents = Vec::new();
+    let mut idle_rss = None;
     if p.agents && !p.agents_late {
         agents = start_agents();
         cp.wait_agents(&agent_refs).await;
+        // Connected, nothing to do yet: the agents' resident memory at rest.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        idle_rss = agents.iter().filter_map(|a| a.child.id()).map(|pid| rss_mib(pid).0).reduce(f64::max);
     }
     // The webhooks, spread over the zones; every one subscribes to every event.
     let mut hooks = cp.webhooks();
@@ -566,7 +570,7 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
         format!("{max:.1}"),
         format!("{durable_per_1k:.1}"),
         format!("{cpu_cp:.3}, {cpu_agents:.3}, {cpu_pg:.3}, {cpu_bench:.3}"),
-        format!("{:.0}, {agent_peak:.0}", cp_rss.1),
+        format!("{:.0}, {agent_peak:.0}, {}", cp_rss.1, idle_rss.map_or("-".to_owned(), |r| format!("{r:.0}"))),
         sync.clone(),
     ];
     let json = json!({
@@ -588,6 +592,7 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
             "control_plane": cpu_cp, "agents": cpu_agents, "postgres": cpu_pg, "bench_publisher_and_receiver": cpu_bench,
         },
         "peak_rss_mib": { "control_plane": cp_rss.1, "agents": agent_rss },
+        "agent_idle_rss_mib": idle_rss,
         "control_plane_rss_mib_with_backlog_held": held_rss.map(|r| r.0),
         "sync": sync,
         "durable_commits_per_1k_events": durable_per_1k,
