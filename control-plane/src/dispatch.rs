@@ -84,27 +84,43 @@ struct State {
 }
 
 /// Envelopes of recently published events, oldest first out: the dispatcher sends what was just
-/// published without reading the event back. A miss (an older event, a retry, a restart) reads the
-/// database; the cache is only ever a copy of committed rows.
+/// published without reading the event back. A miss (an older event, a retry, a replay, a
+/// restart) reads the database; the cache is only ever a copy of committed rows.
 #[derive(Default)]
 struct EventCache {
-    map: HashMap<(String, String), (Bytes, Option<String>)>,
+    map: HashMap<(String, String), Cached>,
     order: std::collections::VecDeque<(String, String)>,
     bytes: usize,
 }
 
+struct Cached {
+    envelope: Bytes,
+    trace_context: Option<String>,
+    /// When the event was stored: a delivery created by that same publish has this `created_at`,
+    /// so an entry can never answer for an event pruned and later published again with the same
+    /// id (nor for a replay's delivery, which reads the database).
+    created_at: i64,
+}
+
 impl EventCache {
-    fn insert(&mut self, key: (String, String), envelope: Bytes, trace_context: Option<String>) {
-        self.bytes += envelope.len();
-        if self.map.insert(key.clone(), (envelope, trace_context)).is_none() {
-            self.order.push_back(key);
+    fn insert(&mut self, key: (String, String), entry: Cached) {
+        self.bytes += entry.envelope.len();
+        match self.map.insert(key.clone(), entry) {
+            Some(old) => self.bytes -= old.envelope.len(),
+            None => self.order.push_back(key),
         }
         while self.bytes > EVENT_CACHE_BYTES {
             let Some(old) = self.order.pop_front() else { break };
-            if let Some((e, _)) = self.map.remove(&old) {
-                self.bytes -= e.len();
+            if let Some(e) = self.map.remove(&old) {
+                self.bytes -= e.envelope.len();
             }
         }
+    }
+
+    /// The envelope and publish trace of `d`'s event, if this cache holds that very event.
+    fn get(&self, d: &crate::db::entity::delivery::Model) -> Option<(Bytes, Option<String>)> {
+        let hit = self.map.get(&(d.workspace_id.clone(), d.event_id.clone()))?;
+        (hit.created_at == d.created_at).then(|| (hit.envelope.clone(), hit.trace_context.clone()))
     }
 }
 
@@ -200,12 +216,13 @@ impl Dispatcher {
                 let e = &s.event;
                 let envelope =
                     Bytes::from(envelope::build(&e.id, &e.event_type, &e.timestamp, &e.workspace_id, &e.data));
-                ((e.workspace_id.clone(), e.id.clone()), envelope, e.trace_context.clone())
+                let entry = Cached { envelope, trace_context: e.trace_context.clone(), created_at: e.created_at };
+                ((e.workspace_id.clone(), e.id.clone()), entry)
             })
             .collect();
         let mut cache = self.inner.events.lock().expect("event cache lock");
-        for (key, envelope, trace_context) in built {
-            cache.insert(key, envelope, trace_context);
+        for (key, entry) in built {
+            cache.insert(key, entry);
         }
     }
 
@@ -595,9 +612,8 @@ impl Dispatcher {
         {
             let cache = self.inner.events.lock().expect("event cache lock");
             for d in &rows {
-                let key = (d.workspace_id.clone(), d.event_id.clone());
-                match cache.map.get(&key) {
-                    Some(hit) => _ = events.insert(key, hit.clone()),
+                match cache.get(d) {
+                    Some(hit) => _ = events.insert((d.workspace_id.clone(), d.event_id.clone()), hit),
                     None => missing.push(*d),
                 }
             }

@@ -51,7 +51,13 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let opts = PgConnectOptions::from_str(url)
             .map_err(|e| DbErr::Custom(format!("invalid PostgreSQL URL: {e}")))?
-            .options([("statement_timeout", STATEMENT_TIMEOUT)])
+            .options([
+                ("statement_timeout", STATEMENT_TIMEOUT),
+                // Every statement planned for its values: a generic plan of `id IN ($1 … $n)`
+                // knows no selectivity, and on a growing table whose statistics lag it chose
+                // to scan the table (events: 100+ ms per dispatch batch with a backlog).
+                ("plan_cache_mode", "force_custom_plan"),
+            ])
             .application_name("herald");
         let pool = sea_orm::sqlx::pool::PoolOptions::new()
             .max_connections(16)

@@ -346,14 +346,16 @@ async fn publish_many(
         reused.extend(staged_reused.into_iter().map(|i| (call, i)));
         answers.push(Ok(out));
     }
-    // A unique violation here means another replica stored one of these ids in the meantime:
-    // the publishers retry and get the idempotent answer.
-    insert_chunked(txn, new_events).await.map_err(|e| match e {
-        StoreError::AlreadyExists { .. } => StoreError::AlreadyExists {
-            field: "events".to_owned(),
-            message: "an event with this id was stored concurrently; publish again".to_owned(),
-        },
+    // A unique violation here means another replica stored one of these ids in the meantime.
+    // Every merged call fails, retryably: published again, each gets the idempotent answer.
+    insert_chunked(txn, new_events).await.map_err(|e| {
+        match e {
+        StoreError::AlreadyExists { .. } => StoreError::Unavailable(
+            "an event with one of these ids was stored concurrently by another replica; publish again with the same ids"
+                .to_owned(),
+        ),
         other => other,
+    }
     })?;
     let queued = !new_deliveries.is_empty();
     insert_chunked(txn, new_deliveries).await?;

@@ -135,6 +135,8 @@ async fn main() -> anyhow::Result<()> {
     let mut results = Vec::new();
     for name in names {
         let r = run(name, &o, &sink, ca.as_ref(), raw).await?;
+        // Each scenario's row as soon as it is done; the aligned table comes at the end.
+        println!("{}", r.row.join(" | "));
         results.push(r);
     }
     print_table(&results);
@@ -558,16 +560,18 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
     drop(cp);
     drop_schema(&db).await;
 
+    // Latency needs deliveries: `ingest` has none.
+    let ms = |v: f64| if lat.is_empty() { "-".to_owned() } else { format!("{v:.1}") };
     let row = vec![
         name.to_owned(),
         deliveries.to_string(),
         format!("{per_second:.0}"),
         if p.agents { format!("{:.2}", per_second / raw) } else { "-".into() },
         format!("{acked:.0}"),
-        format!("{p50:.1}"),
-        format!("{p95:.1}"),
-        format!("{p99:.1}"),
-        format!("{max:.1}"),
+        ms(p50),
+        ms(p95),
+        ms(p99),
+        ms(max),
         format!("{durable_per_1k:.1}"),
         format!("{cpu_cp:.3}, {cpu_agents:.3}, {cpu_pg:.3}, {cpu_bench:.3}"),
         format!("{:.0}, {agent_peak:.0}, {}", cp_rss.1, idle_rss.map_or("-".to_owned(), |r| format!("{r:.0}"))),
