@@ -422,11 +422,15 @@ async fn existing_events(
 ) -> Result<HashMap<String, event::Model>, StoreError> {
     let mut found = HashMap::new();
     for chunk in ids.chunks(INSERT_CHUNK) {
-        // By id alone (the `events_by_id` index), the workspace checked here: with
-        // `workspace_id = $1` beside the list, PostgreSQL's generic plan scans the workspace's
-        // whole primary-key range and tests each row against the list (1.5 s at 100,000 events).
-        let rows = event::Entity::find().filter(event::Column::Id.is_in(chunk.to_vec())).all(db).await?;
-        found.extend(rows.into_iter().filter(|r| r.workspace_id == workspace).map(|r| (r.id.clone(), r)));
+        // By the primary key `(workspace_id, id)`. PostgreSQL plans this for its values
+        // (`plan_cache_mode`): a generic plan used `workspace_id` alone and tested every row of
+        // the workspace against the list (1.5 s at 100,000 events).
+        let rows = event::Entity::find()
+            .filter(event::Column::WorkspaceId.eq(workspace))
+            .filter(event::Column::Id.is_in(chunk.to_vec()))
+            .all(db)
+            .await?;
+        found.extend(rows.into_iter().map(|r| (r.id.clone(), r)));
     }
     Ok(found)
 }

@@ -215,12 +215,24 @@ impl Store {
         &self,
         deliveries: &[&delivery::Model],
     ) -> Result<HashMap<(String, String), event::Model>, StoreError> {
-        let ids: HashSet<&str> = deliveries.iter().map(|d| d.event_id.as_str()).collect();
-        let mut out = HashMap::with_capacity(ids.len());
-        let ids: Vec<&str> = ids.into_iter().collect();
-        for chunk in ids.chunks(1000) {
-            let rows = event::Entity::find().filter(event::Column::Id.is_in(chunk.to_vec())).all(&self.db).await?;
-            out.extend(rows.into_iter().map(|e| ((e.workspace_id.clone(), e.id.clone()), e)));
+        // By the primary key `(workspace_id, id)`, one workspace at a time: by id alone,
+        // PostgreSQL estimates from statistics that may lag a fast-growing table, and chose to
+        // scan 1,000,000 events (250 ms) for 256 of them.
+        let mut by_workspace: HashMap<&str, HashSet<&str>> = HashMap::new();
+        for d in deliveries {
+            by_workspace.entry(d.workspace_id.as_str()).or_default().insert(d.event_id.as_str());
+        }
+        let mut out = HashMap::new();
+        for (workspace, ids) in by_workspace {
+            let ids: Vec<&str> = ids.into_iter().collect();
+            for chunk in ids.chunks(1000) {
+                let rows = event::Entity::find()
+                    .filter(event::Column::WorkspaceId.eq(workspace))
+                    .filter(event::Column::Id.is_in(chunk.to_vec()))
+                    .all(&self.db)
+                    .await?;
+                out.extend(rows.into_iter().map(|e| ((e.workspace_id.clone(), e.id.clone()), e)));
+            }
         }
         Ok(out)
     }
