@@ -206,14 +206,17 @@ impl Sink {
                 let (s, tls) = (s.clone(), tls.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| answer(s.clone(), req));
-                    let http = hyper::server::conn::http1::Builder::new();
                     match tls {
+                        // With TLS, HTTP/2 or HTTP/1.1 as ALPN settles, as a real endpoint serves.
                         Some(acceptor) => {
                             if let Ok(stream) = acceptor.accept(stream).await {
+                                let http =
+                                    hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
                                 let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
                             }
                         }
                         None => {
+                            let http = hyper::server::conn::http1::Builder::new();
                             let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
                         }
                     }
@@ -271,10 +274,12 @@ async fn raw_limit(sink: &Arc<Sink>, ca: Option<&TestCa>, body: Bytes, seconds: 
         use rustls::pki_types::pem::PemObject as _;
         roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes())?)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // The same ALPN offer as the agent's client.
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         builder = builder.use_preconfigured_tls(tls);
     }
     let client = builder.build()?;
