@@ -18,6 +18,7 @@ both_databases!(
     delete_cancels_open_deliveries,
     star_never_matches_operational_events,
     concurrent_publishes_fail_alone,
+    concurrent_repeats_of_a_new_id,
 );
 
 async fn create(cp: &ControlPlane, w: Webhook) -> Webhook {
@@ -323,5 +324,47 @@ async fn concurrent_publishes_fail_alone(backend: Backend) {
     assert_eq!(deliveries_of(&db, "taken").await.len(), 1);
     let kept = cp.events().get_event(proto::GetEventRequest { id: "taken".into() }).await.unwrap().into_inner();
     assert_eq!(kept.data_json, r#"{"v":1}"#);
+    cp.stop().await;
+}
+
+/// Calls publishing the same new id at once, merged into one write or not, behave as if one
+/// after another: with the same content every call gets the one stored event and its one
+/// delivery; with different contents exactly one call stores its event and the others conflict.
+async fn concurrent_repeats_of_a_new_id(backend: Backend) {
+    let (cp, db) = start(backend).await;
+    create(&cp, webhook("all", "https://example.com/hook", &["*"])).await;
+    let same = |id: &str, v: usize| proto::Event { id: id.into(), ..event("task.started", &format!(r#"{{"v":{v}}}"#)) };
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let mut client = cp.events();
+        // Even calls repeat "twin" with one content; odd calls race for "rival" with their own.
+        let e = if i % 2 == 0 { same("twin", 0) } else { same("rival", i) };
+        calls.push(tokio::spawn(async move {
+            client.publish_event(proto::PublishEventRequest { event: Some(e) }).await.map(|r| r.into_inner())
+        }));
+    }
+    let (mut twin_deliveries, mut rival_ok, mut rival_conflicts) = (Vec::new(), Vec::new(), 0);
+    for (i, call) in calls.into_iter().enumerate() {
+        match (i % 2, call.await.unwrap()) {
+            (0, Ok(e)) => {
+                assert_eq!(e.deliveries.len(), 1, "{e:?}");
+                twin_deliveries.push(e.deliveries[0].id.clone());
+            }
+            (0, Err(status)) => panic!("a repeat with the same content failed: {status:?}"),
+            (_, Ok(_)) => rival_ok.push(format!(r#"{{"v":{i}}}"#)),
+            (_, Err(status)) => {
+                assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+                rival_conflicts += 1;
+            }
+        }
+    }
+    twin_deliveries.dedup();
+    assert_eq!(twin_deliveries.len(), 1, "every repeat answers with the same delivery");
+    assert_eq!(deliveries_of(&db, "twin").await.len(), 1);
+    assert_eq!(rival_ok.len(), 1, "exactly one content is stored: {rival_ok:?}");
+    assert_eq!(rival_conflicts, 19);
+    assert_eq!(deliveries_of(&db, "rival").await.len(), 1);
+    let kept = cp.events().get_event(proto::GetEventRequest { id: "rival".into() }).await.unwrap().into_inner();
+    assert_eq!(kept.data_json, rival_ok[0], "the stored content is the one acknowledged");
     cp.stop().await;
 }
