@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::metrics::{AttemptLabels, Metrics, Outcome, OutcomeLabels, Reason, ReasonLabels};
-use crate::store::queue::{Applied, AttemptReport, Claimed, Filter, Limits, QueuePolicy};
+use crate::store::queue::{Applied, AttemptReport, Claimed, Filter, Limits, QueuePolicy, wake_by};
 use crate::store::webhooks::Webhook;
 use crate::store::{Store, StoreError, now_millis};
 
@@ -575,10 +575,7 @@ impl Dispatcher {
                         entry.1.clone()
                     };
                     if limiter.check().is_err() {
-                        let next = now + (1000 / rate.max(1)).max(1);
-                        let _ = rate_wake.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
-                            Some(if w == 0 { next } else { w.min(next) })
-                        });
+                        wake_by(&rate_wake, now + (1000 / rate.max(1)).max(1));
                         return false;
                     }
                 }
@@ -762,11 +759,7 @@ impl Dispatcher {
         }
         // A session that went away meanwhile has its leases taken back by `close`.
         let Some(tx) = tx else { return };
-        let expiry = claimed_expiry;
-        let _ = self
-            .inner
-            .lease_wake
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some(if w == 0 { expiry } else { w.min(expiry) }));
+        wake_by(&self.inner.lease_wake, claimed_expiry);
         // Never wait on one agent's stream: the channel holds the agent's whole credit, so a
         // full channel means a stuck session, whose leases expire.
         for (job, _, _) in jobs {
@@ -817,9 +810,7 @@ impl Dispatcher {
                     self.count_outcomes(&applied);
                     for a in applied {
                         if let Applied::Retry { at } = a {
-                            let _ = self.inner.due_wake.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
-                                Some(if w == 0 { at } else { w.min(at) })
-                            });
+                            wake_by(&self.inner.due_wake, at);
                         }
                     }
                 }

@@ -182,11 +182,17 @@ impl NewDelivery<'_> {
 
 /// One caller's publish, waiting to be written with others.
 pub(crate) struct PublishRequest {
+    call: Call,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<StoredEvent>, StoreError>>,
+}
+
+/// What one publish call asks to store.
+struct Call {
     workspace: String,
     events: Vec<NewEvent>,
+    /// `PublishEvents` (errors name `events[i].id`) rather than `PublishEvent` (`event.id`).
     batch: bool,
     first_delay_ms: i64,
-    reply: tokio::sync::oneshot::Sender<Result<Vec<StoredEvent>, StoreError>>,
 }
 
 /// Publish calls merged into one write at most, and their events at most.
@@ -209,23 +215,22 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, mut rx: tokio::s
                 None => return,
             }
         }
-        let mut events: usize = waiting.iter().map(|r| r.events.len()).sum();
+        let mut events: usize = waiting.iter().map(|r| r.call.events.len()).sum();
         while waiting.len() < MERGE_CALLS {
             match rx.try_recv() {
-                Ok(r) if events + r.events.len() > MERGE_EVENTS => {
+                Ok(r) if events + r.call.events.len() > MERGE_EVENTS => {
                     carried = Some(r);
                     break;
                 }
                 Ok(r) => {
-                    events += r.events.len();
+                    events += r.call.events.len();
                     waiting.push(r);
                 }
                 Err(_) => break,
             }
         }
         let requests = std::mem::take(&mut waiting);
-        let (calls, replies): (Vec<_>, Vec<_>) =
-            requests.into_iter().map(|r| ((r.workspace, r.events, r.batch, r.first_delay_ms), r.reply)).unzip();
+        let (calls, replies): (Vec<Call>, Vec<_>) = requests.into_iter().map(|r| (r.call, r.reply)).unzip();
         let answer = writer.write(move |txn| Box::pin(async move { publish_many(txn, calls).await })).await;
         match answer {
             Ok(each) => {
@@ -242,8 +247,6 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, mut rx: tokio::s
     }
 }
 
-type Call = (String, Vec<NewEvent>, bool, i64);
-
 /// Writes merged publish calls in `txn`: each call's answer, or the error that fails them all.
 async fn publish_many(
     txn: &DatabaseTransaction,
@@ -253,8 +256,8 @@ async fn publish_many(
     // What is stored already, per workspace, for every id of every call.
     let mut existing: HashMap<String, HashMap<String, event::Model>> = HashMap::new();
     let mut ids_by_workspace: HashMap<&str, Vec<String>> = HashMap::new();
-    for (workspace, events, _, _) in &calls {
-        ids_by_workspace.entry(workspace).or_default().extend(events.iter().map(|e| e.id.clone()));
+    for c in &calls {
+        ids_by_workspace.entry(&c.workspace).or_default().extend(c.events.iter().map(|e| e.id.clone()));
     }
     for (workspace, ids) in ids_by_workspace {
         existing.insert(workspace.to_owned(), existing_events(txn, workspace, ids).await?);
@@ -267,7 +270,7 @@ async fn publish_many(
     let mut answers: Vec<Result<Vec<StoredEvent>, StoreError>> = Vec::with_capacity(calls.len());
     // (call, position in its answer) of events that were stored before this write.
     let mut reused: Vec<(usize, usize)> = Vec::new();
-    for (call, (workspace, events, batch, first_delay_ms)) in calls.into_iter().enumerate() {
+    for (call, Call { workspace, events, batch, first_delay_ms }) in calls.into_iter().enumerate() {
         let mut out = Vec::with_capacity(events.len());
         let (mut staged_events, mut staged_deliveries, mut staged_reused) = (Vec::new(), Vec::new(), Vec::new());
         let mut conflict = None;
@@ -399,7 +402,8 @@ impl Store {
         first_delay_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let request = PublishRequest { workspace: workspace.to_owned(), events, batch, first_delay_ms, reply };
+        let call = Call { workspace: workspace.to_owned(), events, batch, first_delay_ms };
+        let request = PublishRequest { call, reply };
         self.publisher.send(request).await.map_err(|_| StoreError::Unavailable("the publisher has stopped".into()))?;
         answer.await.map_err(|_| StoreError::Unavailable("the write was interrupted; its outcome is unknown".into()))?
     }

@@ -125,6 +125,13 @@ pub enum Applied {
     Stale,
 }
 
+/// Lowers a wake-up hint to `at` (ms) unless it is already earlier; 0 means no hint yet.
+pub fn wake_by(hint: &std::sync::atomic::AtomicI64, at: i64) {
+    let _ = hint.fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |w| {
+        Some(if w == 0 { at } else { Ord::min(w, at) })
+    });
+}
+
 /// Is `status` a success (2xx)?
 pub fn is_success(status: u32) -> bool {
     (200..300).contains(&status)
@@ -317,12 +324,7 @@ impl Store {
                                     if !advisory_lock(txn, &w).await? {
                                         // Another replica is claiming it right now: look again soon.
                                         if let Some(wake) = &rate_wake {
-                                            let soon = now + 50;
-                                            let _ = wake.fetch_update(
-                                                std::sync::atomic::Ordering::SeqCst,
-                                                std::sync::atomic::Ordering::SeqCst,
-                                                |at| Some(if at == 0 { soon } else { Ord::min(at, soon) }),
-                                            );
+                                            wake_by(wake, now + 50);
                                         }
                                         slots.insert(w, 0);
                                         continue;
@@ -351,12 +353,7 @@ impl Store {
                             }
                             if sends.get(&d.webhook_id).is_some_and(|(_, left)| *left <= 0) {
                                 if let Some(wake) = &rate_wake {
-                                    let next = window + 1000;
-                                    let _ = wake.fetch_update(
-                                        std::sync::atomic::Ordering::SeqCst,
-                                        std::sync::atomic::Ordering::SeqCst,
-                                        |w| Some(if w == 0 { next } else { Ord::min(w, next) }),
-                                    );
+                                    wake_by(wake, window + 1000);
                                 }
                                 exclude.push(d.webhook_id.clone());
                                 continue;
