@@ -9,6 +9,7 @@ mod m20261128_000003_manual_attempts;
 mod m20261128_000004_event_trace_context;
 mod m20261128_000005_shared_rate_windows;
 mod m20261128_000006_queue_index_order;
+mod m20261128_000007_partial_queue_indexes;
 
 pub struct Migrator;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000004_event_trace_context::Migration),
             Box::new(m20261128_000005_shared_rate_windows::Migration),
             Box::new(m20261128_000006_queue_index_order::Migration),
+            Box::new(m20261128_000007_partial_queue_indexes::Migration),
         ]
     }
 }
