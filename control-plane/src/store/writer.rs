@@ -175,6 +175,7 @@ async fn own_connection(db: DatabaseConnection) -> (DatabaseConnection, bool) {
 
 async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commits) {
     let (db, may_relax) = own_connection(db).await;
+    let mut sync = SyncLevel::default();
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
     loop {
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
@@ -186,7 +187,7 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commit
         // committed) and its answer channels, which tells each caller the outcome is unknown.
         match tokio::time::timeout(
             BATCH_TIMEOUT,
-            std::panic::AssertUnwindSafe(commit_batch(&db, ops, may_relax, &commits)).catch_unwind(),
+            std::panic::AssertUnwindSafe(commit_batch(&db, ops, may_relax, &commits, &mut sync)).catch_unwind(),
         )
         .await
         {
@@ -197,14 +198,39 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commit
     }
 }
 
+/// The SQLite sync level the writer last set on its connection, so that a batch at the same level
+/// as the one before it skips the `PRAGMA` (one statement less per commit). Unknown at start, while
+/// a `PRAGMA` runs (a batch cut short there leaves it unknown) and after a batch failed to begin. A connection the pool opens anew starts at
+/// `FULL` (`db::connect`), so a stale `Normal` here can only make a commit more durable, never less.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum SyncLevel {
+    #[default]
+    Unknown,
+    Full,
+    Normal,
+}
+
 /// Begins the batch's transaction; on SQLite `BEGIN IMMEDIATE`, so that a batch that reads before
 /// it writes cannot fail half-way with `SQLITE_BUSY` against another process (`herald keys create`).
-async fn begin(db: &DatabaseConnection, durable: bool) -> Result<DatabaseTransaction, sea_orm::DbErr> {
+async fn begin(
+    db: &DatabaseConnection,
+    durable: bool,
+    sync: &mut SyncLevel,
+) -> Result<DatabaseTransaction, sea_orm::DbErr> {
     match db.get_database_backend() {
         DbBackend::Sqlite => {
             // The writer's single connection: the level set here applies to this batch's commit.
-            db.execute_unprepared(if durable { "PRAGMA synchronous = FULL" } else { "PRAGMA synchronous = NORMAL" })
+            let want = if durable { SyncLevel::Full } else { SyncLevel::Normal };
+            if *sync != want {
+                *sync = SyncLevel::Unknown;
+                db.execute_unprepared(if durable {
+                    "PRAGMA synchronous = FULL"
+                } else {
+                    "PRAGMA synchronous = NORMAL"
+                })
                 .await?;
+                *sync = want;
+            }
             db.begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..Default::default()
@@ -227,14 +253,15 @@ fn fail_all(ops: impl IntoIterator<Item = Op>, err: &StoreError) {
     }
 }
 
-async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>, may_relax: bool, commits: &Commits) {
+async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>, may_relax: bool, commits: &Commits, sync: &mut SyncLevel) {
     let durable = !may_relax || ops.iter().any(|op| op.durable());
     let committed = || {
         commits.get_or_create(&CommitLabels { sync: if durable { "durable" } else { "relaxed" } }).inc();
     };
-    let txn = match begin(db, durable).await {
+    let txn = match begin(db, durable, sync).await {
         Ok(txn) => txn,
         Err(e) => {
+            *sync = SyncLevel::Unknown;
             let err = StoreError::from(e);
             tracing::warn!(error = %err, "cannot begin a write transaction");
             return fail_all(ops, &err);
@@ -288,5 +315,44 @@ async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>, may_relax: bool, co
     }
     for op in done {
         op.finish(outcome.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::{ConnectionTrait, Statement};
+
+    /// The SQLite level a batch runs under, read from inside its own transaction.
+    fn read_level(txn: &DatabaseTransaction) -> BoxFuture<'_, Result<i64, StoreError>> {
+        Box::pin(async move {
+            let row = txn
+                .query_one_raw(Statement::from_string(DbBackend::Sqlite, "PRAGMA synchronous"))
+                .await?
+                .expect("a row");
+            row.try_get_by_index::<i64>(0).map_err(|e| StoreError::Internal(e.to_string()))
+        })
+    }
+
+    async fn level_in(writer: &Writer, durable: bool) -> i64 {
+        if durable { writer.write(read_level).await.unwrap() } else { writer.write_relaxed(read_level).await.unwrap() }
+    }
+
+    /// Skipping the `PRAGMA` when the level is unchanged never lets a durable batch commit at
+    /// `NORMAL`, nor a relaxed one pay for `FULL`, whatever order they come in.
+    #[tokio::test]
+    async fn each_batch_commits_at_its_own_sync_level() {
+        const NORMAL: i64 = 1;
+        const FULL: i64 = 2;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("w.db").display());
+        let writer = Writer::spawn(crate::db::connect(&url).await.unwrap());
+        for (durable, want) in
+            [(true, FULL), (true, FULL), (false, NORMAL), (false, NORMAL), (true, FULL), (false, NORMAL)]
+        {
+            assert_eq!(level_in(&writer, durable).await, want, "durable: {durable}");
+        }
+        let commits = |sync| writer.commits.get_or_create(&CommitLabels { sync }).get();
+        assert_eq!((commits("durable"), commits("relaxed")), (3, 3));
     }
 }
