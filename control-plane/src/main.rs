@@ -7,7 +7,8 @@ use herald_control_plane::config::{Cli, Command, Config, KeysCommand};
 use herald_control_plane::{bind, cli, db, dev, server, shutdown_on_signals, store};
 
 /// mimalloc rather than glibc's malloc: allocation-heavy paths (SQL building, protobuf, HTTP)
-/// spent a quarter of their CPU in glibc's allocator (docs/BENCHMARKS.md).
+/// spent a quarter of their CPU in glibc's allocator (docs/BENCHMARKS.md). The `override` feature
+/// (Cargo.toml) also routes C's `malloc` to it, which is what the bundled SQLite allocates with.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
