@@ -132,10 +132,10 @@ pub fn wake_by(hint: &std::sync::atomic::AtomicI64, at: i64) {
     });
 }
 
-/// Is `status` a success (2xx)?
 /// `status = s` as literal SQL. The queue indexes are partial (migration 7) and serve a query only
-/// when the planner sees it states their condition, which a parameter may hide (a PostgreSQL
-/// generic plan cannot prove that `status = $1` implies `status = 1`).
+/// when the planner sees that it states their condition. A literal keeps that from depending on
+/// how parameters are planned: Herald's PostgreSQL connections plan each statement for its values
+/// (`plan_cache_mode`), but a generic plan could not prove that `status = $1` implies `status = 1`.
 pub fn status_is(s: i16) -> Expr {
     Expr::cust(format!("status = {s}"))
 }
@@ -161,6 +161,7 @@ pub fn leased_rows(agent: Option<&str>, now: i64) -> Select<delivery::Entity> {
     }
 }
 
+/// Is `status` a success (2xx)?
 pub fn is_success(status: u32) -> bool {
     (200..300).contains(&status)
 }
@@ -202,11 +203,20 @@ impl Store {
     /// Deliveries not yet final, counted by status, and since when the oldest delivery that is
     /// due has been waiting to be sent (for `/metrics`; a retry scheduled for later is not late).
     pub async fn queue_stats(&self, now: i64) -> Result<(Vec<(i16, i64)>, Option<i64>), StoreError> {
-        // One count per status, each off its own partial index.
+        // One count per status, each off its own partial index, in one statement: one snapshot,
+        // so a row that changes status meanwhile is counted once.
+        let per_status: Vec<String> =
+            status::OPEN.iter().map(|s| format!("(SELECT COUNT(*) FROM deliveries WHERE status = {s})")).collect();
+        let sql = format!("SELECT {}", per_status.join(", "));
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(self.db.get_database_backend(), sql))
+            .await?
+            .ok_or_else(|| StoreError::Internal("the queue counts returned no row".into()))?;
         let mut counts = Vec::with_capacity(status::OPEN.len());
-        for s in status::OPEN {
-            let n = delivery::Entity::find().filter(status_is(s)).count(&self.db).await?;
-            counts.push((s, i64::try_from(n).unwrap_or(i64::MAX)));
+        for (i, s) in status::OPEN.into_iter().enumerate() {
+            let n: i64 = row.try_get_by_index(i).map_err(|e| StoreError::Internal(e.to_string()))?;
+            counts.push((s, n));
         }
         let oldest: Option<Option<i64>> = delivery::Entity::find()
             .select_only()

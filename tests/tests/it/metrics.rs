@@ -82,6 +82,8 @@ async fn both_processes_export_what_happened() {
     assert_eq!(at("herald_attempt_duration_seconds_count"), 9.0);
     assert_eq!(at(r#"herald_agents_connected{zone="default"}"#), 1.0);
     assert_eq!(at(r#"herald_queue_depth{status="pending"}"#), 3.0);
+    assert_eq!(at(r#"herald_queue_depth{status="in_flight"}"#), 0.0, "an empty status shows as 0");
+    assert_eq!(at(r#"herald_queue_depth{status="paused"}"#), 0.0);
     assert!(at("herald_oldest_pending_age_seconds") >= 1.0, "the nowhere deliveries have waited");
     assert_eq!(at(r#"herald_agents_connected{zone="nowhere"}"#), 0.0, "a zone without agents shows as 0");
     for (port, path, want) in [

@@ -1,7 +1,7 @@
 use sea_orm::entity::prelude::*;
 
-/// Stored delivery states. `Parked` is a pending delivery of a paused webhook, kept outside the
-/// claimable range of the `(zone, status, next_attempt_at)` index; the API shows it as pending with
+/// Stored delivery states. `Parked` is a pending delivery of a paused webhook, kept out of the
+/// claimable `deliveries_due` index (pending rows only); the API shows it as pending with
 /// `paused = true`.
 pub mod status {
     pub const PENDING: i16 = 1;

@@ -1,16 +1,17 @@
 //! The queue indexes hold only the rows they serve. `deliveries_due` holds pending rows,
-//! `deliveries_leased` in-flight rows and `deliveries_parked` the rows of paused webhooks. A
-//! lease then moves a row from one small index to another, and a success only leaves
+//! `deliveries_leased` in-flight rows and `deliveries_parked` the rows of paused webhooks. On
+//! SQLite a lease then moves a row from one small index to another, and a success only leaves
 //! `deliveries_leased`. Before, each of those updates rewrote the row's entries in two indexes
-//! that held every delivery ever made, `(zone, status, …)` and `(status, lease_expires_at)`.
+//! that held every delivery ever made, `(zone, status, …)` and `(status, lease_expires_at)`. On
+//! PostgreSQL the updates are not HOT (`status` is indexed), so each new row version still goes
+//! into every full index, but into one partial index at most instead of two full ones.
 //!
 //! `events_by_id` goes too: every read of events names the whole primary key
 //! `(workspace_id, id)`.
 //!
 //! Partial indexes serve a query only when the planner can see that the query's rows lie inside
 //! the index's condition. The store writes those conditions as literal SQL (`queue::status_is`),
-//! so the match never depends on how a statement's parameters are planned (a PostgreSQL generic
-//! plan cannot prove that `status = $1` implies `status = 1`).
+//! a safeguard so that the match never depends on how parameters are planned.
 
 use sea_orm_migration::prelude::*;
 
