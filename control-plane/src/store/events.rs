@@ -247,6 +247,10 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, mut rx: tokio::s
     }
 }
 
+/// Why merged publish calls fail when another replica stored one of their ids meanwhile.
+const CONCURRENT_ID: &str =
+    "an event with one of these ids was stored concurrently by another replica; publish again with the same ids";
+
 /// Writes merged publish calls in `txn`: each call's answer, or the error that fails them all.
 async fn publish_many(
     txn: &DatabaseTransaction,
@@ -351,14 +355,9 @@ async fn publish_many(
     }
     // A unique violation here means another replica stored one of these ids in the meantime.
     // Every merged call fails, retryably: published again, each gets the idempotent answer.
-    insert_chunked(txn, new_events).await.map_err(|e| {
-        match e {
-        StoreError::AlreadyExists { .. } => StoreError::Unavailable(
-            "an event with one of these ids was stored concurrently by another replica; publish again with the same ids"
-                .to_owned(),
-        ),
+    insert_chunked(txn, new_events).await.map_err(|e| match e {
+        StoreError::AlreadyExists { .. } => StoreError::Unavailable(CONCURRENT_ID.to_owned()),
         other => other,
-    }
     })?;
     let queued = !new_deliveries.is_empty();
     insert_chunked(txn, new_deliveries).await?;
