@@ -569,7 +569,10 @@ async fn rate_limits_hold_across_two_replicas() {
     );
     // Six windows of four: at least five window boundaries apart, more than 4 s (about 2 s at 8/s).
     assert!(span >= 3900, "24 sends at 4/s in all span at least five windows, not {span} ms");
-    assert!(busiest <= 6, "{busiest} sends in one second for a webhook limited to 4");
+    // The limit holds per claim window; a receiver's second can also hold sends claimed just
+    // before its start that arrived just after it (seen under CI load), so it sees at most two
+    // windows' worth. Counted per replica, two windows would be up to 16.
+    assert!(busiest <= 8, "{busiest} sends in one second for a webhook limited to 4");
     assert_eq!((got, dups), (24, 0));
 }
 
