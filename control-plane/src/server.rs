@@ -13,7 +13,6 @@ use proto::delivery_service_server::DeliveryServiceServer;
 use proto::event_service_server::EventServiceServer;
 use proto::webhook_service_server::WebhookServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
@@ -166,7 +165,7 @@ pub async fn run(
         .add_service(AgentServiceServer::new(AgentApi { state: state.clone() }).max_decoding_message_size(MAX_MESSAGE));
 
     tracing::info!("control plane serving");
-    let served = router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.cancelled()).await;
+    let served = router.serve_with_incoming_shutdown(incoming(grpc), shutdown.cancelled()).await;
     if let Some(task) = http_task {
         let _ = task.await;
     }
@@ -221,6 +220,14 @@ async fn metrics_page(
     }
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, content_type)], m.encode())
+}
+
+/// The gRPC listener's connections, each with `TCP_NODELAY` (as tonic sets on connections it
+/// accepts itself). Jobs, results and answers are small HTTP/2 frames: with Nagle's algorithm, a
+/// frame sent while the one before it was unacknowledged waited for the peer's delayed ACK, up to
+/// 40 ms on Linux. That was the p99 of publish-to-receipt latency (`docs/BENCHMARKS.md`).
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Prunes what `--retention` no longer keeps, in batches, every quarter of the retention period
@@ -295,5 +302,20 @@ async fn wake_on_notify(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+
+    #[tokio::test]
+    async fn grpc_connections_are_accepted_without_nagle() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = super::incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.expect("a connection").unwrap();
+        assert!(accepted.nodelay().unwrap(), "an accepted gRPC connection has Nagle's algorithm on");
     }
 }
