@@ -8,7 +8,13 @@
 //! On SQLite this is also the only way to write well: one writer never meets `SQLITE_BUSY` from
 //! itself. A failed operation rolls back to its savepoint and fails alone; a failed commit fails
 //! every operation of the batch (nothing of any of them is written).
+//!
+//! On SQLite the writer does not copy the WAL back into the database file itself: a checkpointer
+//! beside it does, from a pooled connection, so that a commit never waits for a checkpoint's
+//! copying and fsync. SQLite's own automatic checkpoint stays on, at a larger size
+//! (`db::WAL_AUTOCHECKPOINT_PAGES`), to bound the WAL: it finds little left to copy.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt as _;
@@ -20,7 +26,8 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode, TransactionOptions,
     TransactionTrait,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::StoreError;
 
@@ -34,6 +41,9 @@ const QUEUE: usize = 4096;
 const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest a caller waits for room in the queue.
 const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// On SQLite, the checkpointer copies committed WAL pages into the database file at most this
+/// often.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
 /// One queued write: runs in the batch's transaction, then learns the batch's fate.
 trait Operation: Send {
@@ -174,7 +184,15 @@ async fn own_connection(db: DatabaseConnection) -> (DatabaseConnection, bool) {
 }
 
 async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commits) {
+    let pool = db.clone();
     let (db, may_relax) = own_connection(db).await;
+    // The checkpointer lives as long as the writer.
+    let committed = Arc::new(Notify::new());
+    let _checkpointer = (db.get_database_backend() == DbBackend::Sqlite).then(|| {
+        let stop = CancellationToken::new();
+        tokio::spawn(checkpoint_loop(pool, committed.clone(), stop.clone()));
+        stop.drop_guard()
+    });
     let mut sync = SyncLevel::default();
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -191,9 +209,29 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commit
         )
         .await
         {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => committed.notify_one(),
             Ok(Err(_)) => tracing::error!(operations = n, "a write panicked; its batch was abandoned"),
             Err(_) => tracing::error!(operations = n, timeout = ?BATCH_TIMEOUT, "a write batch timed out"),
+        }
+    }
+}
+
+/// Copies the WAL's committed pages into the SQLite database file, on a pooled connection, a
+/// little after each commit (`CHECKPOINT_EVERY` at most): a passive checkpoint, which never blocks
+/// the writer nor waits for readers. With the connection at `synchronous = FULL` it syncs the WAL
+/// before copying and the database file after, so it never makes a commit less durable.
+async fn checkpoint_loop(db: DatabaseConnection, committed: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = committed.notified() => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Err(e) = db.execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)").await {
+            tracing::debug!(error = %e, "checkpoint failed; the next commit tries again");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+            _ = stop.cancelled() => return,
         }
     }
 }
@@ -354,5 +392,37 @@ mod tests {
         }
         let commits = |sync| writer.commits.get_or_create(&CommitLabels { sync }).get();
         assert_eq!((commits("durable"), commits("relaxed")), (3, 3));
+    }
+
+    fn statement(sql: &'static str) -> WriteFn<()> {
+        Box::new(move |txn| {
+            Box::pin(async move { txn.execute_unprepared(sql).await.map(drop).map_err(StoreError::from) })
+        })
+    }
+
+    /// Commits reach the database file although the WAL stays far below the size at which SQLite
+    /// would checkpoint by itself: the checkpointer copied them.
+    #[tokio::test]
+    async fn the_checkpointer_copies_commits_into_the_database_file() {
+        const WRITTEN: u64 = 2 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let writer = Writer::spawn(crate::db::connect(&format!("sqlite://{}", path.display())).await.unwrap());
+        writer.write(statement("CREATE TABLE blobs (b BLOB)")).await.unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        // 2 MiB in 8 commits: 512 pages, an eighth of `WAL_AUTOCHECKPOINT_PAGES`.
+        assert!(WRITTEN / 4096 * 8 <= u64::from(crate::db::WAL_AUTOCHECKPOINT_PAGES));
+        for _ in 0..8 {
+            writer.write(statement("INSERT INTO blobs SELECT randomblob(262144)")).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let len = std::fs::metadata(&path).unwrap().len();
+            if len >= before + WRITTEN {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the database file holds {len} bytes, {before} before");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
