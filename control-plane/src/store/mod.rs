@@ -1,8 +1,9 @@
 //! Storage: webhooks, events and their delivery rows, API keys. It speaks sea-orm, never tonic:
 //! callers get `StoreError`, which the gRPC edge maps to a status in one place.
 //!
-//! Architecture invariant: every write goes through the group-commit `Writer`; reads use the
-//! pool directly.
+//! Architecture invariant: every write goes through a group-commit `Writer` (on SQLite, one
+//! writer for everything; on PostgreSQL, the dispatcher's leases and results have one of their
+//! own); reads use the pool directly.
 
 pub mod deliveries;
 pub mod events;
@@ -83,6 +84,8 @@ fn is_unavailable(e: &DbErr) -> bool {
 pub struct Store {
     pub db: DatabaseConnection,
     pub writer: Writer,
+    /// Leases, results and reclaims (`queue`): `writer` itself on SQLite.
+    pub dispatch_writer: Writer,
     pub key: SecretKey,
     /// Publish calls, merged into shared writes by `events::publish_loop`.
     publisher: tokio::sync::mpsc::Sender<events::PublishRequest>,
@@ -91,9 +94,10 @@ pub struct Store {
 impl Store {
     pub fn new(db: DatabaseConnection, key: SecretKey) -> Self {
         let writer = Writer::spawn(db.clone());
+        let dispatch_writer = writer.for_dispatch(&db);
         let (publisher, calls) = tokio::sync::mpsc::channel(1024);
         tokio::spawn(events::publish_loop(writer.clone(), calls));
-        Store { db, writer, key, publisher }
+        Store { db, writer, dispatch_writer, key, publisher }
     }
 }
 

@@ -310,7 +310,7 @@ impl Store {
         }
         let (zone, agent_id, grace) = (zone.to_owned(), agent_id.to_owned(), policy.lease_grace_ms);
         let Filter { mut exclude, mut allow, rate_wake } = filter;
-        self.writer
+        self.dispatch_writer
             .write_relaxed(move |txn| {
                 Box::pin(async move {
                     // Pages of due rows, oldest first. A webhook whose row is turned down (at its
@@ -466,7 +466,7 @@ impl Store {
         policy: &QueuePolicy,
     ) -> Result<Vec<Applied>, StoreError> {
         let policy = policy.clone();
-        self.writer
+        self.dispatch_writer
             .write_relaxed(move |txn| {
                 Box::pin(async move {
                     let ids: Vec<String> = reports.iter().map(|r| r.delivery_id.clone()).collect();
@@ -571,7 +571,7 @@ impl Store {
     ) -> Result<Reclaimed, StoreError> {
         let policy = policy.clone();
         let agent = agent.map(str::to_owned);
-        self.writer
+        self.dispatch_writer
             .write_relaxed(move |txn| {
                 Box::pin(async move {
                     let lost = leased_rows(agent.as_deref(), now).limit(10_000).all(txn).await?;

@@ -114,11 +114,27 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer task on `db`. It ends when every handle is dropped.
     pub fn spawn(db: DatabaseConnection) -> Writer {
-        let (tx, rx) = mpsc::channel(QUEUE);
         let commits = Commits::default();
         for sync in ["durable", "relaxed"] {
             commits.get_or_create(&CommitLabels { sync }).inc_by(0);
         }
+        Self::spawn_counting(db, commits)
+    }
+
+    /// The writer for the dispatcher's leases and results. On PostgreSQL it is a second writer
+    /// task on a connection of its own, so that dispatching never queues behind publishes'
+    /// commits and both keep the server busy (replicas already write concurrently: every
+    /// dispatcher write is fenced by lease, and claims lock with `SKIP LOCKED`). On SQLite, which
+    /// takes one writer at a time, it is this writer.
+    pub fn for_dispatch(&self, db: &DatabaseConnection) -> Writer {
+        match db.get_database_backend() {
+            DbBackend::Postgres => Self::spawn_counting(db.clone(), self.commits.clone()),
+            _ => self.clone(),
+        }
+    }
+
+    fn spawn_counting(db: DatabaseConnection, commits: Commits) -> Writer {
+        let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(db, rx, commits.clone()));
         Writer { tx, commits }
     }
