@@ -1,6 +1,6 @@
 //! Publishing: events and their delivery rows, written in one transaction, idempotent by id.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
@@ -199,39 +199,100 @@ struct Call {
 const MERGE_CALLS: usize = 256;
 const MERGE_EVENTS: usize = 8192;
 
-/// Merges concurrent publish calls: every call waiting when the previous write finished goes into
-/// one write operation (one existence check, one subscriber read per workspace, one multi-row
-/// insert per table), which the writer then commits with whatever else is waiting. Each call
-/// still gets its own answer: a call whose event conflicts with a stored one fails alone.
-pub(crate) async fn publish_loop(writer: super::writer::Writer, mut rx: tokio::sync::mpsc::Receiver<PublishRequest>) {
-    let mut waiting: Vec<PublishRequest> = Vec::new();
+/// Publish calls waiting to be merged, shared by the publish loops.
+pub(crate) type PublishQueue = std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<PublishRequest>>>;
+
+/// The event ids that publish loops are writing now, when there are several loops: a merged
+/// write waits for any other that names one of its ids to commit, so that calls repeating an id
+/// behave as if one after another (the later one finds the stored event) rather than conflict.
+#[derive(Default)]
+pub(crate) struct Writing {
+    ids: std::sync::Mutex<HashSet<(String, String)>>,
+    done: tokio::sync::Notify,
+}
+
+impl Writing {
+    /// Claims `keys` for one write, once no other write holds any of them.
+    async fn claim(&self, keys: &[(String, String)]) {
+        loop {
+            // Registered before the check, so a write that ends in between still wakes this one.
+            let ended = self.done.notified();
+            {
+                let mut ids = self.ids.lock().expect("publish ids lock");
+                if !keys.iter().any(|k| ids.contains(k)) {
+                    ids.extend(keys.iter().cloned());
+                    return;
+                }
+            }
+            ended.await;
+        }
+    }
+
+    fn release(&self, keys: &[(String, String)]) {
+        let mut ids = self.ids.lock().expect("publish ids lock");
+        for k in keys {
+            ids.remove(k);
+        }
+        drop(ids);
+        self.done.notify_waiters();
+    }
+}
+
+/// Merges concurrent publish calls: every call waiting when this loop's previous write finished
+/// goes into one write operation (one existence check, one subscriber read per workspace, one
+/// multi-row insert per table), which the writer then commits with whatever else is waiting. Each
+/// call still gets its own answer: a call whose event conflicts with a stored one fails alone.
+///
+/// On PostgreSQL several loops, each with a writer of its own, take turns at the queue, so that
+/// one merged write is built and committed while another waits for its fsync; two of them
+/// storing the same new id at once are told as replicas are (`CONCURRENT_ID`).
+pub(crate) async fn publish_loop(
+    writer: super::writer::Writer,
+    queue: PublishQueue,
+    writing: Option<std::sync::Arc<Writing>>,
+) {
     let mut carried: Option<PublishRequest> = None;
     loop {
-        if let Some(r) = carried.take() {
-            waiting.push(r);
-        } else {
-            match rx.recv().await {
-                Some(r) => waiting.push(r),
-                None => return,
+        let mut waiting: Vec<PublishRequest> = Vec::new();
+        let mut keys: Vec<(String, String)> = Vec::new();
+        {
+            let mut rx = queue.lock().await;
+            if let Some(r) = carried.take() {
+                waiting.push(r);
+            } else {
+                match rx.recv().await {
+                    Some(r) => waiting.push(r),
+                    None => return,
+                }
+            }
+            let mut events: usize = waiting.iter().map(|r| r.call.events.len()).sum();
+            while waiting.len() < MERGE_CALLS {
+                match rx.try_recv() {
+                    Ok(r) if events + r.call.events.len() > MERGE_EVENTS => {
+                        carried = Some(r);
+                        break;
+                    }
+                    Ok(r) => {
+                        events += r.call.events.len();
+                        waiting.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Still holding the queue: no other loop takes a call while this one waits its turn.
+            if let Some(writing) = &writing {
+                keys = waiting
+                    .iter()
+                    .flat_map(|r| r.call.events.iter().map(|e| (r.call.workspace.clone(), e.id.clone())))
+                    .collect();
+                writing.claim(&keys).await;
             }
         }
-        let mut events: usize = waiting.iter().map(|r| r.call.events.len()).sum();
-        while waiting.len() < MERGE_CALLS {
-            match rx.try_recv() {
-                Ok(r) if events + r.call.events.len() > MERGE_EVENTS => {
-                    carried = Some(r);
-                    break;
-                }
-                Ok(r) => {
-                    events += r.call.events.len();
-                    waiting.push(r);
-                }
-                Err(_) => break,
-            }
-        }
-        let requests = std::mem::take(&mut waiting);
-        let (calls, replies): (Vec<Call>, Vec<_>) = requests.into_iter().map(|r| (r.call, r.reply)).unzip();
+        let (calls, replies): (Vec<Call>, Vec<_>) = waiting.into_iter().map(|r| (r.call, r.reply)).unzip();
         let answer = writer.write(move |txn| Box::pin(async move { publish_many(txn, calls).await })).await;
+        if let Some(writing) = &writing {
+            writing.release(&keys);
+        }
         match answer {
             Ok(each) => {
                 for (reply, result) in replies.into_iter().zip(each) {

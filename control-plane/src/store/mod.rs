@@ -79,6 +79,9 @@ fn is_unavailable(e: &DbErr) -> bool {
     }
 }
 
+/// Publish loops, each with a writer of its own, on PostgreSQL (SQLite takes one writer).
+const PUBLISH_WRITERS: usize = 2;
+
 /// The store: the pool for reads, the writer for writes, the key for secrets at rest.
 #[derive(Clone)]
 pub struct Store {
@@ -94,9 +97,15 @@ pub struct Store {
 impl Store {
     pub fn new(db: DatabaseConnection, key: SecretKey) -> Self {
         let writer = Writer::spawn(db.clone());
-        let dispatch_writer = writer.for_dispatch(&db);
+        let dispatch_writer = writer.another(&db);
         let (publisher, calls) = tokio::sync::mpsc::channel(1024);
-        tokio::spawn(events::publish_loop(writer.clone(), calls));
+        let queue: events::PublishQueue = std::sync::Arc::new(tokio::sync::Mutex::new(calls));
+        let loops = if db.get_database_backend() == sea_orm::DbBackend::Postgres { PUBLISH_WRITERS } else { 1 };
+        let writing = (loops > 1).then(|| std::sync::Arc::new(events::Writing::default()));
+        for i in 0..loops {
+            let w = if i == 0 { writer.clone() } else { writer.another(&db) };
+            tokio::spawn(events::publish_loop(w, queue.clone(), writing.clone()));
+        }
         Store { db, writer, dispatch_writer, key, publisher }
     }
 }

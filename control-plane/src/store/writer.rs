@@ -121,12 +121,13 @@ impl Writer {
         Self::spawn_counting(db, commits)
     }
 
-    /// The writer for the dispatcher's leases and results. On PostgreSQL it is a second writer
-    /// task on a connection of its own, so that dispatching never queues behind publishes'
-    /// commits and both keep the server busy (replicas already write concurrently: every
-    /// dispatcher write is fenced by lease, and claims lock with `SKIP LOCKED`). On SQLite, which
+    /// Another writer, counting its commits with this one's. On PostgreSQL it is a writer task of
+    /// its own, committing on its own connection beside this one, so that (say) dispatching
+    /// never queues behind publishes' commits and both keep the server busy; that is safe where
+    /// replicas already write concurrently (every dispatcher write is fenced by lease, claims lock
+    /// with `SKIP LOCKED`, publishes of one id at once conflict on the key). On SQLite, which
     /// takes one writer at a time, it is this writer.
-    pub fn for_dispatch(&self, db: &DatabaseConnection) -> Writer {
+    pub fn another(&self, db: &DatabaseConnection) -> Writer {
         match db.get_database_backend() {
             DbBackend::Postgres => Self::spawn_counting(db.clone(), self.commits.clone()),
             _ => self.clone(),
