@@ -123,14 +123,23 @@ impl Store {
                         .await?
                         .ok_or_else(|| StoreError::invalid("id", "the delivery's webhook was deleted"))?;
                     let to = if active { status::PENDING } else { status::PARKED };
-                    delivery::Entity::update_many()
+                    // Fenced by the status read: a claim or result that committed meanwhile (on
+                    // PostgreSQL the dispatcher writes beside this writer) is never overwritten.
+                    let changed = delivery::Entity::update_many()
                         .col_expr(delivery::Column::Status, Expr::value(to))
                         .col_expr(delivery::Column::NextAttemptAt, Expr::value(now))
                         .col_expr(delivery::Column::ManualFrom, Expr::value(manual_from))
                         .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
                         .filter(delivery::Column::Id.eq(&id))
+                        .filter(delivery::Column::Status.eq(d.status))
                         .exec(txn)
                         .await?;
+                    if changed.rows_affected == 0 {
+                        return Err(StoreError::invalid(
+                            "id",
+                            "the delivery is being attempted right now; wait for its result",
+                        ));
+                    }
                     Ok(delivery::Model { status: to, next_attempt_at: now, manual_from, updated_at: now, ..d })
                 })
             })

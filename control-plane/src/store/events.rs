@@ -108,8 +108,15 @@ pub(crate) struct Subscriber {
     pub events: Vec<String>,
 }
 
+/// The workspace's active webhooks. On PostgreSQL their rows stay share-locked until the publish
+/// commits, so a pause, zone change or delete committing meanwhile waits for it and then also
+/// parks, moves or cancels the deliveries it made (publishes commit beside other writers there).
 pub(crate) async fn subscribers(txn: &DatabaseTransaction, workspace: &str) -> Result<Vec<Subscriber>, StoreError> {
-    let rows: Vec<(String, String, String)> = webhook::Entity::find()
+    let mut q = webhook::Entity::find();
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        q = q.lock_shared();
+    }
+    let rows: Vec<(String, String, String)> = q
         .select_only()
         .column(webhook::Column::Id)
         .column(webhook::Column::Zone)
@@ -244,8 +251,9 @@ impl Writing {
 /// call still gets its own answer: a call whose event conflicts with a stored one fails alone.
 ///
 /// On PostgreSQL several loops, each with a writer of its own, take turns at the queue, so that
-/// one merged write is built and committed while another waits for its fsync; two of them
-/// storing the same new id at once are told as replicas are (`CONCURRENT_ID`).
+/// one merged write is built and committed while another waits for its fsync. A merged write
+/// waits for any other naming one of its ids (`Writing`), so two loops never store one new id at
+/// once; only another replica can (`CONCURRENT_ID`).
 pub(crate) async fn publish_loop(
     writer: super::writer::Writer,
     queue: PublishQueue,

@@ -66,11 +66,15 @@ fn is_unavailable(e: &DbErr) -> bool {
                 Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed | Sqlx::Tls(_) => true,
                 Sqlx::Database(db) => {
                     // PostgreSQL: 57014 statement timeout, 57P01 admin shutdown, 08xxx connection
-                    // exceptions. SQLite: BUSY (5) or LOCKED (6) after the busy timeout.
+                    // exceptions, 40P01 deadlock and 40001 serialization failure (the transaction
+                    // was rolled back; writers of one replica and replicas commit side by side).
+                    // SQLite: BUSY (5) or LOCKED (6) after the busy timeout.
                     let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
                     // SQLite reports extended codes: the low byte is the primary one.
                     let sqlite_busy_or_locked = code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
-                    code == "57014" || code == "57P01" || code.starts_with("08") || sqlite_busy_or_locked
+                    matches!(code.as_str(), "57014" | "57P01" | "40P01" | "40001")
+                        || code.starts_with("08")
+                        || sqlite_busy_or_locked
                 }
                 _ => false,
             }

@@ -470,13 +470,14 @@ impl Store {
             .write_relaxed(move |txn| {
                 Box::pin(async move {
                     let ids: Vec<String> = reports.iter().map(|r| r.delivery_id.clone()).collect();
-                    let mut rows: HashMap<String, delivery::Model> = delivery::Entity::find()
-                        .filter(delivery::Column::Id.is_in(ids))
-                        .all(txn)
-                        .await?
-                        .into_iter()
-                        .map(|d| (d.id.clone(), d))
-                        .collect();
+                    let mut read = delivery::Entity::find().filter(delivery::Column::Id.is_in(ids));
+                    if txn.get_database_backend() == DbBackend::Postgres {
+                        // Locked as read (in id order, as every batch locks them): a cancel, retry
+                        // or reclaim committing meanwhile beside this writer waits, or is seen.
+                        read = read.order_by_asc(delivery::Column::Id).lock_exclusive();
+                    }
+                    let mut rows: HashMap<String, delivery::Model> =
+                        read.all(txn).await?.into_iter().map(|d| (d.id.clone(), d)).collect();
                     let mut attempts = Vec::with_capacity(reports.len());
                     let mut applied = Vec::with_capacity(reports.len());
                     let mut succeeded: HashMap<u32, Vec<(String, String)>> = HashMap::new();
@@ -574,7 +575,12 @@ impl Store {
         self.dispatch_writer
             .write_relaxed(move |txn| {
                 Box::pin(async move {
-                    let lost = leased_rows(agent.as_deref(), now).limit(10_000).all(txn).await?;
+                    let mut read = leased_rows(agent.as_deref(), now).limit(10_000);
+                    if txn.get_database_backend() == DbBackend::Postgres {
+                        // As results lock theirs: what changed meanwhile is seen, not overwritten.
+                        read = read.lock_exclusive();
+                    }
+                    let lost = read.all(txn).await?;
                     let reclaimed: Vec<String> = lost.iter().filter_map(|d| d.lease_id.clone()).collect();
                     let mut attempts = Vec::new();
                     let mut applied = Vec::new();
@@ -752,8 +758,16 @@ fn lease_fence(d: &delivery::Model) -> sea_orm::Condition {
 }
 
 /// Whether a webhook exists and is active.
+/// Whether the webhook is active, to return a delivery to the queue pending or parked. On
+/// PostgreSQL the webhook's row stays share-locked until this transaction commits, so that a pause
+/// committing meanwhile (beside this writer, or on another replica) waits, and then parks the row
+/// this one makes pending.
 async fn webhook_active(txn: &DatabaseTransaction, webhook_id: &str) -> Result<bool, StoreError> {
-    Ok(super::webhooks::active_state(txn, webhook_id, None).await?.unwrap_or(false))
+    let mut q = webhook::Entity::find_by_id(webhook_id.to_owned()).filter(webhook::Column::DeletedAt.is_null());
+    if txn.get_database_backend() == DbBackend::Postgres {
+        q = q.lock_shared();
+    }
+    Ok(q.select_only().column(webhook::Column::Active).into_tuple::<bool>().one(txn).await?.unwrap_or(false))
 }
 
 /// Records that attempt `number` ended as `r` says: the delivery moves to `to` (a final state, or

@@ -1,4 +1,6 @@
-//! Group commit: one task owns every write.
+//! Group commit: a writer task owns the writes handed to it. On SQLite one writer takes every
+//! write; on PostgreSQL the dispatcher and a second publish loop have writers of their own
+//! (`Writer::another`), whose transactions commit beside this one's.
 //!
 //! Callers hand the writer a closure that runs inside a transaction. The writer takes every
 //! operation that is waiting (up to `MAX_BATCH`), runs each in its own savepoint of one
