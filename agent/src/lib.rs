@@ -148,6 +148,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         egress::Guard { allow: args.allow_cidr.clone() },
         args.allow_http,
         args.extra_ca_cert.as_deref(),
+        args.max_in_flight.max(1) as usize,
     )?;
     let id = args.agent_id.clone().unwrap_or_else(|| herald_shared::ids::new_id(herald_shared::ids::AGENT));
     let agent = Arc::new(Agent {

@@ -30,7 +30,17 @@ pub enum SetupError {
 impl Sender {
     /// An HTTP client that trusts the system roots (plus `extra_ca`, PEM), speaks HTTP/2 where
     /// offered, ignores proxy variables, follows no redirect and resolves through the guard.
-    pub fn new(guard: Guard, allow_http: bool, extra_ca: Option<&std::path::Path>) -> Result<Sender, SetupError> {
+    ///
+    /// It keeps up to `max_in_flight` idle connections per host: a burst to one receiver then
+    /// finds its connections again, rather than all but a few being closed and opened anew (with
+    /// a TLS handshake each, and sockets in `TIME_WAIT` by the ten thousand, which can use up the
+    /// ephemeral ports toward one receiver). Idle connections close after 90 s.
+    pub fn new(
+        guard: Guard,
+        allow_http: bool,
+        extra_ca: Option<&std::path::Path>,
+        max_in_flight: usize,
+    ) -> Result<Sender, SetupError> {
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         roots.add_parsable_certificates(native.certs);
@@ -59,7 +69,7 @@ impl Sender {
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::new(GuardedResolver { guard: guard.clone() }))
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(max_in_flight.max(1))
             .tcp_nodelay(true)
             .build()
             .map_err(|e| SetupError::Client(e.to_string()))?;

@@ -56,6 +56,8 @@ struct Shared {
     /// Requests being answered now, and the most ever at once.
     active: std::sync::atomic::AtomicUsize,
     most: std::sync::atomic::AtomicUsize,
+    /// Connections accepted so far.
+    connections: std::sync::atomic::AtomicUsize,
     script: Mutex<VecDeque<Reply>>,
     fallback: Mutex<Option<Reply>>,
     seen: Mutex<Vec<Received>>,
@@ -105,6 +107,7 @@ impl Receiver {
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                s.connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (s, tls) = (s.clone(), tls.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| handle(s.clone(), req));
@@ -149,6 +152,11 @@ impl Receiver {
     /// Answers every request not scripted with `reply` (200 by default).
     pub fn always(&self, reply: Reply) {
         *self.shared.fallback.lock().unwrap() = Some(reply);
+    }
+
+    /// How many connections were accepted.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The most requests that were being answered at the same time.

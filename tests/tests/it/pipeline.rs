@@ -9,7 +9,7 @@ use herald_tests::procs::{AgentProcess, ControlPlaneProcess, signal};
 use herald_tests::receiver::{Received, Receiver, Reply};
 use herald_tests::tls::TestCa;
 use herald_tests::{Backend, TestDb, webhook};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
 
 both_databases!(one_event_reaches_three_webhooks_in_two_zones, nothing_is_lost_across_a_control_plane_crash);
 
@@ -374,6 +374,40 @@ async fn max_in_flight_and_rate_limits_hold() {
     assert_eq!(at.len(), 10);
     // A burst of five, then one every 200 ms: ten requests take at least a second.
     assert!(at[9] - at[0] >= 900, "rate limit ignored: {:?}", at.iter().map(|t| t - at[0]).collect::<Vec<_>>());
+}
+
+/// A burst to one HTTP/1.1 receiver reuses the connections the burst before it opened: the agent
+/// keeps as many idle connections per host as it may have jobs in flight, not a few. (An HTTP/2
+/// receiver needs one connection anyway; over HTTP/1.1, keeping 64, a second burst of 200
+/// concurrent requests opened over a hundred connections again, each a TLS handshake over HTTPS.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_to_one_receiver_reuse_its_connections() {
+    const BURST: usize = 200;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &["--allow-http"]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", None, &["--allow-http"]);
+    cp.wait_agents(&["agent-1"]).await;
+    let r = Receiver::http().await;
+    // Every request is held a little, so that a burst is answered concurrently.
+    r.always(Reply::Hang(Duration::from_millis(200)));
+    create(&cp, webhook("busy", &r.url("/"), &["*"])).await;
+    let conn = db.connect().await;
+    let succeeded =
+        || delivery::Entity::find().filter(delivery::Column::Status.eq(delivery::status::SUCCEEDED)).count(&conn);
+    for wave in 1..=2 {
+        let events = (0..BURST).map(|_| herald_tests::event("task.started", "{}")).collect();
+        cp.events().publish_events(proto::PublishEventsRequest { events }).await.expect("publish");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while succeeded().await.unwrap() < (wave * BURST) as u64 {
+            assert!(tokio::time::Instant::now() < deadline, "burst {wave} was not delivered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (most, opened) = (r.most_concurrent(), r.connections());
+    assert!(most > 64, "the bursts were not concurrent enough to tell: {most}");
+    // Never more connections than were needed at once (give or take a connection racing a
+    // finishing request for a job); keeping 64 idle, the second burst reopens over a hundred.
+    assert!(opened <= most + 16, "{opened} connections opened for at most {most} requests at once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
