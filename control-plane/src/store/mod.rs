@@ -2,8 +2,8 @@
 //! callers get `StoreError`, which the gRPC edge maps to a status in one place.
 //!
 //! Architecture invariant: every write goes through a group-commit `Writer` (on SQLite, one
-//! writer for everything; on PostgreSQL, the dispatcher's leases and results have one of their
-//! own); reads use the pool directly.
+//! writer for everything; on PostgreSQL, the dispatcher's leases and results and a second
+//! publish loop have writers of their own); reads use the pool directly.
 
 pub mod deliveries;
 pub mod events;

@@ -757,7 +757,6 @@ fn lease_fence(d: &delivery::Model) -> sea_orm::Condition {
     }
 }
 
-/// Whether a webhook exists and is active.
 /// Whether the webhook is active, to return a delivery to the queue pending or parked. On
 /// PostgreSQL the webhook's row stays share-locked until this transaction commits, so that a pause
 /// committing meanwhile (beside this writer, or on another replica) waits, and then parks the row
