@@ -757,16 +757,9 @@ fn lease_fence(d: &delivery::Model) -> sea_orm::Condition {
     }
 }
 
-/// Whether the webhook is active, to return a delivery to the queue pending or parked. On
-/// PostgreSQL the webhook's row stays share-locked until this transaction commits, so that a pause
-/// committing meanwhile (beside this writer, or on another replica) waits, and then parks the row
-/// this one makes pending.
+/// Whether the webhook is active (share-locked on PostgreSQL: `webhooks::active_state`).
 async fn webhook_active(txn: &DatabaseTransaction, webhook_id: &str) -> Result<bool, StoreError> {
-    let mut q = webhook::Entity::find_by_id(webhook_id.to_owned()).filter(webhook::Column::DeletedAt.is_null());
-    if txn.get_database_backend() == DbBackend::Postgres {
-        q = q.lock_shared();
-    }
-    Ok(q.select_only().column(webhook::Column::Active).into_tuple::<bool>().one(txn).await?.unwrap_or(false))
+    Ok(super::webhooks::active_state(txn, webhook_id, None).await?.unwrap_or(false))
 }
 
 /// Records that attempt `number` ended as `r` says: the delivery moves to `to` (a final state, or

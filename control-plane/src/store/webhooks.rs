@@ -137,6 +137,10 @@ fn seal_spec(key: &SecretKey, spec: &WebhookSpec, am: &mut webhook::ActiveModel)
 }
 
 /// Whether a live webhook (of `workspace`, when given) is active; `None` when there is none.
+/// Callers return deliveries to the queue, pending or parked, by the answer: on PostgreSQL the
+/// webhook's row stays share-locked until their transaction commits, so that a pause committing
+/// meanwhile (beside this writer, or on another replica) waits, and then parks what they made
+/// pending.
 pub(crate) async fn active_state(
     db: &impl ConnectionTrait,
     webhook_id: &str,
@@ -145,6 +149,9 @@ pub(crate) async fn active_state(
     let mut q = webhook::Entity::find_by_id(webhook_id.to_owned()).filter(webhook::Column::DeletedAt.is_null());
     if let Some(ws) = workspace {
         q = q.filter(webhook::Column::WorkspaceId.eq(ws));
+    }
+    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        q = q.lock_shared();
     }
     Ok(q.select_only().column(webhook::Column::Active).into_tuple::<bool>().one(db).await?)
 }
