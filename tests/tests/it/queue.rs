@@ -22,6 +22,7 @@ both_databases!(
     lost_leases_cost_no_attempt_until_the_fourth,
     retry_after_and_pause,
     queue_reads_use_their_partial_indexes,
+    event_lookups_probe_the_primary_key,
 );
 
 const MIN: i64 = 60_000;
@@ -337,5 +338,89 @@ async fn queue_reads_use_their_partial_indexes(backend: Backend) {
         assert!(plan.contains(index), "{what}: expected a plan using {index}, got:\n{plan}");
     }
     txn.rollback().await.unwrap();
+    conn.close().await.ok();
+}
+
+/// Events `from..to` of `workspace`, ids `e-<n>`, written straight to the table.
+async fn insert_events(conn: &impl ConnectionTrait, workspace: &str, from: usize, to: usize) {
+    let rows: Vec<event::ActiveModel> = (from..to)
+        .map(|n| {
+            event::ActiveModel::from(event::Model {
+                workspace_id: workspace.to_owned(),
+                id: format!("e-{n}"),
+                event_type: "task.failed".into(),
+                timestamp: "2026-11-28T00:00:00Z".into(),
+                timestamp_supplied: false,
+                data: r#"{"n":1}"#.into(),
+                test: false,
+                created_at: n as i64,
+                trace_context: None,
+            })
+        })
+        .collect();
+    for chunk in rows.chunks(1000) {
+        event::Entity::insert_many(chunk.to_vec()).exec_without_returning(conn).await.unwrap();
+    }
+}
+
+/// Publishing (the idempotency check) and dispatch read events by the primary key
+/// `(workspace_id, id)`. On PostgreSQL each id is one probe of `events_pkey` whatever the table's
+/// statistics say: the statistics here are gathered at 300 events and the table then grows to
+/// 20,300, the lag a fast-growing table has between two auto-analyzes. With `id IN (…)` such
+/// statistics had PostgreSQL read every event of the workspace and test each against the list.
+async fn event_lookups_probe_the_primary_key(backend: Backend) {
+    use herald_control_plane::store::events::{events_by_id, postgres_events_by_id};
+    let db = TestDb::new(backend).await;
+    let conn = db.connect().await;
+    herald_control_plane::db::migrate(&conn).await.unwrap();
+    insert_events(&conn, "ws_a", 0, 300).await;
+    insert_events(&conn, "ws_b", 0, 10).await;
+    if backend == Backend::Postgres {
+        conn.execute_unprepared("ANALYZE events").await.unwrap();
+    }
+    insert_events(&conn, "ws_a", 300, 20_300).await;
+
+    let ids = |rows: Vec<event::Model>| {
+        let mut ids: Vec<(String, String)> = rows.into_iter().map(|e| (e.workspace_id, e.id)).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    let pair = |w: &str, id: &str| (w.to_owned(), id.to_owned());
+    let wanted = ["e-5", "e-20000", "missing", "e-5"];
+    assert_eq!(
+        ids(events_by_id(&conn, "ws_a", &wanted).await.unwrap()),
+        [pair("ws_a", "e-20000"), pair("ws_a", "e-5")]
+    );
+    assert_eq!(ids(events_by_id(&conn, "ws_b", &wanted).await.unwrap()), [pair("ws_b", "e-5")]);
+    assert!(events_by_id(&conn, "ws_a", &[]).await.unwrap().is_empty());
+    // Ids that need escaping in JSON travel intact.
+    let odd = event::Model {
+        workspace_id: "ws_c".into(),
+        id: r#"a"b\c,{d}"#.into(),
+        event_type: "task.failed".into(),
+        timestamp: "2026-11-28T00:00:00Z".into(),
+        timestamp_supplied: false,
+        data: "{}".into(),
+        test: false,
+        created_at: 0,
+        trace_context: None,
+    };
+    event::Entity::insert(event::ActiveModel::from(odd.clone())).exec_without_returning(&conn).await.unwrap();
+    assert_eq!(events_by_id(&conn, "ws_c", &[odd.id.as_str()]).await.unwrap(), [odd]);
+
+    if backend == Backend::Postgres {
+        let many: Vec<String> = (0..1000).map(|n| format!("e-{}", n * 20)).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let stmt = postgres_events_by_id("ws_a", &many);
+        let values = stmt.values.map(|v| v.0).unwrap_or_default();
+        let explain = Statement::from_sql_and_values(stmt.db_backend, format!("EXPLAIN {}", stmt.sql), values);
+        let rows = conn.query_all_raw(explain).await.unwrap();
+        let plan: Vec<String> = rows.iter().map(|r| r.try_get_by_index::<String>(0).unwrap()).collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("Index Scan using events_pkey"), "expected a probe of events_pkey per id, got:\n{plan}");
+        assert!(!plan.contains("Bitmap") && !plan.contains("Seq Scan on events"), "a scan of events:\n{plan}");
+        assert_eq!(events_by_id(&conn, "ws_a", &many).await.unwrap().len(), 1000);
+    }
     conn.close().await.ok();
 }
