@@ -27,7 +27,7 @@ use sea_orm::{
     QueryFilter, QueryOrder, QuerySelect, Select,
 };
 
-use super::events::{NewDelivery, insert_chunked, subscribers};
+use super::events::{NewDelivery, insert_chunked, insert_rows, subscribers};
 use super::{Store, StoreError};
 use crate::db::entity::delivery::{self, status};
 use crate::db::entity::{attempt, event, webhook};
@@ -495,7 +495,7 @@ impl Store {
                         }
                         let number = d.attempt_count + 1;
                         let mut row = attempt_row(d, r, number, false, &policy);
-                        row.manual = Set(d.manual_from.is_some());
+                        row.manual = d.manual_from.is_some();
                         attempts.push(row);
                         let outcome = if is_success(r.status) && r.error_kind == ErrorKind::Unspecified {
                             // Successes are settled together below, one statement per status code.
@@ -540,7 +540,7 @@ impl Store {
                                 .await?;
                         }
                     }
-                    insert_chunked(txn, attempts).await?;
+                    insert_rows::<attempt::Model, _>(txn, &attempts).await?;
                     // Every replica on the same PostgreSQL wakes: a finished job frees a slot of its
                     // webhook (`max_in_flight` counts across replicas).
                     if txn.get_database_backend() == DbBackend::Postgres {
@@ -598,7 +598,7 @@ impl Store {
                                 ..Default::default()
                             };
                             let mut row = attempt_row(&d, &report, number, false, &policy);
-                            row.manual = Set(d.manual_from.is_some());
+                            row.manual = d.manual_from.is_some();
                             attempts.push(row);
                             match d.manual_from {
                                 // A manual attempt that keeps losing its lease returns to where it was.
@@ -611,7 +611,7 @@ impl Store {
                             release(txn, &mut d, now, true).await?;
                         }
                     }
-                    insert_chunked(txn, attempts).await?;
+                    insert_rows::<attempt::Model, _>(txn, &attempts).await?;
                     Ok(Reclaimed { leases: reclaimed, applied })
                 })
             })
@@ -697,25 +697,25 @@ fn attempt_row(
     number: i32,
     stale: bool,
     policy: &QueuePolicy,
-) -> attempt::ActiveModel {
-    attempt::ActiveModel {
-        id: Set(ids::new_id(ids::ATTEMPT)),
-        delivery_id: Set(d.id.clone()),
-        workspace_id: Set(d.workspace_id.clone()),
-        number: Set(number),
-        agent_id: Set(r.agent_id.clone()),
-        zone: Set(r.zone.clone()),
-        started_at: Set(r.started_at),
-        duration_ms: Set(r.duration_ms),
-        request_headers: Set(headers_json(&r.request_headers)),
-        request_body: Set(r.request_body.clone()),
-        response_status: Set(i32::try_from(r.status).unwrap_or(0)),
-        response_headers: Set(headers_json(&r.response_headers)),
-        response_body: Set(truncate(&r.response_body, policy.response_body_limit)),
-        error_kind: Set(r.error_kind as i32),
-        error_message: Set(r.error_message.clone()),
-        stale: Set(stale),
-        manual: Set(false),
+) -> attempt::Model {
+    attempt::Model {
+        id: ids::new_id(ids::ATTEMPT),
+        delivery_id: d.id.clone(),
+        workspace_id: d.workspace_id.clone(),
+        number,
+        agent_id: r.agent_id.clone(),
+        zone: r.zone.clone(),
+        started_at: r.started_at,
+        duration_ms: r.duration_ms,
+        request_headers: headers_json(&r.request_headers),
+        request_body: r.request_body.clone(),
+        response_status: i32::try_from(r.status).unwrap_or(0),
+        response_headers: headers_json(&r.response_headers),
+        response_body: truncate(&r.response_body, policy.response_body_limit),
+        error_kind: r.error_kind as i32,
+        error_message: r.error_message.clone(),
+        stale,
+        manual: false,
     }
 }
 
