@@ -691,7 +691,7 @@ async fn existing_events(
 }
 
 /// The stored events of `workspace` among `ids`, each found by the primary key
-/// `(workspace_id, id)`.
+/// `(workspace_id, id)` and returned once however often `ids` names it.
 ///
 /// On PostgreSQL the ids travel as one JSON array and each is looked up on its own, in a subquery
 /// the planner may not flatten (`OFFSET 0`): one unique-index probe per id, whatever the
@@ -707,8 +707,12 @@ pub async fn events_by_id(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
+    // Each id once (merged calls may repeat one), probed in key order.
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
     if db.get_database_backend() == sea_orm::DbBackend::Postgres {
-        return Ok(event::Entity::find().from_raw_sql(postgres_events_by_id(workspace, ids)).all(db).await?);
+        return Ok(event::Entity::find().from_raw_sql(postgres_events_by_id(workspace, &ids)).all(db).await?);
     }
     let mut found = Vec::new();
     for chunk in ids.chunks(INSERT_CHUNK) {
