@@ -707,10 +707,9 @@ pub async fn events_by_id(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    // Each id once (merged calls may repeat one), probed in key order.
-    let mut ids = ids.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
+    // Each id once: merged calls may repeat one.
+    let mut seen = HashSet::with_capacity(ids.len());
+    let ids: Vec<&str> = ids.iter().copied().filter(|id| seen.insert(*id)).collect();
     if db.get_database_backend() == sea_orm::DbBackend::Postgres {
         return Ok(event::Entity::find().from_raw_sql(postgres_events_by_id(workspace, &ids)).all(db).await?);
     }
