@@ -15,9 +15,36 @@ pub const AGENT_TOKEN: &str = "agent-token-for-tests-0123456789";
 /// The secret key every test control plane uses.
 pub const SECRET_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
-/// A free loopback port (bound and released: the OS does not hand it out again at once).
+/// The ports [`free_port`] hands out: below Linux's ephemeral range (32768-60999), so the
+/// kernel never gives one of them to an outgoing connection or to a `bind` on port 0 while a
+/// child process is on its way to binding it.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free loopback port for a child process to bind.
+///
+/// Binding port 0 and handing the number on would leave a window in which the kernel can give
+/// the same port to any other socket of the machine (every outgoing connection takes one), and
+/// the child then fails with "Address already in use". Ports are instead taken in turn from
+/// [`PORTS`], starting at an offset drawn from the process id so that test binaries running at
+/// the same time start far apart, and each is checked free by binding it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORTS.end - PORTS.start);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(2_654_435_761) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = PORTS.start + u16::try_from(n).expect("span fits in u16");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {PORTS:?}");
 }
 
 /// Sends `signal` (`TERM`, `KILL`) to a child.
