@@ -207,7 +207,7 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> Dispatcher {
         let (results, rx) = mpsc::channel(8192);
-        let replica = ids::new_id("cp");
+        let replica = store.replica.clone();
         let replicas = (store.db.get_database_backend() == sea_orm::DbBackend::Postgres).then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(tell_replicas(store.db.clone(), replica.clone(), rx));

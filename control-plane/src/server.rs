@@ -285,7 +285,8 @@ async fn wake_on_notify(
                     {
                         dispatcher.changed_here(ids.split(',').map(str::to_owned).collect());
                     }
-                } else {
+                } else if n.payload() != dispatcher.replica() {
+                    // Its own notifications (payload: its replica id) it has acted on already.
                     dispatcher.wake();
                 }
             }

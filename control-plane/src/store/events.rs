@@ -322,6 +322,7 @@ pub(crate) async fn publish_loop(
     writer: super::writer::Writer,
     queue: PublishQueue,
     writing: Option<std::sync::Arc<Writing>>,
+    replica: String,
 ) {
     let mut carried: Option<PublishRequest> = None;
     loop {
@@ -361,7 +362,8 @@ pub(crate) async fn publish_loop(
             }
         }
         let (calls, replies): (Vec<Call>, Vec<_>) = waiting.into_iter().map(|r| (r.call, r.reply)).unzip();
-        let answer = writer.write(move |txn| Box::pin(async move { publish_many(txn, calls).await })).await;
+        let replica = replica.clone();
+        let answer = writer.write(move |txn| Box::pin(async move { publish_many(txn, calls, &replica).await })).await;
         if let Some(writing) = &writing {
             writing.release(&keys);
         }
@@ -388,6 +390,7 @@ const CONCURRENT_ID: &str =
 async fn publish_many(
     txn: &DatabaseTransaction,
     calls: Vec<Call>,
+    replica: &str,
 ) -> Result<Vec<Result<Vec<StoredEvent>, StoreError>>, StoreError> {
     let now = now_millis();
     // What is stored already, per workspace, for every id of every call.
@@ -502,9 +505,9 @@ async fn publish_many(
     })?;
     let queued = !new_deliveries.is_empty();
     insert_rows::<delivery::Model, _>(txn, &new_deliveries).await?;
-    // Other replicas on this PostgreSQL wake to dispatch them (delivered on commit).
-    if queued && txn.get_database_backend() == sea_orm::DbBackend::Postgres {
-        txn.execute_unprepared(&format!("NOTIFY {WAKE_CHANNEL}")).await?;
+    // Other replicas on this PostgreSQL wake to dispatch them.
+    if queued {
+        super::wake_others(txn, replica).await?;
     }
     // Events stored before: their deliveries as they stand.
     let mut wanted: HashMap<String, Vec<String>> = HashMap::new();

@@ -96,6 +96,9 @@ pub struct Store {
     pub key: SecretKey,
     /// Publish calls, merged into shared writes by `events::publish_loop`.
     publisher: tokio::sync::mpsc::Sender<events::PublishRequest>,
+    /// This control plane's id among replicas on one PostgreSQL: the payload of its
+    /// `herald_wake` notifications, which its own listener skips ([`Store::wake_others`]).
+    pub replica: String,
 }
 
 impl Store {
@@ -106,12 +109,25 @@ impl Store {
         let queue: events::PublishQueue = std::sync::Arc::new(tokio::sync::Mutex::new(calls));
         let loops = if db.get_database_backend() == sea_orm::DbBackend::Postgres { PUBLISH_WRITERS } else { 1 };
         let writing = (loops > 1).then(|| std::sync::Arc::new(events::Writing::default()));
+        let replica = herald_shared::ids::new_id("cp");
         for i in 0..loops {
             let w = if i == 0 { writer.clone() } else { writer.another(&db) };
-            tokio::spawn(events::publish_loop(w, queue.clone(), writing.clone()));
+            tokio::spawn(events::publish_loop(w, queue.clone(), writing.clone(), replica.clone()));
         }
-        Store { db, writer, dispatch_writer, key, publisher }
+        Store { db, writer, dispatch_writer, key, publisher, replica }
     }
+}
+
+/// Wakes the dispatchers of the other replicas on the same PostgreSQL when `txn` commits
+/// (`NOTIFY herald_wake`, delivered on commit; nothing on SQLite). The payload names this
+/// replica, whose own listener skips it: its dispatcher is woken directly, and an echo would
+/// cost it an extra dispatch round that finds nothing.
+pub(crate) async fn wake_others(txn: &impl sea_orm::ConnectionTrait, replica: &str) -> Result<(), StoreError> {
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        // The replica id is generated (`cp_` and base-32), never user input.
+        txn.execute_unprepared(&format!("NOTIFY {}, '{replica}'", events::WAKE_CHANNEL)).await?;
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch, now.

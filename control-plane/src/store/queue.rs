@@ -21,7 +21,7 @@ use std::time::Duration;
 use herald_shared::proto::ErrorKind;
 use herald_shared::retry::RetrySchedule;
 use herald_shared::{catalog, envelope, ids};
-use sea_orm::sea_query::{Expr, ExprTrait as _, LockBehavior, LockType};
+use sea_orm::sea_query::{Expr, LockBehavior, LockType};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait,
     QueryFilter, QueryOrder, QuerySelect, Select,
@@ -451,6 +451,11 @@ impl Store {
     }
 
     /// Applies a batch of attempt reports in one transaction, in order.
+    ///
+    /// Successes on a current lease, nearly every report, are settled first and read nothing:
+    /// one `UPDATE … RETURNING` per status code finds, fences and settles their rows and hands
+    /// back what their attempt rows need ([`settle_successes`]). Only the rest (failures,
+    /// stale or manual attempts, leases handed back) read their rows, whole.
     pub async fn record_results(
         &self,
         reports: Vec<AttemptReport>,
@@ -458,22 +463,57 @@ impl Store {
         policy: &QueuePolicy,
     ) -> Result<Vec<Applied>, StoreError> {
         let policy = policy.clone();
+        let replica = self.replica.clone();
         self.dispatch_writer
             .write_relaxed(move |txn| {
                 Box::pin(async move {
-                    let ids: Vec<String> = reports.iter().map(|r| r.delivery_id.clone()).collect();
-                    let mut read = delivery::Entity::find().filter(delivery::Column::Id.is_in(ids));
-                    if txn.get_database_backend() == DbBackend::Postgres {
-                        // Locked as read (in id order, as every batch locks them): a cancel, retry
-                        // or reclaim committing meanwhile beside this writer waits, or is seen.
-                        read = read.order_by_asc(delivery::Column::Id).lock_exclusive();
+                    // Each delivery once: a second report of it (another lease) takes the slow path.
+                    let mut by_code: HashMap<u32, Vec<(&str, &str)>> = HashMap::new();
+                    let mut fast: HashSet<&str> = HashSet::new();
+                    for r in reports.iter().filter(|r| is_plain_success(r)) {
+                        if fast.insert(&r.delivery_id) {
+                            by_code.entry(r.status).or_default().push((&r.delivery_id, &r.lease_id));
+                        }
                     }
-                    let mut rows: HashMap<String, delivery::Model> =
-                        read.all(txn).await?.into_iter().map(|d| (d.id.clone(), d)).collect();
+                    // Delivery -> the lease, attempt number and workspace of its settled success.
+                    let mut settled: HashMap<String, (String, i32, String)> = HashMap::new();
+                    for (code, leases) in by_code {
+                        for chunk in leases.chunks(1000) {
+                            settled.extend(settle_successes(txn, code, chunk, now).await?);
+                        }
+                    }
+                    // The rest read their rows. On PostgreSQL they are locked as read (in id
+                    // order, as every batch locks them): a cancel, retry or reclaim committing
+                    // meanwhile beside this writer waits, or is seen.
+                    let mut rows: HashMap<String, delivery::Model> = HashMap::new();
+                    // A report repeated in the batch is settled once; the repeat reads the row
+                    // and is recorded as stale.
+                    let mut once: HashSet<&str> = HashSet::new();
+                    let rest: Vec<String> = reports
+                        .iter()
+                        .filter(|r| {
+                            let fast = settled.get(&r.delivery_id).is_some_and(|(lease, ..)| *lease == r.lease_id);
+                            !(fast && once.insert(&r.delivery_id))
+                        })
+                        .map(|r| r.delivery_id.clone())
+                        .collect();
+                    if !rest.is_empty() {
+                        let mut read = delivery::Entity::find().filter(delivery::Column::Id.is_in(rest));
+                        if txn.get_database_backend() == DbBackend::Postgres {
+                            read = read.order_by_asc(delivery::Column::Id).lock_exclusive();
+                        }
+                        rows = read.all(txn).await?.into_iter().map(|d| (d.id.clone(), d)).collect();
+                    }
                     let mut attempts = Vec::with_capacity(reports.len());
                     let mut applied = Vec::with_capacity(reports.len());
-                    let mut succeeded: HashMap<u32, Vec<(String, String)>> = HashMap::new();
                     for r in &reports {
+                        if settled.get(&r.delivery_id).is_some_and(|(lease, ..)| *lease == r.lease_id)
+                            && let Some((_, number, workspace)) = settled.remove(&r.delivery_id)
+                        {
+                            attempts.push(attempt_row(&r.delivery_id, &workspace, r, number, false, &policy));
+                            applied.push(Applied::Succeeded);
+                            continue;
+                        }
                         let Some(d) = rows.get_mut(&r.delivery_id) else {
                             // Pruned or never ours: nothing to attach the attempt to.
                             applied.push(Applied::Stale);
@@ -483,7 +523,14 @@ impl Store {
                             d.status == status::IN_FLIGHT && d.lease_id.as_deref() == Some(r.lease_id.as_str());
                         if !current {
                             if !r.not_sent {
-                                attempts.push(attempt_row(d, r, d.attempt_count + 1, true, &policy));
+                                attempts.push(attempt_row(
+                                    &d.id,
+                                    &d.workspace_id,
+                                    r,
+                                    d.attempt_count + 1,
+                                    true,
+                                    &policy,
+                                ));
                             }
                             applied.push(Applied::Stale);
                             continue;
@@ -494,17 +541,12 @@ impl Store {
                             continue;
                         }
                         let number = d.attempt_count + 1;
-                        let mut row = attempt_row(d, r, number, false, &policy);
+                        let mut row = attempt_row(&d.id, &d.workspace_id, r, number, false, &policy);
                         row.manual = d.manual_from.is_some();
                         attempts.push(row);
-                        let outcome = if is_success(r.status) && r.error_kind == ErrorKind::Unspecified {
-                            // Successes are settled together below, one statement per status code.
-                            let lease = d.lease_id.take().unwrap_or_default();
-                            d.status = status::SUCCEEDED;
-                            d.attempt_count = number;
-                            d.lost_leases = 0;
-                            d.manual_from = None;
-                            succeeded.entry(r.status).or_default().push((d.id.clone(), lease));
+                        let outcome = if is_plain_success(r) {
+                            // A manual attempt's success (`settle_successes` leaves those out).
+                            settle(txn, d, status::SUCCEEDED, None, number, r, now).await?;
                             Applied::Succeeded
                         } else if let Some(back) = d.manual_from {
                             // A failed manual attempt returns the delivery to where it was.
@@ -515,37 +557,10 @@ impl Store {
                         };
                         applied.push(outcome);
                     }
-                    // A lease id names exactly one delivery and dispatch, so `lease_id IN (…)`
-                    // fences each row as `settle` does; `id IN (…)` finds the rows by primary key.
-                    for (code, leases) in succeeded {
-                        for chunk in leases.chunks(1000) {
-                            let (ids, leases): (Vec<String>, Vec<String>) = chunk.iter().cloned().unzip();
-                            delivery::Entity::update_many()
-                                .col_expr(delivery::Column::Status, Expr::value(status::SUCCEEDED))
-                                .col_expr(
-                                    delivery::Column::AttemptCount,
-                                    Expr::col(delivery::Column::AttemptCount).add(1),
-                                )
-                                .col_expr(delivery::Column::LostLeases, Expr::value(0))
-                                .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
-                                .col_expr(delivery::Column::LeaseAgent, Expr::value(Option::<String>::None))
-                                .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(Option::<i64>::None))
-                                .col_expr(delivery::Column::LastStatus, Expr::value(i32::try_from(code).unwrap_or(0)))
-                                .col_expr(delivery::Column::LastError, Expr::value(Option::<String>::None))
-                                .col_expr(delivery::Column::ManualFrom, Expr::value(Option::<i16>::None))
-                                .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-                                .filter(delivery::Column::Id.is_in(ids))
-                                .filter(delivery::Column::LeaseId.is_in(leases))
-                                .exec(txn)
-                                .await?;
-                        }
-                    }
                     insert_rows::<attempt::Model, _>(txn, &attempts).await?;
                     // Every replica on the same PostgreSQL wakes: a finished job frees a slot of its
                     // webhook (`max_in_flight` counts across replicas).
-                    if txn.get_database_backend() == DbBackend::Postgres {
-                        txn.execute_unprepared(&format!("NOTIFY {}", super::events::WAKE_CHANNEL)).await?;
-                    }
+                    super::wake_others(txn, &replica).await?;
                     Ok(applied)
                 })
             })
@@ -597,7 +612,7 @@ impl Store {
                                 ),
                                 ..Default::default()
                             };
-                            let mut row = attempt_row(&d, &report, number, false, &policy);
+                            let mut row = attempt_row(&d.id, &d.workspace_id, &report, number, false, &policy);
                             row.manual = d.manual_from.is_some();
                             attempts.push(row);
                             match d.manual_from {
@@ -691,8 +706,66 @@ async fn hook_limits(
         .collect())
 }
 
+/// A report of a sent attempt that succeeded: a 2xx answer and no error.
+fn is_plain_success(r: &AttemptReport) -> bool {
+    !r.not_sent && is_success(r.status) && r.error_kind == ErrorKind::Unspecified
+}
+
+/// Settles the successes `leases` (delivery id, lease id) that answered `code`, in one statement
+/// that fences each row by its lease as [`settle`] does (a lease id names exactly one delivery
+/// and dispatch; `id IN (…)` finds the rows by primary key). Manual attempts are left out: a
+/// manual success also clears `manual_from`, which the caller reads first. Returns, for each row
+/// settled, the attempt number it used and its workspace. Each delivery id appears once in
+/// `leases`, so the lease of a returned row is the one given for its id.
+async fn settle_successes(
+    txn: &DatabaseTransaction,
+    code: u32,
+    leases: &[(&str, &str)],
+    now: i64,
+) -> Result<Vec<(String, (String, i32, String))>, StoreError> {
+    use std::fmt::Write as _;
+    let backend = txn.get_database_backend();
+    let mut values: Vec<sea_orm::Value> = Vec::with_capacity(2 + 2 * leases.len());
+    values.push(i32::try_from(code).unwrap_or(0).into());
+    values.push(now.into());
+    values.extend(leases.iter().map(|(id, _)| (*id).into()));
+    values.extend(leases.iter().map(|(_, lease)| (*lease).into()));
+    let mark = |i: usize| match backend {
+        DbBackend::Postgres => format!("${i}"),
+        _ => "?".to_owned(),
+    };
+    let list = |from: usize| (from..from + leases.len()).map(mark).collect::<Vec<_>>().join(", ");
+    let mut sql = String::with_capacity(256 + leases.len() * 12);
+    let _ = write!(
+        sql,
+        "UPDATE deliveries SET status = {}, attempt_count = attempt_count + 1, lost_leases = 0, \
+         lease_id = NULL, lease_agent = NULL, lease_expires_at = NULL, last_status = {}, last_error = NULL, \
+         updated_at = {} WHERE id IN ({}) AND lease_id IN ({}) AND status = {} AND manual_from IS NULL \
+         RETURNING id, workspace_id, attempt_count",
+        status::SUCCEEDED,
+        mark(1),
+        mark(2),
+        list(3),
+        list(3 + leases.len()),
+        status::IN_FLIGHT,
+    );
+    let rows = txn.query_all_raw(sea_orm::Statement::from_sql_and_values(backend, sql, values)).await?;
+    let lease_of: HashMap<&str, &str> = leases.iter().copied().collect();
+    let mut settled = Vec::with_capacity(rows.len());
+    for row in rows {
+        let get = |e: sea_orm::DbErr| StoreError::Internal(e.to_string());
+        let id: String = row.try_get_by_index(0).map_err(get)?;
+        let workspace: String = row.try_get_by_index(1).map_err(get)?;
+        let number: i32 = row.try_get_by_index(2).map_err(get)?;
+        let lease = lease_of.get(id.as_str()).map(|l| (*l).to_owned()).unwrap_or_default();
+        settled.push((id, (lease, number, workspace)));
+    }
+    Ok(settled)
+}
+
 fn attempt_row(
-    d: &delivery::Model,
+    delivery_id: &str,
+    workspace_id: &str,
     r: &AttemptReport,
     number: i32,
     stale: bool,
@@ -700,8 +773,8 @@ fn attempt_row(
 ) -> attempt::Model {
     attempt::Model {
         id: ids::new_id(ids::ATTEMPT),
-        delivery_id: d.id.clone(),
-        workspace_id: d.workspace_id.clone(),
+        delivery_id: delivery_id.to_owned(),
+        workspace_id: workspace_id.to_owned(),
         number,
         agent_id: r.agent_id.clone(),
         zone: r.zone.clone(),

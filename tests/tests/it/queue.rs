@@ -18,6 +18,7 @@ use crate::support::start;
 both_databases!(
     claims_are_leased_per_zone,
     results_are_fenced_and_final,
+    one_batch_settles_each_report_in_order,
     failures_follow_the_schedule_then_notify_once,
     lost_leases_cost_no_attempt_until_the_fourth,
     retry_after_and_pause,
@@ -141,6 +142,45 @@ async fn results_are_fenced_and_final(backend: Backend) {
     let real = logged.iter().find(|a| !a.stale).unwrap();
     assert_eq!((real.number, real.response_status, real.duration_ms), (1, 204, 12));
     assert_eq!(real.response_body.len(), 16, "bodies are truncated to the limit");
+    cp.stop().await;
+}
+
+/// One batch mixing what agents report: successes with two status codes (settled together, by
+/// status code), a repeat of one of them, a success under a forged lease naming a delivery that
+/// is settled in the same batch, and a failure. Each report is applied in order, and each
+/// delivery is settled once.
+async fn one_batch_settles_each_report_in_order(backend: Backend) {
+    let (cp, db, store) = setup(backend).await;
+    hook(&cp, webhook("a", "https://example.com/hook", &["*"])).await;
+    for _ in 0..3 {
+        publish(&cp, "task.completed").await;
+    }
+    let now = t0();
+    let claimed = store.claim("default", "agent-1", 3, now, &policy()).await.unwrap();
+    let [a, b, c] = &claimed[..] else { panic!("three claims: {claimed:?}") };
+    let forged_b = AttemptReport { lease_id: "lse_forged".into(), ..report(b, 200, now) };
+    let batch = vec![forged_b, report(a, 200, now), report(b, 204, now), report(a, 200, now), report(c, 500, now)];
+    let applied = store.record_results(batch, now, &policy()).await.unwrap();
+    assert_eq!(
+        applied,
+        [Applied::Stale, Applied::Succeeded, Applied::Succeeded, Applied::Stale, Applied::Retry { at: now + MIN }]
+    );
+    for (d, code) in [(a, 200), (b, 204)] {
+        let done = row(&db, &d.delivery.id).await;
+        assert_eq!((done.status, done.attempt_count, done.last_status), (delivery::status::SUCCEEDED, 1, Some(code)));
+        assert!(done.lease_id.is_none() && done.lease_agent.is_none() && done.lease_expires_at.is_none());
+        assert!(done.last_error.is_none());
+        let logged = attempts(&db, &d.delivery.id).await;
+        assert_eq!(logged.len(), 2, "the real attempt and the stale one are both logged");
+        let real: Vec<_> = logged.iter().filter(|x| !x.stale).collect();
+        assert_eq!(real.len(), 1, "settled once");
+        assert_eq!((real[0].number, real[0].response_status), (1, i32::from(code as u16)));
+        assert_eq!(real[0].workspace_id, d.delivery.workspace_id);
+    }
+    let retried = row(&db, &c.delivery.id).await;
+    assert_eq!((retried.status, retried.attempt_count), (delivery::status::PENDING, 1));
+    assert_eq!(retried.next_attempt_at, now + MIN);
+    assert_eq!(attempts(&db, &c.delivery.id).await.len(), 1);
     cp.stop().await;
 }
 
