@@ -156,8 +156,8 @@ struct Inner {
     /// Delivery changes for `WatchDeliveries`.
     changes: tokio::sync::broadcast::Sender<Arc<crate::db::entity::delivery::Model>>,
     metrics: Arc<Metrics>,
-    /// This control plane's id among replicas (to skip its own change notifications).
-    replica: String,
+    /// This control plane among replicas (its id skips its own change notifications).
+    peers: Arc<crate::store::Peers>,
     /// Changed delivery ids for other replicas' watchers (PostgreSQL only; see [`tell_replicas`]).
     replicas: Option<mpsc::UnboundedSender<Vec<String>>>,
 }
@@ -169,15 +169,23 @@ const CHANGES_COALESCE: Duration = Duration::from_millis(5);
 /// `herald_changes`, 250 ids per notification). Changes arriving within [`CHANGES_COALESCE`] of
 /// one another share notifications: one per changed batch cost a round trip, and a wake-up of
 /// every listening replica, per claim and per result (about one per delivery at 1,000 events/s).
-/// Ends when the dispatcher is dropped.
-async fn tell_replicas(db: sea_orm::DatabaseConnection, me: String, mut rx: mpsc::UnboundedReceiver<Vec<String>>) {
+/// A replica alone ([`crate::store::Peers::others`]) announces nothing. Ends when the dispatcher
+/// is dropped.
+async fn tell_replicas(
+    db: sea_orm::DatabaseConnection,
+    peers: Arc<crate::store::Peers>,
+    mut rx: mpsc::UnboundedReceiver<Vec<String>>,
+) {
     while let Some(mut ids) = rx.recv().await {
         tokio::time::sleep(CHANGES_COALESCE).await;
         while let Ok(more) = rx.try_recv() {
             ids.extend(more);
         }
+        if !peers.others(now_millis()) {
+            continue;
+        }
         for chunk in ids.chunks(250) {
-            let payload = format!("{me} {}", chunk.join(","));
+            let payload = format!("{} {}", peers.id, chunk.join(","));
             let notify = sea_orm::Statement::from_sql_and_values(
                 sea_orm::DbBackend::Postgres,
                 "SELECT pg_notify($1, $2)",
@@ -207,10 +215,10 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> Dispatcher {
         let (results, rx) = mpsc::channel(8192);
-        let replica = store.replica.clone();
+        let peers = store.peers.clone();
         let replicas = (store.db.get_database_backend() == sea_orm::DbBackend::Postgres).then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(tell_replicas(store.db.clone(), replica.clone(), rx));
+            tokio::spawn(tell_replicas(store.db.clone(), peers.clone(), rx));
             tx
         });
         let inner = Arc::new(Inner {
@@ -229,7 +237,7 @@ impl Dispatcher {
             results,
             changes: tokio::sync::broadcast::channel(4096).0,
             metrics,
-            replica,
+            peers,
             replicas,
         });
         let d = Dispatcher { inner };
@@ -298,9 +306,9 @@ impl Dispatcher {
         });
     }
 
-    /// This control plane's id among replicas.
-    pub fn replica(&self) -> &str {
-        &self.inner.replica
+    /// This control plane among replicas.
+    pub fn peers(&self) -> &crate::store::Peers {
+        &self.inner.peers
     }
 
     /// A webhook changed or was deleted: forget what is cached of it.

@@ -265,28 +265,62 @@ async fn retention_loop(store: Store, retention: std::time::Duration, shutdown: 
 
 /// Wakes the dispatcher when another replica on the same PostgreSQL queues deliveries or
 /// finishes jobs (`NOTIFY herald_wake`), and relays other replicas' delivery changes to this
-/// replica's watchers (`herald_changes`). The listener reconnects by itself; the dispatcher's own timers remain the
-/// fallback while it cannot.
+/// replica's watchers (`herald_changes`). The listener reconnects by itself; the dispatcher's own
+/// timers remain the fallback while it cannot.
+///
+/// It also keeps [`crate::store::Peers`] true: every [`crate::store::PEER_HEARTBEAT`] it tells
+/// the others this replica is there (`NOTIFY herald_wake, '<id>'`, which its own listener hears
+/// back, proof that it is still listening), and it notes every other replica it hears. On
+/// connecting it announces itself at once and looks for work again a second later: a replica
+/// that had not heard of this one yet may have queued work without waking it.
 async fn wake_on_notify(
     pool: sea_orm::sqlx::PgPool,
     dispatcher: crate::dispatch::Dispatcher,
     shutdown: CancellationToken,
 ) {
     use sea_orm::sqlx::postgres::PgListener;
+    let peers = dispatcher.peers();
     loop {
         let listening = async {
             let mut listener = PgListener::connect_with(&pool).await?;
             listener.listen_all([crate::store::events::WAKE_CHANNEL, crate::store::events::CHANGES_CHANNEL]).await?;
+            peers.set_listening(true);
+            let mut heartbeat = tokio::time::interval(crate::store::PEER_HEARTBEAT);
+            let catch_up = dispatcher.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                catch_up.wake();
+            });
             loop {
-                let n = listener.recv().await?;
+                let n = tokio::select! {
+                    _ = heartbeat.tick() => {
+                        sea_orm::sqlx::query("SELECT pg_notify($1, $2)")
+                            .bind(crate::store::events::WAKE_CHANNEL)
+                            .bind(&peers.id)
+                            .execute(&pool)
+                            .await?;
+                        continue;
+                    }
+                    n = listener.try_recv() => n?,
+                };
+                let Some(n) = n else {
+                    // The connection was lost; the next call reconnects. Until a notification
+                    // (its own heartbeat) arrives again, this replica cannot know it is alone.
+                    peers.set_listening(false);
+                    continue;
+                };
+                peers.set_listening(true);
+                let now = crate::store::now_millis();
                 if n.channel() == crate::store::events::CHANGES_CHANNEL {
                     if let Some((from, ids)) = n.payload().split_once(' ')
-                        && from != dispatcher.replica()
+                        && from != peers.id
                     {
+                        peers.heard(now);
                         dispatcher.changed_here(ids.split(',').map(str::to_owned).collect());
                     }
-                } else if n.payload() != dispatcher.replica() {
+                } else if n.payload() != peers.id {
                     // Its own notifications (payload: its replica id) it has acted on already.
+                    peers.heard(now);
                     dispatcher.wake();
                 }
             }
@@ -296,6 +330,7 @@ async fn wake_on_notify(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listening => if let Err(e) = r {
+                peers.set_listening(false);
                 tracing::warn!(error = %e, "cannot listen for other replicas' wake-ups; retrying");
             },
         }

@@ -322,7 +322,7 @@ pub(crate) async fn publish_loop(
     writer: super::writer::Writer,
     queue: PublishQueue,
     writing: Option<std::sync::Arc<Writing>>,
-    replica: String,
+    peers: std::sync::Arc<super::Peers>,
 ) {
     let mut carried: Option<PublishRequest> = None;
     loop {
@@ -362,8 +362,8 @@ pub(crate) async fn publish_loop(
             }
         }
         let (calls, replies): (Vec<Call>, Vec<_>) = waiting.into_iter().map(|r| (r.call, r.reply)).unzip();
-        let replica = replica.clone();
-        let answer = writer.write(move |txn| Box::pin(async move { publish_many(txn, calls, &replica).await })).await;
+        let peers = peers.clone();
+        let answer = writer.write(move |txn| Box::pin(async move { publish_many(txn, calls, &peers).await })).await;
         if let Some(writing) = &writing {
             writing.release(&keys);
         }
@@ -390,7 +390,7 @@ const CONCURRENT_ID: &str =
 async fn publish_many(
     txn: &DatabaseTransaction,
     calls: Vec<Call>,
-    replica: &str,
+    peers: &super::Peers,
 ) -> Result<Vec<Result<Vec<StoredEvent>, StoreError>>, StoreError> {
     let now = now_millis();
     // What is stored already, per workspace, for every id of every call.
@@ -507,7 +507,7 @@ async fn publish_many(
     insert_rows::<delivery::Model, _>(txn, &new_deliveries).await?;
     // Other replicas on this PostgreSQL wake to dispatch them.
     if queued {
-        super::wake_others(txn, replica).await?;
+        super::wake_others(txn, peers).await?;
     }
     // Events stored before: their deliveries as they stand.
     let mut wanted: HashMap<String, Vec<String>> = HashMap::new();

@@ -96,9 +96,8 @@ pub struct Store {
     pub key: SecretKey,
     /// Publish calls, merged into shared writes by `events::publish_loop`.
     publisher: tokio::sync::mpsc::Sender<events::PublishRequest>,
-    /// This control plane's id among replicas on one PostgreSQL: the payload of its
-    /// `herald_wake` notifications, which its own listener skips ([`Store::wake_others`]).
-    pub replica: String,
+    /// This control plane among the replicas on one PostgreSQL.
+    pub peers: std::sync::Arc<Peers>,
 }
 
 impl Store {
@@ -109,23 +108,74 @@ impl Store {
         let queue: events::PublishQueue = std::sync::Arc::new(tokio::sync::Mutex::new(calls));
         let loops = if db.get_database_backend() == sea_orm::DbBackend::Postgres { PUBLISH_WRITERS } else { 1 };
         let writing = (loops > 1).then(|| std::sync::Arc::new(events::Writing::default()));
-        let replica = herald_shared::ids::new_id("cp");
+        let peers = std::sync::Arc::new(Peers::new());
         for i in 0..loops {
             let w = if i == 0 { writer.clone() } else { writer.another(&db) };
-            tokio::spawn(events::publish_loop(w, queue.clone(), writing.clone(), replica.clone()));
+            tokio::spawn(events::publish_loop(w, queue.clone(), writing.clone(), peers.clone()));
         }
-        Store { db, writer, dispatch_writer, key, publisher, replica }
+        Store { db, writer, dispatch_writer, key, publisher, peers }
+    }
+}
+
+/// How often a replica on PostgreSQL tells the others it is there (`NOTIFY herald_wake`).
+pub const PEER_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A replica not heard for this long is taken to be gone: three heartbeats missed.
+const PEER_SILENCE_MS: i64 = 35_000;
+
+/// This control plane among the replicas on one PostgreSQL: its id, and whether any other is
+/// running. Replicas wake each other with `NOTIFY` on every publish and result, which costs each
+/// a statement, a wake-up of every listening server process and of every replica's listener. A
+/// replica alone skips them: one whose listener is connected (it would hear the others) and has
+/// heard no other replica's notification or heartbeat for [`PEER_SILENCE_MS`].
+pub struct Peers {
+    /// The payload of this replica's `herald_wake` notifications, which its own listener skips.
+    pub id: String,
+    /// When another replica was last heard, in ms since the epoch (0: never).
+    heard_at: std::sync::atomic::AtomicI64,
+    /// Whether this replica's listener is connected and listening.
+    listening: std::sync::atomic::AtomicBool,
+}
+
+impl Peers {
+    fn new() -> Peers {
+        Peers {
+            id: herald_shared::ids::new_id("cp"),
+            heard_at: std::sync::atomic::AtomicI64::new(0),
+            listening: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Another replica was heard at `now`.
+    pub fn heard(&self, now: i64) {
+        self.heard_at.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The listener connected (`true`) or lost its connection (`false`): while it is not
+    /// listening, this replica cannot know that it is alone.
+    pub fn set_listening(&self, on: bool) {
+        self.listening.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether other replicas may be running at `now`, and so must be woken.
+    pub fn others(&self, now: i64) -> bool {
+        !self.listening.load(std::sync::atomic::Ordering::Relaxed)
+            || now - self.heard_at.load(std::sync::atomic::Ordering::Relaxed) < PEER_SILENCE_MS
+    }
+
+    /// `NOTIFY herald_wake, '<id>'`: wakes the other replicas' dispatchers when it commits.
+    pub fn wake_sql(&self) -> String {
+        // The id is generated (`cp_` and base-32), never user input.
+        format!("NOTIFY {}, '{}'", events::WAKE_CHANNEL, self.id)
     }
 }
 
 /// Wakes the dispatchers of the other replicas on the same PostgreSQL when `txn` commits
-/// (`NOTIFY herald_wake`, delivered on commit; nothing on SQLite). The payload names this
-/// replica, whose own listener skips it: its dispatcher is woken directly, and an echo would
-/// cost it an extra dispatch round that finds nothing.
-pub(crate) async fn wake_others(txn: &impl sea_orm::ConnectionTrait, replica: &str) -> Result<(), StoreError> {
-    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
-        // The replica id is generated (`cp_` and base-32), never user input.
-        txn.execute_unprepared(&format!("NOTIFY {}, '{replica}'", events::WAKE_CHANNEL)).await?;
+/// (`NOTIFY herald_wake`, delivered on commit), if there are any ([`Peers::others`]); nothing on
+/// SQLite. The payload names this replica, whose own listener skips it: its dispatcher is woken
+/// directly, and an echo would cost it an extra dispatch round that finds nothing.
+pub(crate) async fn wake_others(txn: &impl sea_orm::ConnectionTrait, peers: &Peers) -> Result<(), StoreError> {
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres && peers.others(now_millis()) {
+        txn.execute_unprepared(&peers.wake_sql()).await?;
     }
     Ok(())
 }

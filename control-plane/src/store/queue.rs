@@ -463,7 +463,7 @@ impl Store {
         policy: &QueuePolicy,
     ) -> Result<Vec<Applied>, StoreError> {
         let policy = policy.clone();
-        let replica = self.replica.clone();
+        let peers = self.peers.clone();
         self.dispatch_writer
             .write_relaxed(move |txn| {
                 Box::pin(async move {
@@ -560,7 +560,7 @@ impl Store {
                     insert_rows::<attempt::Model, _>(txn, &attempts).await?;
                     // Every replica on the same PostgreSQL wakes: a finished job frees a slot of its
                     // webhook (`max_in_flight` counts across replicas).
-                    super::wake_others(txn, &replica).await?;
+                    super::wake_others(txn, &peers).await?;
                     Ok(applied)
                 })
             })

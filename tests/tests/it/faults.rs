@@ -526,6 +526,81 @@ async fn max_in_flight_holds_across_two_replicas() {
     assert_eq!((got, dups), (12, 0));
 }
 
+/// The `herald_wake` notifications heard within `window`: how many `of` sent, and the others'.
+async fn wake_ups(
+    listener: &mut sea_orm::sqlx::postgres::PgListener,
+    of: &str,
+    window: Duration,
+) -> (usize, Vec<String>) {
+    let (mut mine, mut others) = (0, Vec::new());
+    let until = Instant::now() + window;
+    while let Ok(n) = tokio::time::timeout(until.saturating_duration_since(Instant::now()), listener.recv()).await {
+        let payload = n.unwrap().payload().to_owned();
+        if payload == of { mine += 1 } else { others.push(payload) }
+    }
+    (mine, others)
+}
+
+/// Replicas wake each other (`NOTIFY herald_wake`) only when there are others: a replica alone
+/// on its database publishes without notifying; once a second one announces itself, every
+/// publish of the first wakes it, and the second's agent delivers what the first queued. On a
+/// database of its own, so that other tests' replicas are not heard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_wake_each_other_only_when_there_are_others() {
+    use sea_orm::ConnectionTrait as _;
+    use sea_orm::sqlx::postgres::PgListener;
+    let base = herald_tests::postgres_url();
+    let name = format!("herald_peers_{}", herald_shared::ids::new_id("t").to_ascii_lowercase());
+    let (server, query) = base.rsplit_once('/').map(|(s, db)| (s, db.split_once('?').map(|(_, q)| q))).unwrap();
+    let url = format!("{server}/{name}{}", query.map(|q| format!("?{q}")).unwrap_or_default());
+    let admin = sea_orm::Database::connect(&base).await.unwrap();
+    admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.unwrap();
+
+    // Listening before the first replica starts hears its announcement, which names it.
+    let mut listener = PgListener::connect(&url).await.unwrap();
+    listener.listen("herald_wake").await.unwrap();
+    let first = ControlPlaneProcess::start(&url, &[]).await;
+    let first_id = tokio::time::timeout(Duration::from_secs(30), listener.recv())
+        .await
+        .expect("the first replica announces itself")
+        .unwrap()
+        .payload()
+        .to_owned();
+    assert!(first_id.starts_with("cp_"), "{first_id:?}");
+    let ca = TestCa::new();
+    let receiver = Receiver::https(&ca).await;
+    create(&first, webhook("peers", &receiver.url("/"), &["incident.created"])).await;
+    let publish = async |from: usize, to: usize| {
+        for i in from..to {
+            let e = proto::Event { id: format!("peers-{i}"), ..event("incident.created", "{}") };
+            first.events().publish_event(proto::PublishEventRequest { event: Some(e) }).await.unwrap();
+        }
+    };
+
+    // Alone: ten publishes queue ten deliveries and notify nobody (a heartbeat may fall in).
+    publish(0, 10).await;
+    let (mine, _) = wake_ups(&mut listener, &first_id, Duration::from_millis(700)).await;
+    assert!(mine <= 1, "a replica alone sent {mine} wake-ups for 10 publishes");
+
+    // A second replica, with the only agent, announces itself; from then on each publish of the
+    // first wakes it.
+    let second = ControlPlaneProcess::start(&url, &[]).await;
+    let (_, others) = wake_ups(&mut listener, &first_id, Duration::from_secs(2)).await;
+    assert!(!others.is_empty(), "the second replica announces itself");
+    let _agent = AgentProcess::start(&second.url(), "default", "agent-peers", Some(&ca.path), &[]);
+    second.wait_agents(&["agent-peers"]).await;
+    publish(10, 20).await;
+    let (mine, _) = wake_ups(&mut listener, &first_id, Duration::from_secs(2)).await;
+    assert!(mine >= 10, "with another replica running, 10 publishes sent only {mine} wake-ups");
+    let ids: Vec<String> = (0..20).map(|i| format!("peers-{i}")).collect();
+    let (got, dups) = delivered(&receiver, &ids, Duration::from_secs(60)).await;
+    println!("fault: replicas wake each other only when there are others: delivered {got}, duplicates {dups}");
+    assert_eq!((got, dups), (20, 0));
+
+    drop((first, second, _agent, listener));
+    admin.execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_hold_across_two_replicas() {
     let ca = TestCa::new();
