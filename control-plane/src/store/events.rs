@@ -193,19 +193,30 @@ where
     M: sea_orm::ModelTrait,
     T: std::borrow::Borrow<M> + Sync,
 {
-    use sea_orm::Iterable as _;
     let backend = txn.get_database_backend();
-    let columns: Vec<<M::Entity as EntityTrait>::Column> = <M::Entity as EntityTrait>::Column::iter().collect();
     for chunk in rows.chunks(INSERT_CHUNK) {
-        let mut values = Vec::with_capacity(chunk.len() * columns.len());
-        for row in chunk {
-            let row = row.borrow();
-            values.extend(columns.iter().map(|&c| row.get(c)));
-        }
+        let values = row_values::<M, T>(chunk);
         let sql = insert_sql::<M::Entity>(backend, chunk.len());
         txn.execute_raw(sea_orm::Statement::from_sql_and_values(backend, sql, values)).await?;
     }
     Ok(())
+}
+
+/// The values of `rows`, row after row, in the entity's column order (as [`insert_sql`] names
+/// the columns), each cloned once.
+fn row_values<M, T>(rows: &[T]) -> Vec<sea_orm::Value>
+where
+    M: sea_orm::ModelTrait,
+    T: std::borrow::Borrow<M>,
+{
+    use sea_orm::Iterable as _;
+    let columns: Vec<<M::Entity as EntityTrait>::Column> = <M::Entity as EntityTrait>::Column::iter().collect();
+    let mut values = Vec::with_capacity(rows.len() * columns.len());
+    for row in rows {
+        let row = row.borrow();
+        values.extend(columns.iter().map(|&c| row.get(c)));
+    }
+    values
 }
 
 /// What a new pending delivery row is made of.
@@ -363,7 +374,22 @@ pub(crate) async fn publish_loop(
         }
         let (calls, replies): (Vec<Call>, Vec<_>) = waiting.into_iter().map(|r| (r.call, r.reply)).unzip();
         let peers = peers.clone();
-        let answer = writer.write(move |txn| Box::pin(async move { publish_many(txn, calls, &peers).await })).await;
+        let answer = writer
+            .write(move |txn| {
+                Box::pin(async move {
+                    // On PostgreSQL the insert itself finds stored ids; only a write that meets
+                    // one (a publish retried) checks first, on a second pass.
+                    if txn.get_database_backend() == sea_orm::DbBackend::Postgres
+                        && let Some(answers) = publish_many(txn, &calls, &peers, Check::OnInsert).await?
+                    {
+                        return Ok(answers);
+                    }
+                    publish_many(txn, &calls, &peers, Check::First)
+                        .await?
+                        .ok_or_else(|| StoreError::Internal("a checked publish asked to be checked".into()))
+                })
+            })
+            .await;
         if let Some(writing) = &writing {
             writing.release(&keys);
         }
@@ -386,21 +412,37 @@ pub(crate) async fn publish_loop(
 const CONCURRENT_ID: &str =
     "an event with one of these ids was stored concurrently by another replica; publish again with the same ids";
 
+/// How [`publish_many`] learns which ids are stored already.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Reads them before writing (a probe of the primary key per id).
+    First,
+    /// Assumes none is, and lets the insert find out (`ON CONFLICT DO NOTHING`, PostgreSQL):
+    /// the probe is a second descent of the index the insert descends anyway. If any id is
+    /// stored, the write undoes its inserts and asks to be run again with [`Check::First`].
+    OnInsert,
+}
+
 /// Writes merged publish calls in `txn`: each call's answer, or the error that fails them all.
+/// `None` when `check` is [`Check::OnInsert`] and an id was stored already: nothing is written,
+/// and the calls are to be written again with [`Check::First`].
 async fn publish_many(
     txn: &DatabaseTransaction,
-    calls: Vec<Call>,
+    calls: &[Call],
     peers: &super::Peers,
-) -> Result<Vec<Result<Vec<StoredEvent>, StoreError>>, StoreError> {
+    check: Check,
+) -> Result<Option<Vec<Result<Vec<StoredEvent>, StoreError>>>, StoreError> {
     let now = now_millis();
     // What is stored already, per workspace, for every id of every call.
     let mut existing: HashMap<String, HashMap<String, event::Model>> = HashMap::new();
-    let mut ids_by_workspace: HashMap<&str, Vec<String>> = HashMap::new();
-    for c in &calls {
-        ids_by_workspace.entry(&c.workspace).or_default().extend(c.events.iter().map(|e| e.id.clone()));
-    }
-    for (workspace, ids) in ids_by_workspace {
-        existing.insert(workspace.to_owned(), existing_events(txn, workspace, ids).await?);
+    if check == Check::First {
+        let mut ids_by_workspace: HashMap<&str, Vec<String>> = HashMap::new();
+        for c in calls {
+            ids_by_workspace.entry(&c.workspace).or_default().extend(c.events.iter().map(|e| e.id.clone()));
+        }
+        for (workspace, ids) in ids_by_workspace {
+            existing.insert(workspace.to_owned(), existing_events(txn, workspace, ids).await?);
+        }
     }
     let mut subs: HashMap<String, Vec<Subscriber>> = HashMap::new();
     let mut answers: Vec<Result<Vec<StoredEvent>, StoreError>> = Vec::with_capacity(calls.len());
@@ -412,13 +454,14 @@ async fn publish_many(
     let mut new_deliveries: Vec<delivery::Model> = Vec::new();
     // (call, position in its answer) of events that were stored before this write.
     let mut reused: Vec<(usize, usize)> = Vec::new();
-    for (call, Call { workspace, events, batch, first_delay_ms }) in calls.into_iter().enumerate() {
+    for (call, Call { workspace, events, batch, first_delay_ms }) in calls.iter().enumerate() {
+        let (batch, first_delay_ms) = (*batch, *first_delay_ms);
         let mut out = Vec::with_capacity(events.len());
         let (mut staged_events, mut staged_deliveries, mut staged_reused) = (Vec::new(), Vec::new(), Vec::new());
         let mut conflict = None;
-        for (index, e) in events.into_iter().enumerate() {
-            let before = existing.get(&workspace).and_then(|m| m.get(&e.id));
-            let earlier = fresh.get(&workspace).and_then(|m| m.get(&e.id)).and_then(|&(c, p)| match &answers[c] {
+        for (index, e) in events.iter().enumerate() {
+            let before = existing.get(workspace).and_then(|m| m.get(&e.id));
+            let earlier = fresh.get(workspace).and_then(|m| m.get(&e.id)).and_then(|&(c, p)| match &answers[c] {
                 Ok(out) => out.get(p),
                 Err(_) => None,
             });
@@ -442,14 +485,14 @@ async fn publish_many(
                 }
                 continue;
             }
-            let subs = match subs.get(&workspace) {
+            let subs = match subs.get(workspace) {
                 Some(s) => s,
-                None => subs.entry(workspace.clone()).or_insert(subscribers(txn, &workspace).await?),
+                None => subs.entry(workspace.clone()).or_insert(subscribers(txn, workspace).await?),
             };
             let mut deliveries = Vec::new();
             for s in subs.iter().filter(|s| catalog::subscribes(&s.events, &e.event_type)) {
                 let row = NewDelivery {
-                    workspace: &workspace,
+                    workspace,
                     event_id: &e.id,
                     event_type: &e.event_type,
                     webhook_id: &s.id,
@@ -469,14 +512,14 @@ async fn publish_many(
             }
             let model = event::Model {
                 workspace_id: workspace.clone(),
-                id: e.id,
-                event_type: e.event_type,
-                timestamp: e.timestamp,
+                id: e.id.clone(),
+                event_type: e.event_type.clone(),
+                timestamp: e.timestamp.clone(),
                 timestamp_supplied: e.timestamp_supplied,
-                data: e.data,
+                data: e.data.clone(),
                 test: false,
                 created_at: now,
-                trace_context: e.trace_context,
+                trace_context: e.trace_context.clone(),
             };
             staged_events.push(out.len());
             out.push(StoredEvent { event: model, deliveries });
@@ -486,7 +529,7 @@ async fn publish_many(
             answers.push(Err(e));
             continue;
         }
-        let ids = fresh.entry(workspace).or_default();
+        let ids = fresh.entry(workspace.clone()).or_default();
         for (position, stored) in out.iter().enumerate() {
             ids.entry(stored.event.id.clone()).or_insert((call, position));
         }
@@ -495,14 +538,20 @@ async fn publish_many(
         reused.extend(staged_reused.into_iter().map(|i| (call, i)));
         answers.push(Ok(out));
     }
-    // A unique violation here means another replica stored one of these ids in the meantime.
-    // Every merged call fails, retryably: published again, each gets the idempotent answer.
     let stored: Vec<&event::Model> =
         new_events.iter().filter_map(|&(call, i)| answers[call].as_ref().ok().map(|out| &out[i].event)).collect();
-    insert_rows::<event::Model, _>(txn, &stored).await.map_err(|e| match e {
-        StoreError::AlreadyExists { .. } => StoreError::Unavailable(CONCURRENT_ID.to_owned()),
-        other => other,
-    })?;
+    if check == Check::OnInsert {
+        if !insert_new_events(txn, &stored).await? {
+            return Ok(None);
+        }
+    } else {
+        // A unique violation here means another replica stored one of these ids in the meantime.
+        // Every merged call fails, retryably: published again, each gets the idempotent answer.
+        insert_rows::<event::Model, _>(txn, &stored).await.map_err(|e| match e {
+            StoreError::AlreadyExists { .. } => StoreError::Unavailable(CONCURRENT_ID.to_owned()),
+            other => other,
+        })?;
+    }
     let queued = !new_deliveries.is_empty();
     insert_rows::<delivery::Model, _>(txn, &new_deliveries).await?;
     // Other replicas on this PostgreSQL wake to dispatch them.
@@ -528,7 +577,42 @@ async fn publish_many(
             out[i].deliveries = found;
         }
     }
-    Ok(answers)
+    Ok(Some(answers))
+}
+
+/// Inserts `rows` (PostgreSQL) with `ON CONFLICT DO NOTHING`, and says whether every one went
+/// in. If one was stored already (by an earlier publish, or by another replica that committed
+/// it meanwhile), those inserted are deleted again and nothing of the call is left: the caller
+/// writes it again, checking first.
+async fn insert_new_events(txn: &DatabaseTransaction, rows: &[&event::Model]) -> Result<bool, StoreError> {
+    let backend = txn.get_database_backend();
+    let mut inserted: Vec<(String, String)> = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let sql =
+            insert_sql::<event::Entity>(backend, chunk.len()) + " ON CONFLICT DO NOTHING RETURNING workspace_id, id";
+        let values = row_values::<event::Model, _>(chunk);
+        for row in txn.query_all_raw(sea_orm::Statement::from_sql_and_values(backend, sql, values)).await? {
+            let get = |e: sea_orm::DbErr| StoreError::Internal(e.to_string());
+            inserted.push((row.try_get_by_index(0).map_err(get)?, row.try_get_by_index(1).map_err(get)?));
+        }
+    }
+    if inserted.len() == rows.len() {
+        return Ok(true);
+    }
+    let mut by_workspace: HashMap<String, Vec<String>> = HashMap::new();
+    for (workspace, id) in inserted {
+        by_workspace.entry(workspace).or_default().push(id);
+    }
+    for (workspace, ids) in by_workspace {
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            event::Entity::delete_many()
+                .filter(event::Column::WorkspaceId.eq(&workspace))
+                .filter(event::Column::Id.is_in(chunk.iter().cloned()))
+                .exec(txn)
+                .await?;
+        }
+    }
+    Ok(false)
 }
 
 impl Store {
