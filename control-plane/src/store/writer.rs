@@ -178,33 +178,53 @@ impl Writer {
     }
 }
 
-/// On SQLite the writer has a connection of its own, so that it can switch the sync level between
-/// batches (SQLite refuses to inside a transaction) and never competes with readers for one.
-/// Also says whether relaxed batches may relax the sync level: only on a connection of its own,
-/// where the level set before a batch is certainly the one its commit uses.
-async fn own_connection(db: DatabaseConnection) -> (DatabaseConnection, bool) {
-    if db.get_database_backend() != DbBackend::Sqlite {
-        return (db, true);
-    }
-    let options = (*db.get_sqlite_connection_pool().connect_options()).clone();
-    match sea_orm::sqlx::pool::PoolOptions::new()
-        .max_connections(1)
-        .min_connections(1)
-        .acquire_timeout(crate::db::ACQUIRE_TIMEOUT)
-        .connect_with(options)
-        .await
-    {
-        Ok(pool) => (sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(pool), true),
+/// The writer has a connection of its own, so that it can set the sync level between batches
+/// and keep it for the next (SQLite refuses to switch inside a transaction; on PostgreSQL a
+/// session-level `SET` saves the `SET LOCAL` each relaxed batch would pay), and never competes
+/// with readers for one. Returns the connection, and whether relaxed batches may relax the sync
+/// level at all: on SQLite only on a connection of its own, where the level set before a batch is
+/// certainly the one its commit uses. Whether the connection is the writer's own is the third.
+async fn own_connection(db: DatabaseConnection) -> (DatabaseConnection, bool, bool) {
+    let own = match db.get_database_backend() {
+        DbBackend::Sqlite => {
+            let options = (*db.get_sqlite_connection_pool().connect_options()).clone();
+            sea_orm::sqlx::pool::PoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .acquire_timeout(crate::db::ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await
+                .map(sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool)
+        }
+        _ => {
+            let options = (*db.get_postgres_connection_pool().connect_options()).clone();
+            sea_orm::sqlx::pool::PoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .acquire_timeout(crate::db::ACQUIRE_TIMEOUT)
+                .idle_timeout(std::time::Duration::from_secs(300))
+                .connect_with(options)
+                .await
+                .map(sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool)
+        }
+    };
+    match own {
+        Ok(own) => (own, true, true),
+        // PostgreSQL relaxes each batch with `SET LOCAL` on the shared pool instead.
+        Err(e) if db.get_database_backend() != DbBackend::Sqlite => {
+            tracing::warn!(error = %e, "cannot open the writer's own PostgreSQL connection; sharing the pool");
+            (db, true, false)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot open the writer's own SQLite connection; sharing the pool, every commit synced");
-            (db, false)
+            (db, false, false)
         }
     }
 }
 
 async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commits) {
     let pool = db.clone();
-    let (db, may_relax) = own_connection(db).await;
+    let (db, may_relax, own) = own_connection(db).await;
     // The checkpointer lives as long as the writer.
     let committed = Arc::new(Notify::new());
     let _checkpointer = (db.get_database_backend() == DbBackend::Sqlite).then(|| {
@@ -224,7 +244,7 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commit
         // committed) and its answer channels, which tells each caller the outcome is unknown.
         match tokio::time::timeout(
             BATCH_TIMEOUT,
-            std::panic::AssertUnwindSafe(commit_batch(&db, ops, may_relax, &commits, &mut sync)).catch_unwind(),
+            std::panic::AssertUnwindSafe(commit_batch(&db, ops, may_relax, own, &commits, &mut sync)).catch_unwind(),
         )
         .await
         {
@@ -255,10 +275,12 @@ async fn checkpoint_loop(db: DatabaseConnection, committed: Arc<Notify>, stop: C
     }
 }
 
-/// The SQLite sync level the writer last set on its connection, so that a batch at the same level
-/// as the one before it skips the `PRAGMA` (one statement less per commit). Unknown at start, while
-/// a `PRAGMA` runs (a batch cut short there leaves it unknown) and after a batch failed to begin. A connection the pool opens anew starts at
-/// `FULL` (`db::connect`), so a stale `Normal` here can only make a commit more durable, never less.
+/// The sync level the writer last set on its connection, so that a batch at the same level as the
+/// one before it skips the `PRAGMA` or `SET` (one statement less per commit). Unknown at start,
+/// while a `PRAGMA` or `SET` runs (a batch cut short there leaves it unknown) and after a batch
+/// failed to begin. A connection the pool opens anew starts durable (SQLite `FULL`, set by
+/// `db::connect`; PostgreSQL the server's `synchronous_commit`, which `Full` stands for), so a
+/// stale `Normal` here can only make a commit more durable, never less.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 enum SyncLevel {
     #[default]
@@ -272,6 +294,7 @@ enum SyncLevel {
 async fn begin(
     db: &DatabaseConnection,
     durable: bool,
+    own: bool,
     sync: &mut SyncLevel,
 ) -> Result<DatabaseTransaction, sea_orm::DbErr> {
     match db.get_database_backend() {
@@ -294,6 +317,21 @@ async fn begin(
             })
             .await
         }
+        _ if own => {
+            // The writer's own session: the level set here lasts until it is set again.
+            let want = if durable { SyncLevel::Full } else { SyncLevel::Normal };
+            if *sync != want {
+                *sync = SyncLevel::Unknown;
+                db.execute_unprepared(if durable {
+                    "SET synchronous_commit TO DEFAULT"
+                } else {
+                    "SET synchronous_commit = off"
+                })
+                .await?;
+                *sync = want;
+            }
+            db.begin().await
+        }
         _ => {
             let txn = db.begin().await?;
             if !durable {
@@ -310,12 +348,19 @@ fn fail_all(ops: impl IntoIterator<Item = Op>, err: &StoreError) {
     }
 }
 
-async fn commit_batch(db: &DatabaseConnection, ops: Vec<Op>, may_relax: bool, commits: &Commits, sync: &mut SyncLevel) {
+async fn commit_batch(
+    db: &DatabaseConnection,
+    ops: Vec<Op>,
+    may_relax: bool,
+    own: bool,
+    commits: &Commits,
+    sync: &mut SyncLevel,
+) {
     let durable = !may_relax || ops.iter().any(|op| op.durable());
     let committed = || {
         commits.get_or_create(&CommitLabels { sync: if durable { "durable" } else { "relaxed" } }).inc();
     };
-    let txn = match begin(db, durable, sync).await {
+    let txn = match begin(db, durable, own, sync).await {
         Ok(txn) => txn,
         Err(e) => {
             *sync = SyncLevel::Unknown;

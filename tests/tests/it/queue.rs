@@ -464,3 +464,35 @@ async fn event_lookups_probe_the_primary_key(backend: Backend) {
     }
     conn.close().await.ok();
 }
+
+/// `SHOW synchronous_commit`, read from inside the batch's own transaction.
+fn postgres_level(
+    txn: &sea_orm::DatabaseTransaction,
+) -> futures::future::BoxFuture<'_, Result<String, herald_control_plane::store::StoreError>> {
+    Box::pin(async move {
+        let row = txn
+            .query_one_raw(Statement::from_string(sea_orm::DbBackend::Postgres, "SHOW synchronous_commit"))
+            .await?
+            .expect("a row");
+        row.try_get_by_index::<String>(0).map_err(|e| herald_control_plane::store::StoreError::Internal(e.to_string()))
+    })
+}
+
+/// On PostgreSQL a writer keeps the sync level on its own session between batches (a relaxed
+/// batch after a relaxed one sets nothing), and yet every batch commits at its own level: a
+/// durable batch at the server's `synchronous_commit` (`on` here), a relaxed one at `off`,
+/// whatever order they come in.
+#[tokio::test]
+async fn postgres_writers_commit_each_batch_at_its_own_sync_level() {
+    use herald_control_plane::store::writer::Writer;
+    let db = TestDb::new(Backend::Postgres).await;
+    let writer = Writer::spawn(db.connect().await);
+    for durable in [true, false, false, true, true, false, true] {
+        let level = if durable {
+            writer.write(postgres_level).await.unwrap()
+        } else {
+            writer.write_relaxed(postgres_level).await.unwrap()
+        };
+        assert_eq!(level, if durable { "on" } else { "off" }, "durable: {durable}");
+    }
+}
