@@ -269,10 +269,11 @@ async fn retention_loop(store: Store, retention: std::time::Duration, shutdown: 
 /// timers remain the fallback while it cannot.
 ///
 /// It also keeps [`crate::store::Peers`] true: every [`crate::store::PEER_HEARTBEAT`] it tells
-/// the others this replica is there (`NOTIFY herald_wake, '<id>'`, which its own listener hears
-/// back, proof that it is still listening), and it notes every other replica it hears. On
-/// connecting it announces itself at once and looks for work again a second later: a replica
-/// that had not heard of this one yet may have queued work without waking it.
+/// the others this replica is there (`pg_notify('herald_wake', '<id>')`, which its own listener
+/// hears back, proof that it is still listening), it notes every other replica it hears, and it
+/// answers one it had not heard before with an announcement at once. On connecting it announces
+/// itself and looks for work again a second later: a replica that had not heard of this one yet
+/// may have queued work without waking it.
 async fn wake_on_notify(
     pool: sea_orm::sqlx::PgPool,
     dispatcher: crate::dispatch::Dispatcher,
@@ -280,11 +281,21 @@ async fn wake_on_notify(
 ) {
     use sea_orm::sqlx::postgres::PgListener;
     let peers = dispatcher.peers();
+    let announce = async || {
+        let sent = sea_orm::sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::store::events::WAKE_CHANNEL)
+            .bind(&peers.id)
+            .execute(&pool)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "cannot announce this replica to the others");
+        }
+    };
     loop {
         let listening = async {
             let mut listener = PgListener::connect_with(&pool).await?;
             listener.listen_all([crate::store::events::WAKE_CHANNEL, crate::store::events::CHANGES_CHANNEL]).await?;
-            peers.set_listening(true);
+            peers.set_listening(true, crate::store::now_millis());
             let mut heartbeat = tokio::time::interval(crate::store::PEER_HEARTBEAT);
             let catch_up = dispatcher.clone();
             tokio::spawn(async move {
@@ -294,33 +305,36 @@ async fn wake_on_notify(
             loop {
                 let n = tokio::select! {
                     _ = heartbeat.tick() => {
-                        sea_orm::sqlx::query("SELECT pg_notify($1, $2)")
-                            .bind(crate::store::events::WAKE_CHANNEL)
-                            .bind(&peers.id)
-                            .execute(&pool)
-                            .await?;
+                        announce().await;
                         continue;
                     }
                     n = listener.try_recv() => n?,
                 };
+                let now = crate::store::now_millis();
                 let Some(n) = n else {
                     // The connection was lost; the next call reconnects. Until a notification
                     // (its own heartbeat) arrives again, this replica cannot know it is alone.
-                    peers.set_listening(false);
+                    peers.set_listening(false, now);
                     continue;
                 };
-                peers.set_listening(true);
-                let now = crate::store::now_millis();
+                peers.set_listening(true, now);
+                let from = if n.channel() == crate::store::events::CHANGES_CHANNEL {
+                    n.payload().split_once(' ').map_or("", |(from, _)| from)
+                } else {
+                    n.payload()
+                };
+                // Its own notifications (payload: its replica id) it has acted on already.
+                if from == peers.id {
+                    continue;
+                }
+                if peers.heard_from(from, now) {
+                    announce().await;
+                }
                 if n.channel() == crate::store::events::CHANGES_CHANNEL {
-                    if let Some((from, ids)) = n.payload().split_once(' ')
-                        && from != peers.id
-                    {
-                        peers.heard(now);
+                    if let Some((_, ids)) = n.payload().split_once(' ') {
                         dispatcher.changed_here(ids.split(',').map(str::to_owned).collect());
                     }
-                } else if n.payload() != peers.id {
-                    // Its own notifications (payload: its replica id) it has acted on already.
-                    peers.heard(now);
+                } else {
                     dispatcher.wake();
                 }
             }
@@ -330,7 +344,7 @@ async fn wake_on_notify(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listening => if let Err(e) = r {
-                peers.set_listening(false);
+                peers.set_listening(false, crate::store::now_millis());
                 tracing::warn!(error = %e, "cannot listen for other replicas' wake-ups; retrying");
             },
         }

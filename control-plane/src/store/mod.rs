@@ -13,6 +13,8 @@ pub mod retention;
 pub mod webhooks;
 pub mod writer;
 
+use std::collections::HashSet;
+
 use sea_orm::{DatabaseConnection, DbErr, SqlErr};
 
 use crate::crypto::SecretKey;
@@ -121,17 +123,24 @@ impl Store {
 pub const PEER_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
 /// A replica not heard for this long is taken to be gone: three heartbeats missed.
 const PEER_SILENCE_MS: i64 = 35_000;
+/// How long a replica whose listener has just connected keeps waking others before it may find
+/// itself alone: the others answer its announcement at once ([`Peers::heard_from`]).
+pub const PEER_GRACE_MS: i64 = 1_000;
 
 /// This control plane among the replicas on one PostgreSQL: its id, and whether any other is
 /// running. Replicas wake each other with `NOTIFY` on every publish and result, which costs each
 /// a statement, a wake-up of every listening server process and of every replica's listener. A
 /// replica alone skips them: one whose listener is connected (it would hear the others) and has
-/// heard no other replica's notification or heartbeat for [`PEER_SILENCE_MS`].
+/// heard no other replica's notification or heartbeat for [`PEER_SILENCE_MS`], nor in the
+/// [`PEER_GRACE_MS`] since its listener connected. A replica that hears an id it does not know
+/// announces itself at once, so a replica that starts learns of the others within a round trip.
 pub struct Peers {
     /// The payload of this replica's `herald_wake` notifications, which its own listener skips.
     pub id: String,
     /// When another replica was last heard, in ms since the epoch (0: never).
     heard_at: std::sync::atomic::AtomicI64,
+    /// The other replicas' ids heard so far (forgotten all at once past 1,024).
+    known: std::sync::Mutex<HashSet<String>>,
     /// Whether this replica's listener is connected and listening.
     listening: std::sync::atomic::AtomicBool,
 }
@@ -141,19 +150,33 @@ impl Peers {
         Peers {
             id: herald_shared::ids::new_id("cp"),
             heard_at: std::sync::atomic::AtomicI64::new(0),
+            known: std::sync::Mutex::default(),
             listening: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Another replica was heard at `now`.
-    pub fn heard(&self, now: i64) {
+    /// Replica `id` (another one) was heard at `now`. Says whether it is one not heard before,
+    /// which this replica then answers with an announcement of its own.
+    pub fn heard_from(&self, id: &str, now: i64) -> bool {
         self.heard_at.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+        let mut known = self.known.lock().expect("peers lock");
+        if known.contains(id) {
+            return false;
+        }
+        if known.len() >= 1024 {
+            known.clear();
+        }
+        known.insert(id.to_owned())
     }
 
     /// The listener connected (`true`) or lost its connection (`false`): while it is not
-    /// listening, this replica cannot know that it is alone.
-    pub fn set_listening(&self, on: bool) {
-        self.listening.store(on, std::sync::atomic::Ordering::Relaxed);
+    /// listening, this replica cannot know that it is alone, nor for [`PEER_GRACE_MS`] after it
+    /// connects again (notifications sent meanwhile were lost).
+    pub fn set_listening(&self, on: bool, now: i64) {
+        let was = self.listening.swap(on, std::sync::atomic::Ordering::Relaxed);
+        if on && !was {
+            self.heard_at.fetch_max(now - PEER_SILENCE_MS + PEER_GRACE_MS, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Whether other replicas may be running at `now`, and so must be woken.

@@ -17,6 +17,7 @@
 //! (`db::WAL_AUTOCHECKPOINT_PAGES`), to bound the WAL: it finds little left to copy.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt as _;
@@ -184,7 +185,18 @@ impl Writer {
 /// with readers for one. Returns the connection, and whether relaxed batches may relax the sync
 /// level at all: on SQLite only on a connection of its own, where the level set before a batch is
 /// certainly the one its commit uses. Whether the connection is the writer's own is the third.
-async fn own_connection(db: DatabaseConnection) -> (DatabaseConnection, bool, bool) {
+async fn own_connection(db: DatabaseConnection, fresh: Arc<AtomicBool>) -> (DatabaseConnection, bool, bool) {
+    // Every connection the writer's pool opens (the first, and any after one was lost or
+    // recycled) starts at its default level, whatever the writer last set on the one before.
+    macro_rules! mark_fresh {
+        () => {{
+            let fresh = fresh.clone();
+            move |_: &mut _, _| {
+                fresh.store(true, Ordering::SeqCst);
+                Box::pin(async { Ok(()) })
+            }
+        }};
+    }
     let own = match db.get_database_backend() {
         DbBackend::Sqlite => {
             let options = (*db.get_sqlite_connection_pool().connect_options()).clone();
@@ -192,6 +204,7 @@ async fn own_connection(db: DatabaseConnection) -> (DatabaseConnection, bool, bo
                 .max_connections(1)
                 .min_connections(1)
                 .acquire_timeout(crate::db::ACQUIRE_TIMEOUT)
+                .after_connect(mark_fresh!())
                 .connect_with(options)
                 .await
                 .map(sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool)
@@ -203,6 +216,7 @@ async fn own_connection(db: DatabaseConnection) -> (DatabaseConnection, bool, bo
                 .min_connections(0)
                 .acquire_timeout(crate::db::ACQUIRE_TIMEOUT)
                 .idle_timeout(std::time::Duration::from_secs(300))
+                .after_connect(mark_fresh!())
                 .connect_with(options)
                 .await
                 .map(sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool)
@@ -224,7 +238,8 @@ async fn own_connection(db: DatabaseConnection) -> (DatabaseConnection, bool, bo
 
 async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commits) {
     let pool = db.clone();
-    let (db, may_relax, own) = own_connection(db).await;
+    let fresh = Arc::new(AtomicBool::new(true));
+    let (db, may_relax, own) = own_connection(db, fresh.clone()).await;
     // The checkpointer lives as long as the writer.
     let committed = Arc::new(Notify::new());
     let _checkpointer = (db.get_database_backend() == DbBackend::Sqlite).then(|| {
@@ -244,7 +259,8 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commit
         // committed) and its answer channels, which tells each caller the outcome is unknown.
         match tokio::time::timeout(
             BATCH_TIMEOUT,
-            std::panic::AssertUnwindSafe(commit_batch(&db, ops, may_relax, own, &commits, &mut sync)).catch_unwind(),
+            std::panic::AssertUnwindSafe(commit_batch(&db, ops, may_relax, own, &fresh, &commits, &mut sync))
+                .catch_unwind(),
         )
         .await
         {
@@ -278,9 +294,10 @@ async fn checkpoint_loop(db: DatabaseConnection, committed: Arc<Notify>, stop: C
 /// The sync level the writer last set on its connection, so that a batch at the same level as the
 /// one before it skips the `PRAGMA` or `SET` (one statement less per commit). Unknown at start,
 /// while a `PRAGMA` or `SET` runs (a batch cut short there leaves it unknown) and after a batch
-/// failed to begin. A connection the pool opens anew starts durable (SQLite `FULL`, set by
+/// failed to begin, and whenever the writer's pool opened a connection (the level set on the one
+/// before is gone). A connection the pool opens anew starts durable (SQLite `FULL`, set by
 /// `db::connect`; PostgreSQL the server's `synchronous_commit`, which `Full` stands for), so a
-/// stale `Normal` here can only make a commit more durable, never less.
+/// level stale for a moment can only make a commit more durable, never less.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 enum SyncLevel {
     #[default]
@@ -295,8 +312,12 @@ async fn begin(
     db: &DatabaseConnection,
     durable: bool,
     own: bool,
+    fresh: &AtomicBool,
     sync: &mut SyncLevel,
 ) -> Result<DatabaseTransaction, sea_orm::DbErr> {
+    if fresh.swap(false, Ordering::SeqCst) {
+        *sync = SyncLevel::Unknown;
+    }
     match db.get_database_backend() {
         DbBackend::Sqlite => {
             // The writer's single connection: the level set here applies to this batch's commit.
@@ -311,11 +332,18 @@ async fn begin(
                 .await?;
                 *sync = want;
             }
-            db.begin_with_options(TransactionOptions {
-                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                ..Default::default()
-            })
-            .await
+            let txn = db
+                .begin_with_options(TransactionOptions {
+                    sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                    ..Default::default()
+                })
+                .await?;
+            if fresh.swap(false, Ordering::SeqCst) {
+                // Opened for this very transaction, at `FULL`: this batch commits synced, and the
+                // next sets its level again.
+                *sync = SyncLevel::Unknown;
+            }
+            Ok(txn)
         }
         _ if own => {
             // The writer's own session: the level set here lasts until it is set again.
@@ -330,7 +358,15 @@ async fn begin(
                 .await?;
                 *sync = want;
             }
-            db.begin().await
+            let txn = db.begin().await?;
+            if fresh.swap(false, Ordering::SeqCst) {
+                // The connection was opened for this very transaction, at the server's level.
+                *sync = SyncLevel::Unknown;
+                if !durable {
+                    txn.execute_unprepared("SET LOCAL synchronous_commit = off").await?;
+                }
+            }
+            Ok(txn)
         }
         _ => {
             let txn = db.begin().await?;
@@ -353,6 +389,7 @@ async fn commit_batch(
     ops: Vec<Op>,
     may_relax: bool,
     own: bool,
+    fresh: &AtomicBool,
     commits: &Commits,
     sync: &mut SyncLevel,
 ) {
@@ -360,7 +397,7 @@ async fn commit_batch(
     let committed = || {
         commits.get_or_create(&CommitLabels { sync: if durable { "durable" } else { "relaxed" } }).inc();
     };
-    let txn = match begin(db, durable, own, sync).await {
+    let txn = match begin(db, durable, own, fresh, sync).await {
         Ok(txn) => txn,
         Err(e) => {
             *sync = SyncLevel::Unknown;

@@ -570,32 +570,38 @@ async fn replicas_wake_each_other_only_when_there_are_others() {
     let ca = TestCa::new();
     let receiver = Receiver::https(&ca).await;
     create(&first, webhook("peers", &receiver.url("/"), &["incident.created"])).await;
-    let publish = async |from: usize, to: usize| {
+    let publish = async |cp: &ControlPlaneProcess, from: usize, to: usize| {
         for i in from..to {
             let e = proto::Event { id: format!("peers-{i}"), ..event("incident.created", "{}") };
-            first.events().publish_event(proto::PublishEventRequest { event: Some(e) }).await.unwrap();
+            cp.events().publish_event(proto::PublishEventRequest { event: Some(e) }).await.unwrap();
         }
     };
 
-    // Alone: ten publishes queue ten deliveries and notify nobody (a heartbeat may fall in).
-    publish(0, 10).await;
+    // Alone, once the grace after its listener connected is over: ten publishes queue ten
+    // deliveries and notify nobody (a heartbeat may fall in).
+    tokio::time::sleep(Duration::from_millis(herald_control_plane::store::PEER_GRACE_MS as u64 + 200)).await;
+    publish(&first, 0, 10).await;
     let (mine, _) = wake_ups(&mut listener, &first_id, Duration::from_millis(700)).await;
     assert!(mine <= 1, "a replica alone sent {mine} wake-ups for 10 publishes");
 
-    // A second replica, with the only agent, announces itself; from then on each publish of the
-    // first wakes it.
+    // A second replica, with the only agent, announces itself (and the first answers it at once,
+    // so the second knows of the first without waiting for a heartbeat); from then on each
+    // publish of either wakes the other.
     let second = ControlPlaneProcess::start(&url, &[]).await;
     let (_, others) = wake_ups(&mut listener, &first_id, Duration::from_secs(2)).await;
-    assert!(!others.is_empty(), "the second replica announces itself");
+    let second_id = others.first().cloned().expect("the second replica announces itself");
     let _agent = AgentProcess::start(&second.url(), "default", "agent-peers", Some(&ca.path), &[]);
     second.wait_agents(&["agent-peers"]).await;
-    publish(10, 20).await;
+    publish(&first, 10, 20).await;
     let (mine, _) = wake_ups(&mut listener, &first_id, Duration::from_secs(2)).await;
     assert!(mine >= 10, "with another replica running, 10 publishes sent only {mine} wake-ups");
-    let ids: Vec<String> = (0..20).map(|i| format!("peers-{i}")).collect();
+    publish(&second, 20, 30).await;
+    let (theirs, _) = wake_ups(&mut listener, &second_id, Duration::from_secs(2)).await;
+    assert!(theirs >= 10, "the second replica sent {theirs} wake-ups for 10 publishes");
+    let ids: Vec<String> = (0..30).map(|i| format!("peers-{i}")).collect();
     let (got, dups) = delivered(&receiver, &ids, Duration::from_secs(60)).await;
     println!("fault: replicas wake each other only when there are others: delivered {got}, duplicates {dups}");
-    assert_eq!((got, dups), (20, 0));
+    assert_eq!((got, dups), (30, 0));
 
     drop((first, second, _agent, listener));
     admin.execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();

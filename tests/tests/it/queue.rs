@@ -145,37 +145,53 @@ async fn results_are_fenced_and_final(backend: Backend) {
     cp.stop().await;
 }
 
-/// One batch mixing what agents report: successes with two status codes (settled together, by
-/// status code), a repeat of one of them, a success under a forged lease naming a delivery that
-/// is settled in the same batch, and a failure. Each report is applied in order, and each
-/// delivery is settled once.
+/// One batch mixing what agents report: successes with two status codes (settled together, one
+/// statement per status code), a repeat of one of them, a forged lease reported before the real
+/// one, real leases reported under another delivery's id (two deliveries with each other's
+/// leases, and a settled delivery with another's), and a failure. Each report is applied in
+/// order, each delivery is settled once and only by its own lease, and every report is logged.
 async fn one_batch_settles_each_report_in_order(backend: Backend) {
     let (cp, db, store) = setup(backend).await;
     hook(&cp, webhook("a", "https://example.com/hook", &["*"])).await;
-    for _ in 0..3 {
+    for _ in 0..6 {
         publish(&cp, "task.completed").await;
     }
     let now = t0();
-    let claimed = store.claim("default", "agent-1", 3, now, &policy()).await.unwrap();
-    let [a, b, c] = &claimed[..] else { panic!("three claims: {claimed:?}") };
-    let forged_b = AttemptReport { lease_id: "lse_forged".into(), ..report(b, 200, now) };
-    let batch = vec![forged_b, report(a, 200, now), report(b, 204, now), report(a, 200, now), report(c, 500, now)];
+    let claimed = store.claim("default", "agent-1", 6, now, &policy()).await.unwrap();
+    let [a, b, c, d, e, f] = &claimed[..] else { panic!("six claims: {claimed:?}") };
+    let crossed = |x: &Claimed, y: &Claimed| AttemptReport { lease_id: y.lease_id.clone(), ..report(x, 200, now) };
+    let forged_d = AttemptReport { lease_id: "lse_forged".into(), ..report(d, 200, now) };
+    let swapped = AttemptReport { lease_id: a.lease_id.clone(), ..report(b, 200, now) };
+    let batch = vec![
+        forged_d,
+        report(a, 200, now),
+        report(b, 204, now),
+        report(d, 200, now),
+        report(a, 200, now),
+        swapped,
+        crossed(e, f),
+        crossed(f, e),
+        report(c, 500, now),
+    ];
     let applied = store.record_results(batch, now, &policy()).await.unwrap();
-    assert_eq!(
-        applied,
-        [Applied::Stale, Applied::Succeeded, Applied::Succeeded, Applied::Stale, Applied::Retry { at: now + MIN }]
-    );
-    for (d, code) in [(a, 200), (b, 204)] {
-        let done = row(&db, &d.delivery.id).await;
+    use Applied::*;
+    assert_eq!(applied, [Stale, Succeeded, Succeeded, Succeeded, Stale, Stale, Stale, Stale, Retry { at: now + MIN }]);
+    for x in [e, f] {
+        let untouched = row(&db, &x.delivery.id).await;
+        assert_eq!(untouched.status, delivery::status::IN_FLIGHT, "another delivery's lease settles nothing");
+        assert_eq!(untouched.lease_id.as_deref(), Some(x.lease_id.as_str()));
+    }
+    for (x, code) in [(a, 200), (b, 204), (d, 200)] {
+        let done = row(&db, &x.delivery.id).await;
         assert_eq!((done.status, done.attempt_count, done.last_status), (delivery::status::SUCCEEDED, 1, Some(code)));
         assert!(done.lease_id.is_none() && done.lease_agent.is_none() && done.lease_expires_at.is_none());
         assert!(done.last_error.is_none());
-        let logged = attempts(&db, &d.delivery.id).await;
+        let logged = attempts(&db, &x.delivery.id).await;
         assert_eq!(logged.len(), 2, "the real attempt and the stale one are both logged");
         let real: Vec<_> = logged.iter().filter(|x| !x.stale).collect();
         assert_eq!(real.len(), 1, "settled once");
-        assert_eq!((real[0].number, real[0].response_status), (1, i32::from(code as u16)));
-        assert_eq!(real[0].workspace_id, d.delivery.workspace_id);
+        assert_eq!((real[0].number, real[0].response_status), (1, code));
+        assert_eq!(real[0].workspace_id, x.delivery.workspace_id);
     }
     let retried = row(&db, &c.delivery.id).await;
     assert_eq!((retried.status, retried.attempt_count), (delivery::status::PENDING, 1));
@@ -481,18 +497,54 @@ fn postgres_level(
 /// On PostgreSQL a writer keeps the sync level on its own session between batches (a relaxed
 /// batch after a relaxed one sets nothing), and yet every batch commits at its own level: a
 /// durable batch at the server's `synchronous_commit` (`on` here), a relaxed one at `off`,
-/// whatever order they come in.
+/// whatever order they come in, and after the writer's connection was cut and opened again (the
+/// new session starts at the server's level, whatever the writer set on the old one).
 #[tokio::test]
 async fn postgres_writers_commit_each_batch_at_its_own_sync_level() {
+    use herald_control_plane::store::StoreError;
     use herald_control_plane::store::writer::Writer;
     let db = TestDb::new(Backend::Postgres).await;
     let writer = Writer::spawn(db.connect().await);
+    let level = async |durable: bool| {
+        // A batch on a connection that was just cut fails once; the next opens a new one.
+        for _ in 0..5 {
+            let read =
+                if durable { writer.write(postgres_level).await } else { writer.write_relaxed(postgres_level).await };
+            if let Ok(level) = read {
+                return level;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the writer did not recover its connection");
+    };
     for durable in [true, false, false, true, true, false, true] {
-        let level = if durable {
-            writer.write(postgres_level).await.unwrap()
-        } else {
-            writer.write_relaxed(postgres_level).await.unwrap()
-        };
-        assert_eq!(level, if durable { "on" } else { "off" }, "durable: {durable}");
+        assert_eq!(level(durable).await, if durable { "on" } else { "off" }, "durable: {durable}");
+    }
+    for durable in [false, true] {
+        // Leave the session at the level of the other kind, then cut it.
+        level(!durable).await;
+        let pid = writer
+            .write_relaxed(|txn| {
+                Box::pin(async move {
+                    let row = txn
+                        .query_one_raw(Statement::from_string(sea_orm::DbBackend::Postgres, "SELECT pg_backend_pid()"))
+                        .await?
+                        .expect("a row");
+                    row.try_get_by_index::<i32>(0).map_err(|e| StoreError::Internal(e.to_string()))
+                })
+            })
+            .await
+            .unwrap();
+        let admin = db.connect().await;
+        admin
+            .execute_unprepared(&format!("SELECT pg_terminate_backend({pid})"))
+            .await
+            .expect("terminate the writer's session");
+        admin.close().await.ok();
+        assert_eq!(
+            level(durable).await,
+            if durable { "on" } else { "off" },
+            "after a reconnection, durable: {durable}"
+        );
     }
 }
