@@ -590,8 +590,9 @@ impl Store {
                 Box::pin(async move {
                     let mut read = leased_rows(agent.as_deref(), now).limit(10_000);
                     if txn.get_database_backend() == DbBackend::Postgres {
-                        // As results lock theirs: what changed meanwhile is seen, not overwritten.
-                        read = read.lock_exclusive();
+                        // As results lock theirs (in id order): what changed meanwhile is seen,
+                        // not overwritten.
+                        read = read.order_by_asc(delivery::Column::Id).lock_exclusive();
                     }
                     let lost = read.all(txn).await?;
                     let reclaimed: Vec<String> = lost.iter().filter_map(|d| d.lease_id.clone()).collect();
