@@ -321,17 +321,7 @@ async fn begin(
     match db.get_database_backend() {
         DbBackend::Sqlite => {
             // The writer's single connection: the level set here applies to this batch's commit.
-            let want = if durable { SyncLevel::Full } else { SyncLevel::Normal };
-            if *sync != want {
-                *sync = SyncLevel::Unknown;
-                db.execute_unprepared(if durable {
-                    "PRAGMA synchronous = FULL"
-                } else {
-                    "PRAGMA synchronous = NORMAL"
-                })
-                .await?;
-                *sync = want;
-            }
+            set_level(db, durable, sync, ["PRAGMA synchronous = FULL", "PRAGMA synchronous = NORMAL"]).await?;
             let txn = db
                 .begin_with_options(TransactionOptions {
                     sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
@@ -347,17 +337,7 @@ async fn begin(
         }
         _ if own => {
             // The writer's own session: the level set here lasts until it is set again.
-            let want = if durable { SyncLevel::Full } else { SyncLevel::Normal };
-            if *sync != want {
-                *sync = SyncLevel::Unknown;
-                db.execute_unprepared(if durable {
-                    "SET synchronous_commit TO DEFAULT"
-                } else {
-                    "SET synchronous_commit = off"
-                })
-                .await?;
-                *sync = want;
-            }
+            set_level(db, durable, sync, ["SET synchronous_commit TO DEFAULT", "SET synchronous_commit = off"]).await?;
             let txn = db.begin().await?;
             if fresh.swap(false, Ordering::SeqCst) {
                 // The connection was opened for this very transaction, at the server's level.
@@ -376,6 +356,23 @@ async fn begin(
             Ok(txn)
         }
     }
+}
+
+/// Sets the sync level on the writer's own connection with `statements` (durable, relaxed),
+/// unless it is the level set last.
+async fn set_level(
+    db: &DatabaseConnection,
+    durable: bool,
+    sync: &mut SyncLevel,
+    statements: [&str; 2],
+) -> Result<(), sea_orm::DbErr> {
+    let want = if durable { SyncLevel::Full } else { SyncLevel::Normal };
+    if *sync != want {
+        *sync = SyncLevel::Unknown;
+        db.execute_unprepared(statements[usize::from(!durable)]).await?;
+        *sync = want;
+    }
+    Ok(())
 }
 
 fn fail_all(ops: impl IntoIterator<Item = Op>, err: &StoreError) {
