@@ -281,13 +281,9 @@ async fn wake_on_notify(
 ) {
     use sea_orm::sqlx::postgres::PgListener;
     let peers = dispatcher.peers();
+    let db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool.clone());
     let announce = async || {
-        let sent = sea_orm::sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(crate::store::events::WAKE_CHANNEL)
-            .bind(&peers.id)
-            .execute(&pool)
-            .await;
-        if let Err(e) = sent {
+        if let Err(e) = sea_orm::ConnectionTrait::execute_raw(&db, peers.announcement()).await {
             tracing::debug!(error = %e, "cannot announce this replica to the others");
         }
     };

@@ -185,20 +185,25 @@ impl Peers {
             || now - self.heard_at.load(std::sync::atomic::Ordering::Relaxed) < PEER_SILENCE_MS
     }
 
-    /// `NOTIFY herald_wake, '<id>'`: wakes the other replicas' dispatchers when it commits.
-    pub fn wake_sql(&self) -> String {
-        // The id is generated (`cp_` and base-32), never user input.
-        format!("NOTIFY {}, '{}'", events::WAKE_CHANNEL, self.id)
+    /// `pg_notify('herald_wake', '<id>')`: wakes the other replicas' dispatchers (when its
+    /// transaction commits) and tells them this replica is there. Sent with publishes and
+    /// results, and as the heartbeat.
+    pub fn announcement(&self) -> sea_orm::Statement {
+        sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [events::WAKE_CHANNEL.into(), self.id.as_str().into()],
+        )
     }
 }
 
 /// Wakes the dispatchers of the other replicas on the same PostgreSQL when `txn` commits
-/// (`NOTIFY herald_wake`, delivered on commit), if there are any ([`Peers::others`]); nothing on
+/// ([`Peers::announcement`], delivered on commit), if there are any ([`Peers::others`]); nothing on
 /// SQLite. The payload names this replica, whose own listener skips it: its dispatcher is woken
 /// directly, and an echo would cost it an extra dispatch round that finds nothing.
 pub(crate) async fn wake_others(txn: &impl sea_orm::ConnectionTrait, peers: &Peers) -> Result<(), StoreError> {
     if txn.get_database_backend() == sea_orm::DbBackend::Postgres && peers.others(now_millis()) {
-        txn.execute_unprepared(&peers.wake_sql()).await?;
+        txn.execute_raw(peers.announcement()).await?;
     }
     Ok(())
 }

@@ -422,6 +422,7 @@ impl Store {
                             .col_expr(
                                 delivery::Column::LeaseId,
                                 // `||` concatenates on SQLite and PostgreSQL; the prefix is a generated id.
+                                // Results rely on this form (`lease_names`).
                                 Expr::cust(format!("'{prefix}.' || id")),
                             )
                             .col_expr(delivery::Column::LeaseAgent, Expr::value(agent_id.clone()))
@@ -472,11 +473,10 @@ impl Store {
                     let mut first: HashMap<&str, usize> = HashMap::new();
                     let mut by_code: HashMap<u32, Vec<(&str, &str)>> = HashMap::new();
                     // Only a lease that names its own delivery may go into the shared statement.
-                    let names_its_delivery = |r: &AttemptReport| {
-                        r.lease_id.strip_suffix(r.delivery_id.as_str()).is_some_and(|p| p.ends_with('.'))
-                    };
-                    for (i, r) in
-                        reports.iter().enumerate().filter(|(_, r)| is_plain_success(r) && names_its_delivery(r))
+                    for (i, r) in reports
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| is_plain_success(r) && lease_names(&r.lease_id, &r.delivery_id))
                     {
                         if let std::collections::hash_map::Entry::Vacant(v) = first.entry(&r.delivery_id) {
                             v.insert(i);
@@ -713,6 +713,11 @@ async fn hook_limits(
         .collect())
 }
 
+/// Whether `lease` is a lease of `delivery`: a claim names each lease `<prefix>.<delivery id>`.
+fn lease_names(lease: &str, delivery: &str) -> bool {
+    lease.strip_suffix(delivery).is_some_and(|prefix| prefix.ends_with('.'))
+}
+
 /// A report of a sent attempt that succeeded: a 2xx answer and no error.
 fn is_plain_success(r: &AttemptReport) -> bool {
     !r.not_sent && is_success(r.status) && r.error_kind == ErrorKind::Unspecified
@@ -722,9 +727,10 @@ fn is_plain_success(r: &AttemptReport) -> bool {
 /// that fences each row by its lease as [`settle`] does, and by status, so that a cancel or
 /// reclaim committing first makes it match nothing. `id IN (…) AND lease_id IN (…)` pairs each
 /// row with its own report because every lease id names its delivery (`<prefix>.<delivery id>`,
-/// checked by the caller) and each delivery appears once; a list of `(id, lease_id)` pairs would
-/// say the same, but PostgreSQL plans it as 1,000 ORs (14 ms of planning per 1,000). Manual attempts are left out: a manual success also
-/// clears `manual_from`, which the caller reads first. Returns, for each delivery settled, the
+/// checked by the caller with [`lease_names`]) and each delivery appears once; a list of
+/// `(id, lease_id)` pairs would say the same, but PostgreSQL plans it as 1,000 ORs (14 ms of
+/// planning per 1,000). Manual attempts are left out: a manual success also clears
+/// `manual_from`, which the caller reads first. Returns, for each delivery settled, the
 /// attempt number it used and its workspace.
 async fn settle_successes(
     txn: &DatabaseTransaction,
