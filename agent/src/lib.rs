@@ -83,9 +83,10 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 /// Where results go: the open session, or a list kept for the next one.
 #[derive(Default)]
 struct Outbox {
-    /// The open session's outbound stream. Unbounded: it holds at most one result and one credit
-    /// per job, and jobs are bounded by capacity.
-    current: Mutex<Option<mpsc::UnboundedSender<proto::AgentMessage>>>,
+    /// The open session's outbound queue and the credit its finished jobs gave back (see
+    /// [`outbound`]). Unbounded: it holds at most one result per job, and jobs are bounded by
+    /// capacity.
+    current: Mutex<Option<(mpsc::UnboundedSender<proto::AgentMessage>, Arc<AtomicU32>)>>,
     unreported: Mutex<Vec<proto::AttemptResult>>,
     in_flight: AtomicU32,
     /// While draining, finished jobs give back no credit.
@@ -98,18 +99,20 @@ impl Outbox {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         let current = self.current.lock().expect("outbox lock").clone();
         let unsent = match current {
-            Some(tx) => match tx.send(message(agent_message::Msg::Result(result))) {
-                Ok(()) => {
-                    if !self.draining.load(Ordering::SeqCst) {
-                        let _ = tx.send(message(agent_message::Msg::Credit(proto::Credit { jobs: 1 })));
-                    }
-                    None
+            Some((tx, credit)) => {
+                // The credit is counted before the result is queued, so the stream that takes the
+                // result finds its credit too.
+                if !self.draining.load(Ordering::SeqCst) {
+                    credit.fetch_add(1, Ordering::SeqCst);
                 }
-                Err(e) => match e.0.msg {
-                    Some(agent_message::Msg::Result(r)) => Some(r),
-                    _ => None,
-                },
-            },
+                match tx.send(message(agent_message::Msg::Result(result))) {
+                    Ok(()) => None,
+                    Err(e) => match e.0.msg {
+                        Some(agent_message::Msg::Result(r)) => Some(r),
+                        _ => None,
+                    },
+                }
+            }
             None => Some(result),
         };
         if let Some(r) = unsent {
@@ -120,6 +123,34 @@ impl Outbox {
 
 fn message(msg: agent_message::Msg) -> proto::AgentMessage {
     proto::AgentMessage { msg: Some(msg) }
+}
+
+/// Credit given back is sent before other messages once this much has gathered.
+const CREDIT_FLUSH: u32 = 32;
+
+/// A session's outbound stream: the messages queued on `rx`, and the credit finished jobs gave
+/// back (`credit`) as one `Credit` message whenever the queue runs dry or `CREDIT_FLUSH` jobs'
+/// worth has gathered — one message for a burst of results rather than one per result.
+fn outbound(
+    mut rx: mpsc::UnboundedReceiver<proto::AgentMessage>,
+    credit: Arc<AtomicU32>,
+) -> impl futures::Stream<Item = proto::AgentMessage> {
+    futures::stream::poll_fn(move |cx| {
+        use std::task::Poll;
+        let take_credit = || match credit.swap(0, Ordering::SeqCst) {
+            0 => None,
+            jobs => Some(message(agent_message::Msg::Credit(proto::Credit { jobs }))),
+        };
+        if credit.load(Ordering::SeqCst) >= CREDIT_FLUSH
+            && let Some(m) = take_credit()
+        {
+            return Poll::Ready(Some(m));
+        }
+        match rx.poll_recv(cx) {
+            Poll::Ready(m) => Poll::Ready(m),
+            Poll::Pending => take_credit().map_or(Poll::Pending, |m| Poll::Ready(Some(m))),
+        }
+    })
 }
 
 /// The running agent, shared by its session and its jobs.
@@ -282,6 +313,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     let mut client = connect(agent, endpoint).await?;
     let capacity = agent.args.max_in_flight.max(1);
     let (tx, rx) = mpsc::unbounded_channel();
+    let credit = Arc::new(AtomicU32::new(0));
     let pending = std::mem::take(&mut *agent.outbox.unreported.lock().expect("outbox lock"));
     let hello = proto::Hello {
         agent_id: agent.id.clone(),
@@ -297,7 +329,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
         restore(pending);
         return Err(Status::internal("session channel closed"));
     }
-    let mut inbound = match client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await {
+    let mut inbound = match client.session(outbound(rx, credit.clone())).await {
         Ok(r) => r.into_inner(),
         Err(e) => {
             restore(pending);
@@ -322,7 +354,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
         .unwrap_or(Duration::from_secs(10));
     let body_limit = welcome.response_body_limit.max(1) as usize;
     tracing::info!(%endpoint, zone = %agent.args.zone, agent = %agent.id, "session open");
-    *agent.outbox.current.lock().expect("outbox lock") = Some(tx.clone());
+    *agent.outbox.current.lock().expect("outbox lock") = Some((tx.clone(), credit));
     agent.ready.store(true, Ordering::SeqCst);
     let free = capacity.saturating_sub(agent.outbox.in_flight.load(Ordering::SeqCst));
     agent.outbox.draining.store(false, Ordering::SeqCst);
@@ -448,4 +480,56 @@ fn end_attempt_span(mut span: opentelemetry::global::BoxedSpan, result: &proto::
         span.set_status(opentelemetry::trace::Status::error(result.error_message.clone()));
     }
     span.end();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt as _;
+
+    fn result(n: u32) -> proto::AgentMessage {
+        message(agent_message::Msg::Result(proto::AttemptResult { attempt: n, ..Default::default() }))
+    }
+
+    fn credit_of(m: &proto::AgentMessage) -> Option<u32> {
+        match &m.msg {
+            Some(agent_message::Msg::Credit(c)) => Some(c.jobs),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn credit_given_back_goes_out_once_the_results_before_it_are_taken() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let credit = Arc::new(AtomicU32::new(0));
+        let mut out = Box::pin(outbound(rx, credit.clone()));
+        for n in 1..=3 {
+            credit.fetch_add(1, Ordering::SeqCst);
+            tx.send(result(n)).unwrap();
+        }
+        for n in 1..=3 {
+            let m = out.next().await.unwrap();
+            assert!(matches!(m.msg, Some(agent_message::Msg::Result(ref r)) if r.attempt == n), "{m:?}");
+        }
+        assert_eq!(credit_of(&out.next().await.unwrap()), Some(3), "one credit for the three results");
+        assert_eq!(credit.load(Ordering::SeqCst), 0);
+        // Nothing queued and no credit: the stream waits.
+        assert!(futures::poll!(out.next()).is_pending());
+
+        // Past CREDIT_FLUSH, credit goes out ahead of the results still queued.
+        for n in 0..CREDIT_FLUSH + 5 {
+            credit.fetch_add(1, Ordering::SeqCst);
+            tx.send(result(n)).unwrap();
+        }
+        let first = out.next().await.unwrap();
+        assert_eq!(credit_of(&first), Some(CREDIT_FLUSH + 5));
+        let mut results = 0;
+        while let std::task::Poll::Ready(Some(m)) = futures::poll!(out.next()) {
+            assert_eq!(credit_of(&m), None, "no credit left to send: {m:?}");
+            results += 1;
+        }
+        assert_eq!(results, CREDIT_FLUSH + 5);
+        drop(tx);
+        assert!(out.next().await.is_none(), "the stream ends with its queue");
+    }
 }

@@ -1,7 +1,8 @@
 //! Making one attempt: sign, add the documented headers, POST with a timeout, follow no
 //! redirect, read the response up to the limit, classify any error.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use herald_shared::proto::{self, ErrorKind, SignatureScheme};
@@ -16,7 +17,18 @@ pub struct Sender {
     client: reqwest::Client,
     guard: Arc<Guard>,
     allow_http: bool,
+    parsed: Arc<Mutex<Parsed>>,
 }
+
+/// What jobs repeat, parsed once: header names per prefix, and endpoint URLs (parsing a URL
+/// costs more than copying one). Bounded: past the bound it starts again empty.
+#[derive(Default)]
+struct Parsed {
+    names: HashMap<String, Arc<Names>>,
+    urls: HashMap<String, reqwest::Url>,
+}
+
+const PARSED_MAX: usize = 4096;
 
 /// A failure to build the HTTP client.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +85,7 @@ impl Sender {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| SetupError::Client(e.to_string()))?;
-        Ok(Sender { client, guard, allow_http })
+        Ok(Sender { client, guard, allow_http, parsed: Arc::default() })
     }
 
     /// Makes the attempt `job` describes and reports it. Never fails: every problem is a result.
@@ -111,7 +123,7 @@ impl Sender {
         unix_now: i64,
         result: &mut proto::AttemptResult,
     ) -> Result<(), (ErrorKind, String)> {
-        let url = reqwest::Url::parse(&job.url).map_err(|e| (ErrorKind::Other, format!("invalid URL: {e}")))?;
+        let url = self.url(&job.url).map_err(|e| (ErrorKind::Other, format!("invalid URL: {e}")))?;
         match url.scheme() {
             "https" => {}
             "http" if self.allow_http => {}
@@ -133,7 +145,10 @@ impl Sender {
         {
             return Err((ErrorKind::Blocked, EgressError::Blocked(ip).to_string()));
         }
-        let (headers, shown) = headers(job, prefix_default, unix_now).map_err(|e| (ErrorKind::Other, e))?;
+        let prefix = job.signing.as_ref().map_or("", |s| s.header_prefix.as_str());
+        let names =
+            self.names(if prefix.is_empty() { prefix_default } else { prefix }).map_err(|e| (ErrorKind::Other, e))?;
+        let (headers, shown) = headers(job, &names, unix_now).map_err(|e| (ErrorKind::Other, e))?;
         result.request_headers = shown;
         let timeout = job
             .timeout
@@ -192,6 +207,34 @@ impl Sender {
     }
 }
 
+impl Sender {
+    fn url(&self, text: &str) -> Result<reqwest::Url, url::ParseError> {
+        if let Some(url) = self.parsed.lock().expect("parsed lock").urls.get(text) {
+            return Ok(url.clone());
+        }
+        let url = reqwest::Url::parse(text)?;
+        let mut parsed = self.parsed.lock().expect("parsed lock");
+        if parsed.urls.len() >= PARSED_MAX {
+            parsed.urls.clear();
+        }
+        parsed.urls.insert(text.to_owned(), url.clone());
+        Ok(url)
+    }
+
+    fn names(&self, prefix: &str) -> Result<Arc<Names>, String> {
+        if let Some(names) = self.parsed.lock().expect("parsed lock").names.get(prefix) {
+            return Ok(names.clone());
+        }
+        let names = Arc::new(Names::new(prefix)?);
+        let mut parsed = self.parsed.lock().expect("parsed lock");
+        if parsed.names.len() >= PARSED_MAX {
+            parsed.names.clear();
+        }
+        parsed.names.insert(prefix.to_owned(), names.clone());
+        Ok(names)
+    }
+}
+
 /// Parses `Retry-After`: delay seconds or an HTTP date.
 pub fn retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
@@ -231,55 +274,93 @@ fn classify(e: &reqwest::Error) -> (ErrorKind, String) {
     }
 }
 
-/// The headers of a delivery, and the same with custom values masked (for the attempt log).
+/// Herald's own header names under one prefix (`X-CloudThinker` unless the webhook sets
+/// another), parsed once and kept by the [`Sender`].
+pub struct Names {
+    signature: HeaderName,
+    signature_next: HeaderName,
+    event: HeaderName,
+    event_id: HeaderName,
+    delivery: HeaderName,
+    attempt: HeaderName,
+    user_agent: HeaderValue,
+}
+
+impl Names {
+    /// The names under `prefix`; an error names the header that cannot be formed.
+    pub fn new(prefix: &str) -> Result<Names, String> {
+        let name = |suffix: &str| {
+            let name = format!("{prefix}-{suffix}");
+            HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name}: {e}"))
+        };
+        Ok(Names {
+            signature: name("Signature")?,
+            signature_next: name("Signature-Next")?,
+            event: name("Event")?,
+            event_id: name("Event-Id")?,
+            delivery: name("Delivery")?,
+            attempt: name("Attempt")?,
+            user_agent: HeaderValue::try_from(format!("Herald/{}", herald_shared::VERSION))
+                .map_err(|e| format!("header user-agent: {e}"))?,
+        })
+    }
+}
+
+/// The headers of a delivery, and the same with custom values masked (for the attempt log,
+/// keyed by lowercase name).
 pub fn headers(
     job: &proto::Job,
-    prefix_default: &str,
+    names: &Names,
     unix_now: i64,
 ) -> Result<(HeaderMap, std::collections::HashMap<String, String>), String> {
-    let signing = job.signing.clone().unwrap_or_default();
-    let prefix =
-        if signing.header_prefix.is_empty() { prefix_default.to_owned() } else { signing.header_prefix.clone() };
-    let mut own: Vec<(String, String)> = vec![
-        ("content-type".into(), "application/json".into()),
-        ("user-agent".into(), format!("Herald/{}", herald_shared::VERSION)),
-        (format!("{prefix}-Signature"), signature::cloudthinker(&signing.secret, &job.body)),
-        (format!("{prefix}-Event"), job.event_type.clone()),
-        (format!("{prefix}-Event-Id"), job.event_id.clone()),
-        (format!("{prefix}-Delivery"), job.delivery_id.clone()),
-        (format!("{prefix}-Attempt"), job.attempt.to_string()),
-    ];
+    let value = |name: &HeaderName, text: &str| HeaderValue::from_str(text).map_err(|e| format!("header {name}: {e}"));
+    let default = proto::Signing::default();
+    let signing = job.signing.as_ref().unwrap_or(&default);
+    let mut map = HeaderMap::with_capacity(12 + job.headers.len());
+    map.insert(reqwest::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    map.insert(reqwest::header::USER_AGENT, names.user_agent.clone());
+    let signature = signature::cloudthinker(&signing.secret, &job.body);
+    map.insert(names.signature.clone(), HeaderValue::try_from(signature).map_err(|e| e.to_string())?);
+    map.insert(names.event.clone(), value(&names.event, &job.event_type)?);
+    map.insert(names.event_id.clone(), value(&names.event_id, &job.event_id)?);
+    map.insert(names.delivery.clone(), value(&names.delivery, &job.delivery_id)?);
+    map.insert(names.attempt.clone(), HeaderValue::from(job.attempt));
     if !signing.next_secret.is_empty() {
-        own.push((format!("{prefix}-Signature-Next"), signature::cloudthinker(&signing.next_secret, &job.body)));
+        let next = signature::cloudthinker(&signing.next_secret, &job.body);
+        map.insert(names.signature_next.clone(), HeaderValue::try_from(next).map_err(|e| e.to_string())?);
     }
     if !job.traceparent.is_empty() {
-        own.push(("traceparent".into(), job.traceparent.clone()));
+        let name = HeaderName::from_static("traceparent");
+        map.insert(name.clone(), value(&name, &job.traceparent)?);
     }
     if signing.scheme == SignatureScheme::StandardWebhooks as i32 {
-        let mut sigs = Vec::new();
+        let mut sigs = String::new();
         for secret in [&signing.secret, &signing.next_secret].into_iter().filter(|s| !s.is_empty()) {
             let key = signature::standard_key(secret).map_err(|e| format!("standard webhooks secret: {e}"))?;
-            sigs.push(signature::standard(&key, &job.event_id, unix_now, &job.body));
+            if !sigs.is_empty() {
+                sigs.push(' ');
+            }
+            sigs.push_str(&signature::standard(&key, &job.event_id, unix_now, &job.body));
         }
-        own.push(("webhook-id".into(), job.event_id.clone()));
-        own.push(("webhook-timestamp".into(), unix_now.to_string()));
-        own.push(("webhook-signature".into(), sigs.join(" ")));
+        let id = HeaderName::from_static("webhook-id");
+        map.insert(id.clone(), value(&id, &job.event_id)?);
+        map.insert(HeaderName::from_static("webhook-timestamp"), HeaderValue::from(unix_now));
+        map.insert(
+            HeaderName::from_static("webhook-signature"),
+            HeaderValue::try_from(sigs).map_err(|e| e.to_string())?,
+        );
     }
-    let mut map = HeaderMap::with_capacity(own.len() + job.headers.len());
-    let mut shown = std::collections::HashMap::with_capacity(own.len() + job.headers.len());
-    for (name, value) in &own {
-        let n = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name}: {e}"))?;
-        let v = HeaderValue::from_str(value).map_err(|e| format!("header {name}: {e}"))?;
-        map.insert(n, v);
-        shown.insert(name.to_ascii_lowercase(), value.clone());
+    let mut shown = std::collections::HashMap::with_capacity(map.len() + job.headers.len());
+    for (name, value) in &map {
+        shown.insert(name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
     // Custom headers come last: `Content-Type` may be overridden, nothing else Herald sets can be
     // (the control plane refuses reserved names).
-    for (name, value) in &job.headers {
+    for (name, text) in &job.headers {
         let n = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name}: {e}"))?;
-        let v = HeaderValue::from_str(value).map_err(|e| format!("header {name}: {e}"))?;
+        let v = value(&n, text)?;
+        shown.insert(n.as_str().to_owned(), "***".to_owned());
         map.insert(n, v);
-        shown.insert(name.to_ascii_lowercase(), "***".to_owned());
     }
     Ok((map, shown))
 }
@@ -315,7 +396,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let (map, shown) = headers(&job, "X-CloudThinker", 1_700_000_000).unwrap();
+        let (map, shown) = headers(&job, &Names::new("X-CloudThinker").unwrap(), 1_700_000_000).unwrap();
         assert_eq!(
             map["X-CloudThinker-Signature"],
             signature::cloudthinker("old-secret-0123456789", br#"{"a":1}"#).as_str()
