@@ -175,10 +175,24 @@ pub fn next_attempt_at(policy: &QueuePolicy, next: u32, now: i64, retry_after_ms
     Some(asked.map_or(scheduled, |a| std::cmp::max(a, scheduled)))
 }
 
+/// Headers as the attempt log stores them: a JSON object, written straight from the pairs
+/// (sorted by name, each name once, as [`AttemptReport`] holds them).
 fn headers_json(headers: &[(String, String)]) -> String {
-    let map: serde_json::Map<String, serde_json::Value> =
-        headers.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
-    serde_json::Value::Object(map).to_string()
+    use serde::ser::{SerializeMap as _, Serializer as _};
+    let size: usize = headers.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+    let mut out = Vec::with_capacity(size + 2);
+    let mut ser = serde_json::Serializer::new(&mut out);
+    let written = ser.serialize_map(Some(headers.len())).and_then(|mut map| {
+        for (k, v) in headers {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    });
+    match written {
+        // serde_json writes valid UTF-8, and writing into a Vec cannot fail.
+        Ok(()) => String::from_utf8(out).unwrap_or_default(),
+        Err(_) => "{}".to_owned(),
+    }
 }
 
 fn truncate(body: &[u8], limit: usize) -> String {
@@ -1014,6 +1028,19 @@ mod tests {
         assert_eq!(next_attempt_at(&p, 2, now, Some(10_000)), Some(60_000), "never earlier than the schedule");
         assert_eq!(next_attempt_at(&p, 2, now, Some(120_000)), Some(120_000), "later when asked");
         assert_eq!(next_attempt_at(&p, 2, now, Some(99_999_999)), Some(3_600_000), "capped by --retry-after-max");
+    }
+
+    #[test]
+    fn headers_are_stored_as_one_json_object() {
+        let headers = vec![
+            ("content-type".to_owned(), "application/json".to_owned()),
+            ("x-quote".to_owned(), "say \"hi\"\n".to_owned()),
+        ];
+        let json = headers_json(&headers);
+        assert_eq!(json, r#"{"content-type":"application/json","x-quote":"say \"hi\"\n"}"#);
+        let back: std::collections::BTreeMap<String, String> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.into_iter().collect::<Vec<_>>(), headers);
+        assert_eq!(headers_json(&[]), "{}");
     }
 
     #[test]
