@@ -94,25 +94,31 @@ struct Outbox {
 }
 
 impl Outbox {
-    /// Hands a finished job's result to the session, or keeps it; returns its credit.
+    /// Hands a finished job's result to the session, or keeps it, and gives the job's credit back
+    /// to the session (not while draining). The job leaves `in_flight` under the lock a new
+    /// session holds while it reads its opening credit, so each job is counted in one or the
+    /// other, never both.
     fn report(&self, result: proto::AttemptResult) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        let current = self.current.lock().expect("outbox lock").clone();
-        let unsent = match current {
-            Some((tx, credit)) => {
-                // The credit is counted before the result is queued, so the stream that takes the
-                // result finds its credit too.
-                if !self.draining.load(Ordering::SeqCst) {
-                    credit.fetch_add(1, Ordering::SeqCst);
-                }
-                match tx.send(message(agent_message::Msg::Result(result))) {
-                    Ok(()) => None,
-                    Err(e) => match e.0.msg {
-                        Some(agent_message::Msg::Result(r)) => Some(r),
-                        _ => None,
-                    },
-                }
+        let current = {
+            let current = self.current.lock().expect("outbox lock");
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            // Counted before the result is queued, so the stream that takes the result finds
+            // its credit too.
+            if let Some((_, credit)) = current.as_ref()
+                && !self.draining.load(Ordering::SeqCst)
+            {
+                credit.fetch_add(1, Ordering::SeqCst);
             }
+            current.clone()
+        };
+        let unsent = match current {
+            Some((tx, _)) => match tx.send(message(agent_message::Msg::Result(result))) {
+                Ok(()) => None,
+                Err(e) => match e.0.msg {
+                    Some(agent_message::Msg::Result(r)) => Some(r),
+                    _ => None,
+                },
+            },
             None => Some(result),
         };
         if let Some(r) = unsent {
@@ -354,10 +360,13 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
         .unwrap_or(Duration::from_secs(10));
     let body_limit = welcome.response_body_limit.max(1) as usize;
     tracing::info!(%endpoint, zone = %agent.args.zone, agent = %agent.id, "session open");
-    *agent.outbox.current.lock().expect("outbox lock") = Some((tx.clone(), credit));
+    let free = {
+        let mut current = agent.outbox.current.lock().expect("outbox lock");
+        *current = Some((tx.clone(), credit));
+        agent.outbox.draining.store(false, Ordering::SeqCst);
+        capacity.saturating_sub(agent.outbox.in_flight.load(Ordering::SeqCst))
+    };
     agent.ready.store(true, Ordering::SeqCst);
-    let free = capacity.saturating_sub(agent.outbox.in_flight.load(Ordering::SeqCst));
-    agent.outbox.draining.store(false, Ordering::SeqCst);
     let _ = tx.send(message(agent_message::Msg::Credit(proto::Credit { jobs: free })));
 
     let mut draining = false;
@@ -531,5 +540,32 @@ mod tests {
         assert_eq!(results, CREDIT_FLUSH + 5);
         drop(tx);
         assert!(out.next().await.is_none(), "the stream ends with its queue");
+    }
+
+    #[tokio::test]
+    async fn a_report_from_another_task_wakes_the_waiting_stream_with_its_credit() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let credit = Arc::new(AtomicU32::new(0));
+        let outbox = Arc::new(Outbox::default());
+        outbox.in_flight.store(2, Ordering::SeqCst);
+        *outbox.current.lock().unwrap() = Some((tx, credit.clone()));
+        let mut out = Box::pin(outbound(rx, credit));
+        assert!(futures::poll!(out.next()).is_pending(), "nothing to send yet");
+        let reporter = outbox.clone();
+        tokio::spawn(async move { reporter.report(proto::AttemptResult { attempt: 7, ..Default::default() }) });
+        let wait = Duration::from_secs(5);
+        let m: proto::AgentMessage =
+            tokio::time::timeout(wait, out.next()).await.expect("woken by the report").unwrap();
+        assert!(matches!(m.msg, Some(agent_message::Msg::Result(ref r)) if r.attempt == 7), "{m:?}");
+        let m: proto::AgentMessage = tokio::time::timeout(wait, out.next()).await.expect("the credit follows").unwrap();
+        assert_eq!(credit_of(&m), Some(1));
+        assert_eq!(outbox.in_flight.load(Ordering::SeqCst), 1);
+
+        // While draining, a finished job gives no credit back.
+        outbox.draining.store(true, Ordering::SeqCst);
+        outbox.report(proto::AttemptResult { attempt: 8, ..Default::default() });
+        let m: proto::AgentMessage = tokio::time::timeout(wait, out.next()).await.unwrap().unwrap();
+        assert!(matches!(m.msg, Some(agent_message::Msg::Result(ref r)) if r.attempt == 8), "{m:?}");
+        assert!(futures::poll!(out.next()).is_pending(), "no credit while draining");
     }
 }

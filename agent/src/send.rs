@@ -28,7 +28,8 @@ struct Parsed {
     urls: HashMap<String, reqwest::Url>,
 }
 
-const PARSED_MAX: usize = 4096;
+/// At most this many of each (URLs up to 2 KiB each: a few MiB at worst).
+const PARSED_MAX: usize = 1024;
 
 /// A failure to build the HTTP client.
 #[derive(Debug, thiserror::Error)]
@@ -313,7 +314,7 @@ pub fn headers(
     names: &Names,
     unix_now: i64,
 ) -> Result<(HeaderMap, std::collections::HashMap<String, String>), String> {
-    let value = |name: &HeaderName, text: &str| HeaderValue::from_str(text).map_err(|e| format!("header {name}: {e}"));
+    let value = |name: &str, text: &str| HeaderValue::from_str(text).map_err(|e| format!("header {name}: {e}"));
     let default = proto::Signing::default();
     let signing = job.signing.as_ref().unwrap_or(&default);
     let mut map = HeaderMap::with_capacity(12 + job.headers.len());
@@ -321,17 +322,16 @@ pub fn headers(
     map.insert(reqwest::header::USER_AGENT, names.user_agent.clone());
     let signature = signature::cloudthinker(&signing.secret, &job.body);
     map.insert(names.signature.clone(), HeaderValue::try_from(signature).map_err(|e| e.to_string())?);
-    map.insert(names.event.clone(), value(&names.event, &job.event_type)?);
-    map.insert(names.event_id.clone(), value(&names.event_id, &job.event_id)?);
-    map.insert(names.delivery.clone(), value(&names.delivery, &job.delivery_id)?);
+    map.insert(names.event.clone(), value(names.event.as_str(), &job.event_type)?);
+    map.insert(names.event_id.clone(), value(names.event_id.as_str(), &job.event_id)?);
+    map.insert(names.delivery.clone(), value(names.delivery.as_str(), &job.delivery_id)?);
     map.insert(names.attempt.clone(), HeaderValue::from(job.attempt));
     if !signing.next_secret.is_empty() {
         let next = signature::cloudthinker(&signing.next_secret, &job.body);
         map.insert(names.signature_next.clone(), HeaderValue::try_from(next).map_err(|e| e.to_string())?);
     }
     if !job.traceparent.is_empty() {
-        let name = HeaderName::from_static("traceparent");
-        map.insert(name.clone(), value(&name, &job.traceparent)?);
+        map.insert(HeaderName::from_static("traceparent"), value("traceparent", &job.traceparent)?);
     }
     if signing.scheme == SignatureScheme::StandardWebhooks as i32 {
         let mut sigs = String::new();
@@ -342,8 +342,7 @@ pub fn headers(
             }
             sigs.push_str(&signature::standard(&key, &job.event_id, unix_now, &job.body));
         }
-        let id = HeaderName::from_static("webhook-id");
-        map.insert(id.clone(), value(&id, &job.event_id)?);
+        map.insert(HeaderName::from_static("webhook-id"), value("webhook-id", &job.event_id)?);
         map.insert(HeaderName::from_static("webhook-timestamp"), HeaderValue::from(unix_now));
         map.insert(
             HeaderName::from_static("webhook-signature"),
@@ -358,7 +357,7 @@ pub fn headers(
     // (the control plane refuses reserved names).
     for (name, text) in &job.headers {
         let n = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name}: {e}"))?;
-        let v = value(&n, text)?;
+        let v = value(name, text)?;
         shown.insert(n.as_str().to_owned(), "***".to_owned());
         map.insert(n, v);
     }

@@ -179,6 +179,7 @@ pub fn next_attempt_at(policy: &QueuePolicy, next: u32, now: i64, retry_after_ms
 /// (sorted by name, each name once, as [`AttemptReport`] holds them).
 fn headers_json(headers: &[(String, String)]) -> String {
     use serde::ser::{SerializeMap as _, Serializer as _};
+    debug_assert!(headers.windows(2).all(|w| w[0].0 < w[1].0), "headers sorted, each name once");
     let size: usize = headers.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
     let mut out = Vec::with_capacity(size + 2);
     let mut ser = serde_json::Serializer::new(&mut out);
