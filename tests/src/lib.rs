@@ -45,6 +45,8 @@ pub struct TestDb {
     pub url: String,
     /// Keeps the SQLite folder alive as long as the test.
     _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL schema, dropped with the test.
+    schema: Option<String>,
     /// The connection snapshots read through, opened on first use.
     snapshots: tokio::sync::OnceCell<DatabaseConnection>,
 }
@@ -55,7 +57,7 @@ impl TestDb {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temporary folder");
                 let url = format!("sqlite://{}", dir.path().join("herald.db").display());
-                TestDb { backend, url, _dir: Some(dir), snapshots: Default::default() }
+                TestDb { backend, url, _dir: Some(dir), schema: None, snapshots: Default::default() }
             }
             Backend::Postgres => {
                 let base = postgres_url();
@@ -67,7 +69,7 @@ impl TestDb {
                 admin.close().await.ok();
                 let sep = if base.contains('?') { '&' } else { '?' };
                 let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
-                TestDb { backend, url, _dir: None, snapshots: Default::default() }
+                TestDb { backend, url, _dir: None, schema: Some(schema), snapshots: Default::default() }
             }
         }
     }
@@ -97,6 +99,30 @@ impl TestDb {
         dump!(attempt, Id);
         dump!(agent, Id);
         out
+    }
+}
+
+impl Drop for TestDb {
+    /// Drops the test's PostgreSQL schema, so that test runs do not pile schemas up in the
+    /// database they are given. Best effort, on a thread of its own (the test's runtime may be
+    /// going away): a schema that a process still holds locks in after 2 s stays.
+    fn drop(&mut self) {
+        let Some(schema) = self.schema.take() else { return };
+        let (base, name) = (postgres_url(), schema.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                let admin = sea_orm::Database::connect(&base).await.ok()?;
+                let sql = format!("SET lock_timeout = '2s'; DROP SCHEMA IF EXISTS {schema} CASCADE");
+                let dropped = admin.execute_unprepared(&sql).await.is_ok();
+                admin.close().await.ok();
+                Some(dropped)
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(true))) {
+            eprintln!("note: test schema {name} was left in place (still in use)");
+        }
     }
 }
 
