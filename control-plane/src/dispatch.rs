@@ -311,9 +311,17 @@ impl Dispatcher {
         &self.inner.peers
     }
 
-    /// A webhook changed or was deleted: forget what is cached of it.
+    /// A webhook changed or was deleted (here, or on another replica): forget what is cached of
+    /// it, and look for work again.
     pub fn forget(&self, webhook_id: &str) {
         self.inner.state.lock().expect("dispatcher lock").hooks.remove(webhook_id);
+        self.wake();
+    }
+
+    /// Forgets every cached webhook: this replica may have missed other replicas' changes (its
+    /// listener was not connected).
+    pub fn forget_all(&self) {
+        self.inner.state.lock().expect("dispatcher lock").hooks.clear();
         self.wake();
     }
 

@@ -264,9 +264,11 @@ async fn retention_loop(store: Store, retention: std::time::Duration, shutdown: 
 }
 
 /// Wakes the dispatcher when another replica on the same PostgreSQL queues deliveries or
-/// finishes jobs (`NOTIFY herald_wake`), and relays other replicas' delivery changes to this
-/// replica's watchers (`herald_changes`). The listener reconnects by itself; the dispatcher's own
-/// timers remain the fallback while it cannot.
+/// finishes jobs (`NOTIFY herald_wake`), relays other replicas' delivery changes to this
+/// replica's watchers (`herald_changes`), and makes the dispatcher forget a webhook another
+/// replica changed or deleted (`herald_webhooks`), or every cached webhook when it (re)connects,
+/// since changes announced meanwhile were lost. The listener reconnects by itself; the
+/// dispatcher's own timers remain the fallback while it cannot.
 ///
 /// It also keeps [`crate::store::Peers`] true: every [`crate::store::PEER_HEARTBEAT`] it tells
 /// the others this replica is there (`pg_notify('herald_wake', '<id>')`, which its own listener
@@ -290,8 +292,17 @@ async fn wake_on_notify(
     loop {
         let listening = async {
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen_all([crate::store::events::WAKE_CHANNEL, crate::store::events::CHANGES_CHANNEL]).await?;
+            listener
+                .listen_all([
+                    crate::store::events::WAKE_CHANNEL,
+                    crate::store::events::CHANGES_CHANNEL,
+                    crate::store::webhooks::WEBHOOKS_CHANNEL,
+                ])
+                .await?;
             peers.set_listening(true, crate::store::now_millis());
+            // Webhook changes other replicas announced while this one was not listening are lost:
+            // what the dispatcher cached of webhooks may be stale.
+            dispatcher.forget_all();
             let mut heartbeat = tokio::time::interval(crate::store::PEER_HEARTBEAT);
             let catch_up = dispatcher.clone();
             tokio::spawn(async move {
@@ -314,10 +325,10 @@ async fn wake_on_notify(
                     continue;
                 };
                 peers.set_listening(true, now);
-                let from = if n.channel() == crate::store::events::CHANGES_CHANNEL {
-                    n.payload().split_once(' ').map_or("", |(from, _)| from)
-                } else {
-                    n.payload()
+                // `herald_wake` carries the sender's id; the others `<sender> <ids>`.
+                let (from, ids) = match n.payload().split_once(' ') {
+                    Some((from, ids)) if n.channel() != crate::store::events::WAKE_CHANNEL => (from, ids),
+                    _ => (n.payload(), ""),
                 };
                 // Its own notifications (payload: its replica id) it has acted on already.
                 if from == peers.id {
@@ -326,12 +337,13 @@ async fn wake_on_notify(
                 if peers.heard_from(from, now) {
                     announce().await;
                 }
-                if n.channel() == crate::store::events::CHANGES_CHANNEL {
-                    if let Some((_, ids)) = n.payload().split_once(' ') {
+                match n.channel() {
+                    crate::store::events::CHANGES_CHANNEL if !ids.is_empty() => {
                         dispatcher.changed_here(ids.split(',').map(str::to_owned).collect());
                     }
-                } else {
-                    dispatcher.wake();
+                    crate::store::webhooks::WEBHOOKS_CHANNEL if !ids.is_empty() => dispatcher.forget(ids),
+                    crate::store::events::WAKE_CHANNEL => dispatcher.wake(),
+                    _ => {}
                 }
             }
             #[allow(unreachable_code)]

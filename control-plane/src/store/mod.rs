@@ -208,6 +208,27 @@ pub(crate) async fn wake_others(txn: &impl sea_orm::ConnectionTrait, peers: &Pee
     Ok(())
 }
 
+/// Tells the other replicas on the same PostgreSQL, when `txn` commits, that webhook `id` changed
+/// (`pg_notify('herald_webhooks', '<replica> <id>')`): they drop what their dispatchers cached of
+/// it (URL, secrets, headers, transform) and look for work again (a resumed webhook's deliveries).
+/// Nothing on SQLite. Sent whether or not other replicas are known: changes are rare, and a
+/// replica that has not announced itself yet may already have cached the webhook.
+pub(crate) async fn webhook_changed(
+    txn: &impl sea_orm::ConnectionTrait,
+    peers: &Peers,
+    id: &str,
+) -> Result<(), StoreError> {
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        txn.execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [webhooks::WEBHOOKS_CHANNEL.into(), format!("{} {id}", peers.id).into()],
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()

@@ -17,6 +17,10 @@ const SECRET: &str = "webhook.secret";
 const HEADERS: &str = "webhook.headers";
 const VARS: &str = "webhook.transform_vars";
 
+/// The PostgreSQL notification channel on which replicas tell each other which webhook changed
+/// (`<replica> <webhook id>`; see [`super::webhook_changed`]).
+pub const WEBHOOKS_CHANNEL: &str = "herald_webhooks";
+
 /// What a user configures on a webhook (everything but ids, times and the secret). `Debug` masks
 /// header values and transform variables.
 #[derive(Clone, PartialEq)]
@@ -243,7 +247,7 @@ impl Store {
     where
         F: FnOnce(&Webhook) -> Result<WebhookSpec, StoreError> + Send + 'static,
     {
-        let key = self.key.clone();
+        let (key, peers) = (self.key.clone(), self.peers.clone());
         let (workspace, id) = (workspace.to_owned(), id.to_owned());
         self.writer
             .write(move |txn| {
@@ -278,6 +282,7 @@ impl Store {
                             .exec(txn)
                             .await?;
                     }
+                    super::webhook_changed(txn, &peers, &id).await?;
                     open(&key, updated)
                 })
             })
@@ -287,6 +292,7 @@ impl Store {
     /// Soft-deletes a webhook and cancels its open deliveries; returns how many were cancelled.
     pub async fn delete_webhook(&self, workspace: &str, id: &str) -> Result<u64, StoreError> {
         let (workspace, id) = (workspace.to_owned(), id.to_owned());
+        let peers = self.peers.clone();
         self.writer
             .write(move |txn| {
                 Box::pin(async move {
@@ -305,6 +311,7 @@ impl Store {
                         .filter(delivery::Column::Status.is_in(status::OPEN))
                         .exec(txn)
                         .await?;
+                    super::webhook_changed(txn, &peers, &id).await?;
                     Ok(cancelled.rows_affected)
                 })
             })
@@ -319,7 +326,7 @@ impl Store {
         new_secret: String,
         grace_until: i64,
     ) -> Result<Webhook, StoreError> {
-        let key = self.key.clone();
+        let (key, peers) = (self.key.clone(), self.peers.clone());
         let (workspace, id) = (workspace.to_owned(), id.to_owned());
         self.writer
             .write(move |txn| {
@@ -332,6 +339,7 @@ impl Store {
                     am.secret = Set(key.seal_str(SECRET, &new_secret));
                     am.updated_at = Set(now_millis());
                     let updated = webhook::Entity::update(am).exec(txn).await?;
+                    super::webhook_changed(txn, &peers, &id).await?;
                     open(&key, updated)
                 })
             })

@@ -526,6 +526,54 @@ async fn max_in_flight_holds_across_two_replicas() {
     assert_eq!((got, dups), (12, 0));
 }
 
+/// A webhook changed through one replica is sent with its new settings by another replica that
+/// had it cached (`herald_webhooks`): its new URL, and after a rotation the new secret's
+/// signature. Only the second replica has an agent, so it sends everything; every change goes
+/// through the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_changes_reach_the_replica_that_sends() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Postgres).await;
+    let replicas = [ControlPlaneProcess::start(&db.url, &[]).await, ControlPlaneProcess::start(&db.url, &[]).await];
+    let _agent = AgentProcess::start(&replicas[1].url(), "default", "agent-1", Some(&ca.path), &[]);
+    replicas[1].wait_agents(&["agent-1"]).await;
+    let (before, after) = (Receiver::https(&ca).await, Receiver::https(&ca).await);
+    let hook = create(&replicas[0], webhook("moving", &before.url("/"), &["incident.created"])).await;
+    let publish = async |id: &str| {
+        let e = proto::Event { id: id.into(), ..event("incident.created", "{}") };
+        replicas[0].events().publish_event(proto::PublishEventRequest { event: Some(e) }).await.unwrap();
+    };
+    // The second replica sends the first event, and keeps the webhook cached.
+    publish("moving-0").await;
+    before.wait_for(1, WAIT).await;
+
+    let change = proto::Webhook { id: hook.id.clone(), url: after.url("/"), ..Default::default() };
+    let mask = prost_types::FieldMask { paths: vec!["url".into()] };
+    replicas[0]
+        .webhooks()
+        .update_webhook(proto::UpdateWebhookRequest { webhook: Some(change), update_mask: Some(mask) })
+        .await
+        .unwrap();
+    publish("moving-1").await;
+    let moved = after.wait_for(1, WAIT).await.remove(0);
+    assert!(moved.body.windows(8).any(|w| w == b"moving-1"), "{:?}", moved.body);
+    assert_eq!(before.count(), 1, "the old URL was sent to after the change");
+
+    let rotated = replicas[0]
+        .webhooks()
+        .rotate_webhook_secret(proto::RotateWebhookSecretRequest { id: hook.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    publish("moving-2").await;
+    let signed = after.wait_for(2, WAIT).await.remove(1);
+    let next = signed.header("x-cloudthinker-signature-next");
+    let current = signed.header("x-cloudthinker-signature");
+    assert!(herald_shared::signature::verify_cloudthinker(&rotated.secret, &signed.body, &next), "{next:?}");
+    assert!(herald_shared::signature::verify_cloudthinker(&hook.secret, &signed.body, &current), "{current:?}");
+    println!("fault: webhook changes reach the replica that sends: new URL and new secret used");
+}
+
 /// The `herald_wake` notifications heard within `window`: how many `of` sent, and the others'.
 async fn wake_ups(
     listener: &mut sea_orm::sqlx::postgres::PgListener,
