@@ -66,6 +66,8 @@ struct Session {
 /// What the dispatcher remembers of a job until its result arrives.
 struct LeaseMeta {
     webhook_id: String,
+    /// The session the job went to.
+    session: u64,
     /// The body sent, when a transform applied (for the attempt log).
     request_body: Option<String>,
 }
@@ -79,6 +81,9 @@ struct Hook {
 struct State {
     sessions: HashMap<u64, Session>,
     hooks: HashMap<String, Arc<Hook>>,
+    /// Counts every forgetting of `hooks`: a webhook read from the database while one happened
+    /// may be the copy just forgotten, and is used once but not cached.
+    hooks_epoch: u64,
     leases: HashMap<String, LeaseMeta>,
     next_session: u64,
 }
@@ -314,14 +319,22 @@ impl Dispatcher {
     /// A webhook changed or was deleted (here, or on another replica): forget what is cached of
     /// it, and look for work again.
     pub fn forget(&self, webhook_id: &str) {
-        self.inner.state.lock().expect("dispatcher lock").hooks.remove(webhook_id);
+        {
+            let mut state = self.inner.state.lock().expect("dispatcher lock");
+            state.hooks.remove(webhook_id);
+            state.hooks_epoch += 1;
+        }
         self.wake();
     }
 
     /// Forgets every cached webhook: this replica may have missed other replicas' changes (its
     /// listener was not connected).
     pub fn forget_all(&self) {
-        self.inner.state.lock().expect("dispatcher lock").hooks.clear();
+        {
+            let mut state = self.inner.state.lock().expect("dispatcher lock");
+            state.hooks.clear();
+            state.hooks_epoch += 1;
+        }
         self.wake();
     }
 
@@ -431,6 +444,9 @@ impl Dispatcher {
                 }
                 self.count_outcomes(&reclaimed.applied);
                 self.release_leases(&leases);
+                // Leases of this session that another replica took back when they expired are
+                // not among those: forget them too, or their webhook's slots would stay taken.
+                self.release_session(session);
             }
             Err(e) => tracing::warn!(error = %e, "cannot take back the leases of a closed session; they will expire"),
         }
@@ -492,6 +508,21 @@ impl Dispatcher {
                 *n = n.saturating_sub(1);
             }
         }
+    }
+
+    /// Forgets every lease still remembered of a closed session, freeing its webhooks' slots.
+    fn release_session(&self, session: u64) {
+        let mut state = self.inner.state.lock().expect("dispatcher lock");
+        let mut counts = self.inner.hook_in_flight.lock().expect("in-flight lock");
+        state.leases.retain(|_, meta| {
+            if meta.session != session {
+                return true;
+            }
+            if let Some(n) = counts.get_mut(&meta.webhook_id) {
+                *n = n.saturating_sub(1);
+            }
+            false
+        });
     }
 
     async fn dispatch_loop(self, shutdown: CancellationToken) {
@@ -625,12 +656,19 @@ impl Dispatcher {
     }
 
     async fn hook(&self, id: &str) -> Result<Arc<Hook>, StoreError> {
-        if let Some(h) = self.inner.state.lock().expect("dispatcher lock").hooks.get(id) {
-            return Ok(h.clone());
-        }
+        let epoch = {
+            let state = self.inner.state.lock().expect("dispatcher lock");
+            if let Some(h) = state.hooks.get(id) {
+                return Ok(h.clone());
+            }
+            state.hooks_epoch
+        };
         let webhook = self.inner.store.get_webhook_any(id).await?;
         let hook = Arc::new(Hook { webhook });
-        self.inner.state.lock().expect("dispatcher lock").hooks.insert(id.to_owned(), hook.clone());
+        let mut state = self.inner.state.lock().expect("dispatcher lock");
+        if state.hooks_epoch == epoch {
+            state.hooks.insert(id.to_owned(), hook.clone());
+        }
         Ok(hook)
     }
 
@@ -778,7 +816,7 @@ impl Dispatcher {
                 *counts.entry(webhook_id.clone()).or_default() += 1;
                 state.leases.insert(
                     job.lease_id.clone(),
-                    LeaseMeta { webhook_id: webhook_id.clone(), request_body: request_body.clone() },
+                    LeaseMeta { webhook_id: webhook_id.clone(), session, request_body: request_body.clone() },
                 );
             }
             drop(counts);

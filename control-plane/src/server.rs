@@ -319,9 +319,12 @@ async fn wake_on_notify(
                 };
                 let now = crate::store::now_millis();
                 let Some(n) = n else {
-                    // The connection was lost; the next call reconnects. Until a notification
-                    // (its own heartbeat) arrives again, this replica cannot know it is alone.
+                    // The connection was lost, and the listener connected again and listens anew
+                    // (sqlx does both before it answers `None`). Until a notification (its own
+                    // heartbeat) arrives, this replica cannot know it is alone; webhook changes
+                    // announced meanwhile were lost, and so were wake-ups.
                     peers.set_listening(false, now);
+                    dispatcher.forget_all();
                     continue;
                 };
                 peers.set_listening(true, now);

@@ -100,6 +100,7 @@ impl Store {
     /// one gets one manual attempt that, if it fails, returns it to where it was.
     pub async fn retry_delivery(&self, workspace: &str, id: &str) -> Result<delivery::Model, StoreError> {
         let (workspace, id) = (workspace.to_owned(), id.to_owned());
+        let peers = self.peers.clone();
         self.writer
             .write(move |txn| {
                 Box::pin(async move {
@@ -140,6 +141,8 @@ impl Store {
                             "the delivery is being attempted right now; wait for its result",
                         ));
                     }
+                    // The zone's agents may be on another replica.
+                    super::wake_others(txn, &peers).await?;
                     Ok(delivery::Model { status: to, next_attempt_at: now, manual_from, updated_at: now, ..d })
                 })
             })
@@ -157,6 +160,7 @@ impl Store {
         include_all: bool,
     ) -> Result<u64, StoreError> {
         let (workspace, webhook_id) = (workspace.to_owned(), webhook_id.to_owned());
+        let peers = self.peers.clone();
         self.writer
             .write(move |txn| {
                 Box::pin(async move {
@@ -185,6 +189,9 @@ impl Store {
                         )
                         .exec(txn)
                         .await?;
+                    if reopened.rows_affected > 0 {
+                        super::wake_others(txn, &peers).await?;
+                    }
                     Ok(reopened.rows_affected)
                 })
             })
@@ -201,6 +208,7 @@ impl Store {
         timestamp: String,
     ) -> Result<(String, String), StoreError> {
         let (workspace, webhook_id, event_type) = (workspace.to_owned(), webhook_id.to_owned(), event_type.to_owned());
+        let peers = self.peers.clone();
         self.writer
             .write(move |txn| {
                 Box::pin(async move {
@@ -241,6 +249,7 @@ impl Store {
                     .row();
                     let delivery_id = row.id.clone().unwrap();
                     delivery::Entity::insert(row).exec_without_returning(txn).await?;
+                    super::wake_others(txn, &peers).await?;
                     Ok((event_id, delivery_id))
                 })
             })

@@ -528,13 +528,14 @@ async fn max_in_flight_holds_across_two_replicas() {
 
 /// A webhook changed through one replica is sent with its new settings by another replica that
 /// had it cached (`herald_webhooks`): its new URL, and after a rotation the new secret's
-/// signature. Only the second replica has an agent, so it sends everything; every change goes
-/// through the first.
+/// signature; a test event asked of the first wakes the second at once. Only the second replica
+/// has an agent, so it sends everything; every change goes through the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_changes_reach_the_replica_that_sends() {
     let ca = TestCa::new();
     let db = TestDb::new(Backend::Postgres).await;
     let replicas = [ControlPlaneProcess::start(&db.url, &[]).await, ControlPlaneProcess::start(&db.url, &[]).await];
+    let started = Instant::now();
     let _agent = AgentProcess::start(&replicas[1].url(), "default", "agent-1", Some(&ca.path), &[]);
     replicas[1].wait_agents(&["agent-1"]).await;
     let (before, after) = (Receiver::https(&ca).await, Receiver::https(&ca).await);
@@ -571,7 +572,27 @@ async fn webhook_changes_reach_the_replica_that_sends() {
     let current = signed.header("x-cloudthinker-signature");
     assert!(herald_shared::signature::verify_cloudthinker(&rotated.secret, &signed.body, &next), "{next:?}");
     assert!(herald_shared::signature::verify_cloudthinker(&hook.secret, &signed.body, &current), "{current:?}");
-    println!("fault: webhook changes reach the replica that sends: new URL and new secret used");
+
+    // A test event queued through the first replica wakes the second at once (`herald_wake`),
+    // rather than at the first replica's next heartbeat (10 s after it started) or the second's
+    // idle timer (30 s). Asked once the second is idle (every delivery settled, its agent's credit
+    // back) and past the look for work it makes a second after its listener connects.
+    nothing_open(&db).await;
+    tokio::time::sleep_until((started + Duration::from_millis(1500)).into()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    replicas[0]
+        .webhooks()
+        .send_test_event(proto::SendTestEventRequest { webhook_id: hook.id.clone(), event_type: String::new() })
+        .await
+        .unwrap();
+    let test = after.wait_for(3, Duration::from_secs(30)).await.remove(2);
+    let took = asked.elapsed();
+    assert!(test.body.windows(11).any(|w| w == br#""test":true"#), "{:?}", test.body);
+    assert!(took < Duration::from_secs(3), "the test event waited {took:?} for the sending replica to wake");
+    println!(
+        "fault: webhook changes reach the replica that sends: new URL and new secret used; test event in {took:?}"
+    );
 }
 
 /// The `herald_wake` notifications heard within `window`: how many `of` sent, and the others'.
