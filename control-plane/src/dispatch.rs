@@ -247,6 +247,9 @@ impl Dispatcher {
         });
         let d = Dispatcher { inner };
         tokio::spawn(d.clone().dispatch_loop(shutdown.clone()));
+        if d.inner.store.shares_agents() {
+            tokio::spawn(d.clone().agents_loop(shutdown.clone()));
+        }
         tokio::spawn(d.clone().result_loop(rx, shutdown));
         d
     }
@@ -360,6 +363,17 @@ impl Dispatcher {
                 tx,
             },
         );
+        if self.inner.store.shares_agents() {
+            let row = state.sessions.get(&session).map(|s| session_row(s, now_millis()));
+            let store = self.inner.store.clone();
+            tokio::spawn(async move {
+                if let Some(row) = row
+                    && let Err(e) = store.agents_seen(vec![row], now_millis()).await
+                {
+                    tracing::debug!(error = %e, "cannot record an agent's session for other replicas");
+                }
+            });
+        }
         let welcome = proto::Welcome {
             agent_id,
             heartbeat_interval: Some(prost_types::Duration { seconds: HEARTBEAT.as_secs() as i64, nanos: 0 }),
@@ -418,6 +432,14 @@ impl Dispatcher {
         let holder = {
             let mut state = self.inner.state.lock().expect("dispatcher lock");
             let Some(s) = state.sessions.remove(&session) else { return };
+            if self.inner.store.shares_agents() {
+                let (store, id, connected_at) = (self.inner.store.clone(), s.agent_id.clone(), s.connected_at);
+                tokio::spawn(async move {
+                    if let Err(e) = store.agent_gone(&id, connected_at).await {
+                        tracing::debug!(error = %e, "cannot remove an ended agent session; it expires");
+                    }
+                });
+            }
             s.holder
         };
         if !reclaim {
@@ -495,6 +517,49 @@ impl Dispatcher {
             .collect();
         agents.sort_by(|a, b| (&a.zone, &a.id).cmp(&(&b.zone, &b.id)));
         agents
+    }
+
+    /// The connected agents of every replica on the same PostgreSQL (as their replicas last wrote
+    /// them, at most a heartbeat old), this replica's own as they are now; on SQLite, this
+    /// replica's.
+    pub async fn all_agents(&self, zone: &str) -> Result<Vec<proto::Agent>, StoreError> {
+        let mut agents = self.agents(zone);
+        if !self.inner.store.shares_agents() {
+            return Ok(agents);
+        }
+        let since = now_millis() - crate::store::agents::AGENT_SEEN_MS;
+        let rows = self.inner.store.agents_seen_since(zone, since).await?;
+        let here: std::collections::HashSet<String> = agents.iter().map(|a| a.id.clone()).collect();
+        agents.extend(rows.into_iter().filter(|r| !here.contains(&r.id)).map(|r| proto::Agent {
+            egress_ips: serde_json::from_str(&r.egress_ips).unwrap_or_default(),
+            in_flight: u32::try_from(r.in_flight).unwrap_or(0),
+            capacity: u32::try_from(r.capacity).unwrap_or(0),
+            connected_since: Some(crate::api::timestamp(r.connected_at)),
+            id: r.id,
+            zone: r.zone,
+            version: r.version,
+        }));
+        agents.sort_by(|a, b| (&a.zone, &a.id).cmp(&(&b.zone, &b.id)));
+        Ok(agents)
+    }
+
+    /// Writes this replica's sessions for the others every heartbeat (PostgreSQL only).
+    async fn agents_loop(self, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let now = now_millis();
+            let rows: Vec<_> = {
+                let state = self.inner.state.lock().expect("dispatcher lock");
+                state.sessions.values().map(|s| session_row(s, now)).collect()
+            };
+            if let Err(e) = self.inner.store.agents_seen(rows, now).await {
+                tracing::warn!(error = %e, "cannot record this replica's agents for the others");
+            }
+        }
     }
 
     /// Forgets leases that ended (results, reclaims): frees their webhook's in-flight slot.
@@ -905,6 +970,20 @@ impl Dispatcher {
 }
 
 /// An agent's result as the queue takes it.
+/// A session as the `agents` table holds it, seen at `now`.
+fn session_row(s: &Session, now: i64) -> crate::db::entity::agent::Model {
+    crate::db::entity::agent::Model {
+        id: s.agent_id.clone(),
+        zone: s.zone.clone(),
+        version: s.version.clone(),
+        egress_ips: serde_json::to_string(&s.egress_ips).unwrap_or_else(|_| "[]".to_owned()),
+        capacity: i32::try_from(s.capacity).unwrap_or(i32::MAX),
+        connected_at: s.connected_at,
+        last_seen_at: now,
+        in_flight: i32::try_from(s.in_flight).unwrap_or(i32::MAX),
+    }
+}
+
 fn report(a: Arrived, request_body: Option<String>) -> AttemptReport {
     let r = a.result;
     let ms = |d: Option<prost_types::Duration>| d.map_or(0, |d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000));

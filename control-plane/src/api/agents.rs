@@ -135,6 +135,7 @@ impl AgentService for AgentApi {
         if !zone.is_empty() {
             super::validate::zone(zone, "zone")?;
         }
-        Ok(Response::new(proto::ListAgentsResponse { agents: self.state.dispatcher.agents(zone) }))
+        let agents = self.state.dispatcher.all_agents(zone).await.map_err(super::status_of)?;
+        Ok(Response::new(proto::ListAgentsResponse { agents }))
     }
 }

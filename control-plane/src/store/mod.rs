@@ -5,6 +5,7 @@
 //! writer for everything; on PostgreSQL, the dispatcher's leases and results and a second
 //! publish loop have writers of their own); reads use the pool directly.
 
+pub mod agents;
 pub mod deliveries;
 pub mod events;
 pub mod keys;

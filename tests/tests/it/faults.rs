@@ -595,6 +595,43 @@ async fn webhook_changes_reach_the_replica_that_sends() {
     );
 }
 
+/// `ListAgents` on either replica shows the agents of both, with their egress addresses (for
+/// customers' allowlists), and stops showing an agent once its session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_agents_shows_every_replicas_agents() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let replicas = [ControlPlaneProcess::start(&db.url, &[]).await, ControlPlaneProcess::start(&db.url, &[]).await];
+    let _west = AgentProcess::start(&replicas[0].url(), "eu-west", "agent-west", None, &["--egress-ip", "203.0.113.7"]);
+    let east = AgentProcess::start(&replicas[1].url(), "us-east", "agent-east", None, &["--egress-ip", "198.51.100.9"]);
+    replicas[0].wait_agents(&["agent-west"]).await;
+    replicas[1].wait_agents(&["agent-east"]).await;
+    let listed = async |cp: &ControlPlaneProcess, zone: &str| -> Vec<(String, String, Vec<String>)> {
+        let req = proto::ListAgentsRequest { zone: zone.into() };
+        let agents = cp.agents().list_agents(req).await.unwrap().into_inner().agents;
+        agents.into_iter().map(|a| (a.id, a.zone, a.egress_ips)).collect()
+    };
+    let both = vec![
+        ("agent-west".to_owned(), "eu-west".to_owned(), vec!["203.0.113.7".to_owned()]),
+        ("agent-east".to_owned(), "us-east".to_owned(), vec!["198.51.100.9".to_owned()]),
+    ];
+    // By zone, then id: `eu-west` before `us-east`.
+    let until = Instant::now() + WAIT;
+    for cp in &replicas {
+        while listed(cp, "").await != both {
+            assert!(Instant::now() < until, "{:?}", listed(cp, "").await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(listed(&replicas[0], "us-east").await, both[1..].to_vec(), "the zone filter");
+
+    drop(east);
+    while listed(&replicas[0], "").await != both[..1].to_vec() {
+        assert!(Instant::now() < until, "an ended session is still listed: {:?}", listed(&replicas[0], "").await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("fault: ListAgents on either replica shows both replicas' agents, and not one that left");
+}
+
 /// The `herald_wake` notifications heard within `window`: how many `of` sent, and the others'.
 async fn wake_ups(
     listener: &mut sea_orm::sqlx::postgres::PgListener,

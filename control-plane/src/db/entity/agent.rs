@@ -1,6 +1,7 @@
 use sea_orm::entity::prelude::*;
 
-/// A sender agent as last seen by a control plane, for `ListAgents` across replicas.
+/// A sender agent as the replica it is connected to last saw it, for `ListAgents` across
+/// replicas (written on PostgreSQL only: on SQLite one control plane holds every session).
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "agents")]
 pub struct Model {
@@ -13,6 +14,8 @@ pub struct Model {
     pub capacity: i32,
     pub connected_at: i64,
     pub last_seen_at: i64,
+    /// Jobs in flight when last seen.
+    pub in_flight: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -10,6 +10,7 @@ mod m20261128_000004_event_trace_context;
 mod m20261128_000005_shared_rate_windows;
 mod m20261128_000006_queue_index_order;
 mod m20261128_000007_partial_queue_indexes;
+mod m20261129_000008_agent_in_flight;
 
 pub struct Migrator;
 
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000005_shared_rate_windows::Migration),
             Box::new(m20261128_000006_queue_index_order::Migration),
             Box::new(m20261128_000007_partial_queue_indexes::Migration),
+            Box::new(m20261129_000008_agent_in_flight::Migration),
         ]
     }
 }
