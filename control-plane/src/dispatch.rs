@@ -165,6 +165,15 @@ struct Inner {
     peers: Arc<crate::store::Peers>,
     /// Changed delivery ids for other replicas' watchers (PostgreSQL only; see [`tell_replicas`]).
     replicas: Option<mpsc::UnboundedSender<Vec<String>>>,
+    /// Agent sessions opened and closed, for the `agents` table (PostgreSQL only; see
+    /// [`Dispatcher::agents_loop`]).
+    agent_writes: Option<mpsc::UnboundedSender<AgentWrite>>,
+}
+
+/// A change of this replica's agent sessions, for the `agents` table.
+enum AgentWrite {
+    Seen(crate::db::entity::agent::Model),
+    Gone { id: String, connected_at: i64 },
 }
 
 /// How long changes wait for others before they are announced to other replicas together.
@@ -226,7 +235,14 @@ impl Dispatcher {
             tokio::spawn(tell_replicas(store.db.clone(), peers.clone(), rx));
             tx
         });
+        let (agent_writes, agent_rx) = if store.shares_agents() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let inner = Arc::new(Inner {
+            agent_writes,
             store,
             policy,
             header_prefix,
@@ -247,8 +263,8 @@ impl Dispatcher {
         });
         let d = Dispatcher { inner };
         tokio::spawn(d.clone().dispatch_loop(shutdown.clone()));
-        if d.inner.store.shares_agents() {
-            tokio::spawn(d.clone().agents_loop(shutdown.clone()));
+        if let Some(rx) = agent_rx {
+            tokio::spawn(d.clone().agents_loop(rx, shutdown.clone()));
         }
         tokio::spawn(d.clone().result_loop(rx, shutdown));
         d
@@ -363,16 +379,9 @@ impl Dispatcher {
                 tx,
             },
         );
-        if self.inner.store.shares_agents() {
-            let row = state.sessions.get(&session).map(|s| session_row(s, now_millis()));
-            let store = self.inner.store.clone();
-            tokio::spawn(async move {
-                if let Some(row) = row
-                    && let Err(e) = store.agents_seen(vec![row], now_millis()).await
-                {
-                    tracing::debug!(error = %e, "cannot record an agent's session for other replicas");
-                }
-            });
+        // Queued under the lock, so that the table sees opens and closes in the order they happened.
+        if let (Some(writes), Some(s)) = (&self.inner.agent_writes, state.sessions.get(&session)) {
+            let _ = writes.send(AgentWrite::Seen(session_row(s, now_millis())));
         }
         let welcome = proto::Welcome {
             agent_id,
@@ -432,13 +441,8 @@ impl Dispatcher {
         let holder = {
             let mut state = self.inner.state.lock().expect("dispatcher lock");
             let Some(s) = state.sessions.remove(&session) else { return };
-            if self.inner.store.shares_agents() {
-                let (store, id, connected_at) = (self.inner.store.clone(), s.agent_id.clone(), s.connected_at);
-                tokio::spawn(async move {
-                    if let Err(e) = store.agent_gone(&id, connected_at).await {
-                        tracing::debug!(error = %e, "cannot remove an ended agent session; it expires");
-                    }
-                });
+            if let Some(writes) = &self.inner.agent_writes {
+                let _ = writes.send(AgentWrite::Gone { id: s.agent_id.clone(), connected_at: s.connected_at });
             }
             s.holder
         };
@@ -466,12 +470,13 @@ impl Dispatcher {
                 }
                 self.count_outcomes(&reclaimed.applied);
                 self.release_leases(&leases);
-                // Leases of this session that another replica took back when they expired are
-                // not among those: forget them too, or their webhook's slots would stay taken.
-                self.release_session(session);
             }
             Err(e) => tracing::warn!(error = %e, "cannot take back the leases of a closed session; they will expire"),
         }
+        // Leases of this session that another replica took back when they expired are not among
+        // those (nor, after an error, those that expire later): forget them too, or their
+        // webhook's slots would stay taken.
+        self.release_session(session);
         self.wake();
     }
 
@@ -522,13 +527,20 @@ impl Dispatcher {
     /// The connected agents of every replica on the same PostgreSQL (as their replicas last wrote
     /// them, at most a heartbeat old), this replica's own as they are now; on SQLite, this
     /// replica's.
-    pub async fn all_agents(&self, zone: &str) -> Result<Vec<proto::Agent>, StoreError> {
+    pub async fn all_agents(&self, zone: &str) -> Vec<proto::Agent> {
         let mut agents = self.agents(zone);
         if !self.inner.store.shares_agents() {
-            return Ok(agents);
+            return agents;
         }
         let since = now_millis() - crate::store::agents::AGENT_SEEN_MS;
-        let rows = self.inner.store.agents_seen_since(zone, since).await?;
+        let rows = match self.inner.store.agents_seen_since(zone, since).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                // This replica's own agents are the part that is exact: answer with them.
+                tracing::warn!(error = %e, "cannot read other replicas' agents; listing this replica's");
+                return agents;
+            }
+        };
         let here: std::collections::HashSet<String> = agents.iter().map(|a| a.id.clone()).collect();
         agents.extend(rows.into_iter().filter(|r| !here.contains(&r.id)).map(|r| proto::Agent {
             egress_ips: serde_json::from_str(&r.egress_ips).unwrap_or_default(),
@@ -540,23 +552,33 @@ impl Dispatcher {
             version: r.version,
         }));
         agents.sort_by(|a, b| (&a.zone, &a.id).cmp(&(&b.zone, &b.id)));
-        Ok(agents)
+        agents
     }
 
-    /// Writes this replica's sessions for the others every heartbeat (PostgreSQL only).
-    async fn agents_loop(self, shutdown: CancellationToken) {
+    /// Writes this replica's sessions for the others (PostgreSQL only): each open and close as it
+    /// happens, in order, and every session every heartbeat. One task writes them all, so that
+    /// the table sees them in the order the dispatcher did.
+    async fn agents_loop(self, mut writes: mpsc::UnboundedReceiver<AgentWrite>, shutdown: CancellationToken) {
         let mut every = tokio::time::interval(HEARTBEAT);
         loop {
-            tokio::select! {
+            let store = &self.inner.store;
+            let written = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = every.tick() => {}
-            }
-            let now = now_millis();
-            let rows: Vec<_> = {
-                let state = self.inner.state.lock().expect("dispatcher lock");
-                state.sessions.values().map(|s| session_row(s, now)).collect()
+                write = writes.recv() => match write {
+                    None => return,
+                    Some(AgentWrite::Seen(row)) => store.agents_seen(vec![row], now_millis()).await,
+                    Some(AgentWrite::Gone { id, connected_at }) => store.agent_gone(&id, connected_at).await,
+                },
+                _ = every.tick() => {
+                    let now = now_millis();
+                    let rows: Vec<_> = {
+                        let state = self.inner.state.lock().expect("dispatcher lock");
+                        state.sessions.values().map(|s| session_row(s, now)).collect()
+                    };
+                    store.agents_seen(rows, now).await
+                }
             };
-            if let Err(e) = self.inner.store.agents_seen(rows, now).await {
+            if let Err(e) = written {
                 tracing::warn!(error = %e, "cannot record this replica's agents for the others");
             }
         }
@@ -969,7 +991,6 @@ impl Dispatcher {
     }
 }
 
-/// An agent's result as the queue takes it.
 /// A session as the `agents` table holds it, seen at `now`.
 fn session_row(s: &Session, now: i64) -> crate::db::entity::agent::Model {
     crate::db::entity::agent::Model {
@@ -984,6 +1005,7 @@ fn session_row(s: &Session, now: i64) -> crate::db::entity::agent::Model {
     }
 }
 
+/// An agent's result as the queue takes it.
 fn report(a: Arrived, request_body: Option<String>) -> AttemptReport {
     let r = a.result;
     let ms = |d: Option<prost_types::Duration>| d.map_or(0, |d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000));

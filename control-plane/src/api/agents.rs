@@ -135,7 +135,7 @@ impl AgentService for AgentApi {
         if !zone.is_empty() {
             super::validate::zone(zone, "zone")?;
         }
-        let agents = self.state.dispatcher.all_agents(zone).await.map_err(super::status_of)?;
+        let agents = self.state.dispatcher.all_agents(zone).await;
         Ok(Response::new(proto::ListAgentsResponse { agents }))
     }
 }

@@ -4,7 +4,7 @@
 //! not seen for [`AGENT_SEEN_MS`] (its replica died) is not shown, and one not seen for a day is
 //! deleted. On SQLite one control plane holds every session and nothing is written.
 
-use sea_orm::sea_query::OnConflict;
+use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
 use super::{Store, StoreError};
@@ -22,8 +22,13 @@ impl Store {
     }
 
     /// Writes these sessions as seen now (one upsert by agent id), and deletes rows not seen for
-    /// a day.
-    pub async fn agents_seen(&self, rows: Vec<agent::Model>, now: i64) -> Result<(), StoreError> {
+    /// a day. Of two sessions of one agent id (it reconnected before its old session closed, or
+    /// two agents were given one id), the one connected last is written; a row of a session
+    /// connected later than the one written (the agent moved to another replica) is left alone.
+    pub async fn agents_seen(&self, mut rows: Vec<agent::Model>, now: i64) -> Result<(), StoreError> {
+        // One row per id (PostgreSQL refuses an upsert that meets one key twice), in id order.
+        rows.sort_by(|a, b| a.id.cmp(&b.id).then(b.connected_at.cmp(&a.connected_at)));
+        rows.dedup_by(|later, first| later.id == first.id);
         if !rows.is_empty() {
             let upsert = OnConflict::column(agent::Column::Id)
                 .update_columns([
@@ -35,6 +40,7 @@ impl Store {
                     agent::Column::LastSeenAt,
                     agent::Column::InFlight,
                 ])
+                .action_and_where(Expr::cust("agents.connected_at <= excluded.connected_at"))
                 .to_owned();
             let rows: Vec<agent::ActiveModel> = rows.into_iter().map(Into::into).collect();
             agent::Entity::insert_many(rows).on_conflict(upsert).exec_without_returning(&self.db).await?;

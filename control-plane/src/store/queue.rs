@@ -600,6 +600,7 @@ impl Store {
     ) -> Result<Reclaimed, StoreError> {
         let policy = policy.clone();
         let agent = agent.map(str::to_owned);
+        let peers = self.peers.clone();
         self.dispatch_writer
             .write_relaxed(move |txn| {
                 Box::pin(async move {
@@ -649,6 +650,10 @@ impl Store {
                         }
                     }
                     insert_rows::<attempt::Model, _>(txn, &attempts).await?;
+                    // Due again: the zone's other agents may be on another replica.
+                    if !reclaimed.is_empty() {
+                        super::wake_others(txn, &peers).await?;
+                    }
                     Ok(Reclaimed { leases: reclaimed, applied })
                 })
             })

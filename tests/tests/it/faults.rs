@@ -623,13 +623,58 @@ async fn list_agents_shows_every_replicas_agents() {
         }
     }
     assert_eq!(listed(&replicas[0], "us-east").await, both[1..].to_vec(), "the zone filter");
+    // The other replica's agent as its replica wrote it.
+    let req = proto::ListAgentsRequest { zone: "us-east".into() };
+    let remote = replicas[0].agents().list_agents(req).await.unwrap().into_inner().agents.remove(0);
+    assert!(remote.capacity > 0 && !remote.version.is_empty(), "{remote:?}");
+    assert!(remote.connected_since.is_some_and(|t| t.seconds > 0), "{remote:?}");
 
+    // Once its session ends, neither replica lists it.
     drop(east);
-    while listed(&replicas[0], "").await != both[..1].to_vec() {
-        assert!(Instant::now() < until, "an ended session is still listed: {:?}", listed(&replicas[0], "").await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let until = Instant::now() + WAIT;
+    for cp in &replicas {
+        while listed(cp, "").await != both[..1].to_vec() {
+            assert!(Instant::now() < until, "an ended session is still listed: {:?}", listed(cp, "").await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     println!("fault: ListAgents on either replica shows both replicas' agents, and not one that left");
+}
+
+/// Two sessions of one agent id on one replica (an agent that reconnected before its old session
+/// closed, or two agents given one id) do not stop that replica from writing its agents every
+/// heartbeat: PostgreSQL refuses an upsert that meets one key twice, so one row per id is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_id_twice_does_not_stop_the_agents_table() {
+    use herald_control_plane::db::entity::agent;
+    let db = TestDb::new(Backend::Postgres).await;
+    let cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let _twins = [
+        AgentProcess::start(&cp.url(), "default", "twin", None, &[]),
+        AgentProcess::start(&cp.url(), "default", "twin", None, &[]),
+    ];
+    let until = Instant::now() + WAIT;
+    // Both sessions open: the replica lists each.
+    loop {
+        let listed = cp.agents().list_agents(proto::ListAgentsRequest::default()).await.unwrap().into_inner();
+        if listed.agents.iter().filter(|a| a.id == "twin").count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < until, "two sessions of `twin` were not listed: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Then a heartbeat's write, which names both sessions.
+    let both_open = chrono::Utc::now().timestamp_millis() + 500;
+    let conn = db.connect().await;
+    loop {
+        let row = agent::Entity::find_by_id("twin").one(&conn).await.unwrap();
+        if row.as_ref().is_some_and(|r| r.last_seen_at > both_open) {
+            break;
+        }
+        assert!(Instant::now() < until, "no heartbeat wrote the agents table: {row:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    conn.close().await.ok();
 }
 
 /// The `herald_wake` notifications heard within `window`: how many `of` sent, and the others'.
