@@ -200,11 +200,7 @@ async fn tell_replicas(
         }
         for chunk in ids.chunks(250) {
             let payload = format!("{} {}", peers.id, chunk.join(","));
-            let notify = sea_orm::Statement::from_sql_and_values(
-                sea_orm::DbBackend::Postgres,
-                "SELECT pg_notify($1, $2)",
-                [crate::store::events::CHANGES_CHANNEL.into(), payload.into()],
-            );
+            let notify = crate::store::notify(crate::store::events::CHANGES_CHANNEL, payload);
             if let Err(e) = sea_orm::ConnectionTrait::execute_raw(&db, notify).await {
                 tracing::debug!(error = %e, "cannot tell other replicas' watchers of changes");
             }
@@ -566,7 +562,7 @@ impl Dispatcher {
                 _ = shutdown.cancelled() => return,
                 write = writes.recv() => match write {
                     None => return,
-                    Some(AgentWrite::Seen(row)) => store.agents_seen(vec![row], now_millis()).await,
+                    Some(AgentWrite::Seen(row)) => store.agents_seen(vec![row]).await,
                     Some(AgentWrite::Gone { id, connected_at }) => store.agent_gone(&id, connected_at).await,
                 },
                 _ = every.tick() => {
@@ -575,7 +571,10 @@ impl Dispatcher {
                         let state = self.inner.state.lock().expect("dispatcher lock");
                         state.sessions.values().map(|s| session_row(s, now)).collect()
                     };
-                    store.agents_seen(rows, now).await
+                    match store.agents_seen(rows).await {
+                        Ok(()) => store.forget_old_agents(now).await,
+                        Err(e) => Err(e),
+                    }
                 }
             };
             if let Err(e) = written {

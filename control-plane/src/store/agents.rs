@@ -21,11 +21,10 @@ impl Store {
         self.db.get_database_backend() == sea_orm::DbBackend::Postgres
     }
 
-    /// Writes these sessions as seen now (one upsert by agent id), and deletes rows not seen for
-    /// a day. Of two sessions of one agent id (it reconnected before its old session closed, or
+    /// Writes these sessions as seen (one upsert by agent id). Of two sessions of one agent id (it reconnected before its old session closed, or
     /// two agents were given one id), the one connected last is written; a row of a session
     /// connected later than the one written (the agent moved to another replica) is left alone.
-    pub async fn agents_seen(&self, mut rows: Vec<agent::Model>, now: i64) -> Result<(), StoreError> {
+    pub async fn agents_seen(&self, mut rows: Vec<agent::Model>) -> Result<(), StoreError> {
         // One row per id (PostgreSQL refuses an upsert that meets one key twice), in id order.
         rows.sort_by(|a, b| a.id.cmp(&b.id).then(b.connected_at.cmp(&a.connected_at)));
         rows.dedup_by(|later, first| later.id == first.id);
@@ -45,6 +44,11 @@ impl Store {
             let rows: Vec<agent::ActiveModel> = rows.into_iter().map(Into::into).collect();
             agent::Entity::insert_many(rows).on_conflict(upsert).exec_without_returning(&self.db).await?;
         }
+        Ok(())
+    }
+
+    /// Deletes the rows of sessions not seen for a day (replicas that died holding them).
+    pub async fn forget_old_agents(&self, now: i64) -> Result<(), StoreError> {
         agent::Entity::delete_many()
             .filter(agent::Column::LastSeenAt.lt(now - AGENT_FORGOTTEN_MS))
             .exec(&self.db)

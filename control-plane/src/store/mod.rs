@@ -190,12 +190,18 @@ impl Peers {
     /// transaction commits) and tells them this replica is there. Sent with publishes and
     /// results, and as the heartbeat.
     pub fn announcement(&self) -> sea_orm::Statement {
-        sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "SELECT pg_notify($1, $2)",
-            [events::WAKE_CHANNEL.into(), self.id.as_str().into()],
-        )
+        notify(events::WAKE_CHANNEL, self.id.clone())
     }
+}
+
+/// `SELECT pg_notify(channel, payload)` (PostgreSQL): delivered to listeners when its transaction
+/// commits, or at once outside one.
+pub fn notify(channel: &str, payload: String) -> sea_orm::Statement {
+    sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        "SELECT pg_notify($1, $2)",
+        [channel.into(), payload.into()],
+    )
 }
 
 /// Wakes the dispatchers of the other replicas on the same PostgreSQL when `txn` commits
@@ -220,12 +226,7 @@ pub(crate) async fn webhook_changed(
     id: &str,
 ) -> Result<(), StoreError> {
     if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
-        txn.execute_raw(sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "SELECT pg_notify($1, $2)",
-            [webhooks::WEBHOOKS_CHANNEL.into(), format!("{} {id}", peers.id).into()],
-        ))
-        .await?;
+        txn.execute_raw(notify(webhooks::WEBHOOKS_CHANNEL, format!("{} {id}", peers.id))).await?;
     }
     Ok(())
 }
