@@ -23,7 +23,9 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::db::entity::delivery::{self, status};
 use crate::metrics::{AttemptLabels, Metrics, Outcome, OutcomeLabels, Reason, ReasonLabels};
+use crate::store::events::{PublishSink, StoredEvent};
 use crate::store::queue::{Applied, AttemptReport, Claimed, Filter, Limits, QueuePolicy, wake_by};
 use crate::store::webhooks::Webhook;
 use crate::store::{Store, StoreError, now_millis};
@@ -86,6 +88,12 @@ struct State {
     hooks_epoch: u64,
     leases: HashMap<String, LeaseMeta>,
     next_session: u64,
+    /// Zones whose due work this replica's last claim took entirely, with nothing known to have
+    /// become due since: a delivery published into one may be leased as it is inserted
+    /// ([`PublishSink`]), and the dispatch loop skips it when only credit came back. Anything
+    /// that may make work due (a queued publish, a retry or replay, a reclaim, another replica's
+    /// wake-up, a timer) empties it.
+    caught_up: std::collections::HashSet<String>,
 }
 
 /// Envelopes of recently published events, oldest first out: the dispatcher sends what was just
@@ -258,6 +266,7 @@ impl Dispatcher {
             replicas,
         });
         let d = Dispatcher { inner };
+        d.inner.store.set_sink(Arc::new(Publishes(Arc::downgrade(&d.inner))));
         tokio::spawn(d.clone().dispatch_loop(shutdown.clone()));
         if let Some(rx) = agent_rx {
             tokio::spawn(d.clone().agents_loop(rx, shutdown.clone()));
@@ -266,14 +275,21 @@ impl Dispatcher {
         d
     }
 
-    /// Something became due (a publish, a re-activation, a replay): look again now.
+    /// Something may have become due (a publish, a re-activation, a replay): look again now, in
+    /// every zone.
     pub fn wake(&self) {
+        self.inner.state.lock().expect("dispatcher lock").caught_up.clear();
+        self.inner.wake.notify_one();
+    }
+
+    /// Agents have room again, but nothing new is due: look again in zones not caught up.
+    fn nudge(&self) {
         self.inner.wake.notify_one();
     }
 
     /// Events just stored and acknowledged: their envelopes are kept so that dispatching them
     /// reads nothing back from the database.
-    pub fn published(&self, stored: &[crate::store::events::StoredEvent]) {
+    fn published(&self, stored: &[&StoredEvent]) {
         let built: Vec<_> = stored
             .iter()
             .filter(|s| !s.deliveries.is_empty())
@@ -401,7 +417,7 @@ impl Dispatcher {
         {
             s.credit = s.credit.saturating_add(jobs).min(s.capacity.max(1));
         }
-        self.wake();
+        self.nudge();
     }
 
     /// A result from an agent of this session.
@@ -583,6 +599,42 @@ impl Dispatcher {
         }
     }
 
+    /// Gives a session back credit that leases taken at publish reserved but did not use.
+    fn give_back(&self, session: u64, jobs: u32) {
+        let mut state = self.inner.state.lock().expect("dispatcher lock");
+        if let Some(s) = state.sessions.get_mut(&session) {
+            s.credit = s.credit.saturating_add(jobs).min(s.capacity.max(1));
+            s.in_flight = s.in_flight.saturating_sub(jobs);
+        }
+    }
+
+    /// Sends what a publish leased as it committed. A session that ended before the publish
+    /// committed could not take these leases back when it closed: they are taken back here.
+    async fn send_leased(&self, leased: Vec<(u64, Claimed)>) {
+        let mut by_session: std::collections::BTreeMap<u64, Vec<Claimed>> = std::collections::BTreeMap::new();
+        for (session, c) in leased {
+            by_session.entry(session).or_default().push(c);
+        }
+        for (session, claimed) in by_session {
+            let holder = claimed[0].delivery.lease_agent.clone().unwrap_or_default();
+            self.send_jobs(session, claimed, now_millis(), true).await;
+            if self.inner.state.lock().expect("dispatcher lock").sessions.contains_key(&session) {
+                continue;
+            }
+            match self.inner.store.reclaim_leases(Some(&holder), now_millis(), &self.inner.policy).await {
+                Ok(reclaimed) => {
+                    self.count_outcomes(&reclaimed.applied);
+                    self.release_leases(&reclaimed.leases);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take back the leases of a closed session; they will expire")
+                }
+            }
+            self.release_session(session);
+            self.wake();
+        }
+    }
+
     /// Forgets leases that ended (results, reclaims): frees their webhook's in-flight slot.
     fn release_leases(&self, leases: &[String]) {
         let mut state = self.inner.state.lock().expect("dispatcher lock");
@@ -614,8 +666,15 @@ impl Dispatcher {
     async fn dispatch_loop(self, shutdown: CancellationToken) {
         let mut last_reclaim = 0i64;
         let mut next_expiry = 0i64;
+        // The earliest known time work becomes due (a retry, a rate-limit slot), or 0. Kept across
+        // wake-ups: rounds skip zones caught up, so they do not find it again by themselves.
+        let mut due_at = 0i64;
         loop {
             let now = now_millis();
+            if due_at > 0 && now >= due_at {
+                due_at = 0;
+                self.inner.state.lock().expect("dispatcher lock").caught_up.clear();
+            }
             if now - last_reclaim >= RECLAIM_EVERY_MS || (next_expiry > 0 && now > next_expiry) {
                 last_reclaim = now;
                 match self.inner.store.reclaim_leases(None, now, &self.inner.policy).await {
@@ -625,6 +684,7 @@ impl Dispatcher {
                         self.inner.metrics.leases_reclaimed.get_or_create(&expired()).inc_by(leases.len() as u64);
                         self.count_outcomes(&reclaimed.applied);
                         self.release_leases(&leases);
+                        self.inner.state.lock().expect("dispatcher lock").caught_up.clear();
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot take back expired leases"),
@@ -635,8 +695,9 @@ impl Dispatcher {
                 };
             }
             let mut next_wake = now + IDLE_WAKE_MS.min(RECLAIM_EVERY_MS);
+            let soonest = |due_at: i64, at: i64| if due_at == 0 { at } else { due_at.min(at) };
             match self.dispatch_round().await {
-                Ok(Some(due)) => next_wake = next_wake.min(due),
+                Ok(Some(due)) => due_at = soonest(due_at, due),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "dispatch round failed"),
             }
@@ -651,14 +712,19 @@ impl Dispatcher {
             for hint in [&self.inner.rate_wake, &self.inner.due_wake] {
                 let at = hint.swap(0, Ordering::SeqCst);
                 if at > 0 {
-                    next_wake = next_wake.min(at);
+                    due_at = soonest(due_at, at);
                 }
+            }
+            if due_at > 0 {
+                next_wake = next_wake.min(due_at);
             }
             let sleep = Duration::from_millis(u64::try_from(next_wake - now_millis()).unwrap_or(0));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.inner.wake.notified() => {}
-                _ = tokio::time::sleep(sleep) => {}
+                // Work came due, a lease may have expired, or the safety net: every zone is looked
+                // at.
+                _ = tokio::time::sleep(sleep) => self.inner.state.lock().expect("dispatcher lock").caught_up.clear(),
             }
         }
     }
@@ -675,7 +741,9 @@ impl Dispatcher {
                 state
                     .sessions
                     .iter()
-                    .filter(|(_, s)| s.credit > 0 && !s.draining && !drained.contains(&s.zone))
+                    .filter(|(_, s)| {
+                        s.credit > 0 && !s.draining && !drained.contains(&s.zone) && !state.caught_up.contains(&s.zone)
+                    })
                     .min_by_key(|(_, s)| (s.in_flight, s.connected_at))
                     .map(|(id, s)| (*id, s.holder.clone(), s.zone.clone(), s.credit.min(CLAIM_BATCH)))
             };
@@ -688,15 +756,21 @@ impl Dispatcher {
                 .await?;
             let got = claimed.len() as u32;
             if got > 0 {
-                self.send_jobs(session, claimed, now).await;
+                self.send_jobs(session, claimed, now, false).await;
             }
             if got < want {
                 // Drained for now. Work due later sets the next wake-up; work due already but held
                 // back by a webhook's limits waits for a result or its rate-limit slot instead.
-                if let Some(due) = self.inner.store.next_due(&zone).await?
+                let due = self.inner.store.next_due(&zone).await?;
+                if let Some(due) = due
                     && due > now
                 {
                     earliest = Some(earliest.map_or(due, |e: i64| e.min(due)));
+                }
+                // Nothing due is left behind: new deliveries of the zone may be leased as they are
+                // published, unless something makes work due first (see `State::caught_up`).
+                if due.is_none_or(|due| due > now) {
+                    self.inner.state.lock().expect("dispatcher lock").caught_up.insert(zone.clone());
                 }
                 drained.push(zone);
             }
@@ -758,7 +832,11 @@ impl Dispatcher {
         Ok(hook)
     }
 
-    async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64) {
+    /// Sends claimed (or, with `reserved`, published-and-leased) jobs to a session. A claim's jobs
+    /// take the session's credit here; leases taken at publish took it already, and what of them
+    /// is not sent gives it back.
+    async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64, reserved: bool) {
+        let leased = claimed.len() as u32;
         let claimed_expiry = claimed.iter().map(|c| c.lease_expires_at).min().unwrap_or(now);
         let rows: Vec<&crate::db::entity::delivery::Model> = claimed.iter().map(|c| &c.delivery).collect();
         let claimed_rows: Vec<crate::db::entity::delivery::Model> = if self.inner.changes.receiver_count() > 0 {
@@ -788,6 +866,9 @@ impl Dispatcher {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot load events of claimed deliveries; their leases will expire");
+                    if reserved {
+                        self.give_back(session, leased);
+                    }
                     return;
                 }
             }
@@ -860,6 +941,7 @@ impl Dispatcher {
                 request_body,
             ));
         }
+        let handed_back = !unsent.is_empty() || !undeliverable.is_empty();
         if !unsent.is_empty() {
             let reports = unsent
                 .iter()
@@ -891,6 +973,11 @@ impl Dispatcher {
                 tracing::warn!(error = %e, "cannot record a failed job; its lease will expire");
             }
         }
+        if handed_back {
+            // Deliveries handed back are due again, and a last attempt failed here queues its
+            // `webhook.delivery.failed` notification.
+            self.wake();
+        }
         let tx = {
             let mut state = self.inner.state.lock().expect("dispatcher lock");
             if !state.sessions.contains_key(&session) {
@@ -908,8 +995,15 @@ impl Dispatcher {
             drop(counts);
             match state.sessions.get_mut(&session) {
                 Some(s) => {
-                    s.credit = s.credit.saturating_sub(jobs.len() as u32);
-                    s.in_flight += jobs.len() as u32;
+                    let sent = jobs.len() as u32;
+                    if reserved {
+                        let unsent = leased - sent;
+                        s.credit = s.credit.saturating_add(unsent).min(s.capacity.max(1));
+                        s.in_flight = s.in_flight.saturating_sub(unsent);
+                    } else {
+                        s.credit = s.credit.saturating_sub(sent);
+                        s.in_flight += sent;
+                    }
                     Some(s.tx.clone())
                 }
                 None => None,
@@ -968,12 +1062,18 @@ impl Dispatcher {
                     .collect()
             };
             let now = now_millis();
+            // Whether these results made work due now: a lease handed back, an immediate retry,
+            // or a failed delivery's `webhook.delivery.failed` notification.
+            let mut due_now = false;
             match self.inner.store.record_results(reports, now, &self.inner.policy).await {
                 Ok(applied) => {
                     self.count_outcomes(&applied);
                     for a in applied {
-                        if let Applied::Retry { at } = a {
-                            wake_by(&self.inner.due_wake, at);
+                        match a {
+                            Applied::Retry { at } if at <= now => due_now = true,
+                            Applied::Retry { at } => wake_by(&self.inner.due_wake, at),
+                            Applied::Released | Applied::Failed => due_now = true,
+                            _ => {}
                         }
                     }
                 }
@@ -984,9 +1084,90 @@ impl Dispatcher {
             }
             self.release_leases(&leases);
             self.changed(delivery_ids);
-            self.wake();
+            if due_now {
+                self.wake();
+            } else {
+                self.nudge();
+            }
             markers.into_iter().filter_map(|m| m.flushed).for_each(|f| _ = f.send(()));
         }
+    }
+}
+
+/// The dispatcher as publishing sees it (a weak handle: the store it holds does not keep the
+/// dispatcher alive).
+struct Publishes(std::sync::Weak<Inner>);
+
+impl PublishSink for Publishes {
+    fn lease(&self, rows: &mut [delivery::Model], now: i64) -> Vec<(u64, Claimed)> {
+        let Some(inner) = self.0.upgrade() else { return Vec::new() };
+        let grace = inner.policy.lease_grace_ms;
+        let mut state = inner.state.lock().expect("dispatcher lock");
+        let State { sessions, hooks, caught_up, .. } = &mut *state;
+        let mut prefix: Option<String> = None;
+        let mut leased = Vec::new();
+        for d in rows.iter_mut() {
+            if caught_up.is_empty() {
+                break;
+            }
+            if d.status != status::PENDING || d.next_attempt_at > now || !caught_up.contains(&d.zone) {
+                continue;
+            }
+            // Webhooks with limits are claimed, where the limits are counted (across replicas on
+            // PostgreSQL); one not cached yet is claimed once and cached then.
+            let timeout = match hooks.get(&d.webhook_id).map(|h| &h.webhook.spec) {
+                Some(spec) if spec.max_in_flight.is_none() && spec.rate_limit_per_second.is_none() => {
+                    spec.timeout_ms.unwrap_or(crate::store::queue::DEFAULT_TIMEOUT_MS)
+                }
+                _ => {
+                    // This row waits in the queue: later ones of its zone queue behind it.
+                    caught_up.remove(&d.zone);
+                    continue;
+                }
+            };
+            let agent = sessions
+                .iter_mut()
+                .filter(|(_, s)| s.zone == d.zone && s.credit > 0 && !s.draining)
+                .min_by_key(|(_, s)| (s.in_flight, s.connected_at));
+            let Some((&session, s)) = agent else {
+                caught_up.remove(&d.zone);
+                continue;
+            };
+            s.credit -= 1;
+            s.in_flight += 1;
+            // The same lease a claim gives: `<prefix>.<delivery id>`, expiring after the timeout.
+            let prefix = prefix.get_or_insert_with(|| ids::new_id(ids::LEASE));
+            let lease_id = format!("{prefix}.{}", d.id);
+            let lease_expires_at = now + timeout + grace;
+            d.status = status::IN_FLIGHT;
+            d.lease_id = Some(lease_id.clone());
+            d.lease_agent = Some(s.holder.clone());
+            d.lease_expires_at = Some(lease_expires_at);
+            d.updated_at = now;
+            leased.push((session, Claimed { delivery: d.clone(), lease_id, lease_expires_at, attempt: 1 }));
+        }
+        leased
+    }
+
+    fn committed(&self, stored: &[&StoredEvent], leased: Vec<(u64, Claimed)>, queued: bool) {
+        let Some(inner) = self.0.upgrade() else { return };
+        let d = Dispatcher { inner };
+        d.published(stored);
+        if queued {
+            d.wake();
+        }
+        if !leased.is_empty() {
+            tokio::spawn(async move { d.send_leased(leased).await });
+        }
+    }
+
+    fn abandoned(&self, leased: Vec<(u64, Claimed)>) {
+        let Some(inner) = self.0.upgrade() else { return };
+        let d = Dispatcher { inner };
+        for (session, _) in &leased {
+            d.give_back(*session, 1);
+        }
+        d.wake();
     }
 }
 

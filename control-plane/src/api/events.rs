@@ -154,8 +154,6 @@ impl EventService for EventApi {
         let stored = bounded(self.state.store.publish(&who.workspace, vec![event], false, self.first_delay_ms())).await;
         let mut stored = stored.map_err(|e| failed(&mut span, e))?;
         self.state.metrics.events_published.inc();
-        self.state.dispatcher.published(&stored);
-        self.state.dispatcher.wake();
         let stored = stored.pop().ok_or_else(|| Status::internal("internal error"))?;
         self.state.dispatcher.changed(stored.deliveries.iter().map(|d| d.id.clone()).collect());
         Ok(Response::new(to_proto(&stored, false)))
@@ -188,8 +186,6 @@ impl EventService for EventApi {
         let stored = bounded(self.state.store.publish(&who.workspace, batch, true, self.first_delay_ms())).await;
         let stored = stored.map_err(|e| failed(&mut span, e))?;
         self.state.metrics.events_published.inc_by(stored.len() as u64);
-        self.state.dispatcher.published(&stored);
-        self.state.dispatcher.wake();
         self.state.dispatcher.changed(stored.iter().flat_map(|e| e.deliveries.iter().map(|d| d.id.clone())).collect());
         Ok(Response::new(proto::PublishEventsResponse { events: stored.iter().map(|e| to_proto(e, false)).collect() }))
     }

@@ -329,12 +329,8 @@ impl Writing {
 /// one merged write is built and committed while another waits for its fsync. A merged write
 /// waits for any other naming one of its ids (`Writing`), so two loops never store one new id at
 /// once; only another replica can (`CONCURRENT_ID`).
-pub(crate) async fn publish_loop(
-    writer: super::writer::Writer,
-    queue: PublishQueue,
-    writing: Option<std::sync::Arc<Writing>>,
-    peers: std::sync::Arc<super::Peers>,
-) {
+pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) {
+    let Shared { queue, writing, peers, sink } = shared;
     let mut carried: Option<PublishRequest> = None;
     loop {
         let mut waiting: Vec<PublishRequest> = Vec::new();
@@ -373,18 +369,24 @@ pub(crate) async fn publish_loop(
             }
         }
         let (calls, replies): (Vec<Call>, Vec<_>) = waiting.into_iter().map(|r| (r.call, r.reply)).unzip();
-        let peers = peers.clone();
+        let write = Write {
+            peers: peers.clone(),
+            sink: sink.get().cloned(),
+            leased: std::sync::Arc::default(),
+            queued: std::sync::Arc::default(),
+        };
+        let (leased, queued, sink) = (write.leased.clone(), write.queued.clone(), write.sink.clone());
         let answer = writer
             .write(move |txn| {
                 Box::pin(async move {
                     // On PostgreSQL the insert itself finds stored ids; only a write that meets
                     // one (a publish retried) checks first, on a second pass.
                     if txn.get_database_backend() == sea_orm::DbBackend::Postgres
-                        && let Some(answers) = publish_many(txn, &calls, &peers, Check::OnInsert).await?
+                        && let Some(answers) = publish_many(txn, &calls, &write, Check::OnInsert).await?
                     {
                         return Ok(answers);
                     }
-                    publish_many(txn, &calls, &peers, Check::First)
+                    publish_many(txn, &calls, &write, Check::First)
                         .await?
                         .ok_or_else(|| StoreError::Internal("a checked publish asked to be checked".into()))
                 })
@@ -393,19 +395,66 @@ pub(crate) async fn publish_loop(
         if let Some(writing) = &writing {
             writing.release(&keys);
         }
+        let leased = std::mem::take(&mut *leased.lock().expect("leased lock"));
         match answer {
             Ok(each) => {
+                if let Some(sink) = &sink {
+                    let stored: Vec<&StoredEvent> = each.iter().filter_map(|r| r.as_ref().ok()).flatten().collect();
+                    sink.committed(&stored, leased, queued.load(std::sync::atomic::Ordering::Relaxed));
+                }
                 for (reply, result) in replies.into_iter().zip(each) {
                     let _ = reply.send(result);
                 }
             }
             Err(e) => {
+                if let Some(sink) = &sink {
+                    sink.abandoned(leased);
+                }
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
         }
     }
+}
+
+/// What every publish loop shares: the queue of calls, the ids being written, the replicas, and
+/// the dispatcher once it runs.
+pub(crate) struct Shared {
+    pub queue: PublishQueue,
+    pub writing: Option<std::sync::Arc<Writing>>,
+    pub peers: std::sync::Arc<super::Peers>,
+    pub sink: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn PublishSink>>>,
+}
+
+/// Where publishing hands its deliveries: the dispatcher.
+///
+/// A delivery due at once, in a zone whose queue this replica has drained, is leased to one of
+/// the zone's agents in the publish's own transaction (`lease`): it is inserted in flight, and
+/// sent as soon as the write commits (`committed`), without a claim transaction, a wake-up of
+/// the dispatch loop or a read of its row. The lease is the same as a claim's: if the control
+/// plane stops before sending, it expires and the delivery is sent again (at least once). Any
+/// delivery not leased (no agent with room, a webhook with `max_in_flight` or a rate limit,
+/// work already waiting in the zone) is queued as before and the dispatcher woken.
+pub trait PublishSink: Send + Sync {
+    /// Leases what it may of `rows` (new, pending) to agents, in place; returns each lease taken
+    /// with the agent session it is for.
+    fn lease(&self, rows: &mut [delivery::Model], now: i64) -> Vec<(u64, super::queue::Claimed)>;
+    /// The write committed: every stored event (for the dispatcher's envelope cache), the leases
+    /// it took, and whether it also queued deliveries for the dispatch loop.
+    fn committed(&self, stored: &[&StoredEvent], leased: Vec<(u64, super::queue::Claimed)>, queued: bool);
+    /// The write failed (or its outcome is unknown): what `lease` took is given back. Rows that
+    /// did commit after all keep their leases until they expire.
+    fn abandoned(&self, leased: Vec<(u64, super::queue::Claimed)>);
+}
+
+/// One merged write's context: the replicas to wake, the dispatcher, and what it leased and
+/// queued (read after the write, whatever its outcome).
+struct Write {
+    peers: std::sync::Arc<super::Peers>,
+    sink: Option<std::sync::Arc<dyn PublishSink>>,
+    leased: std::sync::Arc<std::sync::Mutex<Vec<(u64, super::queue::Claimed)>>>,
+    queued: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Why merged publish calls fail when another replica stored one of their ids meanwhile.
@@ -429,7 +478,7 @@ enum Check {
 async fn publish_many(
     txn: &DatabaseTransaction,
     calls: &[Call],
-    peers: &super::Peers,
+    write: &Write,
     check: Check,
 ) -> Result<Option<Vec<Result<Vec<StoredEvent>, StoreError>>>, StoreError> {
     let now = now_millis();
@@ -552,11 +601,29 @@ async fn publish_many(
             other => other,
         })?;
     }
-    let queued = !new_deliveries.is_empty();
+    // Deliveries this replica's agents can take now are leased as they are inserted.
+    if let Some(sink) = &write.sink
+        && !new_deliveries.is_empty()
+    {
+        let leased = sink.lease(&mut new_deliveries, now);
+        if !leased.is_empty() {
+            let ids: HashSet<&str> = leased.iter().map(|(_, c)| c.delivery.id.as_str()).collect();
+            for out in answers.iter_mut().filter_map(|a| a.as_mut().ok()) {
+                for d in out.iter_mut().flat_map(|e| e.deliveries.iter_mut()) {
+                    if ids.contains(d.id.as_str()) {
+                        d.status = status::IN_FLIGHT;
+                    }
+                }
+            }
+        }
+        write.leased.lock().expect("leased lock").extend(leased);
+    }
+    let queued = new_deliveries.iter().any(|d| d.status == status::PENDING);
     insert_rows::<delivery::Model, _>(txn, &new_deliveries).await?;
-    // Other replicas on this PostgreSQL wake to dispatch them.
+    // Other replicas on this PostgreSQL wake to dispatch what is queued.
     if queued {
-        super::wake_others(txn, peers).await?;
+        write.queued.store(true, std::sync::atomic::Ordering::Relaxed);
+        super::wake_others(txn, &write.peers).await?;
     }
     // Events stored before: their deliveries as they stand.
     let mut wanted: HashMap<String, Vec<String>> = HashMap::new();

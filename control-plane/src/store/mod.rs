@@ -101,6 +101,8 @@ pub struct Store {
     publisher: tokio::sync::mpsc::Sender<events::PublishRequest>,
     /// This control plane among the replicas on one PostgreSQL.
     pub peers: std::sync::Arc<Peers>,
+    /// The dispatcher, once it runs: publishes lease to its agents and tell it what committed.
+    sink: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn events::PublishSink>>>,
 }
 
 impl Store {
@@ -112,11 +114,24 @@ impl Store {
         let loops = if db.get_database_backend() == sea_orm::DbBackend::Postgres { PUBLISH_WRITERS } else { 1 };
         let writing = (loops > 1).then(|| std::sync::Arc::new(events::Writing::default()));
         let peers = std::sync::Arc::new(Peers::new());
+        let sink = std::sync::Arc::new(std::sync::OnceLock::new());
         for i in 0..loops {
             let w = if i == 0 { writer.clone() } else { writer.another(&db) };
-            tokio::spawn(events::publish_loop(w, queue.clone(), writing.clone(), peers.clone()));
+            let shared = events::Shared {
+                queue: queue.clone(),
+                writing: writing.clone(),
+                peers: peers.clone(),
+                sink: sink.clone(),
+            };
+            tokio::spawn(events::publish_loop(w, shared));
         }
-        Store { db, writer, dispatch_writer, key, publisher, peers }
+        Store { db, writer, dispatch_writer, key, publisher, peers, sink }
+    }
+
+    /// Hands publishes to the dispatcher (once; later calls change nothing): see
+    /// [`events::PublishSink`].
+    pub fn set_sink(&self, sink: std::sync::Arc<dyn events::PublishSink>) {
+        let _ = self.sink.set(sink);
     }
 }
 
