@@ -11,7 +11,12 @@ use herald_tests::tls::TestCa;
 use herald_tests::{Backend, TestDb, webhook};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
 
-both_databases!(one_event_reaches_three_webhooks_in_two_zones, nothing_is_lost_across_a_control_plane_crash);
+both_databases!(
+    one_event_reaches_three_webhooks_in_two_zones,
+    nothing_is_lost_across_a_control_plane_crash,
+    published_deliveries_go_straight_to_a_waiting_agent,
+    a_delivery_in_flight_when_acknowledged_survives_a_crash
+);
 
 pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
@@ -327,6 +332,113 @@ async fn nothing_is_lost_across_a_control_plane_crash(backend: Backend) {
     assert_eq!(seen, want, "every acknowledged event delivered");
     for id in &ids {
         assert_eq!(settled(&db, id).await[0].status, delivery::status::SUCCEEDED);
+    }
+}
+
+/// The status the publish answer gives `webhook`'s delivery.
+fn status_for(e: &proto::Event, webhook: &proto::Webhook) -> i32 {
+    e.deliveries.iter().find(|d| d.webhook_id == webhook.id).map(|d| d.status).expect("a delivery for the webhook")
+}
+
+/// Publishes until the answer shows `webhook`'s delivery already in flight (leased to an agent
+/// as it was stored); returns every event published. The dispatcher leases at publish only once
+/// it has drained the zone, which it does as soon as the first delivery's claim finds no more.
+async fn publish_until_leased(cp: &ControlPlaneProcess, webhook: &proto::Webhook) -> Vec<proto::Event> {
+    let mut published = Vec::new();
+    for i in 0..50 {
+        let e = publish(cp, "task.completed", &format!(r#"{{"i":{i}}}"#)).await;
+        let leased = status_for(&e, webhook) == proto::DeliveryStatus::InFlight as i32;
+        published.push(e);
+        if leased {
+            return published;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no delivery was leased as it was published: {published:?}");
+}
+
+async fn published_deliveries_go_straight_to_a_waiting_agent(backend: Backend) {
+    let ca = TestCa::new();
+    let db = TestDb::new(backend).await;
+    let cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-1"]).await;
+    let (fast, limited, far) = (Receiver::https(&ca).await, Receiver::https(&ca).await, Receiver::https(&ca).await);
+    let hook = create(&cp, webhook("fast", &fast.url("/"), &["task.*"])).await;
+    // A webhook with a limit is always claimed, where its limit is counted; a zone without an
+    // agent here queues.
+    let mut w = webhook("limited", &limited.url("/"), &["task.*"]);
+    w.max_in_flight = Some(5);
+    let limited_hook = create(&cp, w).await;
+    let far_hook = create(&cp, in_zone(webhook("far", &far.url("/"), &["task.*"]), "far")).await;
+
+    let published = publish_until_leased(&cp, &hook).await;
+    assert!(published.len() >= 2, "the first delivery of a webhook not yet cached is claimed");
+    for e in &published {
+        assert_eq!(status_for(e, &limited_hook), proto::DeliveryStatus::Pending as i32, "{e:?}");
+        assert_eq!(status_for(e, &far_hook), proto::DeliveryStatus::Pending as i32, "{e:?}");
+    }
+    // Each event reaches the fast and the limited webhook once, signed, on attempt 1.
+    let n = published.len();
+    let (got, got_limited) = (fast.wait_for(n, WAIT).await, limited.wait_for(n, WAIT).await);
+    for (received, w) in [(&got, &hook), (&got_limited, &limited_hook)] {
+        let mut ids: Vec<String> = received.iter().map(|r| r.header("x-cloudthinker-event-id")).collect();
+        ids.sort();
+        let mut want: Vec<String> = published.iter().map(|e| e.id.clone()).collect();
+        want.sort();
+        assert_eq!(ids, want, "every event once at {}", w.name);
+        for r in received.iter() {
+            assert_eq!(r.header("x-cloudthinker-signature"), expected_signature(&w.secret, &r.body));
+            assert_eq!(r.header("x-cloudthinker-attempt"), "1");
+        }
+    }
+    let leased = published.last().expect("one event at least");
+    let rows = settled_or_waiting(&db, &leased.id).await;
+    let row = rows.iter().find(|d| d.webhook_id == hook.id).expect("the fast delivery");
+    assert_eq!((row.status, row.attempt_count), (delivery::status::SUCCEEDED, 1));
+    let attempts = attempts_of(&db, &row.id).await;
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!((attempts[0].agent_id.as_str(), attempts[0].response_status, attempts[0].number), ("agent-1", 200, 1));
+    assert_eq!(far.count(), 0, "the far zone has no agent");
+}
+
+/// Waits until every delivery of `event_id` outside the `far` zone is final; returns them all.
+async fn settled_or_waiting(db: &TestDb, event_id: &str) -> Vec<delivery::Model> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let conn = db.connect().await;
+    loop {
+        let rows = delivery::Entity::find().filter(delivery::Column::EventId.eq(event_id)).all(&conn).await.unwrap();
+        if rows.iter().filter(|d| d.zone != "far").all(|d| [3, 4, 5].contains(&d.status)) {
+            conn.close().await.ok();
+            return rows;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "deliveries of {event_id} did not settle: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An event acknowledged with its delivery already leased to an agent, and the control plane
+/// killed at once: whether the job reached the agent or not, the delivery is made after the
+/// restart (the agent reports it, or the lease expires and it is sent again).
+async fn a_delivery_in_flight_when_acknowledged_survives_a_crash(backend: Backend) {
+    let ca = TestCa::new();
+    let db = TestDb::new(backend).await;
+    let mut cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "300ms"]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-1"]).await;
+    let r = Receiver::https(&ca).await;
+    let hook = create(&cp, with_timeout(webhook("all", &r.url("/"), &["task.*"]), 1000)).await;
+    let published = publish_until_leased(&cp, &hook).await;
+    cp.kill_and_restart().await;
+    let got = r.wait_for(published.len(), WAIT).await;
+    let mut seen: Vec<String> = got.iter().map(|g| g.header("x-cloudthinker-event-id")).collect();
+    seen.sort();
+    seen.dedup();
+    let mut want: Vec<String> = published.iter().map(|e| e.id.clone()).collect();
+    want.sort();
+    assert_eq!(seen, want, "every acknowledged event delivered");
+    for e in &published {
+        assert_eq!(settled(&db, &e.id).await[0].status, delivery::status::SUCCEEDED);
     }
 }
 
