@@ -25,7 +25,7 @@ use tonic::Status;
 
 use crate::db::entity::delivery::{self, status};
 use crate::metrics::{AttemptLabels, Metrics, Outcome, OutcomeLabels, Reason, ReasonLabels};
-use crate::store::events::{PublishSink, StoredEvent};
+use crate::store::events::{LeaseTerms, PublishSink, StoredEvent};
 use crate::store::queue::{Applied, AttemptReport, Claimed, Filter, Limits, QueuePolicy, wake_by};
 use crate::store::webhooks::Webhook;
 use crate::store::{Store, StoreError, now_millis};
@@ -94,6 +94,17 @@ struct State {
     /// that may make work due (a queued publish, a retry or replay, a reclaim, another replica's
     /// wake-up, a timer) empties it.
     caught_up: std::collections::HashSet<String>,
+    /// Counts every emptying of `caught_up`: a round marks a zone caught up only if none happened
+    /// since it began to look, or a wake-up meanwhile would be lost.
+    uncaught: u64,
+}
+
+impl State {
+    /// Something may have made work due anywhere: no zone is caught up.
+    fn uncatch(&mut self) {
+        self.caught_up.clear();
+        self.uncaught += 1;
+    }
 }
 
 /// Envelopes of recently published events, oldest first out: the dispatcher sends what was just
@@ -164,6 +175,8 @@ struct Inner {
     due_wake: AtomicI64,
     /// The earliest known lease expiry (ms), or 0.
     lease_wake: AtomicI64,
+    /// When the dispatch loop, asleep, wakes next (ms) unless woken sooner.
+    planned_wake: AtomicI64,
     wake: Notify,
     results: mpsc::Sender<Arrived>,
     /// Delivery changes for `WatchDeliveries`.
@@ -258,6 +271,7 @@ impl Dispatcher {
             rate_wake: Arc::new(AtomicI64::new(0)),
             due_wake: AtomicI64::new(0),
             lease_wake: AtomicI64::new(0),
+            planned_wake: AtomicI64::new(0),
             wake: Notify::new(),
             results,
             changes: tokio::sync::broadcast::channel(4096).0,
@@ -278,7 +292,7 @@ impl Dispatcher {
     /// Something may have become due (a publish, a re-activation, a replay): look again now, in
     /// every zone.
     pub fn wake(&self) {
-        self.inner.state.lock().expect("dispatcher lock").caught_up.clear();
+        self.inner.state.lock().expect("dispatcher lock").uncatch();
         self.inner.wake.notify_one();
     }
 
@@ -608,29 +622,43 @@ impl Dispatcher {
         }
     }
 
-    /// Sends what a publish leased as it committed. A session that ended before the publish
-    /// committed could not take these leases back when it closed: they are taken back here.
+    /// Sends what a publish leased as it committed. Jobs that cannot go are handed back (due
+    /// again at once, no attempt used), each by its own lease: those of a session that closed
+    /// before the publish committed (its `close` could not see them), and those whose commit took
+    /// longer than the lease grace (the lease could expire while the agent still sends).
     async fn send_leased(&self, leased: Vec<(u64, Claimed)>) {
+        let grace = self.inner.policy.lease_grace_ms;
         let mut by_session: std::collections::BTreeMap<u64, Vec<Claimed>> = std::collections::BTreeMap::new();
         for (session, c) in leased {
             by_session.entry(session).or_default().push(c);
         }
         for (session, claimed) in by_session {
-            let holder = claimed[0].delivery.lease_agent.clone().unwrap_or_default();
-            self.send_jobs(session, claimed, now_millis(), true).await;
-            if self.inner.state.lock().expect("dispatcher lock").sessions.contains_key(&session) {
+            let now = now_millis();
+            let (late, timely): (Vec<Claimed>, Vec<Claimed>) =
+                claimed.into_iter().partition(|c| now - c.delivery.updated_at >= grace);
+            let mut back: Vec<(String, String)> =
+                late.iter().map(|c| (c.lease_id.clone(), c.delivery.id.clone())).collect();
+            if !late.is_empty() {
+                self.give_back(session, late.len() as u32);
+            }
+            if !timely.is_empty() {
+                back.extend(self.send_jobs(session, timely, now, true).await);
+            }
+            if back.is_empty() {
                 continue;
             }
-            match self.inner.store.reclaim_leases(Some(&holder), now_millis(), &self.inner.policy).await {
-                Ok(reclaimed) => {
-                    self.count_outcomes(&reclaimed.applied);
-                    self.release_leases(&reclaimed.leases);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot take back the leases of a closed session; they will expire")
-                }
+            let reports = back
+                .into_iter()
+                .map(|(lease_id, delivery_id)| AttemptReport {
+                    lease_id,
+                    delivery_id,
+                    not_sent: true,
+                    ..Default::default()
+                })
+                .collect();
+            if let Err(e) = self.inner.store.record_results(reports, now_millis(), &self.inner.policy).await {
+                tracing::warn!(error = %e, "cannot hand back leases taken at publish; they will expire");
             }
-            self.release_session(session);
             self.wake();
         }
     }
@@ -669,11 +697,15 @@ impl Dispatcher {
         // The earliest known time work becomes due (a retry, a rate-limit slot), or 0. Kept across
         // wake-ups: rounds skip zones caught up, so they do not find it again by themselves.
         let mut due_at = 0i64;
+        // When every zone was last looked at: at least every `IDLE_WAKE_MS`, however often wake-ups
+        // come (a safety net that steady traffic cannot starve).
+        let mut swept = now_millis();
         loop {
             let now = now_millis();
-            if due_at > 0 && now >= due_at {
+            if (due_at > 0 && now >= due_at) || now - swept >= IDLE_WAKE_MS {
                 due_at = 0;
-                self.inner.state.lock().expect("dispatcher lock").caught_up.clear();
+                swept = now;
+                self.inner.state.lock().expect("dispatcher lock").uncatch();
             }
             if now - last_reclaim >= RECLAIM_EVERY_MS || (next_expiry > 0 && now > next_expiry) {
                 last_reclaim = now;
@@ -684,7 +716,7 @@ impl Dispatcher {
                         self.inner.metrics.leases_reclaimed.get_or_create(&expired()).inc_by(leases.len() as u64);
                         self.count_outcomes(&reclaimed.applied);
                         self.release_leases(&leases);
-                        self.inner.state.lock().expect("dispatcher lock").caught_up.clear();
+                        self.inner.state.lock().expect("dispatcher lock").uncatch();
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot take back expired leases"),
@@ -699,7 +731,12 @@ impl Dispatcher {
             match self.dispatch_round().await {
                 Ok(Some(due)) => due_at = soonest(due_at, due),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "dispatch round failed"),
+                Err(e) => {
+                    // Zones marked caught up before the failure may hide what the round did not
+                    // get to say (their next due time): look at every zone again next time.
+                    self.inner.state.lock().expect("dispatcher lock").uncatch();
+                    tracing::warn!(error = %e, "dispatch round failed");
+                }
             }
             // Leases given out in this round may expire before anything else wakes us.
             let hinted = self.inner.lease_wake.swap(0, Ordering::SeqCst);
@@ -718,13 +755,14 @@ impl Dispatcher {
             if due_at > 0 {
                 next_wake = next_wake.min(due_at);
             }
+            self.inner.planned_wake.store(next_wake, Ordering::SeqCst);
             let sleep = Duration::from_millis(u64::try_from(next_wake - now_millis()).unwrap_or(0));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.inner.wake.notified() => {}
                 // Work came due, a lease may have expired, or the safety net: every zone is looked
                 // at.
-                _ = tokio::time::sleep(sleep) => self.inner.state.lock().expect("dispatcher lock").caught_up.clear(),
+                _ = tokio::time::sleep(sleep) => self.inner.state.lock().expect("dispatcher lock").uncatch(),
             }
         }
     }
@@ -736,16 +774,17 @@ impl Dispatcher {
         let mut drained: Vec<String> = Vec::new();
         loop {
             // The least loaded agent with credit in a zone that may still have work.
-            let pick = {
+            let (pick, uncaught) = {
                 let state = self.inner.state.lock().expect("dispatcher lock");
-                state
+                let pick = state
                     .sessions
                     .iter()
                     .filter(|(_, s)| {
                         s.credit > 0 && !s.draining && !drained.contains(&s.zone) && !state.caught_up.contains(&s.zone)
                     })
                     .min_by_key(|(_, s)| (s.in_flight, s.connected_at))
-                    .map(|(id, s)| (*id, s.holder.clone(), s.zone.clone(), s.credit.min(CLAIM_BATCH)))
+                    .map(|(id, s)| (*id, s.holder.clone(), s.zone.clone(), s.credit.min(CLAIM_BATCH)));
+                (pick, state.uncaught)
             };
             let Some((session, holder, zone, want)) = pick else { return Ok(earliest) };
             let now = now_millis();
@@ -756,6 +795,7 @@ impl Dispatcher {
                 .await?;
             let got = claimed.len() as u32;
             if got > 0 {
+                // A session that closed meanwhile has these leases taken back by `close`.
                 self.send_jobs(session, claimed, now, false).await;
             }
             if got < want {
@@ -770,7 +810,10 @@ impl Dispatcher {
                 // Nothing due is left behind: new deliveries of the zone may be leased as they are
                 // published, unless something makes work due first (see `State::caught_up`).
                 if due.is_none_or(|due| due > now) {
-                    self.inner.state.lock().expect("dispatcher lock").caught_up.insert(zone.clone());
+                    let mut state = self.inner.state.lock().expect("dispatcher lock");
+                    if state.uncaught == uncaught {
+                        state.caught_up.insert(zone.clone());
+                    }
                 }
                 drained.push(zone);
             }
@@ -834,8 +877,9 @@ impl Dispatcher {
 
     /// Sends claimed (or, with `reserved`, published-and-leased) jobs to a session. A claim's jobs
     /// take the session's credit here; leases taken at publish took it already, and what of them
-    /// is not sent gives it back.
-    async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64, reserved: bool) {
+    /// is not sent gives it back. Returns the jobs (lease, delivery) not sent because the session
+    /// had closed: `close` takes a claim's back, but may have run before a publish's committed.
+    async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64, reserved: bool) -> Vec<(String, String)> {
         let leased = claimed.len() as u32;
         let claimed_expiry = claimed.iter().map(|c| c.lease_expires_at).min().unwrap_or(now);
         let rows: Vec<&crate::db::entity::delivery::Model> = claimed.iter().map(|c| &c.delivery).collect();
@@ -869,7 +913,7 @@ impl Dispatcher {
                     if reserved {
                         self.give_back(session, leased);
                     }
-                    return;
+                    return Vec::new();
                 }
             }
         }
@@ -982,7 +1026,7 @@ impl Dispatcher {
             let mut state = self.inner.state.lock().expect("dispatcher lock");
             if !state.sessions.contains_key(&session) {
                 // The session closed meanwhile; `close` or lease expiry takes these leases back.
-                return;
+                return jobs.iter().map(|(job, _, _)| (job.lease_id.clone(), job.delivery_id.clone())).collect();
             }
             let mut counts = self.inner.hook_in_flight.lock().expect("in-flight lock");
             for (job, webhook_id, request_body) in &jobs {
@@ -1015,8 +1059,13 @@ impl Dispatcher {
             }
         }
         // A session that went away meanwhile has its leases taken back by `close`.
-        let Some(tx) = tx else { return };
+        let Some(tx) = tx else { return Vec::new() };
         wake_by(&self.inner.lease_wake, claimed_expiry);
+        // Leases taken at publish are sent outside the dispatch loop: if one expires before the
+        // loop would next wake, it must plan again.
+        if reserved && claimed_expiry < self.inner.planned_wake.load(Ordering::SeqCst) {
+            self.nudge();
+        }
         // Never wait on one agent's stream: the channel holds the agent's whole credit, so a
         // full channel means a stuck session, whose leases expire.
         for (job, _, _) in jobs {
@@ -1026,6 +1075,7 @@ impl Dispatcher {
                 break;
             }
         }
+        Vec::new()
     }
 
     async fn result_loop(self, mut rx: mpsc::Receiver<Arrived>, shutdown: CancellationToken) {
@@ -1099,11 +1149,11 @@ impl Dispatcher {
 struct Publishes(std::sync::Weak<Inner>);
 
 impl PublishSink for Publishes {
-    fn lease(&self, rows: &mut [delivery::Model], now: i64) -> Vec<(u64, Claimed)> {
+    fn lease(&self, rows: &mut [delivery::Model], terms: &HashMap<&str, LeaseTerms>, now: i64) -> Vec<(u64, Claimed)> {
         let Some(inner) = self.0.upgrade() else { return Vec::new() };
         let grace = inner.policy.lease_grace_ms;
         let mut state = inner.state.lock().expect("dispatcher lock");
-        let State { sessions, hooks, caught_up, .. } = &mut *state;
+        let State { sessions, caught_up, .. } = &mut *state;
         let mut prefix: Option<String> = None;
         let mut leased = Vec::new();
         for d in rows.iter_mut() {
@@ -1114,22 +1164,18 @@ impl PublishSink for Publishes {
                 continue;
             }
             // Webhooks with limits are claimed, where the limits are counted (across replicas on
-            // PostgreSQL); one not cached yet is claimed once and cached then.
-            let timeout = match hooks.get(&d.webhook_id).map(|h| &h.webhook.spec) {
-                Some(spec) if spec.max_in_flight.is_none() && spec.rate_limit_per_second.is_none() => {
-                    spec.timeout_ms.unwrap_or(crate::store::queue::DEFAULT_TIMEOUT_MS)
-                }
-                _ => {
-                    // This row waits in the queue: later ones of its zone queue behind it.
-                    caught_up.remove(&d.zone);
-                    continue;
-                }
+            // PostgreSQL). Their rows queue (and wake the dispatch loop) without holding back the
+            // zone's others.
+            let timeout = match terms.get(d.webhook_id.as_str()) {
+                Some(t) if !t.limited => t.timeout_ms.unwrap_or(crate::store::queue::DEFAULT_TIMEOUT_MS),
+                _ => continue,
             };
             let agent = sessions
                 .iter_mut()
                 .filter(|(_, s)| s.zone == d.zone && s.credit > 0 && !s.draining)
                 .min_by_key(|(_, s)| (s.in_flight, s.connected_at));
             let Some((&session, s)) = agent else {
+                // This row waits in the queue for room: later ones of its zone queue behind it.
                 caught_up.remove(&d.zone);
                 continue;
             };

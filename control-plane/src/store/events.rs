@@ -104,6 +104,17 @@ pub(crate) struct Subscriber {
     pub id: String,
     pub zone: String,
     pub events: Vec<String>,
+    /// What leasing its deliveries at publish needs, read with the subscription.
+    pub terms: LeaseTerms,
+}
+
+/// A webhook's settings that a lease taken at publish depends on, as the publish's transaction
+/// reads them (never from a cache that a change may not have reached yet).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTerms {
+    pub timeout_ms: Option<i64>,
+    /// It has `max_in_flight` or a rate limit: its deliveries are claimed, where those are counted.
+    pub limited: bool,
 }
 
 /// The workspace's active webhooks. On PostgreSQL their rows stay share-locked until the publish
@@ -114,11 +125,15 @@ pub(crate) async fn subscribers(txn: &DatabaseTransaction, workspace: &str) -> R
     if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
         q = q.lock_shared();
     }
-    let rows: Vec<(String, String, String)> = q
+    type Row = (String, String, String, Option<i64>, Option<i64>, Option<i64>);
+    let rows: Vec<Row> = q
         .select_only()
         .column(webhook::Column::Id)
         .column(webhook::Column::Zone)
         .column(webhook::Column::Events)
+        .column(webhook::Column::TimeoutMs)
+        .column(webhook::Column::MaxInFlight)
+        .column(webhook::Column::RateLimitPerSecond)
         .filter(webhook::Column::WorkspaceId.eq(workspace))
         .filter(webhook::Column::Active.eq(true))
         .filter(webhook::Column::DeletedAt.is_null())
@@ -126,9 +141,10 @@ pub(crate) async fn subscribers(txn: &DatabaseTransaction, workspace: &str) -> R
         .all(txn)
         .await?;
     rows.into_iter()
-        .map(|(id, zone, events)| {
+        .map(|(id, zone, events, timeout_ms, max_in_flight, rate)| {
             let events = serde_json::from_str(&events).map_err(|e| StoreError::Internal(e.to_string()))?;
-            Ok(Subscriber { id, zone, events })
+            let terms = LeaseTerms { timeout_ms, limited: max_in_flight.is_some() || rate.is_some() };
+            Ok(Subscriber { id, zone, events, terms })
         })
         .collect()
 }
@@ -439,7 +455,12 @@ pub(crate) struct Shared {
 pub trait PublishSink: Send + Sync {
     /// Leases what it may of `rows` (new, pending) to agents, in place; returns each lease taken
     /// with the agent session it is for.
-    fn lease(&self, rows: &mut [delivery::Model], now: i64) -> Vec<(u64, super::queue::Claimed)>;
+    fn lease(
+        &self,
+        rows: &mut [delivery::Model],
+        terms: &HashMap<&str, LeaseTerms>,
+        now: i64,
+    ) -> Vec<(u64, super::queue::Claimed)>;
     /// The write committed: every stored event (for the dispatcher's envelope cache), the leases
     /// it took, and whether it also queued deliveries for the dispatch loop.
     fn committed(&self, stored: &[&StoredEvent], leased: Vec<(u64, super::queue::Claimed)>, queued: bool);
@@ -605,7 +626,8 @@ async fn publish_many(
     if let Some(sink) = &write.sink
         && !new_deliveries.is_empty()
     {
-        let leased = sink.lease(&mut new_deliveries, now);
+        let terms: HashMap<&str, LeaseTerms> = subs.values().flatten().map(|s| (s.id.as_str(), s.terms)).collect();
+        let leased = sink.lease(&mut new_deliveries, &terms, now);
         if !leased.is_empty() {
             let ids: HashSet<&str> = leased.iter().map(|(_, c)| c.delivery.id.as_str()).collect();
             for out in answers.iter_mut().filter_map(|a| a.as_mut().ok()) {

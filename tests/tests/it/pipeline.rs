@@ -342,7 +342,7 @@ fn status_for(e: &proto::Event, webhook: &proto::Webhook) -> i32 {
 
 /// Publishes until the answer shows `webhook`'s delivery already in flight (leased to an agent
 /// as it was stored); returns every event published. The dispatcher leases at publish only once
-/// it has drained the zone, which it does as soon as the first delivery's claim finds no more.
+/// a claim has found the zone drained, which happens as soon as the agent's credit arrives.
 async fn publish_until_leased(cp: &ControlPlaneProcess, webhook: &proto::Webhook) -> Vec<proto::Event> {
     let mut published = Vec::new();
     for i in 0..50 {
@@ -373,14 +373,20 @@ async fn published_deliveries_go_straight_to_a_waiting_agent(backend: Backend) {
     let far_hook = create(&cp, in_zone(webhook("far", &far.url("/"), &["task.*"]), "far")).await;
 
     let published = publish_until_leased(&cp, &hook).await;
-    assert!(published.len() >= 2, "the first delivery of a webhook not yet cached is claimed");
     for e in &published {
         assert_eq!(status_for(e, &limited_hook), proto::DeliveryStatus::Pending as i32, "{e:?}");
         assert_eq!(status_for(e, &far_hook), proto::DeliveryStatus::Pending as i32, "{e:?}");
     }
     // Each event reaches the fast and the limited webhook once, signed, on attempt 1.
     let n = published.len();
-    let (got, got_limited) = (fast.wait_for(n, WAIT).await, limited.wait_for(n, WAIT).await);
+    fast.wait_for(n, WAIT).await;
+    limited.wait_for(n, WAIT).await;
+    // Nothing arrives twice: once every delivery is final, the receivers saw no more than that.
+    for e in &published {
+        settled_or_waiting(&db, &e.id).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (got, got_limited) = (fast.requests(), limited.requests());
     for (received, w) in [(&got, &hook), (&got_limited, &limited_hook)] {
         let mut ids: Vec<String> = received.iter().map(|r| r.header("x-cloudthinker-event-id")).collect();
         ids.sort();
@@ -392,8 +398,7 @@ async fn published_deliveries_go_straight_to_a_waiting_agent(backend: Backend) {
             assert_eq!(r.header("x-cloudthinker-attempt"), "1");
         }
     }
-    let leased = published.last().expect("one event at least");
-    let rows = settled_or_waiting(&db, &leased.id).await;
+    let rows = settled_or_waiting(&db, &published.last().expect("one event at least").id).await;
     let row = rows.iter().find(|d| d.webhook_id == hook.id).expect("the fast delivery");
     assert_eq!((row.status, row.attempt_count), (delivery::status::SUCCEEDED, 1));
     let attempts = attempts_of(&db, &row.id).await;
@@ -417,19 +422,23 @@ async fn settled_or_waiting(db: &TestDb, event_id: &str) -> Vec<delivery::Model>
     }
 }
 
-/// An event acknowledged with its delivery already leased to an agent, and the control plane
-/// killed at once: whether the job reached the agent or not, the delivery is made after the
-/// restart (the agent reports it, or the lease expires and it is sent again).
+/// An event acknowledged with its delivery leased, as it was stored, to an agent that never
+/// takes the job (stopped), and the control plane killed: after the restart the lease expires
+/// and another agent delivers it, on attempt 1, the lost lease costing no attempt.
 async fn a_delivery_in_flight_when_acknowledged_survives_a_crash(backend: Backend) {
     let ca = TestCa::new();
     let db = TestDb::new(backend).await;
     let mut cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "300ms"]).await;
-    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    let stopped = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
     cp.wait_agents(&["agent-1"]).await;
     let r = Receiver::https(&ca).await;
     let hook = create(&cp, with_timeout(webhook("all", &r.url("/"), &["task.*"]), 1000)).await;
+    // The agent stays connected as far as the control plane knows, but reads nothing more.
+    signal(&stopped.child, "STOP");
     let published = publish_until_leased(&cp, &hook).await;
     cp.kill_and_restart().await;
+    signal(&stopped.child, "KILL");
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-2", Some(&ca.path), &[]);
     let got = r.wait_for(published.len(), WAIT).await;
     let mut seen: Vec<String> = got.iter().map(|g| g.header("x-cloudthinker-event-id")).collect();
     seen.sort();
@@ -437,6 +446,16 @@ async fn a_delivery_in_flight_when_acknowledged_survives_a_crash(backend: Backen
     let mut want: Vec<String> = published.iter().map(|e| e.id.clone()).collect();
     want.sort();
     assert_eq!(seen, want, "every acknowledged event delivered");
+    let leased = published.last().expect("one event at least");
+    let row = settled(&db, &leased.id).await.remove(0);
+    assert_eq!((row.status, row.attempt_count), (delivery::status::SUCCEEDED, 1), "{row:?}");
+    let attempts = attempts_of(&db, &row.id).await;
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].agent_id, "agent-2");
+    // The restarted control plane took the leases back when they expired.
+    let metrics = herald_tests::parse_metrics(&herald_tests::http_get(cp.http_port, "/metrics").await.1);
+    let reclaimed = metrics.get(r#"herald_leases_reclaimed_total{reason="expired"}"#).copied().unwrap_or(0.0);
+    assert!(reclaimed >= published.len() as f64, "{reclaimed} leases reclaimed for {} events", published.len());
     for e in &published {
         assert_eq!(settled(&db, &e.id).await[0].status, delivery::status::SUCCEEDED);
     }
