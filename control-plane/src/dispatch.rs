@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::db::entity::delivery::{self, status};
-use crate::metrics::{AttemptLabels, Metrics, Outcome, OutcomeLabels, Reason, ReasonLabels};
+use crate::metrics::{AttemptLabels, Metrics, Outcome, OutcomeLabels, Reason, ReasonLabels, Via, ViaLabels};
 use crate::store::events::{LeaseTerms, PublishSink, StoredEvent};
 use crate::store::queue::{Applied, AttemptReport, Claimed, Filter, Limits, QueuePolicy, wake_by};
 use crate::store::webhooks::Webhook;
@@ -1068,13 +1068,17 @@ impl Dispatcher {
         }
         // Never wait on one agent's stream: the channel holds the agent's whole credit, so a
         // full channel means a stuck session, whose leases expire.
+        let mut sent = 0u64;
         for (job, _, _) in jobs {
             let message = proto::ControlMessage { msg: Some(control_message::Msg::Job(job)) };
             if tx.try_send(Ok(message)).is_err() {
                 tracing::warn!(session, "an agent's stream is full or closed; its leases will expire");
                 break;
             }
+            sent += 1;
         }
+        let via = if reserved { Via::publish } else { Via::claim };
+        self.inner.metrics.jobs_sent.get_or_create(&ViaLabels { via }).inc_by(sent);
         Vec::new()
     }
 

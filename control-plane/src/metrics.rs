@@ -53,6 +53,20 @@ pub struct ReasonLabels {
     pub reason: Reason,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Via {
+    /// Leased by a claim of the dispatch loop.
+    claim,
+    /// Leased in the publish's own transaction, to an agent waiting for work.
+    publish,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViaLabels {
+    pub via: Via,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: String,
@@ -71,6 +85,7 @@ pub struct Metrics {
     pub attempts: Family<AttemptLabels, Counter>,
     pub attempt_seconds: Histogram,
     pub leases_reclaimed: Family<ReasonLabels, Counter>,
+    pub jobs_sent: Family<ViaLabels, Counter>,
     pub queue_depth: Family<StatusLabels, Gauge>,
     pub oldest_pending_seconds: Gauge,
     pub agents_connected: Family<ZoneLabels, Gauge>,
@@ -98,6 +113,7 @@ impl Metrics {
         // 5 ms to about 80 s.
         let attempt_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 15));
         let leases_reclaimed = Family::<ReasonLabels, Counter>::default();
+        let jobs_sent = Family::<ViaLabels, Counter>::default();
         let queue_depth = Family::<StatusLabels, Gauge>::default();
         let oldest_pending_seconds = Gauge::default();
         let agents_connected = Family::<ZoneLabels, Gauge>::default();
@@ -111,6 +127,11 @@ impl Metrics {
         r.register("attempts", "Attempts by webhook and HTTP status class or error kind", attempts.clone());
         r.register("attempt_duration_seconds", "How long attempts took, as agents measured", attempt_seconds.clone());
         r.register("leases_reclaimed", "Leases taken back to dispatch again, by reason", leases_reclaimed.clone());
+        r.register(
+            "jobs_sent",
+            "Jobs sent to agents, by how they were leased: by a claim, or as they were published",
+            jobs_sent.clone(),
+        );
         r.register("queue_depth", "Deliveries not yet final, by status", queue_depth.clone());
         r.register(
             "oldest_pending_age_seconds",
@@ -131,6 +152,9 @@ impl Metrics {
         for reason in [Reason::expired, Reason::agent_left] {
             leases_reclaimed.get_or_create(&ReasonLabels { reason }).inc_by(0);
         }
+        for via in [Via::claim, Via::publish] {
+            jobs_sent.get_or_create(&ViaLabels { via }).inc_by(0);
+        }
         Metrics {
             registry: r,
             events_published,
@@ -138,6 +162,7 @@ impl Metrics {
             attempts,
             attempt_seconds,
             leases_reclaimed,
+            jobs_sent,
             queue_depth,
             oldest_pending_seconds,
             agents_connected,

@@ -405,6 +405,11 @@ async fn published_deliveries_go_straight_to_a_waiting_agent(backend: Backend) {
     assert_eq!(attempts.len(), 1, "{attempts:?}");
     assert_eq!((attempts[0].agent_id.as_str(), attempts[0].response_status, attempts[0].number), ("agent-1", 200, 1));
     assert_eq!(far.count(), 0, "the far zone has no agent");
+    // Operators see both ways in the metrics: the limited webhook's jobs went through claims.
+    let metrics = herald_tests::parse_metrics(&herald_tests::http_get(cp.http_port, "/metrics").await.1);
+    let sent = |via: &str| metrics.get(&format!(r#"herald_jobs_sent_total{{via="{via}"}}"#)).copied();
+    assert!(sent("publish").is_some_and(|n| n >= 1.0), "{metrics:?}");
+    assert!(sent("claim").is_some_and(|claimed| claimed >= n as f64), "{metrics:?}");
 }
 
 /// Waits until every delivery of `event_id` outside the `far` zone is final; returns them all.
