@@ -60,6 +60,16 @@ impl Authenticator {
         Authenticator { store, cache: Arc::default() }
     }
 
+    /// Forgets an accepted key (by its hash): it was revoked.
+    pub fn forget(&self, key_hash: &str) {
+        self.cache.lock().expect("cache lock").remove(key_hash);
+    }
+
+    /// Forgets every accepted key: revocations may have been missed.
+    pub fn forget_all(&self) {
+        self.cache.lock().expect("cache lock").clear();
+    }
+
     /// The caller of `request`, who must hold `needed` (an admin key holds every scope).
     pub async fn check<T>(&self, request: &Request<T>, needed: Scope) -> Result<Principal, Status> {
         let key = bearer(request)?;

@@ -96,6 +96,23 @@ pub enum KeysCommand {
         #[arg(long, default_value = "admin")]
         scope: String,
     },
+    /// List API keys (their ids, workspaces, scopes and creation times; never the keys).
+    List {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// Only this workspace's keys.
+        #[arg(long, env = "HERALD_WORKSPACE")]
+        workspace: Option<String>,
+    },
+    /// Revoke an API key, named by its id (`key_…`, from `keys list`) or by the key itself
+    /// (`hk_…`). Control planes on PostgreSQL refuse it at once; one on SQLite within 30 s (the
+    /// time it keeps an accepted key).
+    Revoke {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// The key's id or the key.
+        key: String,
+    },
 }
 
 /// The master key that seals secrets at rest, and retired ones during its rotation.

@@ -12,6 +12,19 @@ use herald_control_plane::{bind, cli, db, dev, server, shutdown_on_signals, stor
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// A store for managing API keys beside a running control plane (keys need no secret key: they
+/// are hashed, not sealed).
+async fn key_store(database_url: &str) -> anyhow::Result<store::Store> {
+    let conn = db::connect(database_url).await.context("cannot open the database")?;
+    db::migrate(&conn).await.context("cannot migrate the database")?;
+    Ok(store::Store::new(conn, herald_control_plane::crypto::SecretKey::from_bytes([0; 32])))
+}
+
+/// A key or key id as an error may show it: never a key itself.
+fn shown(key: &str) -> String {
+    if key.starts_with(store::keys::KEY_PREFIX) { "(the key given)".to_owned() } else { format!("{key:?}") }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = herald_shared::telemetry::init("herald-control-plane");
@@ -47,13 +60,31 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys(KeysCommand::Create { db: args, workspace, scope }) => {
             let scope = Scope::parse(&scope).context("--scope must be `admin` or `publish`")?;
             herald_control_plane::auth::validate_workspace_id(&workspace).map_err(anyhow::Error::msg)?;
-            let conn = db::connect(&args.database_url).await.context("cannot open the database")?;
-            db::migrate(&conn).await.context("cannot migrate the database")?;
-            // Keys need no secret key: they are hashed, not sealed.
-            let store = store::Store::new(conn, herald_control_plane::crypto::SecretKey::from_bytes([0; 32]));
+            let store = key_store(&args.database_url).await?;
             let key = store::keys::generate_key();
             store.put_api_key(&workspace, &key, scope).await?;
             println!("{key}");
+            Ok(())
+        }
+        Command::Keys(KeysCommand::List { db: args, workspace }) => {
+            let store = key_store(&args.database_url).await?;
+            let keys = store.list_api_keys(workspace.as_deref()).await?;
+            println!("{:<32} {:<24} {:<8} CREATED", "ID", "WORKSPACE", "SCOPE");
+            for k in keys {
+                let created = chrono::DateTime::from_timestamp_millis(k.created_at)
+                    .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_default();
+                println!("{:<32} {:<24} {:<8} {created}", k.id, k.workspace_id, k.scope);
+            }
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Revoke { db: args, key }) => {
+            let store = key_store(&args.database_url).await?;
+            let revoked = store.revoke_api_key(&key).await.map_err(|e| match e {
+                store::StoreError::NotFound(_) => anyhow::anyhow!("no API key {}", shown(&key)),
+                other => other.into(),
+            })?;
+            println!("revoked {} ({}, scope {})", revoked.id, revoked.workspace_id, revoked.scope);
             Ok(())
         }
     }

@@ -86,16 +86,17 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     );
+    let auth = Authenticator::new(store.clone());
     if let Some(pool) = (store.db.get_database_backend() == sea_orm::DbBackend::Postgres)
         .then(|| store.db.get_postgres_connection_pool().clone())
     {
-        tokio::spawn(wake_on_notify(pool, dispatcher.clone(), shutdown.clone()));
+        tokio::spawn(wake_on_notify(pool, dispatcher.clone(), auth.clone(), shutdown.clone()));
     }
     let state = AppState {
         metrics,
         dispatcher,
         shutdown: shutdown.clone(),
-        auth: Authenticator::new(store.clone()),
+        auth,
         store,
         rules: Rules {
             allow_http: config.allow_http,
@@ -267,7 +268,9 @@ async fn retention_loop(store: Store, retention: std::time::Duration, shutdown: 
 /// finishes jobs (`NOTIFY herald_wake`), relays other replicas' delivery changes to this
 /// replica's watchers (`herald_changes`), and makes the dispatcher forget a webhook another
 /// replica changed or deleted (`herald_webhooks`), or every cached webhook when it (re)connects,
-/// since changes announced meanwhile were lost. The listener reconnects by itself; the
+/// since changes announced meanwhile were lost; and drops a revoked API key from the cache of
+/// accepted keys (`herald_keys`, or every cached key when it (re)connects). The listener
+/// reconnects by itself; the
 /// dispatcher's own timers remain the fallback while it cannot.
 ///
 /// It also keeps [`crate::store::Peers`] true: every [`crate::store::PEER_HEARTBEAT`] it tells
@@ -279,6 +282,7 @@ async fn retention_loop(store: Store, retention: std::time::Duration, shutdown: 
 async fn wake_on_notify(
     pool: sea_orm::sqlx::PgPool,
     dispatcher: crate::dispatch::Dispatcher,
+    auth: Authenticator,
     shutdown: CancellationToken,
 ) {
     use sea_orm::sqlx::postgres::PgListener;
@@ -297,12 +301,14 @@ async fn wake_on_notify(
                     crate::store::events::WAKE_CHANNEL,
                     crate::store::events::CHANGES_CHANNEL,
                     crate::store::webhooks::WEBHOOKS_CHANNEL,
+                    crate::store::keys::KEYS_CHANNEL,
                 ])
                 .await?;
             peers.set_listening(true, crate::store::now_millis());
-            // Webhook changes other replicas announced while this one was not listening are lost:
-            // what the dispatcher cached of webhooks may be stale.
+            // Webhook changes and key revocations announced while this one was not listening are
+            // lost: what the dispatcher cached of webhooks, and the keys accepted, may be stale.
             dispatcher.forget_all();
+            auth.forget_all();
             let mut heartbeat = tokio::time::interval(crate::store::PEER_HEARTBEAT);
             let catch_up = dispatcher.clone();
             tokio::spawn(async move {
@@ -325,8 +331,15 @@ async fn wake_on_notify(
                     // announced meanwhile were lost, and so were wake-ups.
                     peers.set_listening(false, now);
                     dispatcher.forget_all();
+                    auth.forget_all();
                     continue;
                 };
+                // A revocation comes from `herald keys revoke`, not from a replica: the payload is
+                // the key's hash.
+                if n.channel() == crate::store::keys::KEYS_CHANNEL {
+                    auth.forget(n.payload());
+                    continue;
+                }
                 peers.set_listening(true, now);
                 // `herald_wake` carries the sender's id; the others `<sender> <ids>`.
                 let (from, ids) = match n.payload().split_once(' ') {

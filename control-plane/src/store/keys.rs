@@ -12,6 +12,9 @@ use crate::db::entity::{api_key, workspace};
 
 /// Prefix of API keys, so that a leaked key is recognisable by secret scanners.
 pub const KEY_PREFIX: &str = "hk_";
+/// On PostgreSQL, a revoked key's hash is announced here in the revoking transaction: every
+/// control plane listening drops it from its cache of accepted keys at once.
+pub const KEYS_CHANNEL: &str = "herald_keys";
 
 /// Lowercase hex SHA-256 of an API key: the only form in which keys are stored.
 pub fn hash_key(key: &str) -> String {
@@ -62,6 +65,43 @@ impl Store {
                             Ok(())
                         }
                     }
+                })
+            })
+            .await
+    }
+
+    /// The API keys, oldest first, of one workspace or of all.
+    pub async fn list_api_keys(&self, workspace: Option<&str>) -> Result<Vec<api_key::Model>, StoreError> {
+        let mut q = api_key::Entity::find();
+        if let Some(w) = workspace {
+            q = q.filter(api_key::Column::WorkspaceId.eq(w));
+        }
+        let mut keys = q.all(&self.db).await?;
+        keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(keys)
+    }
+
+    /// Deletes an API key, named by its id (`key_…`) or by the key itself (`hk_…`); returns it.
+    /// On PostgreSQL the control planes listening forget it at once ([`KEYS_CHANNEL`]); a control
+    /// plane that accepted it within the last 30 s and does not hear that (SQLite has no
+    /// notifications) refuses it once its cache entry lapses.
+    pub async fn revoke_api_key(&self, id_or_key: &str) -> Result<api_key::Model, StoreError> {
+        let by_key = id_or_key.starts_with(KEY_PREFIX);
+        let wanted = if by_key { hash_key(id_or_key) } else { id_or_key.to_owned() };
+        self.writer
+            .write(move |txn| {
+                Box::pin(async move {
+                    let column = if by_key { api_key::Column::KeyHash } else { api_key::Column::Id };
+                    let key = api_key::Entity::find()
+                        .filter(column.eq(&wanted))
+                        .one(txn)
+                        .await?
+                        .ok_or(StoreError::NotFound("api key"))?;
+                    api_key::Entity::delete_by_id(key.id.clone()).exec(txn).await?;
+                    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+                        txn.execute_raw(super::notify(KEYS_CHANNEL, key.key_hash.clone())).await?;
+                    }
+                    Ok(key)
                 })
             })
             .await

@@ -9,7 +9,7 @@ use herald_tests::{Backend, TestDb, bin, event};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-both_databases!(keys_create_then_serve);
+both_databases!(keys_create_then_serve, keys_are_listed_and_revoked_beside_a_running_control_plane);
 
 /// Runs `herald serve` on port 0 and returns the child and the gRPC address it logged.
 async fn serve(db_url: &str, extra: &[&str]) -> (tokio::process::Child, String) {
@@ -98,6 +98,75 @@ async fn keys_create_then_serve(backend: Backend) {
     assert_eq!(unsafe_free_kill(pid, "TERM"), 0);
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("stops on SIGTERM").unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Runs `herald keys …` against `db_url`: (success, stdout, stderr).
+async fn keys(db_url: &str, args: &[&str]) -> (bool, String, String) {
+    let out =
+        Command::new(bin("herald")).arg("keys").args(args).args(["--database-url", db_url]).output().await.unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Publishes one event with `key`; the gRPC code of the answer.
+async fn publish_with(addr: &str, key: &str) -> tonic::Code {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+    let mut events =
+        proto::event_service_client::EventServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        });
+    match events.publish_event(proto::PublishEventRequest { event: Some(event("task.started", "{}")) }).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+async fn keys_are_listed_and_revoked_beside_a_running_control_plane(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (ok, admin, err) = keys(&db.url, &["create", "--workspace", "ws_cli"]).await;
+    assert!(ok, "{err}");
+    let (ok, publisher, err) = keys(&db.url, &["create", "--workspace", "ws_cli", "--scope", "publish"]).await;
+    assert!(ok, "{err}");
+    let (admin, publisher) = (admin.trim().to_owned(), publisher.trim().to_owned());
+    let (_child, addr) = serve(&db.url, &[]).await;
+    assert_eq!(publish_with(&addr, &admin).await, tonic::Code::Ok, "the admin key works, and is now cached");
+
+    // The list names each key by id, workspace and scope, and never shows a key.
+    let (ok, listed, err) = keys(&db.url, &["list", "--workspace", "ws_cli"]).await;
+    assert!(ok, "{err}");
+    let rows: Vec<Vec<&str>> = listed.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 2, "{listed}");
+    assert!(rows.iter().all(|r| r[0].starts_with("key_") && r[1] == "ws_cli"), "{listed}");
+    assert_eq!(rows.iter().map(|r| r[2]).collect::<Vec<_>>(), ["admin", "publish"], "{listed}");
+    assert!(!listed.contains("hk_"), "a listing shows no key: {listed}");
+    let (ok, others, _) = keys(&db.url, &["list", "--workspace", "ws_nobody"]).await;
+    assert!(ok && others.lines().count() == 1, "another workspace has no keys: {others}");
+
+    // Revoked by id: a key not used since is refused at once.
+    let (ok, out, err) = keys(&db.url, &["revoke", rows[1][0]]).await;
+    assert!(ok && out.contains(rows[1][0]) && out.contains("publish"), "{out}{err}");
+    assert_eq!(publish_with(&addr, &publisher).await, tonic::Code::Unauthenticated);
+
+    // Revoked by the key itself. On PostgreSQL the running control plane hears of it and refuses
+    // the key it had cached at once; on SQLite it does once its 30-second cache entry lapses.
+    let (ok, out, err) = keys(&db.url, &["revoke", &admin]).await;
+    assert!(ok && out.contains(rows[0][0]), "{out}{err}");
+    if backend == Backend::Postgres {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while publish_with(&addr, &admin).await != tonic::Code::Unauthenticated {
+            assert!(tokio::time::Instant::now() < deadline, "the cached key still works 5 s after its revocation");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let (ok, _, err) = keys(&db.url, &["revoke", &admin]).await;
+    assert!(!ok && err.contains("no API key") && !err.contains(&admin), "revoking twice: {err}");
+    let (ok, listed, _) = keys(&db.url, &["list"]).await;
+    assert!(ok && listed.lines().count() == 1, "no keys left: {listed}");
 }
 
 /// Sends a signal with the `kill` command (the workspace forbids `unsafe`).
