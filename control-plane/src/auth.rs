@@ -53,21 +53,28 @@ pub struct Principal {
 pub struct Authenticator {
     store: Store,
     cache: Arc<Mutex<HashMap<String, (Principal, Instant)>>>,
+    /// Counts revocations heard: a key read from the database while one arrived may be the key
+    /// just revoked, and is answered for that call but not cached.
+    forgotten: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Authenticator {
     pub fn new(store: Store) -> Self {
-        Authenticator { store, cache: Arc::default() }
+        Authenticator { store, cache: Arc::default(), forgotten: Arc::default() }
     }
 
     /// Forgets an accepted key (by its hash): it was revoked.
     pub fn forget(&self, key_hash: &str) {
-        self.cache.lock().expect("cache lock").remove(key_hash);
+        let mut cache = self.cache.lock().expect("cache lock");
+        cache.remove(key_hash);
+        self.forgotten.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Forgets every accepted key: revocations may have been missed.
     pub fn forget_all(&self) {
-        self.cache.lock().expect("cache lock").clear();
+        let mut cache = self.cache.lock().expect("cache lock");
+        cache.clear();
+        self.forgotten.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The caller of `request`, who must hold `needed` (an admin key holds every scope).
@@ -87,14 +94,17 @@ impl Authenticator {
         {
             return Ok(p.clone());
         }
+        let forgotten = self.forgotten.load(std::sync::atomic::Ordering::SeqCst);
         match self.store.find_api_key(key).await {
             Ok(Some((workspace, scope))) => {
                 let p = Principal { workspace, scope };
                 let mut cache = self.cache.lock().expect("cache lock");
-                if cache.len() >= CACHE_MAX {
-                    cache.clear();
+                if self.forgotten.load(std::sync::atomic::Ordering::SeqCst) == forgotten {
+                    if cache.len() >= CACHE_MAX {
+                        cache.clear();
+                    }
+                    cache.insert(hash, (p.clone(), Instant::now()));
                 }
-                cache.insert(hash, (p.clone(), Instant::now()));
                 Ok(p)
             }
             Ok(None) => Err(Status::unauthenticated("unknown API key")),

@@ -104,9 +104,10 @@ pub enum KeysCommand {
         #[arg(long, env = "HERALD_WORKSPACE")]
         workspace: Option<String>,
     },
-    /// Revoke an API key, named by its id (`key_…`, from `keys list`) or by the key itself
-    /// (`hk_…`). Control planes on PostgreSQL refuse it at once; one on SQLite within 30 s (the
-    /// time it keeps an accepted key).
+    /// Revoke an API key, named by its id (`key_…`, from `keys list`) or by the key itself.
+    /// Control planes on PostgreSQL drop it as the notification arrives; one on SQLite within
+    /// 30 s (the time it keeps an accepted key). A bootstrap key comes back at the next start
+    /// unless it is removed from the configuration first.
     Revoke {
         #[command(flatten)]
         db: DatabaseArgs,

@@ -20,11 +20,6 @@ async fn key_store(database_url: &str) -> anyhow::Result<store::Store> {
     Ok(store::Store::new(conn, herald_control_plane::crypto::SecretKey::from_bytes([0; 32])))
 }
 
-/// A key or key id as an error may show it: never a key itself.
-fn shown(key: &str) -> String {
-    if key.starts_with(store::keys::KEY_PREFIX) { "(the key given)".to_owned() } else { format!("{key:?}") }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = herald_shared::telemetry::init("herald-control-plane");
@@ -72,16 +67,18 @@ async fn main() -> anyhow::Result<()> {
             println!("{:<32} {:<24} {:<8} CREATED", "ID", "WORKSPACE", "SCOPE");
             for k in keys {
                 let created = chrono::DateTime::from_timestamp_millis(k.created_at)
-                    .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-                    .unwrap_or_default();
+                    .map_or_else(|| k.created_at.to_string(), |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string());
                 println!("{:<32} {:<24} {:<8} {created}", k.id, k.workspace_id, k.scope);
             }
             Ok(())
         }
         Command::Keys(KeysCommand::Revoke { db: args, key }) => {
             let store = key_store(&args.database_url).await?;
-            let revoked = store.revoke_api_key(&key).await.map_err(|e| match e {
-                store::StoreError::NotFound(_) => anyhow::anyhow!("no API key {}", shown(&key)),
+            // Never echoed: what is not a key id is taken for a key, whatever it looks like.
+            let revoked = store.revoke_api_key(key.trim()).await.map_err(|e| match e {
+                store::StoreError::NotFound(_) => {
+                    anyhow::anyhow!("no such API key (give a key id from `keys list`, or the key)")
+                }
                 other => other.into(),
             })?;
             println!("revoked {} ({}, scope {})", revoked.id, revoked.workspace_id, revoked.scope);

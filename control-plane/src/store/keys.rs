@@ -81,12 +81,14 @@ impl Store {
         Ok(keys)
     }
 
-    /// Deletes an API key, named by its id (`key_…`) or by the key itself (`hk_…`); returns it.
+    /// Deletes an API key, named by its id (`key_…`) or by the key itself (anything else: keys
+    /// made by `keys create` start `hk_`, a bootstrap key may be any string); returns it.
     /// On PostgreSQL the control planes listening forget it at once ([`KEYS_CHANNEL`]); a control
     /// plane that accepted it within the last 30 s and does not hear that (SQLite has no
     /// notifications) refuses it once its cache entry lapses.
     pub async fn revoke_api_key(&self, id_or_key: &str) -> Result<api_key::Model, StoreError> {
-        let by_key = id_or_key.starts_with(KEY_PREFIX);
+        let id_prefix = format!("{}_", herald_shared::ids::API_KEY);
+        let by_key = !id_or_key.starts_with(&id_prefix);
         let wanted = if by_key { hash_key(id_or_key) } else { id_or_key.to_owned() };
         self.writer
             .write(move |txn| {
