@@ -65,6 +65,19 @@ struct Session {
     tx: Outbound,
 }
 
+impl Session {
+    /// Credit back, up to the agent's capacity.
+    fn add_credit(&mut self, jobs: u32) {
+        self.credit = self.credit.saturating_add(jobs).min(self.capacity.max(1));
+    }
+
+    /// Jobs reserved for it (leased at publish) that it will not get.
+    fn unreserve(&mut self, jobs: u32) {
+        self.add_credit(jobs);
+        self.in_flight = self.in_flight.saturating_sub(jobs);
+    }
+}
+
 /// What the dispatcher remembers of a job until its result arrives.
 struct LeaseMeta {
     webhook_id: String,
@@ -429,7 +442,7 @@ impl Dispatcher {
         if let Some(s) = self.inner.state.lock().expect("dispatcher lock").sessions.get_mut(&session)
             && !s.draining
         {
-            s.credit = s.credit.saturating_add(jobs).min(s.capacity.max(1));
+            s.add_credit(jobs);
         }
         self.nudge();
     }
@@ -617,8 +630,7 @@ impl Dispatcher {
     fn give_back(&self, session: u64, jobs: u32) {
         let mut state = self.inner.state.lock().expect("dispatcher lock");
         if let Some(s) = state.sessions.get_mut(&session) {
-            s.credit = s.credit.saturating_add(jobs).min(s.capacity.max(1));
-            s.in_flight = s.in_flight.saturating_sub(jobs);
+            s.unreserve(jobs);
         }
     }
 
@@ -1041,9 +1053,7 @@ impl Dispatcher {
                 Some(s) => {
                     let sent = jobs.len() as u32;
                     if reserved {
-                        let unsent = leased - sent;
-                        s.credit = s.credit.saturating_add(unsent).min(s.capacity.max(1));
-                        s.in_flight = s.in_flight.saturating_sub(unsent);
+                        s.unreserve(leased - sent);
                     } else {
                         s.credit = s.credit.saturating_sub(sent);
                         s.in_flight += sent;
