@@ -4,13 +4,11 @@ use std::collections::{HashMap, HashSet};
 
 use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect};
 
+use super::insert::{self, CHUNK, insert_rows};
 use super::{Store, StoreError, now_millis};
 use crate::db::entity::delivery::{self, status};
 use crate::db::entity::{event, webhook};
 use herald_shared::{catalog, ids};
-
-/// Rows per multi-row INSERT: well inside SQLite's and PostgreSQL's bound-parameter limits.
-const INSERT_CHUNK: usize = 1000;
 
 /// A validated event to publish.
 #[derive(Debug, Clone)]
@@ -147,92 +145,6 @@ pub(crate) async fn subscribers(txn: &DatabaseTransaction, workspace: &str) -> R
             Ok(Subscriber { id, zone, events, terms })
         })
         .collect()
-}
-
-/// Inserts `rows` in multi-row statements.
-pub(crate) async fn insert_chunked<A>(txn: &impl ConnectionTrait, rows: Vec<A>) -> Result<(), StoreError>
-where
-    A: sea_orm::ActiveModelTrait + Send,
-{
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<A> = rows.by_ref().take(INSERT_CHUNK).collect();
-        A::Entity::insert_many(chunk).exec_without_returning(txn).await?;
-    }
-    Ok(())
-}
-
-/// `INSERT INTO <table> (<columns>) VALUES (…), …` for `rows` rows of entity `E`, with the
-/// backend's placeholders. The statement of a full chunk is built once per table and backend.
-fn insert_sql<E: EntityTrait>(backend: sea_orm::DbBackend, rows: usize) -> String {
-    use sea_orm::{IdenStatic as _, Iterable as _};
-    use std::fmt::Write as _;
-    static BUILT: std::sync::Mutex<Vec<(&'static str, sea_orm::DbBackend, usize, String)>> =
-        std::sync::Mutex::new(Vec::new());
-    let table = E::default().table_name();
-    let mut built = BUILT.lock().expect("insert statements lock");
-    if let Some((.., sql)) = built.iter().find(|(t, b, n, _)| *t == table && *b == backend && *n == rows) {
-        return sql.clone();
-    }
-    let columns: Vec<&str> = E::Column::iter().map(|c| c.as_str()).collect();
-    let width = columns.len();
-    let mut sql = String::with_capacity(64 + rows * width * 8);
-    let _ = write!(sql, "INSERT INTO \"{table}\" (\"{}\") VALUES ", columns.join("\", \""));
-    for r in 0..rows {
-        sql.push_str(if r == 0 { "(" } else { ", (" });
-        for c in 0..width {
-            if c > 0 {
-                sql.push_str(", ");
-            }
-            match backend {
-                sea_orm::DbBackend::Postgres => {
-                    let _ = write!(sql, "${}", r * width + c + 1);
-                }
-                _ => sql.push('?'),
-            }
-        }
-        sql.push(')');
-    }
-    if rows == INSERT_CHUNK {
-        built.push((table, backend, rows, sql.clone()));
-    }
-    sql
-}
-
-/// Inserts `rows` in multi-row statements written directly, without a query builder: the hot
-/// paths' inserts (events and deliveries when publishing, attempts with results). Through
-/// `sea-query`'s builder, which cloned every value twice, they cost about a fifth of the control
-/// plane's CPU per published event. Columns and values follow the entity's column order, each
-/// value cloned once.
-pub(crate) async fn insert_rows<M, T>(txn: &impl ConnectionTrait, rows: &[T]) -> Result<(), StoreError>
-where
-    M: sea_orm::ModelTrait,
-    T: std::borrow::Borrow<M> + Sync,
-{
-    let backend = txn.get_database_backend();
-    for chunk in rows.chunks(INSERT_CHUNK) {
-        let values = row_values::<M, T>(chunk);
-        let sql = insert_sql::<M::Entity>(backend, chunk.len());
-        txn.execute_raw(sea_orm::Statement::from_sql_and_values(backend, sql, values)).await?;
-    }
-    Ok(())
-}
-
-/// The values of `rows`, row after row, in the entity's column order (as [`insert_sql`] names
-/// the columns), each cloned once.
-fn row_values<M, T>(rows: &[T]) -> Vec<sea_orm::Value>
-where
-    M: sea_orm::ModelTrait,
-    T: std::borrow::Borrow<M>,
-{
-    use sea_orm::Iterable as _;
-    let columns: Vec<<M::Entity as EntityTrait>::Column> = <M::Entity as EntityTrait>::Column::iter().collect();
-    let mut values = Vec::with_capacity(rows.len() * columns.len());
-    for row in rows {
-        let row = row.borrow();
-        values.extend(columns.iter().map(|&c| row.get(c)));
-    }
-    values
 }
 
 /// What a new pending delivery row is made of.
@@ -676,11 +588,9 @@ async fn publish_many(
 async fn insert_new_events(txn: &DatabaseTransaction, rows: &[&event::Model]) -> Result<bool, StoreError> {
     let backend = txn.get_database_backend();
     let mut inserted: Vec<(String, String)> = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(INSERT_CHUNK) {
-        let sql =
-            insert_sql::<event::Entity>(backend, chunk.len()) + " ON CONFLICT DO NOTHING RETURNING workspace_id, id";
-        let values = row_values::<event::Model, _>(chunk);
-        for row in txn.query_all_raw(sea_orm::Statement::from_sql_and_values(backend, sql, values)).await? {
+    let returning = " ON CONFLICT DO NOTHING RETURNING workspace_id, id";
+    for statement in insert::statements::<event::Model, _>(backend, rows, returning) {
+        for row in txn.query_all_raw(statement).await? {
             let get = |e: sea_orm::DbErr| StoreError::Internal(e.to_string());
             inserted.push((row.try_get_by_index(0).map_err(get)?, row.try_get_by_index(1).map_err(get)?));
         }
@@ -693,7 +603,7 @@ async fn insert_new_events(txn: &DatabaseTransaction, rows: &[&event::Model]) ->
         by_workspace.entry(workspace).or_default().push(id);
     }
     for (workspace, ids) in by_workspace {
-        for chunk in ids.chunks(INSERT_CHUNK) {
+        for chunk in ids.chunks(CHUNK) {
             event::Entity::delete_many()
                 .filter(event::Column::WorkspaceId.eq(&workspace))
                 .filter(event::Column::Id.is_in(chunk.iter().cloned()))
@@ -769,7 +679,7 @@ pub async fn events_by_id(
         return Ok(event::Entity::find().from_raw_sql(postgres_events_by_id(workspace, &ids)).all(db).await?);
     }
     let mut found = Vec::new();
-    for chunk in ids.chunks(INSERT_CHUNK) {
+    for chunk in ids.chunks(CHUNK) {
         let rows = event::Entity::find()
             .filter(event::Column::WorkspaceId.eq(workspace))
             .filter(event::Column::Id.is_in(chunk.iter().copied()))
@@ -798,7 +708,7 @@ async fn delivery_summaries(
     event_ids: Vec<String>,
 ) -> Result<HashMap<String, Vec<DeliverySummary>>, StoreError> {
     let mut out: HashMap<String, Vec<DeliverySummary>> = HashMap::new();
-    for chunk in event_ids.chunks(INSERT_CHUNK) {
+    for chunk in event_ids.chunks(CHUNK) {
         let rows: Vec<(String, String, String, i16, i32)> = delivery::Entity::find()
             .select_only()
             .column(delivery::Column::EventId)

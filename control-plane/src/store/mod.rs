@@ -8,6 +8,7 @@
 pub mod agents;
 pub mod deliveries;
 pub mod events;
+pub mod insert;
 pub mod keys;
 pub mod queue;
 pub mod retention;

@@ -27,7 +27,8 @@ use sea_orm::{
     QueryFilter, QueryOrder, QuerySelect, Select,
 };
 
-use super::events::{NewDelivery, insert_chunked, insert_rows, subscribers};
+use super::events::{NewDelivery, subscribers};
+use super::insert::{insert_chunked, insert_rows};
 use super::{Store, StoreError};
 use crate::db::entity::delivery::{self, status};
 use crate::db::entity::{attempt, event, webhook};

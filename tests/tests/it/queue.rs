@@ -24,6 +24,7 @@ both_databases!(
     retry_after_and_pause,
     queue_reads_use_their_partial_indexes,
     event_lookups_probe_the_primary_key,
+    hot_path_inserts_store_every_value_as_given,
 );
 
 const MIN: i64 = 60_000;
@@ -547,4 +548,73 @@ async fn postgres_writers_commit_each_batch_at_its_own_sync_level() {
             "after a reconnection, durable: {durable}"
         );
     }
+}
+
+/// The hot paths' inserts (arrays per column on PostgreSQL, `VALUES` rows on SQLite) store every
+/// value as given: NULL as NULL beside values in the same column, an empty string as an empty
+/// string, quotes and non-ASCII text byte for byte, extreme integers, across more rows than one
+/// statement holds.
+async fn hot_path_inserts_store_every_value_as_given(backend: Backend) {
+    use herald_control_plane::store::insert::insert_rows;
+    let db = TestDb::new(backend).await;
+    let conn = db.connect().await;
+    herald_control_plane::db::migrate(&conn).await.unwrap();
+    let text = ["", "it's \"quoted\"", "ünïcødé ✓", "NULL", "line\nbreak"];
+    let rows: Vec<delivery::Model> = (0..10_050_usize)
+        .map(|i| delivery::Model {
+            id: format!("dlv_{i:08}"),
+            workspace_id: "ws".to_owned(),
+            event_id: format!("e{i}"),
+            webhook_id: "wh".to_owned(),
+            event_type: text[i % text.len()].to_owned(),
+            zone: "default".to_owned(),
+            status: (i % 6) as i16 + 1,
+            test: i % 2 == 0,
+            attempt_count: i as i32,
+            lost_leases: if i == 1 { i32::MIN } else { 0 },
+            next_attempt_at: if i == 2 { i64::MAX } else { i as i64 },
+            lease_id: (i % 3 == 0).then(|| format!("lse_{i}")),
+            lease_agent: (i % 3 == 1).then(|| text[i % text.len()].to_owned()),
+            lease_expires_at: (i % 4 == 0).then_some(-(i as i64)),
+            last_status: (i % 5 == 0).then_some(i as i32),
+            last_error: (i % 2 == 1).then(|| text[(i / 2) % text.len()].to_owned()),
+            created_at: i as i64,
+            updated_at: i64::MIN,
+            manual_from: (i % 7 == 0).then_some(i16::MAX),
+        })
+        .collect();
+    let txn = conn.begin().await.unwrap();
+    insert_rows::<delivery::Model, _>(&txn, &rows).await.unwrap();
+    txn.commit().await.unwrap();
+    let stored = delivery::Entity::find().order_by_asc(delivery::Column::Id).all(&conn).await.unwrap();
+    assert_eq!(stored.len(), rows.len());
+    for (stored, given) in stored.iter().zip(&rows) {
+        assert_eq!(stored, given);
+    }
+    // A table with columns of other types, and a NULL in the first row only.
+    let attempts: Vec<attempt::Model> = (0..3)
+        .map(|i| attempt::Model {
+            id: format!("att_{i}"),
+            delivery_id: "dlv_00000000".to_owned(),
+            workspace_id: "ws".to_owned(),
+            number: i + 1,
+            agent_id: "agent".to_owned(),
+            zone: "default".to_owned(),
+            started_at: 1,
+            duration_ms: 2,
+            request_headers: "{}".to_owned(),
+            request_body: (i > 0).then(|| text[i as usize].to_owned()),
+            response_status: 200,
+            response_headers: String::new(),
+            response_body: "ok".to_owned(),
+            error_kind: 0,
+            error_message: String::new(),
+            stale: i == 2,
+            manual: i == 1,
+        })
+        .collect();
+    insert_rows::<attempt::Model, _>(&conn, &attempts).await.unwrap();
+    let stored = attempt::Entity::find().order_by_asc(attempt::Column::Id).all(&conn).await.unwrap();
+    assert_eq!(stored, attempts);
+    conn.close().await.ok();
 }
