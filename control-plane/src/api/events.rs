@@ -54,16 +54,15 @@ pub fn new_event(e: proto::Event, prefix: &str, now: DateTime<Utc>) -> Result<Ne
         }
         None => (envelope::format_timestamp(now), false),
     };
-    let (data, parsed) = match (e.data, e.data_json.is_empty()) {
+    let data = match (e.data, e.data_json.is_empty()) {
         (Some(_), false) => {
             return Err(FieldError::new(field("data_json"), "set `data` or `data_json`, not both"));
         }
-        (Some(s), true) => {
-            let j = json::struct_to_json(&s, 0).ok_or_else(|| {
+        (Some(s), true) => json::struct_to_json(&s, 0)
+            .ok_or_else(|| {
                 FieldError::new(field("data"), format!("nests deeper than {} levels or holds NaN", json::MAX_DEPTH))
-            })?;
-            (j.to_string(), j)
-        }
+            })?
+            .to_string(),
         (None, false) => {
             if e.data_json.len() > MAX_DATA {
                 return Err(FieldError::new(
@@ -71,25 +70,22 @@ pub fn new_event(e: proto::Event, prefix: &str, now: DateTime<Utc>) -> Result<Ne
                     format!("is {} bytes; at most {MAX_DATA}", e.data_json.len()),
                 ));
             }
-            let j: serde_json::Value = serde_json::from_str(&e.data_json)
-                .map_err(|err| FieldError::new(field("data_json"), format!("is not valid JSON: {err}")))?;
-            if !j.is_object() {
-                return Err(FieldError::new(field("data_json"), "must be a JSON object"));
-            }
-            if json::depth(&j) > json::MAX_DEPTH {
-                return Err(FieldError::new(
-                    field("data_json"),
-                    format!("nests deeper than {} levels", json::MAX_DEPTH),
-                ));
-            }
-            (e.data_json, j)
+            json::check_payload(&e.data_json).map_err(|err| {
+                let message = match err {
+                    json::PayloadError::NotJson(err) => format!("is not valid JSON: {err}"),
+                    json::PayloadError::NotObject => "must be a JSON object".to_owned(),
+                    json::PayloadError::TooDeep => format!("nests deeper than {} levels", json::MAX_DEPTH),
+                };
+                FieldError::new(field("data_json"), message)
+            })?;
+            e.data_json
         }
-        (None, true) => ("{}".to_owned(), serde_json::Value::Object(Default::default())),
+        (None, true) => "{}".to_owned(),
     };
     if data.len() > MAX_DATA {
         return Err(FieldError::new(field("data"), format!("is {} bytes as JSON; at most {MAX_DATA}", data.len())));
     }
-    Ok(NewEvent { id, event_type: e.r#type, timestamp, timestamp_supplied, data, parsed, trace_context: None })
+    Ok(NewEvent { id, event_type: e.r#type, timestamp, timestamp_supplied, data, trace_context: None })
 }
 
 /// The API view of a stored event. `with_data` fills `data` and `data_json` (GetEvent); publish

@@ -78,6 +78,97 @@ pub fn depth(j: &Json) -> usize {
     }
 }
 
+/// Why a JSON text is not an acceptable payload.
+#[derive(Debug)]
+pub enum PayloadError {
+    NotJson(serde_json::Error),
+    NotObject,
+    TooDeep,
+}
+
+/// Checks that `text` is one JSON object nesting at most `MAX_DEPTH` containers, without building
+/// it: publishing keeps the text as given, so a tree of it would only be allocated to be dropped.
+pub fn check_payload(text: &str) -> Result<(), PayloadError> {
+    use serde::de::DeserializeSeed as _;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let too_deep = std::cell::Cell::new(false);
+    Nest { depth: 0, too_deep: &too_deep }
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| if too_deep.get() { PayloadError::TooDeep } else { PayloadError::NotJson(e) })?;
+    // Valid JSON that starts with `{` is an object.
+    if !text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{') {
+        return Err(PayloadError::NotObject);
+    }
+    Ok(())
+}
+
+/// Visits a JSON value `depth` containers deep, keeping nothing, and fails past `MAX_DEPTH`.
+struct Nest<'a> {
+    depth: usize,
+    too_deep: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Nest<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Nest<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.inner::<A::Error>()?;
+        while seq.next_element_seed(Nest { ..inner })?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.inner::<A::Error>()?;
+        while map.next_key::<serde::de::IgnoredAny>()?.is_some() {
+            map.next_value_seed(Nest { ..inner })?;
+        }
+        Ok(())
+    }
+}
+
+impl<'a> Nest<'a> {
+    /// The seed for the values inside this container, or an error past `MAX_DEPTH`.
+    fn inner<E: serde::de::Error>(&self) -> Result<Nest<'a>, E> {
+        if self.depth + 1 > MAX_DEPTH {
+            self.too_deep.set(true);
+            return Err(E::custom(format!("nests deeper than {MAX_DEPTH} levels")));
+        }
+        Ok(Nest { depth: self.depth + 1, too_deep: self.too_deep })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +203,45 @@ mod tests {
         assert!(to_json(&v, 0).is_none());
         let nan = Value { kind: Some(Kind::NumberValue(f64::NAN)) };
         assert!(to_json(&nan, 0).is_none());
+    }
+
+    #[test]
+    fn payloads_are_checked_as_the_parsed_tree_would_be() {
+        let nested = |n: usize, open: &str, close: &str| format!("{{\"a\": {}1{}}}", open.repeat(n), close.repeat(n));
+        let cases = [
+            nested(MAX_DEPTH - 1, "[", "]"),
+            nested(MAX_DEPTH, "[", "]"),
+            nested(MAX_DEPTH - 1, "{\"b\": ", "}"),
+            nested(MAX_DEPTH, "{\"b\": ", "}"),
+            nested(200, "[", "]"),
+            r#"{"title": "DB down", "list": [1, {"x": [null, true]}], "s": "\u00e9\"}"}"#.to_owned(),
+            " \n\t{}".to_owned(),
+            "{}".to_owned(),
+            "[]".to_owned(),
+            "\"text\"".to_owned(),
+            "3".to_owned(),
+            "null".to_owned(),
+            "{".to_owned(),
+            "{} {}".to_owned(),
+            "{\"a\": 1,}".to_owned(),
+            String::new(),
+        ];
+        for text in cases {
+            // What the tree-building check said: parse, then object, then depth.
+            let want = match serde_json::from_str::<Json>(&text) {
+                Err(e) if e.to_string().contains("recursion limit") => "deep",
+                Err(_) => "json",
+                Ok(j) if !j.is_object() => "object",
+                Ok(j) if depth(&j) > MAX_DEPTH => "deep",
+                Ok(_) => "ok",
+            };
+            let got = match check_payload(&text) {
+                Ok(()) => "ok",
+                Err(PayloadError::NotJson(_)) => "json",
+                Err(PayloadError::NotObject) => "object",
+                Err(PayloadError::TooDeep) => "deep",
+            };
+            assert_eq!(got, want, "{text:.80}");
+        }
     }
 }

@@ -20,8 +20,6 @@ pub struct NewEvent {
     pub timestamp_supplied: bool,
     /// A JSON object, byte for byte as given.
     pub data: String,
-    /// The parsed payload, for idempotency comparisons.
-    pub parsed: serde_json::Value,
     /// The `traceparent` of the publish call (see `herald_shared::telemetry`).
     pub trace_context: Option<String>,
 }
@@ -448,8 +446,10 @@ async fn publish_many(
                 Err(_) => None,
             });
             if let Some(stored) = before.or(earlier.map(|f| &f.event)) {
-                let same_data = serde_json::from_str::<serde_json::Value>(&stored.data)
-                    .is_ok_and(|stored_data| json_equal(&stored_data, &e.parsed));
+                let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text);
+                let same_data = parse(&stored.data)
+                    .and_then(|stored| parse(&e.data).map(|given| json_equal(&stored, &given)))
+                    .unwrap_or(false);
                 let same_time = !e.timestamp_supplied || e.timestamp == stored.timestamp;
                 if stored.event_type != e.event_type || !same_data || !same_time || stored.test {
                     conflict = Some(StoreError::AlreadyExists {

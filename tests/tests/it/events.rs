@@ -273,7 +273,6 @@ async fn star_never_matches_operational_events(backend: Backend) {
         timestamp: "2026-01-01T00:00:00Z".into(),
         timestamp_supplied: false,
         data: "{}".into(),
-        parsed: serde_json::json!({}),
         trace_context: None,
     };
     let stored = store.publish("ws_default", vec![e], false, 0).await.unwrap();
