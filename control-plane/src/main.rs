@@ -13,9 +13,11 @@ use herald_control_plane::{bind, cli, db, dev, server, shutdown_on_signals, stor
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A store for managing API keys beside a running control plane (keys need no secret key: they
-/// are hashed, not sealed).
-async fn key_store(database_url: &str) -> anyhow::Result<store::Store> {
-    let conn = db::connect(database_url).await.context("cannot open the database")?;
+/// are hashed, not sealed). Only `create` makes a missing SQLite database: a first key may come
+/// before the first start.
+async fn key_store(database_url: &str, create: bool) -> anyhow::Result<store::Store> {
+    let conn = if create { db::connect(database_url).await } else { db::connect_existing(database_url).await }
+        .context("cannot open the database")?;
     db::migrate(&conn).await.context("cannot migrate the database")?;
     Ok(store::Store::new(conn, herald_control_plane::crypto::SecretKey::from_bytes([0; 32])))
 }
@@ -46,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Templates { client, command } => cli::templates(&client, command).await,
         Command::Rekey { db: args, keys } => {
             let key = keys.keyring()?;
-            let conn = db::connect(&args.database_url).await.context("cannot open the database")?;
+            let conn = db::connect_existing(&args.database_url).await.context("cannot open the database")?;
             db::migrate(&conn).await.context("cannot migrate the database")?;
             let rewritten = store::Store::new(conn, key.clone()).reseal_all().await?;
             println!("re-sealed {rewritten} webhooks under key {}", key.id());
@@ -55,14 +57,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys(KeysCommand::Create { db: args, workspace, scope }) => {
             let scope = Scope::parse(&scope).context("--scope must be `admin` or `publish`")?;
             herald_control_plane::auth::validate_workspace_id(&workspace).map_err(anyhow::Error::msg)?;
-            let store = key_store(&args.database_url).await?;
+            let store = key_store(&args.database_url, true).await?;
             let key = store::keys::generate_key();
             store.put_api_key(&workspace, &key, scope).await?;
             println!("{key}");
             Ok(())
         }
         Command::Keys(KeysCommand::List { db: args, workspace }) => {
-            let store = key_store(&args.database_url).await?;
+            let store = key_store(&args.database_url, false).await?;
             let keys = store.list_api_keys(workspace.as_deref()).await?;
             println!("{:<32} {:<24} {:<8} CREATED", "ID", "WORKSPACE", "SCOPE");
             for k in keys {
@@ -73,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys(KeysCommand::Revoke { db: args, key }) => {
-            let store = key_store(&args.database_url).await?;
+            let store = key_store(&args.database_url, false).await?;
             // Never echoed: what is not a key id is taken for a key, whatever it looks like.
             let revoked = store.revoke_api_key(key.trim()).await.map_err(|e| match e {
                 store::StoreError::NotFound(_) => {

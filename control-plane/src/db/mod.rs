@@ -34,10 +34,28 @@ pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 4096;
 /// Opens a pool for `url` (`sqlite://path` or `postgres://…`). A SQLite file is created when
 /// missing.
 pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
+    open(url, true).await
+}
+
+/// Opens a database that must exist already: for commands that manage what a control plane
+/// stored (`keys list`, `keys revoke`, `rekey`), where a SQLite path that names no file is a
+/// mistyped `--database-url`, not a new, empty database to create and answer from.
+pub async fn connect_existing(url: &str) -> Result<DatabaseConnection, DbErr> {
+    open(url, false).await
+}
+
+async fn open(url: &str, create: bool) -> Result<DatabaseConnection, DbErr> {
     if url.starts_with("sqlite:") {
-        let opts = SqliteConnectOptions::from_str(url)
-            .map_err(|e| DbErr::Custom(format!("invalid SQLite URL: {e}")))?
-            .create_if_missing(true)
+        let opts =
+            SqliteConnectOptions::from_str(url).map_err(|e| DbErr::Custom(format!("invalid SQLite URL: {e}")))?;
+        if !create && !opts.get_filename().exists() {
+            return Err(DbErr::Custom(format!(
+                "no SQLite database at {}: check --database-url (HERALD_DATABASE_URL)",
+                opts.get_filename().display()
+            )));
+        }
+        let opts = opts
+            .create_if_missing(create)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(ACQUIRE_TIMEOUT)

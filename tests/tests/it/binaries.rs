@@ -174,6 +174,18 @@ async fn keys_are_listed_and_revoked_beside_a_running_control_plane(backend: Bac
     }
     let (ok, listed, _) = keys(&db.url, &["list"]).await;
     assert!(ok && listed.lines().count() == 1, "no keys left: {listed}");
+    if backend == Backend::Sqlite {
+        // A path that names no database is a mistake to report, not a new database to answer
+        // from: nothing is created.
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("typo.db");
+        let url = format!("sqlite://{}", missing.display());
+        for args in [&["list"][..], &["revoke", "key_01"][..]] {
+            let (ok, _, err) = keys(&url, args).await;
+            assert!(!ok && err.contains("no SQLite database at") && err.contains("typo.db"), "{args:?}: {err}");
+        }
+        assert!(!missing.exists(), "keys list and revoke create no database");
+    }
 }
 
 /// Sends a signal with the `kill` command (the workspace forbids `unsafe`).
