@@ -48,11 +48,17 @@ async fn open(url: &str, create: bool) -> Result<DatabaseConnection, DbErr> {
     if url.starts_with("sqlite:") {
         let opts =
             SqliteConnectOptions::from_str(url).map_err(|e| DbErr::Custom(format!("invalid SQLite URL: {e}")))?;
-        if !create && !opts.get_filename().exists() {
-            return Err(DbErr::Custom(format!(
-                "no SQLite database at {}: check --database-url (HERALD_DATABASE_URL)",
-                opts.get_filename().display()
-            )));
+        let path = opts.get_filename();
+        if !create && !path.exists() {
+            let in_memory = path.to_string_lossy().contains("sqlx-in-memory") || path.as_os_str() == ":memory:";
+            return Err(DbErr::Custom(if in_memory {
+                "an in-memory SQLite database holds nothing to manage: give the file a control plane uses".to_owned()
+            } else {
+                format!(
+                    "no SQLite database at {}: check --database-url (HERALD_DATABASE_URL)",
+                    std::path::absolute(path).unwrap_or_else(|_| path.to_owned()).display()
+                )
+            }));
         }
         let opts = opts
             .create_if_missing(create)

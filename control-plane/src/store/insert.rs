@@ -14,9 +14,13 @@ use super::StoreError;
 
 /// Rows per SQLite statement, and ids per `IN` list: well inside SQLite's bound-parameter limit.
 pub(crate) const CHUNK: usize = 1000;
-/// Rows per PostgreSQL statement. Arrays have no parameter limit; the chunk only bounds the
-/// size of one message.
+/// Rows per PostgreSQL statement. Arrays have no parameter limit; this and [`POSTGRES_BYTES`]
+/// only bound the size of one message.
 const POSTGRES_CHUNK: usize = 10_000;
+/// Text per PostgreSQL statement: a statement ends with the row that reaches it. PostgreSQL
+/// refuses a message or a value past 1 GB, and one merged publish may hold thousands of
+/// 256 KiB payloads.
+const POSTGRES_BYTES: usize = 64 << 20;
 
 /// Inserts `rows` through sea-orm's builder, in multi-row statements: for the paths that are not
 /// hot and hold active models.
@@ -51,16 +55,20 @@ where
     M: sea_orm::ModelTrait,
     T: std::borrow::Borrow<M>,
 {
-    let chunk = if backend == DbBackend::Postgres { POSTGRES_CHUNK } else { CHUNK };
-    rows.chunks(chunk)
-        .map(|rows| {
-            let (sql, values) = match backend {
-                DbBackend::Postgres => unnest::<M, T>(rows).unwrap_or_else(|| values::<M, T>(backend, rows)),
-                _ => values::<M, T>(backend, rows),
-            };
-            Statement::from_sql_and_values(backend, sql + suffix, values)
-        })
-        .collect()
+    let mut out = Vec::new();
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let unnested = if backend == DbBackend::Postgres { unnest::<M, T>(rest) } else { None };
+        // `VALUES` rows otherwise: SQLite, or a table with a column type `unnest` does not map.
+        let (sql, values, taken) = unnested.unwrap_or_else(|| {
+            let taken = rest.len().min(CHUNK);
+            let (sql, values) = values::<M, T>(backend, &rest[..taken]);
+            (sql, values, taken)
+        });
+        out.push(Statement::from_sql_and_values(backend, sql + suffix, values));
+        rest = &rest[taken..];
+    }
+    out
 }
 
 /// The columns of `E` in the entity's order, and whether each may be NULL.
@@ -112,11 +120,12 @@ where
     (sql, values)
 }
 
-/// `INSERT … SELECT … FROM UNNEST($1::type[], …)`: one array per column. Arrays bound through
-/// sea-orm cannot hold NULL, so a nullable column comes with a second array that marks its NULLs
-/// (`CASE WHEN n3 THEN NULL ELSE c3 END`). The text depends on the table alone. `None` for a
-/// table with a column of a type not mapped here.
-fn unnest<M, T>(rows: &[T]) -> Option<(String, Vec<Value>)>
+/// `INSERT … SELECT … FROM UNNEST($1::type[], …)` for the first rows of `rows`, as many as
+/// [`POSTGRES_CHUNK`] and [`POSTGRES_BYTES`] allow (at least one), and how many it took: one
+/// array per column. Arrays bound through sea-orm cannot hold NULL, so a nullable column comes
+/// with a second array that marks its NULLs (`CASE WHEN n3 THEN NULL ELSE c3 END`). The text
+/// depends on the table alone. `None` for a table with a column of a type not mapped here.
+fn unnest<M, T>(rows: &[T]) -> Option<(String, Vec<Value>, usize)>
 where
     M: sea_orm::ModelTrait,
     T: std::borrow::Borrow<M>,
@@ -132,14 +141,23 @@ where
             pg_type(&ty).map(|name| (ty, name))
         })
         .collect::<Option<_>>()?;
+    let most = rows.len().min(POSTGRES_CHUNK);
     let mut arrays: Vec<(Vec<Value>, Option<Vec<Value>>)> = columns
         .iter()
-        .map(|&(.., nullable)| (Vec::with_capacity(rows.len()), nullable.then(|| Vec::with_capacity(rows.len()))))
+        .map(|&(.., nullable)| (Vec::with_capacity(most), nullable.then(|| Vec::with_capacity(most))))
         .collect();
-    for row in rows {
+    let (mut taken, mut bytes) = (0, 0);
+    for row in &rows[..most] {
+        if bytes >= POSTGRES_BYTES {
+            break;
+        }
+        taken += 1;
         let row = row.borrow();
         for (&(column, ..), (values, nulls)) in columns.iter().zip(arrays.iter_mut()) {
             let value = row.get(column);
+            if let Value::String(Some(text)) = &value {
+                bytes += text.len();
+            }
             match nulls {
                 Some(nulls) => {
                     nulls.push(Value::Bool(Some(!value.is_some())));
@@ -177,7 +195,7 @@ where
         }
     }
     let _ = write!(sql, " FROM UNNEST({from}) AS u({names})");
-    Some((sql, bound))
+    Some((sql, bound, taken))
 }
 
 /// PostgreSQL's name for the elements of an array of `ty`.
@@ -192,4 +210,59 @@ fn pg_type(ty: &sea_orm::sea_query::ArrayType) -> Option<&'static str> {
         ArrayType::String => "text",
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::entity::attempt;
+
+    fn attempt(i: usize, body: usize) -> attempt::Model {
+        attempt::Model {
+            id: format!("att_{i}"),
+            delivery_id: "dlv_1".to_owned(),
+            workspace_id: "ws".to_owned(),
+            number: 1,
+            agent_id: "agent".to_owned(),
+            zone: "default".to_owned(),
+            started_at: 0,
+            duration_ms: 0,
+            request_headers: "{}".to_owned(),
+            request_body: Some("x".repeat(body)),
+            response_status: 200,
+            response_headers: "{}".to_owned(),
+            response_body: String::new(),
+            error_kind: 0,
+            error_message: String::new(),
+            stale: false,
+            manual: false,
+        }
+    }
+
+    /// Rows in each statement: the length of its first array (PostgreSQL), or its parameters
+    /// over the table's columns (SQLite).
+    fn rows_per_statement(backend: DbBackend, rows: &[attempt::Model]) -> Vec<usize> {
+        statements::<attempt::Model, _>(backend, rows, "")
+            .into_iter()
+            .map(|s| {
+                let values = s.values.expect("bound values").0;
+                match &values[0] {
+                    Value::Array(_, Some(first)) => first.len(),
+                    _ => values.len() / columns::<attempt::Entity>().len(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn statements_are_bounded_in_rows_and_in_bytes() {
+        let small: Vec<attempt::Model> = (0..25_001).map(|i| attempt(i, 10)).collect();
+        assert_eq!(rows_per_statement(DbBackend::Postgres, &small), [10_000, 10_000, 5_001]);
+        assert_eq!(rows_per_statement(DbBackend::Sqlite, &small[..2_500]), [1_000, 1_000, 500]);
+        // 256 KiB bodies: a statement ends with the row that reaches 64 MiB of text.
+        let big: Vec<attempt::Model> = (0..300).map(|i| attempt(i, 256 << 10)).collect();
+        assert_eq!(rows_per_statement(DbBackend::Postgres, &big), [256, 44]);
+        let huge = [attempt(0, POSTGRES_BYTES + 1), attempt(1, 1)];
+        assert_eq!(rows_per_statement(DbBackend::Postgres, &huge), [1, 1], "one row over the bound still goes");
+    }
 }

@@ -185,6 +185,8 @@ async fn keys_are_listed_and_revoked_beside_a_running_control_plane(backend: Bac
             assert!(!ok && err.contains("no SQLite database at") && err.contains("typo.db"), "{args:?}: {err}");
         }
         assert!(!missing.exists(), "keys list and revoke create no database");
+        let (ok, _, err) = keys("sqlite::memory:", &["list"]).await;
+        assert!(!ok && err.contains("in-memory SQLite database holds nothing"), "{err}");
     }
 }
 
