@@ -49,15 +49,22 @@ where
 }
 
 /// The statements that insert `rows`, each followed by `suffix` (an `ON CONFLICT` or
-/// `RETURNING` clause).
-pub(crate) fn statements<M, T>(backend: DbBackend, rows: &[T], suffix: &str) -> Vec<Statement>
+/// `RETURNING` clause), each built only when the one before has been taken: a large write holds
+/// one statement's copy of its values at a time.
+pub(crate) fn statements<'a, M, T>(
+    backend: DbBackend,
+    rows: &'a [T],
+    suffix: &'a str,
+) -> impl Iterator<Item = Statement> + 'a
 where
     M: sea_orm::ModelTrait,
     T: std::borrow::Borrow<M>,
 {
-    let mut out = Vec::new();
     let mut rest = rows;
-    while !rest.is_empty() {
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
         let unnested = if backend == DbBackend::Postgres { unnest::<M, T>(rest) } else { None };
         // `VALUES` rows otherwise: SQLite, or a table with a column type `unnest` does not map.
         let (sql, values, taken) = unnested.unwrap_or_else(|| {
@@ -65,10 +72,9 @@ where
             let (sql, values) = values::<M, T>(backend, &rest[..taken]);
             (sql, values, taken)
         });
-        out.push(Statement::from_sql_and_values(backend, sql + suffix, values));
         rest = &rest[taken..];
-    }
-    out
+        Some(Statement::from_sql_and_values(backend, sql + suffix, values))
+    })
 }
 
 /// The columns of `E` in the entity's order, and whether each may be NULL.
@@ -243,7 +249,6 @@ mod tests {
     /// over the table's columns (SQLite).
     fn rows_per_statement(backend: DbBackend, rows: &[attempt::Model]) -> Vec<usize> {
         statements::<attempt::Model, _>(backend, rows, "")
-            .into_iter()
             .map(|s| {
                 let values = s.values.expect("bound values").0;
                 match &values[0] {
