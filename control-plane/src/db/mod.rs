@@ -72,6 +72,10 @@ async fn open(url: &str, create: bool) -> Result<DatabaseConnection, DbErr> {
         let pool = sea_orm::sqlx::pool::PoolOptions::new()
             .max_connections(4)
             .min_connections(1)
+            // A SQLite connection is a file handle in this process: it cannot go stale the way a
+            // network connection can, and testing it before each use cost a round trip to its
+            // thread.
+            .test_before_acquire(false)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(opts)
             .await

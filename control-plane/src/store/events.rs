@@ -680,9 +680,11 @@ pub async fn events_by_id(
     }
     let mut found = Vec::new();
     for chunk in ids.chunks(CHUNK) {
+        let mut chunk = chunk.to_vec();
+        insert::pad_list(&mut chunk);
         let rows = event::Entity::find()
             .filter(event::Column::WorkspaceId.eq(workspace))
-            .filter(event::Column::Id.is_in(chunk.iter().copied()))
+            .filter(event::Column::Id.is_in(chunk))
             .all(db)
             .await?;
         found.extend(rows);

@@ -68,13 +68,36 @@ where
         let unnested = if backend == DbBackend::Postgres { unnest::<M, T>(rest) } else { None };
         // `VALUES` rows otherwise: SQLite, or a table with a column type `unnest` does not map.
         let (sql, values, taken) = unnested.unwrap_or_else(|| {
-            let taken = rest.len().min(CHUNK);
+            let taken = shape_len(rest.len());
             let (sql, values) = values::<M, T>(backend, &rest[..taken]);
             (sql, values, taken)
         });
         rest = &rest[taken..];
         Some(Statement::from_sql_and_values(backend, sql + suffix, values))
     })
+}
+
+/// Rows for the next `VALUES` statement of `n` rows left: [`CHUNK`], or the largest power of two
+/// that fits. The database parses and plans a statement once per distinct text and keeps it
+/// prepared (`sqlx`'s statement cache); with every batch size its own text, each batch of
+/// results paid for a fresh parse of hundreds of rows of placeholders, a tenth of SQLite's
+/// writer thread. Eleven shapes per table instead, and at most ten statements per batch.
+fn shape_len(n: usize) -> usize {
+    if n >= CHUNK { CHUNK } else { 1 << n.max(1).ilog2() }
+}
+
+/// Pads an `IN` list to one of eleven lengths (powers of two, then [`CHUNK`]) by repeating its
+/// last value, which changes nothing it matches: a statement of each length is then prepared
+/// once and found again, as [`shape_len`] does for inserts. Lists past [`CHUNK`] are left as
+/// they are (callers chunk them).
+pub(crate) fn pad_list<T: Clone>(list: &mut Vec<T>) {
+    let n = list.len();
+    if n == 0 || n >= CHUNK {
+        return;
+    }
+    let padded = n.next_power_of_two().min(CHUNK);
+    let last = list[n - 1].clone();
+    list.resize(padded, last);
 }
 
 /// The columns of `E` in the entity's order, and whether each may be NULL.
@@ -260,10 +283,30 @@ mod tests {
     }
 
     #[test]
+    fn lists_are_padded_to_few_lengths_with_their_last_value() {
+        let mut lengths = std::collections::BTreeSet::new();
+        for n in 1..=CHUNK {
+            let mut list: Vec<usize> = (0..n).collect();
+            pad_list(&mut list);
+            assert!(list.len() >= n && list[..n].iter().copied().eq(0..n), "{n}: the values come first, in order");
+            assert!(list[n..].iter().all(|&v| v == n - 1), "{n}: padded with the last value");
+            lengths.insert(list.len());
+        }
+        assert_eq!(lengths.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1_000]);
+        let mut empty: Vec<u8> = Vec::new();
+        pad_list(&mut empty);
+        assert!(empty.is_empty());
+        let mut long: Vec<usize> = (0..1_500).collect();
+        pad_list(&mut long);
+        assert_eq!(long.len(), 1_500);
+    }
+
+    #[test]
     fn statements_are_bounded_in_rows_and_in_bytes() {
         let small: Vec<attempt::Model> = (0..25_001).map(|i| attempt(i, 10)).collect();
         assert_eq!(rows_per_statement(DbBackend::Postgres, &small), [10_000, 10_000, 5_001]);
-        assert_eq!(rows_per_statement(DbBackend::Sqlite, &small[..2_500]), [1_000, 1_000, 500]);
+        assert_eq!(rows_per_statement(DbBackend::Sqlite, &small[..2_500]), [1_000, 1_000, 256, 128, 64, 32, 16, 4]);
+        assert_eq!(rows_per_statement(DbBackend::Sqlite, &small[..1]), [1]);
         // 256 KiB bodies: a statement ends with the row that reaches 64 MiB of text.
         let big: Vec<attempt::Model> = (0..300).map(|i| attempt(i, 256 << 10)).collect();
         assert_eq!(rows_per_statement(DbBackend::Postgres, &big), [256, 44]);

@@ -432,19 +432,28 @@ impl Store {
                         by_expiry.entry(now + timeout + grace).or_default().push(d.id.clone());
                     }
                     let mut expiry_of = HashMap::new();
+                    let lease_prefix = format!("{prefix}.");
                     for (expires, ids) in by_expiry {
+                        let mut list = ids.clone();
+                        super::insert::pad_list(&mut list);
                         delivery::Entity::update_many()
                             .col_expr(delivery::Column::Status, Expr::value(status::IN_FLIGHT))
                             .col_expr(
                                 delivery::Column::LeaseId,
                                 // `||` concatenates on SQLite and PostgreSQL; the prefix is a generated id.
                                 // Results rely on this form (`lease_names`).
-                                Expr::cust(format!("'{prefix}.' || id")),
+                                // The prefix is bound, so the statement's text is the same
+                                // for every claim and stays prepared.
+                                // (sea-query's placeholder in custom SQL is the backend's own).
+                                Expr::cust_with_values(
+                                    if shared { "$1 || id" } else { "? || id" },
+                                    [lease_prefix.clone()],
+                                ),
                             )
                             .col_expr(delivery::Column::LeaseAgent, Expr::value(agent_id.clone()))
                             .col_expr(delivery::Column::LeaseExpiresAt, Expr::value(expires))
                             .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-                            .filter(delivery::Column::Id.is_in(ids.clone()))
+                            .filter(delivery::Column::Id.is_in(list))
                             .exec(txn)
                             .await?;
                         expiry_of.extend(ids.into_iter().map(|id| (id, expires)));
@@ -761,6 +770,9 @@ async fn settle_successes(
 ) -> Result<Vec<(String, (i32, String))>, StoreError> {
     use std::fmt::Write as _;
     let backend = txn.get_database_backend();
+    // Padded with the last pair, which matches its own row again: few distinct texts.
+    let mut leases = leases.to_vec();
+    super::insert::pad_list(&mut leases);
     let mut values: Vec<sea_orm::Value> = Vec::with_capacity(2 + 2 * leases.len());
     values.push(i32::try_from(code).unwrap_or(0).into());
     values.push(now.into());
