@@ -137,31 +137,9 @@ impl Writer {
         }
     }
 
-    /// The writer runs on a thread of its own. Every statement of a batch is a round trip to the
-    /// database connection's thread, and the writer must be polled again after each: as one task
-    /// among the runtime's many it waited its turn behind result decoding and job sending, and
-    /// woken from the connection's thread it went to the runtime's shared queue, which busy
-    /// workers look at only now and then. A thread of its own is polled the moment its answer
-    /// comes: in a throughput run on SQLite about a quarter of the writer's time had been that wait.
     fn spawn_counting(db: DatabaseConnection, commits: Commits) -> Writer {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = run(db, rx, commits.clone());
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-        match runtime {
-            Ok(runtime) => {
-                let spawned =
-                    std::thread::Builder::new().name("herald-writer".into()).spawn(move || runtime.block_on(task));
-                if let Err(e) = spawned {
-                    // Unreachable in practice (no thread to spare): the writer is lost, and every
-                    // write says so rather than hanging.
-                    tracing::error!(error = %e, "cannot start the writer's thread");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot build the writer's runtime; it runs among the others");
-                tokio::spawn(task);
-            }
-        }
+        tokio::spawn(run(db, rx, commits.clone()));
         Writer { tx, commits }
     }
 
