@@ -81,7 +81,8 @@ where
 /// that fits. The database parses and plans a statement once per distinct text and keeps it
 /// prepared (`sqlx`'s statement cache); with every batch size its own text, each batch of
 /// results paid for a fresh parse of hundreds of rows of placeholders, a tenth of SQLite's
-/// writer thread. Eleven shapes per table instead, and at most ten statements per batch.
+/// writer thread. Eleven shapes per table instead, and past the last full chunk at most nine more
+/// statements (a 999-row batch is eight inserts where it was one).
 fn shape_len(n: usize) -> usize {
     if n >= CHUNK { CHUNK } else { 1 << n.max(1).ilog2() }
 }
