@@ -338,18 +338,27 @@ impl Store {
                     for _page in 0..8 {
                         let mut q = due_rows(&zone, now).limit(limit);
                         if !exclude.is_empty() {
-                            q = q.filter(delivery::Column::WebhookId.is_not_in(exclude.clone()));
+                            let mut list = exclude.clone();
+                            super::insert::pad_list(&mut list);
+                            q = q.filter(delivery::Column::WebhookId.is_not_in(list));
                         }
                         if !seen.is_empty() {
-                            q = q.filter(delivery::Column::Id.is_not_in(seen.iter().cloned().collect::<Vec<_>>()));
+                            let mut list: Vec<String> = seen.iter().cloned().collect();
+                            super::insert::pad_list(&mut list);
+                            q = q.filter(delivery::Column::Id.is_not_in(list));
                         }
                         if txn.get_database_backend() == DbBackend::Postgres {
                             q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
                         }
                         let page = q.all(txn).await?;
                         let exhausted = (page.len() as u64) < limit;
-                        let new_hooks: Vec<String> =
-                            page.iter().map(|d| d.webhook_id.clone()).filter(|w| !hook_rows.contains_key(w)).collect();
+                        // Each webhook once (a page holds many rows of a busy one).
+                        let mut listed = HashSet::new();
+                        let new_hooks: Vec<String> = page
+                            .iter()
+                            .filter(|d| !hook_rows.contains_key(&d.webhook_id) && listed.insert(d.webhook_id.as_str()))
+                            .map(|d| d.webhook_id.clone())
+                            .collect();
                         if !new_hooks.is_empty() {
                             hook_rows.extend(hook_limits(txn, new_hooks.clone()).await?);
                             if shared {
@@ -529,6 +538,8 @@ impl Store {
                         .collect();
                     let mut rows: HashMap<String, delivery::Model> = HashMap::new();
                     if !rest.is_empty() {
+                        let mut rest = rest;
+                        super::insert::pad_list(&mut rest);
                         let mut read = delivery::Entity::find().filter(delivery::Column::Id.is_in(rest));
                         if txn.get_database_backend() == DbBackend::Postgres {
                             read = read.order_by_asc(delivery::Column::Id).lock_exclusive();
@@ -726,6 +737,8 @@ async fn hook_limits(
     ids: Vec<String>,
 ) -> Result<HashMap<String, (Option<i64>, Limits)>, StoreError> {
     type HookRow = (String, Option<i64>, Option<i64>, Option<i64>);
+    let mut ids = ids;
+    super::insert::pad_list(&mut ids);
     Ok(webhook::Entity::find()
         .select_only()
         .column(webhook::Column::Id)
