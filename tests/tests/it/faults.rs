@@ -746,9 +746,12 @@ async fn replicas_wake_each_other_only_when_there_are_others() {
     publish(&first, 10, 20).await;
     let (mine, _) = wake_ups(&mut listener, &first_id, Duration::from_secs(2)).await;
     assert!(mine >= 10, "with another replica running, 10 publishes sent only {mine} wake-ups");
+    // The second's publishes lease straight to its own agent and queue nothing, so they wake
+    // nobody; its result batches do (a finished job frees a slot other replicas count). Results
+    // of several publishes may share a batch, so the count is at least one, not one per publish.
     publish(&second, 20, 30).await;
     let (theirs, _) = wake_ups(&mut listener, &second_id, Duration::from_secs(2)).await;
-    assert!(theirs >= 10, "the second replica sent {theirs} wake-ups for 10 publishes");
+    assert!(theirs >= 1, "the second replica sent no wake-up for the results of 10 publishes");
     let ids: Vec<String> = (0..30).map(|i| format!("peers-{i}")).collect();
     let (got, dups) = delivered(&receiver, &ids, Duration::from_secs(60)).await;
     println!("fault: replicas wake each other only when there are others: delivered {got}, duplicates {dups}");
