@@ -9,7 +9,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let small_pages = herald_shared::memory::no_huge_pages();
     let _telemetry = herald_shared::telemetry::init("herald-agent");
+    if let Err(e) = small_pages {
+        tracing::debug!(error = %e, "transparent huge pages stay on");
+    }
     let args = herald_agent::Args::parse();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let token = shutdown.clone();

@@ -24,7 +24,11 @@ async fn key_store(database_url: &str, create: bool) -> anyhow::Result<store::St
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let small_pages = herald_shared::memory::no_huge_pages();
     let _telemetry = herald_shared::telemetry::init("herald-control-plane");
+    if let Err(e) = small_pages {
+        tracing::debug!(error = %e, "transparent huge pages stay on");
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().command {
         Command::Serve(args) => {

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod codec;
 pub mod envelope;
 pub mod ids;
+pub mod memory;
 pub mod retry;
 pub mod signature;
 pub mod telemetry;
