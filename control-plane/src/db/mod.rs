@@ -31,6 +31,14 @@ pub const STATEMENT_TIMEOUT: &str = "15s";
 /// it, so this one only bounds the WAL, and finds little left to copy when it runs.
 pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 4096;
 
+/// Rows a SQLite connection's thread may hand over before the task reading them takes any. sqlx
+/// passes each row of a result from that thread to the reading task through a channel of 50 by
+/// default: a claim of 256 rows or a settle returning 512 then stopped the thread each time the
+/// channel was full and woke it for every row taken off, two thread switches per row
+/// (docs/BENCHMARKS.md, item 32). Herald's statements return at most a few thousand rows, so the
+/// thread runs each one through.
+const ROW_CHANNEL: usize = 2048;
+
 /// Opens a pool for `url` (`sqlite://path` or `postgres://…`). A SQLite file is created when
 /// missing.
 pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
@@ -68,7 +76,8 @@ async fn open(url: &str, create: bool) -> Result<DatabaseConnection, DbErr> {
             .foreign_keys(true)
             .pragma("temp_store", "memory")
             .pragma("cache_size", "-16000")
-            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
+            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
+            .row_buffer_size(ROW_CHANNEL);
         let pool = sea_orm::sqlx::pool::PoolOptions::new()
             .max_connections(4)
             .min_connections(1)
