@@ -10,7 +10,8 @@
 /// `throughput` that zeroing (`clear_page_erms` under `do_huge_pmd_anonymous_page`) was 4.5% of
 /// the control plane's CPU (docs/BENCHMARKS.md, item 31). With small pages a fault zeroes 4 KiB.
 ///
-/// It applies to every page touched after the call, so `main` calls it first.
+/// It applies to every page touched after the call, so `main` calls it before anything of its
+/// own; only what the Tokio runtime touched while starting is already in huge pages.
 pub fn no_huge_pages() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     rustix::thread::disable_transparent_huge_pages(true)?;

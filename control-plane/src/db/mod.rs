@@ -33,10 +33,10 @@ pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 4096;
 
 /// Rows a SQLite connection's thread may hand over before the task reading them takes any. sqlx
 /// passes each row of a result from that thread to the reading task through a channel of 50 by
-/// default: a claim of 256 rows or a settle returning 512 then stopped the thread each time the
-/// channel was full and woke it for every row taken off, two thread switches per row
-/// (docs/BENCHMARKS.md, item 32). Herald's statements return at most a few thousand rows, so the
-/// thread runs each one through.
+/// default: a claim of 256 rows or a settle of up to 512 then stopped the thread each time the
+/// channel was full and woke it for every row taken off (docs/BENCHMARKS.md, item 32). With more
+/// room than a claim or a settle returns, the thread runs those statements through; every query
+/// collects its rows anyway, so the room only lets the thread run ahead of the reader.
 const ROW_CHANNEL: usize = 2048;
 
 /// Opens a pool for `url` (`sqlite://path` or `postgres://…`). A SQLite file is created when

@@ -230,7 +230,11 @@ async fn binaries_run_on_small_pages() {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process's status");
         status.lines().find_map(|l| l.strip_prefix("THP_enabled:")).map(|v| v.trim().to_owned())
     };
-    assert_eq!(thp(std::process::id()).as_deref(), Some("1"), "the test process runs with THP allowed");
+    assert_eq!(
+        thp(std::process::id()).as_deref(),
+        Some("1"),
+        "the test process runs with THP allowed (the test needs a kernel that reports THP_enabled: Linux 5.0 or later, built with THP)"
+    );
     let ca = herald_tests::tls::TestCa::new();
     let db = TestDb::new(Backend::Sqlite).await;
     let cp = ControlPlaneProcess::start(&db.url, &[]).await;
