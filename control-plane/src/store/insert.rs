@@ -68,8 +68,14 @@ where
         let unnested = if backend == DbBackend::Postgres { unnest::<M, T>(rest) } else { None };
         // `VALUES` rows otherwise: SQLite, or a table with a column type `unnest` does not map.
         let (sql, values, taken) = unnested.unwrap_or_else(|| {
-            let taken = shape_len(rest.len());
-            let (sql, values) = values::<M, T>(backend, &rest[..taken]);
+            let (taken, shape) = if backend == DbBackend::Sqlite {
+                let taken = rest.len().min(CHUNK);
+                (taken, shape_len(taken))
+            } else {
+                let taken = exact_shape_len(rest.len());
+                (taken, taken)
+            };
+            let (sql, values) = values::<M, T>(backend, &rest[..taken], shape);
             (sql, values, taken)
         });
         rest = &rest[taken..];
@@ -77,13 +83,22 @@ where
     })
 }
 
-/// Rows for the next `VALUES` statement of `n` rows left: [`CHUNK`], or the largest power of two
-/// that fits. The database parses and plans a statement once per distinct text and keeps it
-/// prepared (`sqlx`'s statement cache); with every batch size its own text, each batch of
-/// results paid for a fresh parse of hundreds of rows of placeholders, a tenth of SQLite's
-/// writer thread. Eleven shapes per table instead, and past the last full chunk at most nine more
-/// statements (a 999-row batch is eight inserts where it was one).
+/// The rows a SQLite `VALUES` statement of `n` rows (at most [`CHUNK`]) is written for: the next
+/// power of two, or [`CHUNK`]. The database parses and plans a statement once per distinct text
+/// and keeps it prepared (`sqlx`'s statement cache); with every batch size its own text, each
+/// batch of results paid for a fresh parse of hundreds of rows of placeholders, a tenth of
+/// SQLite's writer thread. So the statement has one of eleven shapes per table, and the rows past
+/// `n` are rows of NULLs that its `WHERE` drops ([`values`]): one statement per [`CHUNK`] rows,
+/// where splitting a batch into powers of two took up to nine (each a round trip to the
+/// connection's thread, docs/BENCHMARKS.md item 33).
 fn shape_len(n: usize) -> usize {
+    n.max(1).next_power_of_two().min(CHUNK)
+}
+
+/// Rows for the next `VALUES` statement where rows are not padded (PostgreSQL, for a table
+/// `unnest` does not map): [`CHUNK`], or the largest power of two that fits, for the same few
+/// texts as [`shape_len`].
+fn exact_shape_len(n: usize) -> usize {
     if n >= CHUNK { CHUNK } else { 1 << n.max(1).ilog2() }
 }
 
@@ -117,8 +132,12 @@ fn insert_into<E: EntityTrait>(sql: &mut String) {
     sql.push_str("\") ");
 }
 
-/// `INSERT … VALUES (…), …` with the values row after row.
-fn values<M, T>(backend: DbBackend, rows: &[T]) -> (String, Vec<Value>)
+/// `INSERT … VALUES (…), …` with the values row after row. On SQLite it is written for `shape`
+/// rows, those past `rows` all NULL, as
+/// `INSERT … SELECT * FROM (VALUES …) WHERE columnK IS NOT NULL`, `K` a column that may not be
+/// NULL (the key): the padding is dropped before it is inserted, and the text is the same for
+/// every batch of up to `shape` rows.
+fn values<M, T>(backend: DbBackend, rows: &[T], shape: usize) -> (String, Vec<Value>)
 where
     M: sea_orm::ModelTrait,
     T: std::borrow::Borrow<M>,
@@ -126,13 +145,18 @@ where
     use std::fmt::Write as _;
     let columns = columns::<M::Entity>();
     let width = columns.len();
-    let mut sql = String::with_capacity(64 + rows.len() * width * 8);
+    let key = columns.iter().position(|&(.., nullable)| !nullable);
+    let (shape, key) = match key {
+        Some(key) if backend == DbBackend::Sqlite => (shape.max(rows.len()), Some(key)),
+        _ => (rows.len(), None),
+    };
+    let mut sql = String::with_capacity(96 + shape * width * 3);
     insert_into::<M::Entity>(&mut sql);
-    sql.push_str("VALUES ");
-    let mut values = Vec::with_capacity(rows.len() * width);
-    for (r, row) in rows.iter().enumerate() {
-        let row = row.borrow();
+    sql.push_str(if key.is_some() { "SELECT * FROM (VALUES " } else { "VALUES " });
+    let mut values = Vec::with_capacity(shape * width);
+    for r in 0..shape {
         sql.push_str(if r == 0 { "(" } else { ", (" });
+        let row = rows.get(r).map(std::borrow::Borrow::borrow);
         for (c, &(column, ..)) in columns.iter().enumerate() {
             if c > 0 {
                 sql.push_str(", ");
@@ -143,9 +167,13 @@ where
                 }
                 _ => sql.push('?'),
             }
-            values.push(row.get(column));
+            values.push(row.map_or(Value::String(None), |row| row.get(column)));
         }
         sql.push(')');
+    }
+    if let Some(key) = key {
+        // SQLite names the columns of `VALUES` column1, column2, …
+        let _ = write!(sql, ") WHERE column{} IS NOT NULL", key + 1);
     }
     (sql, values)
 }
@@ -269,18 +297,41 @@ mod tests {
         }
     }
 
-    /// Rows in each statement: the length of its first array (PostgreSQL), or its parameters
-    /// over the table's columns (SQLite).
+    /// Rows in each statement: the length of its first array (PostgreSQL), or its rows whose id
+    /// is not NULL (SQLite; the rest are padding).
     fn rows_per_statement(backend: DbBackend, rows: &[attempt::Model]) -> Vec<usize> {
         statements::<attempt::Model, _>(backend, rows, "")
             .map(|s| {
                 let values = s.values.expect("bound values").0;
                 match &values[0] {
                     Value::Array(_, Some(first)) => first.len(),
-                    _ => values.len() / columns::<attempt::Entity>().len(),
+                    _ => values
+                        .chunks(columns::<attempt::Entity>().len())
+                        .filter(|row| !matches!(row[0], Value::String(None)))
+                        .count(),
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn sqlite_batches_share_a_statement_per_power_of_two() {
+        let rows: Vec<attempt::Model> = (0..CHUNK).map(|i| attempt(i, 10)).collect();
+        let width = columns::<attempt::Entity>().len();
+        let statement = |n: usize| {
+            let mut all: Vec<Statement> = statements::<attempt::Model, _>(DbBackend::Sqlite, &rows[..n], "").collect();
+            assert_eq!(all.len(), 1, "{n} rows: one statement");
+            all.remove(0)
+        };
+        for (n, shape) in [(1, 1), (3, 4), (4, 4), (5, 8), (170, 256), (256, 256), (513, 1_000)] {
+            let s = statement(n);
+            assert_eq!(s.sql, statement(shape).sql, "{n} rows share the text of {shape}");
+            let values = s.values.expect("bound values").0;
+            assert_eq!(values.len(), shape * width, "{n} rows: bound as {shape}");
+            assert!(values[..n * width].iter().all(|v| !matches!(v, Value::String(None))), "{n}: the rows come first");
+            assert!(values[n * width..].iter().all(|v| matches!(v, Value::String(None))), "{n}: padding is NULL");
+            assert!(s.sql.ends_with(") WHERE column1 IS NOT NULL"), "{n}: the padding is dropped by its id");
+        }
     }
 
     #[test]
@@ -306,7 +357,7 @@ mod tests {
     fn statements_are_bounded_in_rows_and_in_bytes() {
         let small: Vec<attempt::Model> = (0..25_001).map(|i| attempt(i, 10)).collect();
         assert_eq!(rows_per_statement(DbBackend::Postgres, &small), [10_000, 10_000, 5_001]);
-        assert_eq!(rows_per_statement(DbBackend::Sqlite, &small[..2_500]), [1_000, 1_000, 256, 128, 64, 32, 16, 4]);
+        assert_eq!(rows_per_statement(DbBackend::Sqlite, &small[..2_500]), [1_000, 1_000, 500]);
         assert_eq!(rows_per_statement(DbBackend::Sqlite, &small[..1]), [1]);
         // 256 KiB bodies: a statement ends with the row that reaches 64 MiB of text.
         let big: Vec<attempt::Model> = (0..300).map(|i| attempt(i, 256 << 10)).collect();

@@ -332,6 +332,12 @@ impl Store {
                     // database under a per-webhook advisory lock that lasts until this claim
                     // commits (a webhook another replica is claiming now is skipped).
                     let shared = txn.get_database_backend() == DbBackend::Postgres;
+                    if !shared && exclude.is_empty() {
+                        let claimed = claim_unlimited(txn, &zone, &agent_id, limit, now, grace).await?;
+                        if !claimed.is_empty() {
+                            return Ok(claimed);
+                        }
+                    }
                     let mut slots: HashMap<String, i64> = HashMap::new();
                     let window = now - now.rem_euclid(1000);
                     let mut sends: HashMap<String, (i64, i64)> = HashMap::new();
@@ -680,6 +686,60 @@ impl Store {
             })
             .await
     }
+}
+
+/// SQLite: leases the first `limit` due rows of `zone` in one statement, which reads them,
+/// leases each until `now` + its webhook's timeout + `grace`, and returns them; or leases nothing
+/// if any of those rows belongs to a webhook with a `max_in_flight` or a rate limit, which the
+/// caller's pages then weigh row by row. Nearly every claim is of webhooks without limits, and
+/// this one round trip to the connection's thread replaces three (the rows, their webhooks, the
+/// update). The rows come back oldest due first, as the caller's pages would take them.
+async fn claim_unlimited(
+    txn: &DatabaseTransaction,
+    zone: &str,
+    agent_id: &str,
+    limit: u64,
+    now: i64,
+    grace: i64,
+) -> Result<Vec<Claimed>, StoreError> {
+    // `status = …` literal, as the partial index `deliveries_due` states it (`status_is`). The
+    // leases are `<prefix>.<delivery id>`, as results expect (`lease_names`).
+    let sql = format!(
+        "WITH due AS MATERIALIZED (SELECT id, webhook_id FROM deliveries \
+           WHERE zone = ? AND status = {pending} AND next_attempt_at <= ? \
+           ORDER BY next_attempt_at, id LIMIT ?) \
+         UPDATE deliveries SET status = {in_flight}, lease_id = ? || id, lease_agent = ?, \
+           lease_expires_at = ? + COALESCE((SELECT timeout_ms FROM webhooks WHERE webhooks.id = deliveries.webhook_id), {default_timeout}), \
+           updated_at = ? \
+         WHERE id IN (SELECT id FROM due) AND NOT EXISTS (SELECT 1 FROM due JOIN webhooks ON webhooks.id = due.webhook_id \
+           WHERE webhooks.max_in_flight IS NOT NULL OR webhooks.rate_limit_per_second IS NOT NULL) \
+         RETURNING *",
+        pending = status::PENDING,
+        in_flight = status::IN_FLIGHT,
+        default_timeout = DEFAULT_TIMEOUT_MS,
+    );
+    let prefix = format!("{}.", ids::new_id(ids::LEASE));
+    let values: [sea_orm::Value; 7] = [
+        zone.into(),
+        now.into(),
+        i64::try_from(limit).unwrap_or(i64::MAX).into(),
+        prefix.into(),
+        agent_id.into(),
+        now.saturating_add(grace).into(),
+        now.into(),
+    ];
+    let statement = sea_orm::Statement::from_sql_and_values(DbBackend::Sqlite, sql, values);
+    let mut rows = delivery::Entity::find().from_raw_sql(statement).all(txn).await?;
+    rows.sort_unstable_by(|a, b| (a.next_attempt_at, &a.id).cmp(&(b.next_attempt_at, &b.id)));
+    Ok(rows
+        .into_iter()
+        .map(|d| {
+            let lease_id = d.lease_id.clone().unwrap_or_default();
+            let lease_expires_at = d.lease_expires_at.unwrap_or(now);
+            let attempt = u32::try_from(d.attempt_count).unwrap_or(0) + 1;
+            Claimed { delivery: d, lease_id, lease_expires_at, attempt }
+        })
+        .collect())
 }
 
 /// Takes the per-webhook advisory lock that serializes claims for a limited webhook across

@@ -17,6 +17,7 @@ use crate::support::start;
 
 both_databases!(
     claims_are_leased_per_zone,
+    claims_take_the_oldest_due_first,
     results_are_fenced_and_final,
     one_batch_settles_each_report_in_order,
     failures_follow_the_schedule_then_notify_once,
@@ -112,6 +113,61 @@ async fn claims_are_leased_per_zone(backend: Backend) {
     let second = store.claim("eu", "agent-2", 10, now, &policy()).await.unwrap();
     assert_eq!(second.len(), 1, "claimed rows are not claimed again");
     assert!(store.claim("eu", "agent-2", 10, now, &policy()).await.unwrap().is_empty());
+    cp.stop().await;
+}
+
+/// A claim takes the oldest due rows first, each leased for its own webhook's timeout: when every
+/// row is of a webhook without limits (which SQLite claims in one statement) and when a webhook
+/// with a limit is among them (the claim then weighs row by row).
+async fn claims_take_the_oldest_due_first(backend: Backend) {
+    use herald_control_plane::store::queue::due_rows;
+    let (cp, db, store) = setup(backend).await;
+    let in_eu = |name: &str, types: &[&str], timeout_s: i64| {
+        let mut w = webhook(name, "https://example.com/hook", types);
+        w.zone = "eu".into();
+        w.timeout = Some(prost_types::Duration { seconds: timeout_s, nanos: 0 });
+        w
+    };
+    hook(&cp, in_eu("quick", &["incident.*"], 5)).await;
+    for _ in 0..5 {
+        publish(&cp, "incident.created").await;
+    }
+    let now = t0();
+    let conn = db.connect().await;
+    let due = |conn| async move {
+        let rows = due_rows("eu", now).all(conn).await.unwrap();
+        rows.into_iter().map(|d| (d.id, d.webhook_id)).collect::<Vec<_>>()
+    };
+    let order = due(&conn).await;
+    assert_eq!(order.len(), 5);
+    let mut claimed = Vec::new();
+    for want in [2, 2, 2] {
+        for c in store.claim("eu", "agent-1", want, now, &policy()).await.unwrap() {
+            assert_eq!(c.lease_expires_at, now + 5_000 + 10_000, "the webhook's timeout + lease grace");
+            assert_eq!(c.lease_id, row(&db, &c.delivery.id).await.lease_id.unwrap());
+            claimed.push((c.delivery.id, c.delivery.webhook_id));
+        }
+    }
+    assert_eq!(claimed, order, "claimed in due order, each once");
+
+    // A limit that holds nothing back here: the rows are weighed one by one, and all are taken.
+    let mut limited = in_eu("limited", &["task.*"], 7);
+    limited.max_in_flight = Some(10);
+    let limited = hook(&cp, limited).await;
+    for event_type in ["task.started", "incident.created", "task.started", "incident.created"] {
+        publish(&cp, event_type).await;
+    }
+    let now = t0();
+    let order = due(&conn).await;
+    assert_eq!(order.len(), 4);
+    assert_eq!(order.iter().filter(|(_, w)| *w == limited.id).count(), 2);
+    let claimed = store.claim("eu", "agent-2", 10, now, &policy()).await.unwrap();
+    let timeouts: Vec<i64> = claimed.iter().map(|c| c.lease_expires_at - now - 10_000).collect();
+    let claimed: Vec<(String, String)> = claimed.into_iter().map(|c| (c.delivery.id, c.delivery.webhook_id)).collect();
+    assert_eq!(claimed, order, "claimed in due order, the limited webhook's rows among them");
+    let expected: Vec<i64> = order.iter().map(|(_, w)| if *w == limited.id { 7_000 } else { 5_000 }).collect();
+    assert_eq!(timeouts, expected, "each row leased for its own webhook's timeout");
+    conn.close().await.ok();
     cp.stop().await;
 }
 
