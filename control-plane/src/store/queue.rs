@@ -688,23 +688,12 @@ impl Store {
     }
 }
 
-/// SQLite: leases the first `limit` due rows of `zone` in one statement, which reads them,
-/// leases each until `now` + its webhook's timeout + `grace`, and returns them; or leases nothing
-/// if any of those rows belongs to a webhook with a `max_in_flight` or a rate limit, which the
-/// caller's pages then weigh row by row. Nearly every claim is of webhooks without limits, and
-/// this one round trip to the connection's thread replaces three (the rows, their webhooks, the
-/// update). The rows come back oldest due first, as the caller's pages would take them.
-async fn claim_unlimited(
-    txn: &DatabaseTransaction,
-    zone: &str,
-    agent_id: &str,
-    limit: u64,
-    now: i64,
-    grace: i64,
-) -> Result<Vec<Claimed>, StoreError> {
+/// The statement of [`claim_unlimited`] (SQLite), whose values are the zone, `now`, the limit,
+/// the lease prefix, the agent, `now` + lease grace, and `now`.
+pub fn claim_unlimited_sql() -> String {
     // `status = …` literal, as the partial index `deliveries_due` states it (`status_is`). The
     // leases are `<prefix>.<delivery id>`, as results expect (`lease_names`).
-    let sql = format!(
+    format!(
         "WITH due AS MATERIALIZED (SELECT id, webhook_id FROM deliveries \
            WHERE zone = ? AND status = {pending} AND next_attempt_at <= ? \
            ORDER BY next_attempt_at, id LIMIT ?) \
@@ -717,7 +706,26 @@ async fn claim_unlimited(
         pending = status::PENDING,
         in_flight = status::IN_FLIGHT,
         default_timeout = DEFAULT_TIMEOUT_MS,
-    );
+    )
+}
+
+/// SQLite: leases the first `limit` due rows of `zone` in one statement, which reads them, leases
+/// each until `now` + its webhook's timeout + `grace`, and returns them; or leases nothing if any
+/// of those rows belongs to a webhook with a `max_in_flight` or a rate limit, which the caller's
+/// pages then weigh row by row. Nearly every claim is of webhooks without limits, and this one
+/// round trip to the connection's thread replaces three (the rows, their webhooks, the update)
+/// and the update's `IN` list of every id. The rows come back oldest due first, as the caller's
+/// pages would take them. (The same statement on PostgreSQL, with `FOR UPDATE SKIP LOCKED`,
+/// drained a backlog 4% slower: docs/BENCHMARKS.md, twelfth round.)
+async fn claim_unlimited(
+    txn: &DatabaseTransaction,
+    zone: &str,
+    agent_id: &str,
+    limit: u64,
+    now: i64,
+    grace: i64,
+) -> Result<Vec<Claimed>, StoreError> {
+    let sql = claim_unlimited_sql();
     let prefix = format!("{}.", ids::new_id(ids::LEASE));
     let values: [sea_orm::Value; 7] = [
         zone.into(),
