@@ -2,7 +2,8 @@
 //! results), written directly rather than through `sea-query`'s builder, which cloned every value
 //! twice and cost about a fifth of the control plane's CPU per published event.
 //!
-//! SQLite gets `INSERT … VALUES (…), (…)`. PostgreSQL gets one array per column,
+//! SQLite gets `INSERT … SELECT * FROM (VALUES (…), (…)) WHERE …`, padded to few shapes
+//! ([`values`]). PostgreSQL gets one array per column,
 //! `INSERT … SELECT … FROM UNNEST($1::text[], …)`: a statement of a thousand `VALUES` rows has
 //! twenty thousand parameters that the server plans and initialises one by one on every
 //! execution, which was a fifth of its CPU while publishing; with arrays the plan is the same

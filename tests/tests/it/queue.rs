@@ -4,7 +4,7 @@
 
 use herald_control_plane::db::entity::{attempt, delivery, event};
 use herald_control_plane::store::Store;
-use herald_control_plane::store::queue::{Applied, AttemptReport, Claimed, QueuePolicy, policy_from};
+use herald_control_plane::store::queue::{Applied, AttemptReport, Claimed, Filter, QueuePolicy, policy_from};
 use herald_shared::proto::{self, ErrorKind};
 use herald_tests::{Backend, ControlPlane, TestDb, webhook};
 use sea_orm::{
@@ -150,7 +150,8 @@ async fn claims_take_the_oldest_due_first(backend: Backend) {
     }
     assert_eq!(claimed, order, "claimed in due order, each once");
 
-    // A limit that holds nothing back here: the rows are weighed one by one, and all are taken.
+    // A webhook with a limit among the due rows: the rows are weighed one by one. Turned down, its
+    // rows stay pending and the others are still claimed in due order.
     let mut limited = in_eu("limited", &["task.*"], 7);
     limited.max_in_flight = Some(10);
     let limited = hook(&cp, limited).await;
@@ -160,13 +161,33 @@ async fn claims_take_the_oldest_due_first(backend: Backend) {
     let now = t0();
     let order = due(&conn).await;
     assert_eq!(order.len(), 4);
-    assert_eq!(order.iter().filter(|(_, w)| *w == limited.id).count(), 2);
-    let claimed = store.claim("eu", "agent-2", 10, now, &policy()).await.unwrap();
-    let timeouts: Vec<i64> = claimed.iter().map(|c| c.lease_expires_at - now - 10_000).collect();
+    let (held, others): (Vec<_>, Vec<_>) = order.iter().cloned().partition(|(_, w)| *w == limited.id);
+    assert_eq!(held.len(), 2);
+    let refused = limited.id.clone();
+    let filter = Filter {
+        allow: Some(Box::new(move |d, limits| {
+            assert_eq!(limits.max_in_flight.is_some(), d.webhook_id == refused, "each row with its webhook's limits");
+            d.webhook_id != refused
+        })),
+        ..Default::default()
+    };
+    let claimed = store.claim_where("eu", "agent-2", 10, now, &policy(), filter).await.unwrap();
+    for c in &claimed {
+        assert_eq!(c.lease_expires_at, now + 5_000 + 10_000);
+    }
     let claimed: Vec<(String, String)> = claimed.into_iter().map(|c| (c.delivery.id, c.delivery.webhook_id)).collect();
-    assert_eq!(claimed, order, "claimed in due order, the limited webhook's rows among them");
-    let expected: Vec<i64> = order.iter().map(|(_, w)| if *w == limited.id { 7_000 } else { 5_000 }).collect();
-    assert_eq!(timeouts, expected, "each row leased for its own webhook's timeout");
+    assert_eq!(claimed, others, "the unlimited webhook's rows, in due order");
+    for (id, _) in &held {
+        assert_eq!(row(&db, id).await.status, delivery::status::PENDING, "a row turned down stays pending");
+    }
+    // Claimed without the filter, the limited webhook's rows are leased for its own timeout.
+    let claimed = store.claim("eu", "agent-3", 10, now, &policy()).await.unwrap();
+    let claimed: Vec<(String, String, i64)> = claimed
+        .into_iter()
+        .map(|c| (c.delivery.id, c.delivery.webhook_id, c.lease_expires_at - now - 10_000))
+        .collect();
+    let expected: Vec<(String, String, i64)> = held.into_iter().map(|(id, w)| (id, w, 7_000)).collect();
+    assert_eq!(claimed, expected);
     conn.close().await.ok();
     cp.stop().await;
 }
@@ -465,6 +486,8 @@ async fn queue_reads_use_their_partial_indexes(backend: Backend) {
         let plan: Vec<String> = rows.iter().map(|r| r.try_get_by_index::<String>(column).unwrap()).collect();
         let plan = plan.join("\n");
         assert!(plan.contains(index), "{what}: expected a plan using {index}, got:\n{plan}");
+        let full_scan = |l: &str| l.trim() == "SCAN deliveries" || l.contains("Seq Scan on deliveries");
+        assert!(!plan.lines().any(full_scan), "{what}: expected no scan of the whole table, got:\n{plan}");
     }
     txn.rollback().await.unwrap();
     conn.close().await.ok();
