@@ -359,6 +359,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
         .map(|d| Duration::new(d.seconds.max(1) as u64, 0))
         .unwrap_or(Duration::from_secs(10));
     let body_limit = welcome.response_body_limit.max(1) as usize;
+    let headers_json = welcome.headers_json;
     tracing::info!(%endpoint, zone = %agent.args.zone, agent = %agent.id, "session open");
     let free = {
         let mut current = agent.outbox.current.lock().expect("outbox lock");
@@ -396,7 +397,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
                             agent.jobs.spawn(async move {
                                 let mut job = job;
                                 let span = attempt_span(&mut job);
-                                let result = a.sender.attempt(&job, body_limit, "X-CloudThinker").await;
+                                let result = a.sender.attempt(&job, body_limit, "X-CloudThinker", headers_json).await;
                                 if let Some(span) = span {
                                     end_attempt_span(span, &result);
                                 }

@@ -1,6 +1,7 @@
 //! Making one attempt: sign, add the documented headers, POST with a timeout, follow no
 //! redirect, read the response up to the limit, classify any error.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -89,8 +90,16 @@ impl Sender {
         Ok(Sender { client, guard, allow_http, parsed: Arc::default() })
     }
 
-    /// Makes the attempt `job` describes and reports it. Never fails: every problem is a result.
-    pub async fn attempt(&self, job: &proto::Job, body_limit: usize, prefix_default: &str) -> proto::AttemptResult {
+    /// Makes the attempt `job` describes and reports it, with its headers as JSON objects when
+    /// `headers_json` (the control plane reads them so) and as maps otherwise. Never fails: every
+    /// problem is a result.
+    pub async fn attempt(
+        &self,
+        job: &proto::Job,
+        body_limit: usize,
+        prefix_default: &str,
+        headers_json: bool,
+    ) -> proto::AttemptResult {
         let started = chrono::Utc::now();
         let clock = Instant::now();
         let mut result = proto::AttemptResult {
@@ -103,7 +112,7 @@ impl Sender {
             }),
             ..Default::default()
         };
-        match self.send(job, body_limit, prefix_default, started.timestamp(), &mut result).await {
+        match self.send(job, body_limit, prefix_default, started.timestamp(), headers_json, &mut result).await {
             Ok(()) => {}
             Err((kind, message)) => {
                 result.error_kind = kind as i32;
@@ -122,6 +131,7 @@ impl Sender {
         body_limit: usize,
         prefix_default: &str,
         unix_now: i64,
+        headers_json: bool,
         result: &mut proto::AttemptResult,
     ) -> Result<(), (ErrorKind, String)> {
         let url = self.url(&job.url).map_err(|e| (ErrorKind::Other, format!("invalid URL: {e}")))?;
@@ -149,8 +159,13 @@ impl Sender {
         let prefix = job.signing.as_ref().map_or("", |s| s.header_prefix.as_str());
         let names =
             self.names(if prefix.is_empty() { prefix_default } else { prefix }).map_err(|e| (ErrorKind::Other, e))?;
-        let (headers, shown) = headers(job, &names, unix_now).map_err(|e| (ErrorKind::Other, e))?;
-        result.request_headers = shown;
+        let (headers, masked) = headers(job, &names, unix_now).map_err(|e| (ErrorKind::Other, e))?;
+        let shown = shown(&headers, &masked);
+        if headers_json {
+            result.request_headers_json = herald_shared::headers::to_json(&shown);
+        } else {
+            result.request_headers = shown.into_iter().map(|(k, v)| (k.to_owned(), v.into_owned())).collect();
+        }
         let timeout = job
             .timeout
             .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
@@ -167,16 +182,11 @@ impl Sender {
             .map_err(|e| classify(&e))?;
         let status = response.status();
         result.status = u32::from(status.as_u16());
-        for (name, value) in response.headers() {
-            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-            result
-                .response_headers
-                .entry(name.as_str().to_owned())
-                .and_modify(|v| {
-                    v.push_str(", ");
-                    v.push_str(&value);
-                })
-                .or_insert(value);
+        let answered = joined(response.headers());
+        if headers_json {
+            result.response_headers_json = herald_shared::headers::to_json(&answered);
+        } else {
+            result.response_headers = answered.into_iter().map(|(k, v)| (k.to_owned(), v.into_owned())).collect();
         }
         if status.as_u16() == 429 || status.as_u16() == 503 {
             result.retry_after = response
@@ -307,13 +317,8 @@ impl Names {
     }
 }
 
-/// The headers of a delivery, and the same with custom values masked (for the attempt log,
-/// keyed by lowercase name).
-pub fn headers(
-    job: &proto::Job,
-    names: &Names,
-    unix_now: i64,
-) -> Result<(HeaderMap, std::collections::HashMap<String, String>), String> {
+/// The headers of a delivery, and the names of its custom headers (masked in the attempt log).
+pub fn headers(job: &proto::Job, names: &Names, unix_now: i64) -> Result<(HeaderMap, Vec<HeaderName>), String> {
     let value = |name: &str, text: &str| HeaderValue::from_str(text).map_err(|e| format!("header {name}: {e}"));
     let default = proto::Signing::default();
     let signing = job.signing.as_ref().unwrap_or(&default);
@@ -349,19 +354,52 @@ pub fn headers(
             HeaderValue::try_from(sigs).map_err(|e| e.to_string())?,
         );
     }
-    let mut shown = std::collections::HashMap::with_capacity(map.len() + job.headers.len());
-    for (name, value) in &map {
-        shown.insert(name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned());
-    }
     // Custom headers come last: `Content-Type` may be overridden, nothing else Herald sets can be
     // (the control plane refuses reserved names).
+    let mut custom = Vec::with_capacity(job.headers.len());
     for (name, text) in &job.headers {
         let n = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name}: {e}"))?;
         let v = value(name, text)?;
-        shown.insert(n.as_str().to_owned(), "***".to_owned());
-        map.insert(n, v);
+        map.insert(n.clone(), v);
+        custom.push(n);
     }
-    Ok((map, shown))
+    Ok((map, custom))
+}
+
+/// The request headers as the attempt log shows them: sorted by (lowercase) name, the values of
+/// `masked` replaced by `***`.
+pub fn shown<'a>(map: &'a HeaderMap, masked: &[HeaderName]) -> Vec<(&'a str, Cow<'a, str>)> {
+    let mut shown: Vec<_> = map
+        .iter()
+        .map(|(name, value)| {
+            let value =
+                if masked.contains(name) { Cow::Borrowed("***") } else { String::from_utf8_lossy(value.as_bytes()) };
+            (name.as_str(), value)
+        })
+        .collect();
+    shown.sort_by(|a, b| a.0.cmp(b.0));
+    shown
+}
+
+/// Response headers sorted by name, each name once: a repeated name's values joined with `, `
+/// in the order they came.
+fn joined(map: &HeaderMap) -> Vec<(&str, Cow<'_, str>)> {
+    let mut pairs: Vec<_> =
+        map.iter().map(|(name, value)| (name.as_str(), String::from_utf8_lossy(value.as_bytes()))).collect();
+    // Stable: a name's values keep their order.
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out: Vec<(&str, Cow<'_, str>)> = Vec::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        match out.last_mut() {
+            Some((last, joined)) if *last == name => {
+                let joined = joined.to_mut();
+                joined.push_str(", ");
+                joined.push_str(&value);
+            }
+            _ => out.push((name, value)),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -395,7 +433,8 @@ mod tests {
             }),
             ..Default::default()
         };
-        let (map, shown) = headers(&job, &Names::new("X-CloudThinker").unwrap(), 1_700_000_000).unwrap();
+        let (map, masked) = headers(&job, &Names::new("X-CloudThinker").unwrap(), 1_700_000_000).unwrap();
+        let shown = shown(&map, &masked);
         assert_eq!(
             map["X-CloudThinker-Signature"],
             signature::cloudthinker("old-secret-0123456789", br#"{"a":1}"#).as_str()
@@ -406,7 +445,26 @@ mod tests {
         );
         assert_eq!(map["X-CloudThinker-Attempt"], "2");
         assert_eq!(map["authorization"], "Basic secret");
-        assert_eq!(shown["authorization"], "***");
+        let logged = |name: &str| shown.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_ref());
+        assert_eq!(logged("authorization"), Some("***"));
+        assert_eq!(logged("x-cloudthinker-attempt"), Some("2"));
+        assert!(shown.windows(2).all(|w| w[0].0 < w[1].0), "sorted, each name once: {shown:?}");
         assert!(!map.contains_key("webhook-signature"));
+        // As JSON, the same object the control plane stores.
+        let json = herald_shared::headers::to_json(&shown);
+        assert!(herald_shared::headers::is_object(&json), "{json}");
+        assert!(json.contains(r#""authorization":"***""#) && !json.contains("Basic secret"), "{json}");
+    }
+
+    #[test]
+    fn repeated_response_headers_are_joined_in_order() {
+        let mut map = HeaderMap::new();
+        map.append("set-cookie", HeaderValue::from_static("a=1"));
+        map.append("content-length", HeaderValue::from_static("2"));
+        map.append("set-cookie", HeaderValue::from_static("b=2"));
+        map.append("date", HeaderValue::from_static("today"));
+        let joined = joined(&map);
+        let pairs: Vec<(&str, &str)> = joined.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+        assert_eq!(pairs, [("content-length", "2"), ("date", "today"), ("set-cookie", "a=1, b=2")]);
     }
 }

@@ -426,6 +426,7 @@ impl Dispatcher {
             agent_id,
             heartbeat_interval: Some(prost_types::Duration { seconds: HEARTBEAT.as_secs() as i64, nanos: 0 }),
             response_body_limit: self.inner.response_body_limit,
+            headers_json: true,
         };
         (session, welcome)
     }
@@ -1249,10 +1250,8 @@ fn session_row(s: &Session, now: i64) -> crate::db::entity::agent::Model {
 fn report(a: Arrived, request_body: Option<String>) -> AttemptReport {
     let r = a.result;
     let ms = |d: Option<prost_types::Duration>| d.map_or(0, |d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000));
-    let mut request_headers: Vec<(String, String)> = r.request_headers.into_iter().collect();
-    request_headers.sort();
-    let mut response_headers: Vec<(String, String)> = r.response_headers.into_iter().collect();
-    response_headers.sort();
+    let request_headers = logged_headers(r.request_headers_json, r.request_headers, &a.agent_id);
+    let response_headers = logged_headers(r.response_headers_json, r.response_headers, &a.agent_id);
     AttemptReport {
         lease_id: r.lease_id,
         delivery_id: r.delivery_id,
@@ -1270,6 +1269,24 @@ fn report(a: Arrived, request_body: Option<String>) -> AttemptReport {
         not_sent: r.not_sent,
         retry_after_ms: r.retry_after.map(|d| ms(Some(d))),
     }
+}
+
+/// Headers an agent reported, as the attempt log stores them: its JSON object as it came (agents
+/// told `headers_json`), or its map written as one (older agents). A JSON text that is not an
+/// object of strings is not stored: the map is, if the agent sent one too, or no headers.
+fn logged_headers(json: String, map: HashMap<String, String>, agent: &str) -> String {
+    if !json.is_empty() {
+        if herald_shared::headers::is_object(&json) {
+            return json;
+        }
+        tracing::warn!(agent, "an agent reported headers that are not a JSON object of strings; not logged as sent");
+    }
+    if map.is_empty() {
+        return String::new();
+    }
+    let mut pairs: Vec<(String, String)> = map.into_iter().collect();
+    pairs.sort_unstable();
+    herald_shared::headers::to_json(&pairs)
 }
 
 fn limiter(rate: i64) -> Arc<DefaultDirectRateLimiter> {

@@ -9,6 +9,7 @@ pub mod addr;
 pub mod catalog;
 pub mod codec;
 pub mod envelope;
+pub mod headers;
 pub mod ids;
 pub mod memory;
 pub mod retry;

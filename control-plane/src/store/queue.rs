@@ -90,12 +90,15 @@ pub struct AttemptReport {
     pub duration_ms: i64,
     /// 0 when there was no answer.
     pub status: u32,
-    pub response_headers: Vec<(String, String)>,
+    /// The response's headers as the attempt log stores them (`herald_shared::headers`); empty
+    /// when there was no answer.
+    pub response_headers: String,
     pub response_body: Vec<u8>,
     pub error_kind: ErrorKind,
     pub error_message: String,
-    /// Headers sent, custom values already masked.
-    pub request_headers: Vec<(String, String)>,
+    /// Headers sent, custom values already masked, as the attempt log stores them; empty when
+    /// none were sent.
+    pub request_headers: String,
     /// The body sent, when a transform applied.
     pub request_body: Option<String>,
     /// No request left the agent (it was draining): the lease is released, no attempt is used.
@@ -176,25 +179,9 @@ pub fn next_attempt_at(policy: &QueuePolicy, next: u32, now: i64, retry_after_ms
     Some(asked.map_or(scheduled, |a| std::cmp::max(a, scheduled)))
 }
 
-/// Headers as the attempt log stores them: a JSON object, written straight from the pairs
-/// (sorted by name, each name once, as [`AttemptReport`] holds them).
-fn headers_json(headers: &[(String, String)]) -> String {
-    use serde::ser::{SerializeMap as _, Serializer as _};
-    debug_assert!(headers.windows(2).all(|w| w[0].0 < w[1].0), "headers sorted, each name once");
-    let size: usize = headers.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
-    let mut out = Vec::with_capacity(size + 2);
-    let mut ser = serde_json::Serializer::new(&mut out);
-    let written = ser.serialize_map(Some(headers.len())).and_then(|mut map| {
-        for (k, v) in headers {
-            map.serialize_entry(k, v)?;
-        }
-        map.end()
-    });
-    match written {
-        // serde_json writes valid UTF-8, and writing into a Vec cannot fail.
-        Ok(()) => String::from_utf8(out).unwrap_or_default(),
-        Err(_) => "{}".to_owned(),
-    }
+/// Headers of a report as an attempt row holds them: `{}` for none.
+fn logged_headers(json: &str) -> String {
+    if json.is_empty() { "{}".to_owned() } else { json.to_owned() }
 }
 
 fn truncate(body: &[u8], limit: usize) -> String {
@@ -907,10 +894,10 @@ fn attempt_row(
         zone: r.zone.clone(),
         started_at: r.started_at,
         duration_ms: r.duration_ms,
-        request_headers: headers_json(&r.request_headers),
+        request_headers: logged_headers(&r.request_headers),
         request_body: r.request_body.clone(),
         response_status: i32::try_from(r.status).unwrap_or(0),
-        response_headers: headers_json(&r.response_headers),
+        response_headers: logged_headers(&r.response_headers),
         response_body: truncate(&r.response_body, policy.response_body_limit),
         error_kind: r.error_kind as i32,
         error_message: r.error_message.clone(),
@@ -1128,19 +1115,6 @@ mod tests {
         assert_eq!(next_attempt_at(&p, 2, now, Some(10_000)), Some(60_000), "never earlier than the schedule");
         assert_eq!(next_attempt_at(&p, 2, now, Some(120_000)), Some(120_000), "later when asked");
         assert_eq!(next_attempt_at(&p, 2, now, Some(99_999_999)), Some(3_600_000), "capped by --retry-after-max");
-    }
-
-    #[test]
-    fn headers_are_stored_as_one_json_object() {
-        let headers = vec![
-            ("content-type".to_owned(), "application/json".to_owned()),
-            ("x-quote".to_owned(), "say \"hi\"\n".to_owned()),
-        ];
-        let json = headers_json(&headers);
-        assert_eq!(json, r#"{"content-type":"application/json","x-quote":"say \"hi\"\n"}"#);
-        let back: std::collections::BTreeMap<String, String> = serde_json::from_str(&json).unwrap();
-        assert_eq!(back.into_iter().collect::<Vec<_>>(), headers);
-        assert_eq!(headers_json(&[]), "{}");
     }
 
     #[test]

@@ -213,3 +213,113 @@ async fn watching_deliveries_follows_them_to_the_end() {
     .await;
     assert!(outcome.is_ok(), "the watcher saw the delivery succeed; saw {seen:?}");
 }
+
+/// Agents told `headers_json` report headers as JSON objects, which are logged as they came;
+/// an older agent's maps are logged as the same sorted object; a JSON text that is not an object
+/// of strings is not logged as if it were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempt_headers_are_logged_from_json_and_from_older_agents_maps() {
+    use herald_control_plane::config::AgentToken;
+    use herald_shared::proto::{agent_message, control_message};
+    const TOKEN: &str = "agent-token-for-the-header-forms-0";
+    let (cp, db) = crate::support::start_with(herald_tests::Backend::Sqlite, |c| {
+        c.agent_tokens = vec![AgentToken { token: TOKEN.into(), zones: None }];
+    })
+    .await;
+    // The endpoint is never called: this agent answers by itself.
+    let w = webhook("forms", "https://receiver.invalid/hook", &["incident.*"]);
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
+    let mut events = Vec::new();
+    for _ in 0..3 {
+        let e = herald_tests::event("incident.created", "{}");
+        events
+            .push(cp.events().publish_event(proto::PublishEventRequest { event: Some(e) }).await.unwrap().into_inner());
+    }
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let send = |m: agent_message::Msg| tx.send(proto::AgentMessage { msg: Some(m) }).unwrap();
+    send(agent_message::Msg::Hello(proto::Hello {
+        agent_id: "by-hand".into(),
+        zone: "default".into(),
+        version: "test".into(),
+        capacity: 3,
+        ..Default::default()
+    }));
+    send(agent_message::Msg::Credit(proto::Credit { jobs: 3 }));
+    let outbound = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut inbound = cp.agents_as(Some(TOKEN)).session(outbound).await.unwrap().into_inner();
+    let mut jobs = Vec::new();
+    while jobs.len() < 3 {
+        match tokio::time::timeout(WAIT, inbound.message()).await.expect("jobs arrive").unwrap().unwrap().msg {
+            Some(control_message::Msg::Welcome(w)) => assert!(w.headers_json, "this control plane reads JSON headers"),
+            Some(control_message::Msg::Job(j)) => jobs.push(j),
+            _ => {}
+        }
+    }
+    jobs.sort_by(|a, b| a.delivery_id.cmp(&b.delivery_id));
+    let answered = |j: &proto::Job| proto::AttemptResult {
+        lease_id: j.lease_id.clone(),
+        delivery_id: j.delivery_id.clone(),
+        attempt: j.attempt,
+        started_at: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
+        duration: Some(prost_types::Duration { seconds: 0, nanos: 5_000_000 }),
+        status: 200,
+        ..Default::default()
+    };
+    let map = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    let results = [
+        // A current agent: JSON objects.
+        proto::AttemptResult {
+            request_headers_json: r#"{"authorization":"***","content-type":"application/json"}"#.into(),
+            response_headers_json: r#"{"server":"json \"quoted\""}"#.into(),
+            ..answered(&jobs[0])
+        },
+        // An older agent: maps.
+        proto::AttemptResult {
+            request_headers: map(&[("x-cloudthinker-event", "incident.created"), ("content-type", "application/json")]),
+            response_headers: map(&[("server", "maps")]),
+            ..answered(&jobs[1])
+        },
+        // Broken JSON: the map beside it is logged instead, or nothing.
+        proto::AttemptResult {
+            request_headers_json: r#"{"content-type":1}"#.into(),
+            request_headers: map(&[("content-type", "application/json")]),
+            response_headers_json: "not json".into(),
+            ..answered(&jobs[2])
+        },
+    ];
+    for r in results {
+        send(agent_message::Msg::Result(r));
+    }
+    for e in &events {
+        assert_eq!(settled(&db, &e.id).await[0].status, delivery::status::SUCCEEDED);
+    }
+
+    let logged = |i: usize| {
+        let mut log = cp.deliveries_as(Some(&cp.api_key));
+        let id = jobs[i].delivery_id.clone();
+        async move {
+            let d = log.get_delivery(proto::GetDeliveryRequest { id }).await.unwrap().into_inner();
+            assert_eq!(d.attempts.len(), 1);
+            d.attempts.into_iter().next().unwrap()
+        }
+    };
+    let (json, maps, broken) = (logged(0).await, logged(1).await, logged(2).await);
+    assert_eq!(json.request_headers, map(&[("authorization", "***"), ("content-type", "application/json")]));
+    assert_eq!(json.response_headers, map(&[("server", "json \"quoted\"")]));
+    assert_eq!(
+        maps.request_headers,
+        map(&[("content-type", "application/json"), ("x-cloudthinker-event", "incident.created")])
+    );
+    assert_eq!(maps.response_headers, map(&[("server", "maps")]));
+    assert_eq!(broken.request_headers, map(&[("content-type", "application/json")]));
+    assert!(broken.response_headers.is_empty(), "{:?}", broken.response_headers);
+    // As stored: the older agent's map became the same sorted object a current agent sends.
+    let stored = attempts_of(&db, &jobs[1].delivery_id).await.remove(0);
+    assert_eq!(
+        stored.request_headers,
+        r#"{"content-type":"application/json","x-cloudthinker-event":"incident.created"}"#
+    );
+    assert_eq!(attempts_of(&db, &jobs[2].delivery_id).await[0].response_headers, "{}");
+    cp.stop().await;
+}
