@@ -80,13 +80,17 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// An open session as the outbox sees it: its outbound queue, the credit its finished jobs gave
+/// back, and whether its control plane reads headers as JSON.
+type OpenSession = (mpsc::UnboundedSender<proto::AgentMessage>, Arc<AtomicU32>, bool);
+
 /// Where results go: the open session, or a list kept for the next one.
 #[derive(Default)]
 struct Outbox {
-    /// The open session's outbound queue and the credit its finished jobs gave back (see
-    /// [`outbound`]). Unbounded: it holds at most one result per job, and jobs are bounded by
-    /// capacity.
-    current: Mutex<Option<(mpsc::UnboundedSender<proto::AgentMessage>, Arc<AtomicU32>)>>,
+    /// The open session's outbound queue, the credit its finished jobs gave back (see
+    /// [`outbound`]) and whether its control plane reads headers as JSON (`Welcome.headers_json`).
+    /// Unbounded: it holds at most one result per job, and jobs are bounded by capacity.
+    current: Mutex<Option<OpenSession>>,
     unreported: Mutex<Vec<proto::AttemptResult>>,
     in_flight: AtomicU32,
     /// While draining, finished jobs give back no credit.
@@ -104,7 +108,7 @@ impl Outbox {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             // Counted before the result is queued, so the stream that takes the result finds
             // its credit too.
-            if let Some((_, credit)) = current.as_ref()
+            if let Some((_, credit, _)) = current.as_ref()
                 && !self.draining.load(Ordering::SeqCst)
             {
                 credit.fetch_add(1, Ordering::SeqCst);
@@ -112,19 +116,37 @@ impl Outbox {
             current.clone()
         };
         let unsent = match current {
-            Some((tx, _)) => match tx.send(message(agent_message::Msg::Result(result))) {
-                Ok(()) => None,
-                Err(e) => match e.0.msg {
-                    Some(agent_message::Msg::Result(r)) => Some(r),
-                    _ => None,
-                },
-            },
+            Some((tx, _, headers_json)) => {
+                // An attempt made during an earlier session may have written its headers for a
+                // control plane of another version.
+                let result = if headers_json { result } else { with_header_maps(result) };
+                match tx.send(message(agent_message::Msg::Result(result))) {
+                    Ok(()) => None,
+                    Err(e) => match e.0.msg {
+                        Some(agent_message::Msg::Result(r)) => Some(r),
+                        _ => None,
+                    },
+                }
+            }
             None => Some(result),
         };
         if let Some(r) = unsent {
             self.unreported.lock().expect("outbox lock").push(r);
         }
     }
+}
+
+/// `result` with its headers as maps, for a control plane that does not read them as JSON (or
+/// may not: results kept for the next session go in its `Hello`, before its `Welcome` says).
+fn with_header_maps(mut result: proto::AttemptResult) -> proto::AttemptResult {
+    use herald_shared::headers::to_map;
+    if !result.request_headers_json.is_empty() {
+        result.request_headers = to_map(&std::mem::take(&mut result.request_headers_json));
+    }
+    if !result.response_headers_json.is_empty() {
+        result.response_headers = to_map(&std::mem::take(&mut result.response_headers_json));
+    }
+    result
 }
 
 fn message(msg: agent_message::Msg) -> proto::AgentMessage {
@@ -327,7 +349,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
         version: herald_shared::VERSION.to_owned(),
         capacity,
         egress_ips: agent.args.egress_ip.clone(),
-        pending_results: pending.clone(),
+        pending_results: pending.iter().cloned().map(with_header_maps).collect(),
     };
     let restore =
         |pending: Vec<proto::AttemptResult>| agent.outbox.unreported.lock().expect("outbox lock").extend(pending);
@@ -363,7 +385,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     tracing::info!(%endpoint, zone = %agent.args.zone, agent = %agent.id, "session open");
     let free = {
         let mut current = agent.outbox.current.lock().expect("outbox lock");
-        *current = Some((tx.clone(), credit));
+        *current = Some((tx.clone(), credit, headers_json));
         agent.outbox.draining.store(false, Ordering::SeqCst);
         capacity.saturating_sub(agent.outbox.in_flight.load(Ordering::SeqCst))
     };
@@ -549,7 +571,7 @@ mod tests {
         let credit = Arc::new(AtomicU32::new(0));
         let outbox = Arc::new(Outbox::default());
         outbox.in_flight.store(2, Ordering::SeqCst);
-        *outbox.current.lock().unwrap() = Some((tx, credit.clone()));
+        *outbox.current.lock().unwrap() = Some((tx, credit.clone(), true));
         let mut out = Box::pin(outbound(rx, credit));
         assert!(futures::poll!(out.next()).is_pending(), "nothing to send yet");
         let reporter = outbox.clone();
@@ -568,5 +590,34 @@ mod tests {
         let m: proto::AgentMessage = tokio::time::timeout(wait, out.next()).await.unwrap().unwrap();
         assert!(matches!(m.msg, Some(agent_message::Msg::Result(ref r)) if r.attempt == 8), "{m:?}");
         assert!(futures::poll!(out.next()).is_pending(), "no credit while draining");
+    }
+
+    #[tokio::test]
+    async fn results_go_out_with_the_headers_form_their_session_reads() {
+        let headed = || proto::AttemptResult {
+            request_headers_json: r#"{"content-type":"application/json","x-a":"1"}"#.into(),
+            response_headers_json: r#"{"server":"s"}"#.into(),
+            ..Default::default()
+        };
+        for headers_json in [true, false] {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let outbox = Outbox::default();
+            outbox.in_flight.store(1, Ordering::SeqCst);
+            *outbox.current.lock().unwrap() = Some((tx, Arc::new(AtomicU32::new(0)), headers_json));
+            outbox.report(headed());
+            let Some(agent_message::Msg::Result(r)) = rx.recv().await.unwrap().msg else { panic!("a result") };
+            if headers_json {
+                assert_eq!(r, headed(), "a control plane that reads JSON gets it as written");
+            } else {
+                assert!(r.request_headers_json.is_empty() && r.response_headers_json.is_empty());
+                assert_eq!(r.request_headers.len(), 2);
+                assert_eq!(r.request_headers["x-a"], "1");
+                assert_eq!(r.response_headers["server"], "s");
+            }
+        }
+        // Kept for the next session, whose control plane is not known when the hello goes out.
+        let kept = with_header_maps(headed());
+        assert_eq!(kept.request_headers["content-type"], "application/json");
+        assert!(kept.request_headers_json.is_empty());
     }
 }

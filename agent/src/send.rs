@@ -452,19 +452,43 @@ mod tests {
         assert!(!map.contains_key("webhook-signature"));
         // As JSON, the same object the control plane stores.
         let json = herald_shared::headers::to_json(&shown);
-        assert!(herald_shared::headers::is_object(&json), "{json}");
+        assert!(herald_shared::headers::is_object(&json), "sorted, each name once: {json}");
         assert!(json.contains(r#""authorization":"***""#) && !json.contains("Basic secret"), "{json}");
+        // The map an older control plane gets holds the same pairs.
+        let as_map: HashMap<String, String> = shown.iter().map(|(k, v)| ((*k).to_owned(), v.to_string())).collect();
+        assert_eq!(as_map, herald_shared::headers::to_map(&json));
+    }
+
+    #[test]
+    fn a_custom_content_type_is_sent_and_masked_and_odd_bytes_are_shown_lossily() {
+        let job = proto::Job {
+            body: bytes::Bytes::from_static(b"{}"),
+            headers: [("Content-Type".to_owned(), "application/vnd.custom+json".to_owned())].into(),
+            ..Default::default()
+        };
+        let (mut map, masked) = headers(&job, &Names::new("X-CloudThinker").unwrap(), 1_700_000_000).unwrap();
+        assert_eq!(map["content-type"], "application/vnd.custom+json", "the custom value is sent");
+        map.insert("x-odd", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        let json = herald_shared::headers::to_json(&shown(&map, &masked));
+        assert!(json.contains(r#""content-type":"***""#), "{json}");
+        assert!(json.contains("\"x-odd\":\"caf\u{fffd}\""), "{json}");
+        assert!(herald_shared::headers::is_object(&json), "{json}");
     }
 
     #[test]
     fn repeated_response_headers_are_joined_in_order() {
         let mut map = HeaderMap::new();
-        map.append("set-cookie", HeaderValue::from_static("a=1"));
+        // Enough values of one name among others that an unstable sort would reorder them.
+        for i in 0..40i32 {
+            map.append("set-cookie", HeaderValue::from(i));
+            map.append(HeaderName::from_bytes(format!("x-{i:02}").as_bytes()).unwrap(), HeaderValue::from(i));
+        }
         map.append("content-length", HeaderValue::from_static("2"));
-        map.append("set-cookie", HeaderValue::from_static("b=2"));
-        map.append("date", HeaderValue::from_static("today"));
         let joined = joined(&map);
-        let pairs: Vec<(&str, &str)> = joined.iter().map(|(n, v)| (*n, v.as_ref())).collect();
-        assert_eq!(pairs, [("content-length", "2"), ("date", "today"), ("set-cookie", "a=1, b=2")]);
+        assert_eq!(joined.len(), 42);
+        assert_eq!(joined[0], ("content-length", Cow::Borrowed("2")));
+        let cookies = (0..40).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+        assert_eq!(joined[1], ("set-cookie", Cow::Owned(cookies)));
+        assert!(joined.windows(2).all(|w| w[0].0 < w[1].0), "sorted, each name once");
     }
 }

@@ -1109,23 +1109,33 @@ impl Dispatcher {
             let leases: Vec<String> = batch.iter().map(|a| a.result.lease_id.clone()).collect();
             let delivery_ids: Vec<String> = batch.iter().map(|a| a.result.delivery_id.clone()).collect();
             let metrics = &self.inner.metrics;
-            let reports: Vec<AttemptReport> = {
+            // Each lease's webhook and request body (`None` for a lease this replica did not give).
+            let known: Vec<Option<(String, Option<String>)>> = {
                 let state = self.inner.state.lock().expect("dispatcher lock");
                 batch
-                    .into_iter()
+                    .iter()
                     .map(|a| {
-                        let meta = state.leases.get(&a.result.lease_id);
-                        let report = report(a, meta.and_then(|m| m.request_body.clone()));
-                        if let (Some(meta), false) = (meta, report.not_sent) {
-                            let webhook = metrics.webhook_label(&meta.webhook_id);
-                            let class = herald_shared::attempt_class(report.status, report.error_kind);
-                            metrics.attempts.get_or_create(&AttemptLabels { webhook, class }).inc();
-                            metrics.attempt_seconds.observe(report.duration_ms as f64 / 1000.0);
-                        }
-                        report
+                        state.leases.get(&a.result.lease_id).map(|m| (m.webhook_id.clone(), m.request_body.clone()))
                     })
                     .collect()
             };
+            // Built outside the lock: checking or writing an agent's headers takes time in
+            // proportion to their size.
+            let reports: Vec<AttemptReport> = batch
+                .into_iter()
+                .zip(known)
+                .map(|(a, known)| {
+                    let (webhook_id, request_body) = known.unzip();
+                    let report = report(a, request_body.flatten());
+                    if let (Some(webhook_id), false) = (webhook_id, report.not_sent) {
+                        let webhook = metrics.webhook_label(&webhook_id);
+                        let class = herald_shared::attempt_class(report.status, report.error_kind);
+                        metrics.attempts.get_or_create(&AttemptLabels { webhook, class }).inc();
+                        metrics.attempt_seconds.observe(report.duration_ms as f64 / 1000.0);
+                    }
+                    report
+                })
+                .collect();
             let now = now_millis();
             // Whether these results made work due now: a lease handed back, an immediate retry,
             // or a failed delivery's `webhook.delivery.failed` notification.
@@ -1250,8 +1260,8 @@ fn session_row(s: &Session, now: i64) -> crate::db::entity::agent::Model {
 fn report(a: Arrived, request_body: Option<String>) -> AttemptReport {
     let r = a.result;
     let ms = |d: Option<prost_types::Duration>| d.map_or(0, |d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000));
-    let request_headers = logged_headers(r.request_headers_json, r.request_headers, &a.agent_id);
-    let response_headers = logged_headers(r.response_headers_json, r.response_headers, &a.agent_id);
+    let request_headers = logged_headers(r.request_headers_json, r.request_headers, &a.agent_id, &r.delivery_id);
+    let response_headers = logged_headers(r.response_headers_json, r.response_headers, &a.agent_id, &r.delivery_id);
     AttemptReport {
         lease_id: r.lease_id,
         delivery_id: r.delivery_id,
@@ -1273,13 +1283,18 @@ fn report(a: Arrived, request_body: Option<String>) -> AttemptReport {
 
 /// Headers an agent reported, as the attempt log stores them: its JSON object as it came (agents
 /// told `headers_json`), or its map written as one (older agents). A JSON text that is not an
-/// object of strings is not stored: the map is, if the agent sent one too, or no headers.
-fn logged_headers(json: String, map: HashMap<String, String>, agent: &str) -> String {
+/// object of strings sorted by name, each name once, is not stored: the map is, if the agent
+/// sent one too, or no headers.
+fn logged_headers(json: String, map: HashMap<String, String>, agent: &str, delivery: &str) -> String {
     if !json.is_empty() {
         if herald_shared::headers::is_object(&json) {
             return json;
         }
-        tracing::warn!(agent, "an agent reported headers that are not a JSON object of strings; not logged as sent");
+        tracing::warn!(
+            agent,
+            delivery,
+            "an agent reported headers that are not a sorted JSON object of strings; they are not logged as sent"
+        );
     }
     if map.is_empty() {
         return String::new();
