@@ -180,8 +180,8 @@ pub fn next_attempt_at(policy: &QueuePolicy, next: u32, now: i64, retry_after_ms
 }
 
 /// Headers of a report as an attempt row holds them: `{}` for none.
-fn logged_headers(json: &str) -> String {
-    if json.is_empty() { "{}".to_owned() } else { json.to_owned() }
+fn object_or_empty(json: String) -> String {
+    if json.is_empty() { "{}".to_owned() } else { json }
 }
 
 fn truncate(body: &[u8], limit: usize) -> String {
@@ -495,6 +495,13 @@ impl Store {
         self.dispatch_writer
             .write_relaxed(move |txn| {
                 Box::pin(async move {
+                    // Each report's headers, moved into its attempt row (a report makes one at
+                    // most) rather than copied.
+                    let mut reports = reports;
+                    let mut headers: Vec<(String, String)> = reports
+                        .iter_mut()
+                        .map(|r| (std::mem::take(&mut r.request_headers), std::mem::take(&mut r.response_headers)))
+                        .collect();
                     // The first success reported for each delivery; any other report of it (a
                     // repeat, another lease) takes the slow path.
                     let mut first: HashMap<&str, usize> = HashMap::new();
@@ -545,7 +552,8 @@ impl Store {
                         if fast(i, r)
                             && let Some((number, workspace)) = settled.get(&r.delivery_id)
                         {
-                            attempts.push(attempt_row(&r.delivery_id, workspace, r, *number, false, &policy));
+                            let logged = std::mem::take(&mut headers[i]);
+                            attempts.push(attempt_row(&r.delivery_id, workspace, r, logged, *number, false, &policy));
                             applied.push(Applied::Succeeded);
                             continue;
                         }
@@ -562,6 +570,7 @@ impl Store {
                                     &d.id,
                                     &d.workspace_id,
                                     r,
+                                    std::mem::take(&mut headers[i]),
                                     d.attempt_count + 1,
                                     true,
                                     &policy,
@@ -576,7 +585,8 @@ impl Store {
                             continue;
                         }
                         let number = d.attempt_count + 1;
-                        let mut row = attempt_row(&d.id, &d.workspace_id, r, number, false, &policy);
+                        let logged = std::mem::take(&mut headers[i]);
+                        let mut row = attempt_row(&d.id, &d.workspace_id, r, logged, number, false, &policy);
                         row.manual = d.manual_from.is_some();
                         attempts.push(row);
                         let outcome = if is_plain_success(r) {
@@ -649,7 +659,8 @@ impl Store {
                                 ),
                                 ..Default::default()
                             };
-                            let mut row = attempt_row(&d.id, &d.workspace_id, &report, number, false, &policy);
+                            let none = (String::new(), String::new());
+                            let mut row = attempt_row(&d.id, &d.workspace_id, &report, none, number, false, &policy);
                             row.manual = d.manual_from.is_some();
                             attempts.push(row);
                             match d.manual_from {
@@ -877,10 +888,12 @@ async fn settle_successes(
     Ok(settled)
 }
 
+/// The attempt row of report `r`, with its (request, response) headers taken out of it.
 fn attempt_row(
     delivery_id: &str,
     workspace_id: &str,
     r: &AttemptReport,
+    (request_headers, response_headers): (String, String),
     number: i32,
     stale: bool,
     policy: &QueuePolicy,
@@ -894,10 +907,10 @@ fn attempt_row(
         zone: r.zone.clone(),
         started_at: r.started_at,
         duration_ms: r.duration_ms,
-        request_headers: logged_headers(&r.request_headers),
+        request_headers: object_or_empty(request_headers),
         request_body: r.request_body.clone(),
         response_status: i32::try_from(r.status).unwrap_or(0),
-        response_headers: logged_headers(&r.response_headers),
+        response_headers: object_or_empty(response_headers),
         response_body: truncate(&r.response_body, policy.response_body_limit),
         error_kind: r.error_kind as i32,
         error_message: r.error_message.clone(),
