@@ -104,6 +104,8 @@ pub struct Store {
     pub peers: std::sync::Arc<Peers>,
     /// The dispatcher, once it runs: publishes lease to its agents and tell it what committed.
     sink: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn events::PublishSink>>>,
+    /// Where each zone's claims on PostgreSQL start reading (`queue::ClaimFloors`).
+    claim_floors: queue::ClaimFloors,
 }
 
 impl Store {
@@ -126,7 +128,7 @@ impl Store {
             };
             tokio::spawn(events::publish_loop(w, shared));
         }
-        Store { db, writer, dispatch_writer, key, publisher, peers, sink }
+        Store { db, writer, dispatch_writer, key, publisher, peers, sink, claim_floors: Default::default() }
     }
 
     /// Hands publishes to the dispatcher (once; later calls change nothing): see

@@ -4,7 +4,9 @@
 
 use herald_control_plane::db::entity::{attempt, delivery, event};
 use herald_control_plane::store::Store;
-use herald_control_plane::store::queue::{Applied, AttemptReport, Claimed, Filter, QueuePolicy, policy_from};
+use herald_control_plane::store::queue::{
+    Applied, AttemptReport, Claimed, FULL_SCAN_EVERY_MS, Filter, QueuePolicy, policy_from,
+};
 use herald_shared::proto::{self, ErrorKind};
 use herald_tests::{Backend, ControlPlane, TestDb, webhook};
 use sea_orm::{
@@ -18,6 +20,7 @@ use crate::support::start;
 both_databases!(
     claims_are_leased_per_zone,
     claims_take_the_oldest_due_first,
+    rows_due_behind_the_claim_floor_are_claimed_in_time,
     results_are_fenced_and_final,
     one_batch_settles_each_report_in_order,
     failures_follow_the_schedule_then_notify_once,
@@ -188,6 +191,65 @@ async fn claims_take_the_oldest_due_first(backend: Backend) {
         .collect();
     let expected: Vec<(String, String, i64)> = held.into_iter().map(|(id, w)| (id, w, 7_000)).collect();
     assert_eq!(claimed, expected);
+    conn.close().await.ok();
+    cp.stop().await;
+}
+
+/// On PostgreSQL a zone's claims start past the last row leased (the claim floor), not at the
+/// start of `deliveries_due`, where the entries of leased rows wait for VACUUM. A row that is due
+/// again behind the floor (here: put back as a replica's released lease would be) is still
+/// claimed: at once when the rows past the floor cannot fill the claim, and otherwise by the
+/// first claim `FULL_SCAN_EVERY_MS` after the last read from the start. SQLite has no floor: its
+/// claims take the oldest due row first every time.
+async fn rows_due_behind_the_claim_floor_are_claimed_in_time(backend: Backend) {
+    use herald_control_plane::store::queue::due_rows;
+    let (cp, db, store) = setup(backend).await;
+    hook(&cp, webhook("a", "https://example.com/hook", &["*"])).await;
+    for _ in 0..7 {
+        publish(&cp, "task.completed").await;
+    }
+    let now = t0();
+    let conn = db.connect().await;
+    let order: Vec<String> = due_rows("default", now).all(&conn).await.unwrap().into_iter().map(|d| d.id).collect();
+    assert_eq!(order.len(), 7);
+    let ids = |claimed: Vec<Claimed>| claimed.into_iter().map(|c| c.delivery.id).collect::<Vec<_>>();
+    let put_back = |id: String| {
+        let conn = &conn;
+        async move {
+            let sql = "UPDATE deliveries SET status = 1, lease_id = NULL, lease_agent = NULL, lease_expires_at = NULL \
+                       WHERE id = ";
+            let sql = match backend {
+                Backend::Postgres => format!("{sql}$1"),
+                Backend::Sqlite => format!("{sql}?"),
+            };
+            let done = conn
+                .execute_raw(Statement::from_sql_and_values(conn.get_database_backend(), sql, [id.into()]))
+                .await
+                .unwrap();
+            assert_eq!(done.rows_affected(), 1);
+        }
+    };
+
+    assert_eq!(ids(store.claim("default", "agent-1", 2, now, &policy()).await.unwrap()), order[0..2]);
+    // The oldest row is due again, behind the floor, and the rows past it fill the next claim.
+    put_back(order[0].clone()).await;
+    let second = ids(store.claim("default", "agent-1", 2, now + 1, &policy()).await.unwrap());
+    let third = ids(store.claim("default", "agent-1", 2, now + FULL_SCAN_EVERY_MS, &policy()).await.unwrap());
+    match backend {
+        Backend::Postgres => {
+            assert_eq!(second, order[2..4], "claims start past the floor");
+            assert_eq!(third, [order[0].clone(), order[4].clone()], "and read from the start in time");
+        }
+        Backend::Sqlite => {
+            assert_eq!(second, [order[0].clone(), order[2].clone()], "the oldest first");
+            assert_eq!(third, order[3..5]);
+        }
+    }
+    // Due again behind the floor when what lies past it cannot fill the claim: claimed at once.
+    put_back(order[1].clone()).await;
+    let rest = ids(store.claim("default", "agent-1", 10, now + FULL_SCAN_EVERY_MS + 1, &policy()).await.unwrap());
+    assert_eq!(rest, [order[1].clone(), order[5].clone(), order[6].clone()], "in due order");
+    assert!(store.claim("default", "agent-1", 10, now + FULL_SCAN_EVERY_MS + 2, &policy()).await.unwrap().is_empty());
     conn.close().await.ok();
     cp.stop().await;
 }
