@@ -186,6 +186,15 @@ pub fn due_rows(zone: &str, now: i64) -> Select<delivery::Entity> {
         .order_by_asc(delivery::Column::Id)
 }
 
+/// The rows of [`due_rows`] after `(next_attempt_at, id)` in its order: a claim's pages past its
+/// zone's [`ClaimFloor`] (PostgreSQL reads them off `deliveries_due` from there).
+pub fn past_floor(next_attempt_at: i64, id: &str) -> Expr {
+    Expr::cust_with_values(
+        "(next_attempt_at, id) > ($1, $2)",
+        [sea_orm::Value::from(next_attempt_at), sea_orm::Value::from(id)],
+    )
+}
+
 /// In-flight deliveries whose lease expired before `now`, or (with `agent`) every lease of that
 /// agent: the rows `reclaim_leases` takes back, read off `deliveries_leased`.
 pub fn leased_rows(agent: Option<&str>, now: i64) -> Select<delivery::Entity> {
@@ -376,10 +385,7 @@ impl Store {
                         let mut q = due_rows(&zone, now).limit(limit);
                         match &floor {
                             Some((at, id)) => {
-                                q = q.filter(Expr::cust_with_values(
-                                    "(next_attempt_at, id) > ($1, $2)",
-                                    [sea_orm::Value::from(*at), sea_orm::Value::from(id.as_str())],
-                                ));
+                                q = q.filter(past_floor(*at, id));
                             }
                             None => full_scan_at = Some(now),
                         }
@@ -927,7 +933,6 @@ async fn settle_successes(
     leases: &[(&str, &str)],
     now: i64,
 ) -> Result<Vec<(String, (i32, String))>, StoreError> {
-    use std::fmt::Write as _;
     let backend = txn.get_database_backend();
     // Padded with the last pair, which matches its own row again: few distinct texts.
     let mut leases = leases.to_vec();
@@ -937,25 +942,7 @@ async fn settle_successes(
     values.push(now.into());
     values.extend(leases.iter().map(|(id, _)| (*id).into()));
     values.extend(leases.iter().map(|(_, lease)| (*lease).into()));
-    let mark = |i: usize| match backend {
-        DbBackend::Postgres => format!("${i}"),
-        _ => "?".to_owned(),
-    };
-    let list = |from: usize| (from..from + leases.len()).map(mark).collect::<Vec<_>>().join(", ");
-    let mut sql = String::with_capacity(256 + leases.len() * 14);
-    let _ = write!(
-        sql,
-        "UPDATE deliveries SET status = {}, attempt_count = attempt_count + 1, lost_leases = 0, \
-         lease_id = NULL, lease_agent = NULL, lease_expires_at = NULL, last_status = {}, last_error = NULL, \
-         updated_at = {} WHERE id IN ({}) AND lease_id IN ({}) AND status = {} AND manual_from IS NULL \
-         RETURNING id, workspace_id, attempt_count",
-        status::SUCCEEDED,
-        mark(1),
-        mark(2),
-        list(3),
-        list(3 + leases.len()),
-        status::IN_FLIGHT,
-    );
+    let sql = settle_successes_sql(backend, leases.len());
     let rows = txn.query_all_raw(sea_orm::Statement::from_sql_and_values(backend, sql, values)).await?;
     let mut settled = Vec::with_capacity(rows.len());
     for row in rows {
@@ -966,6 +953,38 @@ async fn settle_successes(
         settled.push((id, (number, workspace)));
     }
     Ok(settled)
+}
+
+/// The statement of [`settle_successes`] for `pairs` (delivery id, lease id) pairs, whose values
+/// are the status code, `now`, the ids and then the leases.
+///
+/// The rows are found by primary key alone. Their status is checked as `status + 0`, which no
+/// index's condition can match: PostgreSQL would otherwise AND the primary key's bitmap with one
+/// of `deliveries_leased` (`WHERE status = IN_FLIGHT`), reading all of that index, dead entries
+/// of settled rows too, until VACUUM (125,000 entries, 4 ms per settle, halfway through draining
+/// a million rows).
+pub fn settle_successes_sql(backend: DbBackend, pairs: usize) -> String {
+    use std::fmt::Write as _;
+    let mark = |i: usize| match backend {
+        DbBackend::Postgres => format!("${i}"),
+        _ => "?".to_owned(),
+    };
+    let list = |from: usize| (from..from + pairs).map(mark).collect::<Vec<_>>().join(", ");
+    let mut sql = String::with_capacity(256 + pairs * 14);
+    let _ = write!(
+        sql,
+        "UPDATE deliveries SET status = {}, attempt_count = attempt_count + 1, lost_leases = 0, \
+         lease_id = NULL, lease_agent = NULL, lease_expires_at = NULL, last_status = {}, last_error = NULL, \
+         updated_at = {} WHERE id IN ({}) AND lease_id IN ({}) AND status + 0 = {} AND manual_from IS NULL \
+         RETURNING id, workspace_id, attempt_count",
+        status::SUCCEEDED,
+        mark(1),
+        mark(2),
+        list(3),
+        list(3 + pairs),
+        status::IN_FLIGHT,
+    );
+    sql
 }
 
 /// The attempt row of report `r`, with its (request, response) headers taken out of it.

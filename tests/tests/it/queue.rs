@@ -498,7 +498,9 @@ async fn retry_after_and_pause(backend: Backend) {
 /// of each database for the very statements the queue builds; on PostgreSQL with sequential
 /// scans priced out, since an empty table would otherwise be scanned whatever its indexes.
 async fn queue_reads_use_their_partial_indexes(backend: Backend) {
-    use herald_control_plane::store::queue::{claim_unlimited_sql, due_rows, leased_rows, status_is};
+    use herald_control_plane::store::queue::{
+        claim_unlimited_sql, due_rows, leased_rows, past_floor, settle_successes_sql, status_is,
+    };
     let db = TestDb::new(backend).await;
     let setup = db.connect().await;
     herald_control_plane::db::migrate(&setup).await.unwrap();
@@ -512,6 +514,11 @@ async fn queue_reads_use_their_partial_indexes(backend: Backend) {
     let db_backend = conn.get_database_backend();
     let reads = [
         ("claim page", due_rows("eu-west", now).limit(256), "deliveries_due"),
+        (
+            "claim page past the floor",
+            due_rows("eu-west", now).filter(past_floor(now - 5, "dlv_x")).limit(256),
+            "deliveries_due",
+        ),
         ("expired leases", leased_rows(None, now).limit(10_000), "deliveries_leased"),
         ("an agent's leases", leased_rows(Some("agent-1@7"), now).limit(10_000), "deliveries_leased"),
         ("paused count", delivery::Entity::find().filter(status_is(delivery::status::PARKED)), "deliveries_parked"),
@@ -532,6 +539,18 @@ async fn queue_reads_use_their_partial_indexes(backend: Backend) {
         let claim = Statement::from_sql_and_values(db_backend, claim_unlimited_sql(), values);
         statements.push(("one-statement claim", claim, "deliveries_due"));
     }
+    // Successes are settled by primary key alone, never through `deliveries_leased`, whose dead
+    // entries (settled rows, until VACUUM) a bitmap of it would read too.
+    let pairs = 300;
+    let mut values: Vec<sea_orm::Value> = vec![200_i32.into(), now.into()];
+    values.extend((0..pairs).map(|i| format!("dlv_{i}").into()));
+    values.extend((0..pairs).map(|i| format!("lse_x.dlv_{i}").into()));
+    let settle = Statement::from_sql_and_values(db_backend, settle_successes_sql(db_backend, pairs), values);
+    let primary_key = match backend {
+        Backend::Sqlite => "sqlite_autoindex_deliveries_1",
+        Backend::Postgres => "deliveries_pkey",
+    };
+    statements.push(("settling successes", settle, primary_key));
     let txn = conn.begin().await.unwrap();
     if backend == Backend::Postgres {
         txn.execute_unprepared("SET LOCAL enable_seqscan = off").await.unwrap();
@@ -548,6 +567,9 @@ async fn queue_reads_use_their_partial_indexes(backend: Backend) {
         let plan: Vec<String> = rows.iter().map(|r| r.try_get_by_index::<String>(column).unwrap()).collect();
         let plan = plan.join("\n");
         assert!(plan.contains(index), "{what}: expected a plan using {index}, got:\n{plan}");
+        if what == "settling successes" {
+            assert!(!plan.contains("deliveries_leased"), "{what}: expected the primary key alone, got:\n{plan}");
+        }
         let full_scan = |l: &str| l.trim() == "SCAN deliveries" || l.contains("Seq Scan on deliveries");
         assert!(!plan.lines().any(full_scan), "{what}: expected no scan of the whole table, got:\n{plan}");
     }
