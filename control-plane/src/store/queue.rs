@@ -83,9 +83,13 @@ pub const FULL_SCAN_EVERY_MS: i64 = 1_000;
 ///
 /// The floor is a hint, never a promise. A claim that the rows past it cannot fill reads from the
 /// start too, and one claim in every [`FULL_SCAN_EVERY_MS`] reads from the start first. A row due
-/// behind the floor (a row another replica skipped and then released, a row turned down by a
-/// webhook's limits) therefore waits at most that long, and only while the rows past the floor
-/// keep every claim full. A claim that turned rows down leaves no floor.
+/// behind the floor therefore waits at most that long, and only while the rows past the floor
+/// keep every claim full. Such rows: one another replica skipped (locked) and then released; the
+/// rows of a resumed webhook or of one moved to this zone, which keep their due time; a publish
+/// that commits after a claim read past its rows' due time (the other publish writer, another
+/// replica, clock skew between replicas); a release in the same millisecond as the floor's row
+/// with a smaller id. A claim that turned rows down leaves no floor, and a floor is kept only once
+/// its claim has committed.
 #[derive(Debug, Clone)]
 pub struct ClaimFloor {
     next_attempt_at: i64,
@@ -96,6 +100,13 @@ pub struct ClaimFloor {
 
 /// Each zone's [`ClaimFloor`].
 pub type ClaimFloors = std::sync::Arc<std::sync::Mutex<HashMap<String, ClaimFloor>>>;
+
+/// What a claim does to its zone's floor, once its transaction has committed.
+enum FloorChange {
+    Keep,
+    Set(ClaimFloor),
+    Remove,
+}
 
 /// A row's place in `deliveries_due` within its zone.
 type DueKey = (i64, String);
@@ -187,12 +198,15 @@ pub fn due_rows(zone: &str, now: i64) -> Select<delivery::Entity> {
 }
 
 /// The rows of [`due_rows`] after `(next_attempt_at, id)` in its order: a claim's pages past its
-/// zone's [`ClaimFloor`] (PostgreSQL reads them off `deliveries_due` from there).
-pub fn past_floor(next_attempt_at: i64, id: &str) -> Expr {
-    Expr::cust_with_values(
-        "(next_attempt_at, id) > ($1, $2)",
-        [sea_orm::Value::from(next_attempt_at), sea_orm::Value::from(id)],
-    )
+/// zone's [`ClaimFloor`] (PostgreSQL reads them off `deliveries_due` from there, the row
+/// comparison an index condition). sea-query passes a custom expression's placeholders through
+/// as written, so they are the backend's own.
+pub fn past_floor(backend: DbBackend, next_attempt_at: i64, id: &str) -> Expr {
+    let sql = match backend {
+        DbBackend::Postgres => "(next_attempt_at, id) > ($1, $2)",
+        _ => "(next_attempt_at, id) > (?, ?)",
+    };
+    Expr::cust_with_values(sql, [sea_orm::Value::from(next_attempt_at), sea_orm::Value::from(id)])
 }
 
 /// In-flight deliveries whose lease expired before `now`, or (with `agent`) every lease of that
@@ -314,9 +328,10 @@ impl Store {
         Ok(out)
     }
 
-    /// Leases up to `limit` due deliveries of `zone` to `agent_id`, oldest due first. On
-    /// PostgreSQL the rows are locked with `FOR UPDATE SKIP LOCKED`, so replicas never claim the
-    /// same row.
+    /// Leases up to `limit` due deliveries of `zone` to `agent_id`, oldest due first (on
+    /// PostgreSQL, oldest past the zone's [`ClaimFloor`] first, then from the start), returned in
+    /// due order. On PostgreSQL the rows are locked with `FOR UPDATE SKIP LOCKED`, so replicas
+    /// never claim the same row.
     pub async fn claim(
         &self,
         zone: &str,
@@ -344,9 +359,12 @@ impl Store {
             return Ok(Vec::new());
         }
         let (zone, agent_id, grace) = (zone.to_owned(), agent_id.to_owned(), policy.lease_grace_ms);
+        let zone_key = zone.clone();
         let Filter { mut exclude, mut allow, rate_wake } = filter;
         let floors = self.claim_floors.clone();
-        self.dispatch_writer
+        let last_floor = self.claim_floors.lock().expect("claim floors lock").get(&zone).cloned();
+        let (claimed, change) = self
+            .dispatch_writer
             .write_relaxed(move |txn| {
                 Box::pin(async move {
                     // Pages of due rows, oldest first. A webhook whose row is turned down (at its
@@ -363,15 +381,15 @@ impl Store {
                     if !shared && exclude.is_empty() {
                         let claimed = claim_unlimited(txn, &zone, &agent_id, limit, now, grace).await?;
                         if !claimed.is_empty() {
-                            return Ok(claimed);
+                            return Ok((claimed, FloorChange::Keep));
                         }
                     }
                     let mut slots: HashMap<String, i64> = HashMap::new();
                     let window = now - now.rem_euclid(1000);
                     let mut sends: HashMap<String, (i64, i64)> = HashMap::new();
                     // PostgreSQL: start past the zone's floor, unless it is time to read from the
-                    // start. `pass_top` is the last row leased in this pass, `top` in all.
-                    let last_floor = floors.lock().expect("claim floors lock").get(&zone).cloned();
+                    // start. `pass_top` is the last row leased in this pass, `top` in all;
+                    // `left_over` says a row was read and not leased because the claim was full.
                     let mut floor: Option<DueKey> = last_floor
                         .as_ref()
                         .filter(|f| {
@@ -381,11 +399,12 @@ impl Store {
                     let mut full_scan_at = last_floor.as_ref().map(|f| f.full_scan_at);
                     let (mut pass_top, mut top): (Option<DueKey>, Option<DueKey>) = (None, None);
                     let mut exhausted = false;
+                    let mut left_over = false;
                     for _page in 0..8 {
                         let mut q = due_rows(&zone, now).limit(limit);
                         match &floor {
                             Some((at, id)) => {
-                                q = q.filter(past_floor(*at, id));
+                                q = q.filter(past_floor(DbBackend::Postgres, *at, id));
                             }
                             None => full_scan_at = Some(now),
                         }
@@ -440,6 +459,7 @@ impl Store {
                         for d in page {
                             seen.insert(d.id.clone());
                             if due.len() as u64 >= limit {
+                                left_over = true;
                                 break;
                             }
                             if exclude.contains(&d.webhook_id) {
@@ -484,20 +504,21 @@ impl Store {
                             break;
                         }
                     }
+                    let mut change = FloorChange::Keep;
                     if shared {
-                        // The next floor: nothing unleased lies behind it. When this pass stopped
-                        // short (the claim was full), rows may follow its last; otherwise every
-                        // due row was read. Rows turned down would lie behind any floor: none.
-                        // Nothing leased: nothing is due, and the last floor still holds.
-                        let next = (if exhausted { top } else { pass_top })
+                        // The next floor: nothing unleased lies behind it. When this pass may have
+                        // left rows (a full page, or one the claim filled before its end), they
+                        // follow its last leased row; otherwise every due row was read and leased.
+                        // Rows turned down would lie behind any floor: none then. Nothing leased
+                        // at all: nothing is due, and the last floor still holds.
+                        let next = (if exhausted && !left_over { top } else { pass_top })
                             .or_else(|| last_floor.map(|f| (f.next_attempt_at, f.id)));
-                        let mut floors = floors.lock().expect("claim floors lock");
-                        match (exclude.is_empty(), next, full_scan_at) {
+                        change = match (exclude.is_empty(), next, full_scan_at) {
                             (true, Some((next_attempt_at, id)), Some(full_scan_at)) => {
-                                floors.insert(zone.clone(), ClaimFloor { next_attempt_at, id, full_scan_at });
+                                FloorChange::Set(ClaimFloor { next_attempt_at, id, full_scan_at })
                             }
-                            _ => _ = floors.remove(&zone),
-                        }
+                            _ => FloorChange::Remove,
+                        };
                     }
                     // Two passes (past the floor, then from the start) leave rows out of due order.
                     due.sort_by(|a, b| (a.next_attempt_at, &a.id).cmp(&(b.next_attempt_at, &b.id)));
@@ -508,7 +529,7 @@ impl Store {
                         }
                     }
                     if due.is_empty() {
-                        return Ok(Vec::new());
+                        return Ok((Vec::new(), change));
                     }
                     let timeouts: HashMap<&String, Option<i64>> = hook_rows.iter().map(|(k, v)| (k, v.0)).collect();
                     // One lease prefix per claim; each delivery's lease is the prefix and its id,
@@ -546,7 +567,7 @@ impl Store {
                             .await?;
                         expiry_of.extend(ids.into_iter().map(|id| (id, expires)));
                     }
-                    Ok(due
+                    let claimed = due
                         .into_iter()
                         .map(|mut d| {
                             let lease_id = format!("{prefix}.{}", d.id);
@@ -558,10 +579,19 @@ impl Store {
                             let attempt = u32::try_from(d.attempt_count).unwrap_or(0) + 1;
                             Claimed { delivery: d, lease_id, lease_expires_at, attempt }
                         })
-                        .collect())
+                        .collect();
+                    Ok((claimed, change))
                 })
             })
-            .await
+            .await?;
+        // Only once committed: a claim rolled back leaves its rows due behind the floor it read.
+        let mut floors = floors.lock().expect("claim floors lock");
+        match change {
+            FloorChange::Keep => {}
+            FloorChange::Set(floor) => _ = floors.insert(zone_key, floor),
+            FloorChange::Remove => _ = floors.remove(&zone_key),
+        }
+        Ok(claimed)
     }
 
     /// Applies a batch of attempt reports in one transaction, in order.
