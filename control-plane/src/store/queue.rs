@@ -361,7 +361,6 @@ impl Store {
         let (zone, agent_id, grace) = (zone.to_owned(), agent_id.to_owned(), policy.lease_grace_ms);
         let zone_key = zone.clone();
         let Filter { mut exclude, mut allow, rate_wake } = filter;
-        let floors = self.claim_floors.clone();
         let last_floor = self.claim_floors.lock().expect("claim floors lock").get(&zone).cloned();
         let (claimed, change) = self
             .dispatch_writer
@@ -585,7 +584,7 @@ impl Store {
             })
             .await?;
         // Only once committed: a claim rolled back leaves its rows due behind the floor it read.
-        let mut floors = floors.lock().expect("claim floors lock");
+        let mut floors = self.claim_floors.lock().expect("claim floors lock");
         match change {
             FloorChange::Keep => {}
             FloorChange::Set(floor) => _ = floors.insert(zone_key, floor),
