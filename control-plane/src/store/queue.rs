@@ -387,8 +387,8 @@ impl Store {
                     let window = now - now.rem_euclid(1000);
                     let mut sends: HashMap<String, (i64, i64)> = HashMap::new();
                     // PostgreSQL: start past the zone's floor, unless it is time to read from the
-                    // start. `pass_top` is the last row leased in this pass, `top` in all;
-                    // `left_over` says a row was read and not leased because the claim was full.
+                    // start. This pass's rows are `due[pass_start..]`; `left_over` says a row was
+                    // read and not leased because the claim was full.
                     let mut floor: Option<DueKey> = last_floor
                         .as_ref()
                         .filter(|f| {
@@ -396,7 +396,7 @@ impl Store {
                         })
                         .map(|f| (f.next_attempt_at, f.id.clone()));
                     let mut full_scan_at = last_floor.as_ref().map(|f| f.full_scan_at);
-                    let (mut pass_top, mut top): (Option<DueKey>, Option<DueKey>) = (None, None);
+                    let mut pass_start = 0;
                     let mut exhausted = false;
                     let mut left_over = false;
                     for _page in 0..8 {
@@ -484,19 +484,15 @@ impl Store {
                                 if let Some((_, left)) = sends.get_mut(&d.webhook_id) {
                                     *left -= 1;
                                 }
-                                pass_top = Some((d.next_attempt_at, d.id.clone()));
                                 due.push(d);
                             } else {
                                 exclude.push(d.webhook_id.clone());
                             }
                         }
-                        if pass_top > top {
-                            top.clone_from(&pass_top);
-                        }
                         if exhausted && floor.is_some() && (due.len() as u64) < limit {
                             // Past the floor there was not enough: read from the start too.
                             floor = None;
-                            pass_top = None;
+                            pass_start = due.len();
                             continue;
                         }
                         if allow.is_none() || exhausted || due.len() as u64 >= limit {
@@ -510,7 +506,12 @@ impl Store {
                         // follow its last leased row; otherwise every due row was read and leased.
                         // Rows turned down would lie behind any floor: none then. Nothing leased
                         // at all: nothing is due, and the last floor still holds.
-                        let next = (if exhausted && !left_over { top } else { pass_top })
+                        let rows = if exhausted && !left_over { &due[..] } else { &due[pass_start..] };
+                        let next = rows
+                            .iter()
+                            .map(|d| (d.next_attempt_at, &d.id))
+                            .max()
+                            .map(|(at, id)| (at, id.clone()))
                             .or_else(|| last_floor.map(|f| (f.next_attempt_at, f.id)));
                         change = match (exclude.is_empty(), next, full_scan_at) {
                             (true, Some((next_attempt_at, id)), Some(full_scan_at)) => {
