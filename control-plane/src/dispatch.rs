@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::db::entity::delivery::{self, status};
-use crate::metrics::{AttemptLabels, Metrics, Outcome, OutcomeLabels, Reason, ReasonLabels, Via, ViaLabels};
+use crate::metrics::{
+    AttemptLabels, Metrics, Outcome, OutcomeLabels, Reason, ReasonLabels, Source, SourceLabels, Via, ViaLabels,
+};
 use crate::store::events::{LeaseTerms, PublishSink, StoredEvent};
 use crate::store::queue::{Applied, AttemptReport, Claimed, Filter, Limits, QueuePolicy, wake_by};
 use crate::store::webhooks::Webhook;
@@ -37,8 +39,10 @@ const RESULT_BATCH: usize = 512;
 /// Expired leases are looked for when the earliest known lease expires, and at least this often
 /// (leases of another replica or an earlier run are not known in advance).
 const RECLAIM_EVERY_MS: i64 = 30_000;
-/// Bytes of envelopes of recently published events kept for dispatch.
+/// Bytes of envelopes of published events kept for dispatch.
 const EVENT_CACHE_BYTES: usize = 32 << 20;
+/// An envelope still cached this long after its publish leaves, taken or not.
+const EVENT_CACHE_STALE_MS: i64 = 60_000;
 /// How often both sides send heartbeats; a session silent for three is closed.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// The longest the dispatcher sleeps with nothing to do, as a safety net.
@@ -120,14 +124,25 @@ impl State {
     }
 }
 
-/// Envelopes of recently published events, oldest first out: the dispatcher sends what was just
-/// published without reading the event back. A miss (an older event, a retry, a replay, a
-/// restart) reads the database; the cache is only ever a copy of committed rows.
+/// Envelopes of published events whose deliveries this replica has yet to send: the dispatcher
+/// sends what was just published without reading the event back. A miss (a retry, a replay, a
+/// restart, an event not cached) reads the database; the cache is only ever a copy of committed
+/// rows.
+///
+/// The queue is served oldest due first, so the cache keeps the head of it: when full, a newer
+/// event is not cached, rather than an older one dropped whose deliveries go out sooner (with
+/// "oldest out", a publisher running more than the cache ahead of the agents made every
+/// dispatch a miss). An entry leaves once each of its deliveries has taken it, or after
+/// [`EVENT_CACHE_STALE_MS`] in any case: deliveries another replica sent, a paused webhook's, a
+/// zone with no agent.
 #[derive(Default)]
 struct EventCache {
     map: HashMap<(String, String), Cached>,
-    order: std::collections::VecDeque<(String, String)>,
+    /// Entries by insertion, oldest first.
+    order: std::collections::BTreeMap<u64, (String, String)>,
+    next_seq: u64,
     bytes: usize,
+    limit: usize,
 }
 
 struct Cached {
@@ -137,27 +152,64 @@ struct Cached {
     /// so an entry can never answer for an event pruned and later published again with the same
     /// id (nor for a replay's delivery, which reads the database).
     created_at: i64,
+    /// Deliveries of the publish that have not taken the envelope yet.
+    unsent: usize,
+    /// When it was cached (ms).
+    cached_at: i64,
+    seq: u64,
 }
 
 impl EventCache {
-    fn insert(&mut self, key: (String, String), entry: Cached) {
-        self.bytes += entry.envelope.len();
-        match self.map.insert(key.clone(), entry) {
-            Some(old) => self.bytes -= old.envelope.len(),
-            None => self.order.push_back(key),
+    fn with_limit(limit: usize) -> Self {
+        EventCache { limit, ..EventCache::default() }
+    }
+
+    /// Caches an event's envelope for its `unsent` deliveries, if there is room once stale
+    /// entries have left.
+    fn insert(
+        &mut self,
+        key: (String, String),
+        envelope: Bytes,
+        trace_context: Option<String>,
+        created_at: i64,
+        unsent: usize,
+        now: i64,
+    ) {
+        while let Some(oldest) = self.order.first_key_value().and_then(|(_, k)| self.map.get(k))
+            && now - oldest.cached_at >= EVENT_CACHE_STALE_MS
+        {
+            let (_, k) = self.order.pop_first().expect("an oldest entry");
+            self.remove(&k);
         }
-        while self.bytes > EVENT_CACHE_BYTES {
-            let Some(old) = self.order.pop_front() else { break };
-            if let Some(e) = self.map.remove(&old) {
-                self.bytes -= e.envelope.len();
-            }
+        self.remove(&key);
+        if unsent == 0 || self.bytes + envelope.len() > self.limit {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.bytes += envelope.len();
+        self.order.insert(seq, key.clone());
+        self.map.insert(key, Cached { envelope, trace_context, created_at, unsent, cached_at: now, seq });
+    }
+
+    fn remove(&mut self, key: &(String, String)) {
+        if let Some(e) = self.map.remove(key) {
+            self.bytes -= e.envelope.len();
+            self.order.remove(&e.seq);
         }
     }
 
-    /// The envelope and publish trace of `d`'s event, if this cache holds that very event.
-    fn get(&self, d: &crate::db::entity::delivery::Model) -> Option<(Bytes, Option<String>)> {
-        let hit = self.map.get(&(d.workspace_id.clone(), d.event_id.clone()))?;
-        (hit.created_at == d.created_at).then(|| (hit.envelope.clone(), hit.trace_context.clone()))
+    /// The envelope and publish trace of `d`'s event, if this cache holds that very event; the
+    /// last of the event's deliveries to take it removes it.
+    fn take(&mut self, workspace: &str, event: &str, created_at: i64) -> Option<(Bytes, Option<String>)> {
+        let key = (workspace.to_owned(), event.to_owned());
+        let hit = self.map.get_mut(&key).filter(|hit| hit.created_at == created_at)?;
+        let out = (hit.envelope.clone(), hit.trace_context.clone());
+        hit.unsent -= 1;
+        if hit.unsent == 0 {
+            self.remove(&key);
+        }
+        Some(out)
     }
 }
 
@@ -279,7 +331,7 @@ impl Dispatcher {
             response_body_limit: u32::try_from(response_body_limit).unwrap_or(65536),
             state: Mutex::default(),
             hook_in_flight: Arc::default(),
-            events: Mutex::default(),
+            events: Mutex::new(EventCache::with_limit(EVENT_CACHE_BYTES)),
             limiters: Arc::default(),
             rate_wake: Arc::new(AtomicI64::new(0)),
             due_wake: AtomicI64::new(0),
@@ -324,13 +376,14 @@ impl Dispatcher {
                 let e = &s.event;
                 let envelope =
                     Bytes::from(envelope::build(&e.id, &e.event_type, &e.timestamp, &e.workspace_id, &e.data));
-                let entry = Cached { envelope, trace_context: e.trace_context.clone(), created_at: e.created_at };
-                ((e.workspace_id.clone(), e.id.clone()), entry)
+                let key = (e.workspace_id.clone(), e.id.clone());
+                (key, envelope, e.trace_context.clone(), e.created_at, s.deliveries.len())
             })
             .collect();
+        let now = now_millis();
         let mut cache = self.inner.events.lock().expect("event cache lock");
-        for (key, entry) in built {
-            cache.insert(key, entry);
+        for (key, envelope, trace_context, created_at, unsent) in built {
+            cache.insert(key, envelope, trace_context, created_at, unsent, now);
         }
     }
 
@@ -905,14 +958,17 @@ impl Dispatcher {
         let mut events: HashMap<(String, String), (Bytes, Option<String>)> = HashMap::new();
         let mut missing = Vec::new();
         {
-            let cache = self.inner.events.lock().expect("event cache lock");
+            let mut cache = self.inner.events.lock().expect("event cache lock");
             for d in &rows {
-                match cache.get(d) {
+                match cache.take(&d.workspace_id, &d.event_id, d.created_at) {
                     Some(hit) => _ = events.insert((d.workspace_id.clone(), d.event_id.clone()), hit),
                     None => missing.push(*d),
                 }
             }
         }
+        let envelopes = &self.inner.metrics.envelopes;
+        envelopes.get_or_create(&SourceLabels { source: Source::cache }).inc_by((rows.len() - missing.len()) as u64);
+        envelopes.get_or_create(&SourceLabels { source: Source::database }).inc_by(missing.len() as u64);
         if !missing.is_empty() {
             match self.inner.store.events_of(&missing).await {
                 Ok(read) => {
@@ -1348,4 +1404,73 @@ fn expired() -> ReasonLabels {
 
 fn agent_left() -> ReasonLabels {
     ReasonLabels { reason: Reason::agent_left }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(event: &str) -> (String, String) {
+        ("ws".to_owned(), event.to_owned())
+    }
+
+    fn envelope(len: usize) -> Bytes {
+        Bytes::from(vec![b'x'; len])
+    }
+
+    #[test]
+    fn a_full_event_cache_keeps_the_oldest_events() {
+        let mut cache = EventCache::with_limit(300);
+        for (i, event) in ["e1", "e2", "e3", "e4"].into_iter().enumerate() {
+            cache.insert(key(event), envelope(100), None, 7, 1, i as i64);
+        }
+        assert_eq!(cache.bytes, 300);
+        assert!(cache.take("ws", "e4", 7).is_none(), "a newer event is not cached when full");
+        assert_eq!(cache.take("ws", "e1", 7).map(|(b, _)| b.len()), Some(100), "the oldest event stays");
+        // e1's only delivery took it, which made room for the next one.
+        assert_eq!(cache.bytes, 200);
+        cache.insert(key("e5"), envelope(100), Some("trace".to_owned()), 7, 1, 10);
+        assert_eq!(cache.take("ws", "e5", 7), Some((envelope(100), Some("trace".to_owned()))));
+        assert!(cache.take("ws", "e1", 7).is_none(), "a taken entry is gone");
+        assert_eq!(cache.bytes, 200);
+    }
+
+    #[test]
+    fn an_event_cache_entry_leaves_after_its_last_delivery() {
+        let mut cache = EventCache::with_limit(1_000);
+        cache.insert(key("e1"), envelope(100), None, 7, 3, 0);
+        assert!(cache.take("ws", "e1", 8).is_none(), "another publish of the same id is not this entry");
+        for taken in 1..=3 {
+            assert!(cache.take("ws", "e1", 7).is_some(), "delivery {taken} of 3 finds the envelope");
+        }
+        assert!(cache.take("ws", "e1", 7).is_none());
+        assert_eq!((cache.bytes, cache.map.len(), cache.order.len()), (0, 0, 0));
+        cache.insert(key("e2"), envelope(100), None, 7, 0, 0);
+        assert!(cache.map.is_empty(), "an event without deliveries is not cached");
+    }
+
+    #[test]
+    fn stale_event_cache_entries_make_room() {
+        let mut cache = EventCache::with_limit(200);
+        cache.insert(key("e1"), envelope(100), None, 7, 1, 0);
+        cache.insert(key("e2"), envelope(100), None, 7, 1, 5);
+        cache.insert(key("e3"), envelope(100), None, 7, 1, EVENT_CACHE_STALE_MS - 1);
+        assert!(cache.take("ws", "e3", 7).is_none(), "nothing is stale yet");
+        cache.insert(key("e3"), envelope(100), None, 7, 1, EVENT_CACHE_STALE_MS);
+        assert!(cache.take("ws", "e1", 7).is_none(), "the stale entry left");
+        assert!(cache.take("ws", "e2", 7).is_some(), "the entry not yet stale stayed");
+        assert!(cache.take("ws", "e3", 7).is_some(), "the new entry took the room");
+        assert_eq!((cache.bytes, cache.map.len(), cache.order.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn an_event_cached_again_replaces_its_entry() {
+        let mut cache = EventCache::with_limit(1_000);
+        cache.insert(key("e1"), envelope(100), None, 7, 2, 0);
+        cache.insert(key("e1"), envelope(50), None, 9, 1, 1);
+        assert_eq!((cache.bytes, cache.map.len(), cache.order.len()), (50, 1, 1));
+        assert!(cache.take("ws", "e1", 7).is_none());
+        assert_eq!(cache.take("ws", "e1", 9).map(|(b, _)| b.len()), Some(50));
+        assert_eq!((cache.bytes, cache.map.len(), cache.order.len()), (0, 0, 0));
+    }
 }

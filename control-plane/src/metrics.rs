@@ -67,6 +67,20 @@ pub struct ViaLabels {
     pub via: Via,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Source {
+    /// The envelope cache the publish filled.
+    cache,
+    /// Read back from the events table.
+    database,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: Source,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: String,
@@ -86,6 +100,7 @@ pub struct Metrics {
     pub attempt_seconds: Histogram,
     pub leases_reclaimed: Family<ReasonLabels, Counter>,
     pub jobs_sent: Family<ViaLabels, Counter>,
+    pub envelopes: Family<SourceLabels, Counter>,
     pub queue_depth: Family<StatusLabels, Gauge>,
     pub oldest_pending_seconds: Gauge,
     pub agents_connected: Family<ZoneLabels, Gauge>,
@@ -114,6 +129,7 @@ impl Metrics {
         let attempt_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 15));
         let leases_reclaimed = Family::<ReasonLabels, Counter>::default();
         let jobs_sent = Family::<ViaLabels, Counter>::default();
+        let envelopes = Family::<SourceLabels, Counter>::default();
         let queue_depth = Family::<StatusLabels, Gauge>::default();
         let oldest_pending_seconds = Gauge::default();
         let agents_connected = Family::<ZoneLabels, Gauge>::default();
@@ -131,6 +147,11 @@ impl Metrics {
             "jobs_sent",
             "Jobs sent to agents, by how they were leased: by a claim, or as they were published",
             jobs_sent.clone(),
+        );
+        r.register(
+            "event_envelopes",
+            "Event envelopes that jobs were built from, by where they came from: the cache of published events, or the database",
+            envelopes.clone(),
         );
         r.register("queue_depth", "Deliveries not yet final, by status", queue_depth.clone());
         r.register(
@@ -155,6 +176,9 @@ impl Metrics {
         for via in [Via::claim, Via::publish] {
             jobs_sent.get_or_create(&ViaLabels { via }).inc_by(0);
         }
+        for source in [Source::cache, Source::database] {
+            envelopes.get_or_create(&SourceLabels { source }).inc_by(0);
+        }
         Metrics {
             registry: r,
             events_published,
@@ -163,6 +187,7 @@ impl Metrics {
             attempt_seconds,
             leases_reclaimed,
             jobs_sent,
+            envelopes,
             queue_depth,
             oldest_pending_seconds,
             agents_connected,

@@ -457,6 +457,17 @@ async fn scrape_commits(cp: &ControlPlaneProcess) -> (f64, f64) {
     (get("durable"), get("relaxed"))
 }
 
+/// The share of jobs whose event envelope came from the control plane's cache rather than the
+/// database, over the control plane's life; `None` before any job.
+async fn scrape_cached_share(cp: &ControlPlaneProcess) -> Option<f64> {
+    let (_, text) = herald_tests::http_get(cp.http_port, "/metrics").await;
+    let m = herald_tests::parse_metrics(&text);
+    let get =
+        |source: &str| m.get(&format!("herald_event_envelopes_total{{source=\"{source}\"}}")).copied().unwrap_or(0.0);
+    let (cached, read) = (get("cache"), get("database"));
+    (cached + read > 0.0).then(|| cached / (cached + read))
+}
+
 async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw: f64) -> anyhow::Result<Outcome> {
     let p = plan(name, o);
     let tick = clock_ticks();
@@ -541,6 +552,7 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
     let mut cpu_after = cpu(&agents);
     cpu_after.1 -= agent_cpu_before;
     let (durable_after, relaxed_after) = scrape_commits(&cp).await;
+    let cached_share = scrape_cached_share(&cp).await;
     let cp_rss = cp.child.id().map_or((0.0, 0.0), rss_mib);
     let agent_rss: Vec<f64> = agents.iter().filter_map(|a| a.child.id()).map(|pid| rss_mib(pid).1).collect();
     let mut lat = sink.take_latencies();
@@ -606,6 +618,7 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
         "sync": sync,
         "durable_commits_per_1k_events": durable_per_1k,
         "relaxed_commits": relaxed,
+        "envelopes_from_cache_share": cached_share,
     });
     Ok(Outcome { row, json })
 }

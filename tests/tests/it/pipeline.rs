@@ -420,6 +420,12 @@ async fn published_deliveries_go_straight_to_a_waiting_agent(backend: Backend) {
     let sent = |via: &str| metrics.get(&format!(r#"herald_jobs_sent_total{{via="{via}"}}"#)).copied();
     assert!(sent("publish").is_some_and(|n| n >= 1.0), "{metrics:?}");
     assert!(sent("claim").is_some_and(|claimed| claimed >= n as f64), "{metrics:?}");
+    // Just published, the envelopes came from the cache the publish filled (a claim that ran
+    // between a publish's commit and its caching read the database).
+    let envelopes =
+        |source: &str| metrics.get(&format!(r#"herald_event_envelopes_total{{source="{source}"}}"#)).copied();
+    let (cached, read) = (envelopes("cache").unwrap_or(0.0), envelopes("database").unwrap_or(0.0));
+    assert!(cached >= n as f64 && cached + read >= 2.0 * n as f64, "{metrics:?}");
 }
 
 /// An event acknowledged with its delivery leased, as it was stored, to an agent that never
@@ -456,6 +462,9 @@ async fn a_delivery_in_flight_when_acknowledged_survives_a_crash(backend: Backen
     let metrics = herald_tests::parse_metrics(&herald_tests::http_get(cp.http_port, "/metrics").await.1);
     let reclaimed = metrics.get(r#"herald_leases_reclaimed_total{reason="expired"}"#).copied().unwrap_or(0.0);
     assert!(reclaimed >= published.len() as f64, "{reclaimed} leases reclaimed for {} events", published.len());
+    // Nothing was cached in this run: the envelopes were read back.
+    let read = metrics.get(r#"herald_event_envelopes_total{source="database"}"#).copied().unwrap_or(0.0);
+    assert!(read >= published.len() as f64, "{read} envelopes read for {} events", published.len());
     for e in &published {
         assert_eq!(settled(&db, &e.id).await[0].status, delivery::status::SUCCEEDED);
     }
