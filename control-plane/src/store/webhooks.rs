@@ -161,6 +161,50 @@ pub(crate) async fn active_state(
 }
 
 /// Loads a live (not deleted) webhook of the workspace.
+/// Applies `update` to the deliveries of `webhook` in the open status `from`, which lie in `zone`,
+/// the webhook's zone. They are found through the partial index of that status
+/// (`deliveries_due`, `_leased`, `_parked`), never by reading every delivery the webhook ever had:
+/// on SQLite `deliveries_by_webhook` holds the webhook alone (migration 9), so that leases and
+/// results do not rewrite it, and SQLite is told the index (`INDEXED BY`, which fails the
+/// statement rather than plan it otherwise). Returns how many rows changed.
+pub(crate) async fn update_open_rows(
+    txn: &impl ConnectionTrait,
+    update: sea_orm::UpdateMany<delivery::Entity>,
+    webhook: &str,
+    zone: &str,
+    from: i16,
+) -> Result<u64, StoreError> {
+    let backend = txn.get_database_backend();
+    let statement = open_rows_update(backend, update, webhook, zone, from);
+    Ok(txn.execute_raw(statement).await?.rows_affected())
+}
+
+/// The statement of [`update_open_rows`].
+pub fn open_rows_update(
+    backend: sea_orm::DbBackend,
+    update: sea_orm::UpdateMany<delivery::Entity>,
+    webhook: &str,
+    zone: &str,
+    from: i16,
+) -> sea_orm::Statement {
+    let (index, in_zone) = match from {
+        status::PENDING => ("deliveries_due", true),
+        status::PARKED => ("deliveries_parked", true),
+        _ => ("deliveries_leased", false),
+    };
+    let mut update = update.filter(delivery::Column::WebhookId.eq(webhook)).filter(super::queue::status_is(from));
+    if in_zone {
+        update = update.filter(delivery::Column::Zone.eq(zone));
+    }
+    let mut statement = sea_orm::QueryTrait::build(&update, backend);
+    if backend == sea_orm::DbBackend::Sqlite {
+        const TABLE: &str = "UPDATE \"deliveries\" ";
+        debug_assert!(statement.sql.starts_with(TABLE), "{}", statement.sql);
+        statement.sql = statement.sql.replacen(TABLE, &format!("{TABLE}INDEXED BY \"{index}\" "), 1);
+    }
+    statement
+}
+
 async fn load(db: &impl ConnectionTrait, workspace: &str, id: &str) -> Result<webhook::Model, StoreError> {
     webhook::Entity::find_by_id(id.to_owned())
         .filter(webhook::Column::WorkspaceId.eq(workspace))
@@ -260,27 +304,24 @@ impl Store {
                     seal_spec(&key, &spec, &mut am);
                     am.updated_at = Set(now);
                     let updated = webhook::Entity::update(am).exec(txn).await?;
+                    let zone = &current.spec.zone;
                     if spec.active != current.spec.active {
                         let (from, to) = if spec.active {
                             (status::PARKED, status::PENDING)
                         } else {
                             (status::PENDING, status::PARKED)
                         };
-                        delivery::Entity::update_many()
+                        let update = delivery::Entity::update_many()
                             .col_expr(delivery::Column::Status, Expr::value(to))
-                            .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-                            .filter(delivery::Column::WebhookId.eq(&id))
-                            .filter(delivery::Column::Status.eq(from))
-                            .exec(txn)
-                            .await?;
+                            .col_expr(delivery::Column::UpdatedAt, Expr::value(now));
+                        update_open_rows(txn, update, &id, zone, from).await?;
                     }
-                    if spec.zone != current.spec.zone {
-                        delivery::Entity::update_many()
-                            .col_expr(delivery::Column::Zone, Expr::value(spec.zone.clone()))
-                            .filter(delivery::Column::WebhookId.eq(&id))
-                            .filter(delivery::Column::Status.is_in(status::OPEN))
-                            .exec(txn)
-                            .await?;
+                    if spec.zone != *zone {
+                        for from in status::OPEN {
+                            let update = delivery::Entity::update_many()
+                                .col_expr(delivery::Column::Zone, Expr::value(spec.zone.clone()));
+                            update_open_rows(txn, update, &id, zone, from).await?;
+                        }
                     }
                     super::webhook_changed(txn, &peers, &id).await?;
                     open(&key, updated)
@@ -298,21 +339,22 @@ impl Store {
                 Box::pin(async move {
                     let model = load(txn, &workspace, &id).await?;
                     let now = now_millis();
+                    let zone = model.zone.clone();
                     let mut am = model.into_active_model();
                     am.deleted_at = Set(Some(now));
                     am.active = Set(false);
                     am.updated_at = Set(now);
                     webhook::Entity::update(am).exec(txn).await?;
-                    let cancelled = delivery::Entity::update_many()
-                        .col_expr(delivery::Column::Status, Expr::value(status::CANCELLED))
-                        .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
-                        .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-                        .filter(delivery::Column::WebhookId.eq(&id))
-                        .filter(delivery::Column::Status.is_in(status::OPEN))
-                        .exec(txn)
-                        .await?;
+                    let mut cancelled = 0;
+                    for from in status::OPEN {
+                        let update = delivery::Entity::update_many()
+                            .col_expr(delivery::Column::Status, Expr::value(status::CANCELLED))
+                            .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
+                            .col_expr(delivery::Column::UpdatedAt, Expr::value(now));
+                        cancelled += update_open_rows(txn, update, &id, &zone, from).await?;
+                    }
                     super::webhook_changed(txn, &peers, &id).await?;
-                    Ok(cancelled.rows_affected)
+                    Ok(cancelled)
                 })
             })
             .await

@@ -26,6 +26,7 @@ both_databases!(
     failures_follow_the_schedule_then_notify_once,
     lost_leases_cost_no_attempt_until_the_fourth,
     retry_after_and_pause,
+    a_webhooks_open_rows_follow_its_pause_zone_and_deletion,
     queue_reads_use_their_partial_indexes,
     event_lookups_probe_the_primary_key,
     hot_path_inserts_store_every_value_as_given,
@@ -546,6 +547,99 @@ async fn retry_after_and_pause(backend: Backend) {
     cp.stop().await;
 }
 
+/// Pausing parks a webhook's pending rows, re-activating releases them, a new zone moves its open
+/// rows and deletion cancels them: rows in flight included, finished rows and other webhooks'
+/// rows untouched. (The statements find those rows through the partial index of each status;
+/// `queue_reads_use_their_partial_indexes` checks the plans.)
+async fn a_webhooks_open_rows_follow_its_pause_zone_and_deletion(backend: Backend) {
+    let (cp, db, store) = setup(backend).await;
+    let in_eu = |name: &str, types: &[&str]| {
+        let mut w = webhook(name, "https://example.com/hook", types);
+        w.zone = "eu".into();
+        w
+    };
+    let a = hook(&cp, in_eu("a", &["incident.*"])).await;
+    let b = hook(&cp, in_eu("b", &["task.*"])).await;
+    let mut rows_of_a = Vec::new();
+    for _ in 0..4 {
+        rows_of_a.push(publish(&cp, "incident.created").await.deliveries[0].id.clone());
+    }
+    let row_of_b = publish(&cp, "task.started").await.deliveries[0].id.clone();
+    // The oldest of a's rows goes in flight; the newest is finished, as history is.
+    let claimed = store.claim("eu", "agent-1", 1, t0(), &policy()).await.unwrap();
+    assert_eq!(claimed.iter().map(|c| &c.delivery.id).collect::<Vec<_>>(), [&rows_of_a[0]]);
+    let conn = db.connect().await;
+    let finish = Statement::from_sql_and_values(
+        conn.get_database_backend(),
+        match backend {
+            Backend::Sqlite => "UPDATE deliveries SET status = 3 WHERE id = ?",
+            Backend::Postgres => "UPDATE deliveries SET status = 3 WHERE id = $1",
+        },
+        [rows_of_a[3].clone().into()],
+    );
+    conn.execute_raw(finish).await.unwrap();
+    conn.close().await.ok();
+    let states = |ids: Vec<String>| {
+        let db = &db;
+        async move {
+            let mut out = Vec::new();
+            for id in ids {
+                let d = row(db, &id).await;
+                out.push((d.status, d.zone));
+            }
+            out
+        }
+    };
+    let all = || {
+        let mut ids = rows_of_a.clone();
+        ids.push(row_of_b.clone());
+        ids
+    };
+    let update = |mask: &str, change: proto::Webhook| proto::UpdateWebhookRequest {
+        webhook: Some(proto::Webhook { id: a.id.clone(), ..change }),
+        update_mask: Some(prost_types::FieldMask { paths: vec![mask.into()] }),
+    };
+    use delivery::status::{CANCELLED, IN_FLIGHT, PARKED, PENDING, SUCCEEDED};
+    let eu = || "eu".to_owned();
+    let us = || "us".to_owned();
+    cp.webhooks()
+        .update_webhook(update("active", proto::Webhook { active: Some(false), ..Default::default() }))
+        .await
+        .unwrap();
+    assert_eq!(
+        states(all()).await,
+        [(IN_FLIGHT, eu()), (PARKED, eu()), (PARKED, eu()), (SUCCEEDED, eu()), (PENDING, eu())],
+        "paused"
+    );
+    cp.webhooks()
+        .update_webhook(update("zone", proto::Webhook { zone: "us".into(), ..Default::default() }))
+        .await
+        .unwrap();
+    assert_eq!(
+        states(all()).await,
+        [(IN_FLIGHT, us()), (PARKED, us()), (PARKED, us()), (SUCCEEDED, eu()), (PENDING, eu())],
+        "moved to another zone"
+    );
+    cp.webhooks()
+        .update_webhook(update("active", proto::Webhook { active: Some(true), ..Default::default() }))
+        .await
+        .unwrap();
+    assert_eq!(
+        states(all()).await,
+        [(IN_FLIGHT, us()), (PENDING, us()), (PENDING, us()), (SUCCEEDED, eu()), (PENDING, eu())],
+        "re-activated"
+    );
+    let deleted = cp.webhooks().delete_webhook(proto::DeleteWebhookRequest { id: a.id.clone() }).await.unwrap();
+    assert_eq!(deleted.into_inner().cancelled_deliveries, 3);
+    assert_eq!(
+        states(all()).await,
+        [(CANCELLED, us()), (CANCELLED, us()), (CANCELLED, us()), (SUCCEEDED, eu()), (PENDING, eu())],
+        "deleted"
+    );
+    assert_eq!(row(&db, &row_of_b).await.webhook_id, b.id);
+    cp.stop().await;
+}
+
 /// The claim and the lease reclaims read the small partial indexes of migration 7, which hold
 /// only pending or only in-flight rows, rather than scanning `deliveries`. The plans are asked
 /// of each database for the very statements the queue builds; on PostgreSQL with sequential
@@ -554,6 +648,7 @@ async fn queue_reads_use_their_partial_indexes(backend: Backend) {
     use herald_control_plane::store::queue::{
         claim_unlimited_sql, due_rows, leased_rows, past_floor, settle_successes_sql, status_is,
     };
+    use herald_control_plane::store::webhooks::open_rows_update;
     let db = TestDb::new(backend).await;
     let setup = db.connect().await;
     herald_control_plane::db::migrate(&setup).await.unwrap();
@@ -604,6 +699,18 @@ async fn queue_reads_use_their_partial_indexes(backend: Backend) {
         Backend::Postgres => "deliveries_pkey",
     };
     statements.push(("settling successes", settle, primary_key));
+    // A webhook's open rows (pausing, re-activating, a new zone, deletion) are found through the
+    // partial index of their status, not through every delivery the webhook had.
+    for (from, index) in [
+        (delivery::status::PENDING, "deliveries_due"),
+        (delivery::status::IN_FLIGHT, "deliveries_leased"),
+        (delivery::status::PARKED, "deliveries_parked"),
+    ] {
+        let update =
+            delivery::Entity::update_many().col_expr(delivery::Column::UpdatedAt, sea_orm::sea_query::Expr::value(now));
+        let statement = open_rows_update(db_backend, update, "wh_x", "eu-west", from);
+        statements.push(("a webhook's open rows", statement, index));
+    }
     let txn = conn.begin().await.unwrap();
     if backend == Backend::Postgres {
         txn.execute_unprepared("SET LOCAL enable_seqscan = off").await.unwrap();

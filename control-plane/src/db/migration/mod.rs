@@ -11,6 +11,7 @@ mod m20261128_000005_shared_rate_windows;
 mod m20261128_000006_queue_index_order;
 mod m20261128_000007_partial_queue_indexes;
 mod m20261129_000008_agent_in_flight;
+mod m20261130_000009_webhook_index_without_status;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000006_queue_index_order::Migration),
             Box::new(m20261128_000007_partial_queue_indexes::Migration),
             Box::new(m20261129_000008_agent_in_flight::Migration),
+            Box::new(m20261130_000009_webhook_index_without_status::Migration),
         ]
     }
 }
