@@ -120,7 +120,7 @@ impl Store {
                         status::PENDING | status::PARKED => d.manual_from,
                         finished => Some(finished),
                     };
-                    let active = active_state(txn, &d.webhook_id, None)
+                    let (active, zone) = active_state(txn, &d.webhook_id, None)
                         .await?
                         .ok_or_else(|| StoreError::invalid("id", "the delivery's webhook was deleted"))?;
                     let to = if active { status::PENDING } else { status::PARKED };
@@ -128,6 +128,7 @@ impl Store {
                     // PostgreSQL the dispatcher writes beside this writer) is never overwritten.
                     let changed = delivery::Entity::update_many()
                         .col_expr(delivery::Column::Status, Expr::value(to))
+                        .col_expr(delivery::Column::Zone, Expr::value(zone.clone()))
                         .col_expr(delivery::Column::NextAttemptAt, Expr::value(now))
                         .col_expr(delivery::Column::ManualFrom, Expr::value(manual_from))
                         .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
@@ -143,7 +144,7 @@ impl Store {
                     }
                     // The zone's agents may be on another replica.
                     super::wake_others(txn, &peers).await?;
-                    Ok(delivery::Model { status: to, next_attempt_at: now, manual_from, updated_at: now, ..d })
+                    Ok(delivery::Model { status: to, zone, next_attempt_at: now, manual_from, updated_at: now, ..d })
                 })
             })
             .await
@@ -164,7 +165,7 @@ impl Store {
         self.writer
             .write(move |txn| {
                 Box::pin(async move {
-                    let active = active_state(txn, &webhook_id, Some(&workspace))
+                    let (active, zone) = active_state(txn, &webhook_id, Some(&workspace))
                         .await?
                         .ok_or(StoreError::NotFound("webhook"))?;
                     let finished =
@@ -175,6 +176,7 @@ impl Store {
                             delivery::Column::Status,
                             Expr::value(if active { status::PENDING } else { status::PARKED }),
                         )
+                        .col_expr(delivery::Column::Zone, Expr::value(zone))
                         .col_expr(delivery::Column::NextAttemptAt, Expr::value(now))
                         .col_expr(delivery::Column::AttemptCount, Expr::value(0))
                         .col_expr(delivery::Column::LostLeases, Expr::value(0))

@@ -1080,7 +1080,7 @@ fn lease_fence(d: &delivery::Model) -> sea_orm::Condition {
 
 /// Whether the webhook is active (share-locked on PostgreSQL: `webhooks::active_state`).
 async fn webhook_active(txn: &DatabaseTransaction, webhook_id: &str) -> Result<bool, StoreError> {
-    Ok(super::webhooks::active_state(txn, webhook_id, None).await?.unwrap_or(false))
+    Ok(super::webhooks::active_state(txn, webhook_id, None).await?.is_some_and(|(active, _)| active))
 }
 
 /// Records that attempt `number` ended as `r` says: the delivery moves to `to` (a final state, or

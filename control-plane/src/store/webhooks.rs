@@ -140,16 +140,17 @@ fn seal_spec(key: &SecretKey, spec: &WebhookSpec, am: &mut webhook::ActiveModel)
     am.description = Set(spec.description.clone());
 }
 
-/// Whether a live webhook (of `workspace`, when given) is active; `None` when there is none.
-/// Callers return deliveries to the queue, pending or parked, by the answer: on PostgreSQL the
-/// webhook's row stays share-locked until their transaction commits, so that a pause committing
-/// meanwhile (beside this writer, or on another replica) waits, and then parks what they made
-/// pending.
+/// Whether a live webhook (of `workspace`, when given) is active, and its zone; `None` when there
+/// is none. Callers return deliveries to the queue, pending or parked, by the answer, in that
+/// zone (a finished delivery may date from before a zone change): on PostgreSQL the webhook's
+/// row stays share-locked until their transaction commits, so that a pause or zone change
+/// committing meanwhile (beside this writer, or on another replica) waits, and then finds what
+/// they reopened among the open rows of the webhook's zone.
 pub(crate) async fn active_state(
     db: &impl ConnectionTrait,
     webhook_id: &str,
     workspace: Option<&str>,
-) -> Result<Option<bool>, StoreError> {
+) -> Result<Option<(bool, String)>, StoreError> {
     let mut q = webhook::Entity::find_by_id(webhook_id.to_owned()).filter(webhook::Column::DeletedAt.is_null());
     if let Some(ws) = workspace {
         q = q.filter(webhook::Column::WorkspaceId.eq(ws));
@@ -157,7 +158,12 @@ pub(crate) async fn active_state(
     if db.get_database_backend() == sea_orm::DbBackend::Postgres {
         q = q.lock_shared();
     }
-    Ok(q.select_only().column(webhook::Column::Active).into_tuple::<bool>().one(db).await?)
+    Ok(q.select_only()
+        .column(webhook::Column::Active)
+        .column(webhook::Column::Zone)
+        .into_tuple::<(bool, String)>()
+        .one(db)
+        .await?)
 }
 
 /// Loads a live (not deleted) webhook of the workspace.

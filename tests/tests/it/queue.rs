@@ -620,20 +620,34 @@ async fn a_webhooks_open_rows_follow_its_pause_zone_and_deletion(backend: Backen
         [(IN_FLIGHT, us()), (PARKED, us()), (PARKED, us()), (SUCCEEDED, eu()), (PENDING, eu())],
         "moved to another zone"
     );
+    // A finished row reopened after the zone change queues in the webhook's zone now, parked.
+    let replay = proto::ReplayWebhookRequest {
+        webhook_id: a.id.clone(),
+        created_after: Some(prost_types::Timestamp { seconds: 0, nanos: 0 }),
+        created_before: None,
+        include_all: true,
+    };
+    let mut deliveries = cp.deliveries_as(Some(&cp.api_key));
+    assert_eq!(deliveries.replay_webhook(replay).await.unwrap().into_inner().queued, 1);
+    assert_eq!(
+        states(all()).await,
+        [(IN_FLIGHT, us()), (PARKED, us()), (PARKED, us()), (PARKED, us()), (PENDING, eu())],
+        "replayed"
+    );
     cp.webhooks()
         .update_webhook(update("active", proto::Webhook { active: Some(true), ..Default::default() }))
         .await
         .unwrap();
     assert_eq!(
         states(all()).await,
-        [(IN_FLIGHT, us()), (PENDING, us()), (PENDING, us()), (SUCCEEDED, eu()), (PENDING, eu())],
+        [(IN_FLIGHT, us()), (PENDING, us()), (PENDING, us()), (PENDING, us()), (PENDING, eu())],
         "re-activated"
     );
     let deleted = cp.webhooks().delete_webhook(proto::DeleteWebhookRequest { id: a.id.clone() }).await.unwrap();
-    assert_eq!(deleted.into_inner().cancelled_deliveries, 3);
+    assert_eq!(deleted.into_inner().cancelled_deliveries, 4);
     assert_eq!(
         states(all()).await,
-        [(CANCELLED, us()), (CANCELLED, us()), (CANCELLED, us()), (SUCCEEDED, eu()), (PENDING, eu())],
+        [(CANCELLED, us()), (CANCELLED, us()), (CANCELLED, us()), (CANCELLED, us()), (PENDING, eu())],
         "deleted"
     );
     assert_eq!(row(&db, &row_of_b).await.webhook_id, b.id);
