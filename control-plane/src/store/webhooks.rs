@@ -167,48 +167,68 @@ pub(crate) async fn active_state(
 }
 
 /// Loads a live (not deleted) webhook of the workspace.
-/// Applies `update` to the deliveries of `webhook` in the open status `from`, which lie in `zone`,
-/// the webhook's zone. They are found through the partial index of that status
-/// (`deliveries_due`, `_leased`, `_parked`), never by reading every delivery the webhook ever had:
-/// on SQLite `deliveries_by_webhook` holds the webhook alone (migration 9), so that leases and
-/// results do not rewrite it, and SQLite is told the index (`INDEXED BY`, which fails the
-/// statement rather than plan it otherwise). Returns how many rows changed.
-pub(crate) async fn update_open_rows(
+/// Applies the update `update` makes to the deliveries of `webhook` in the open statuses `from`,
+/// which lie in `zone`, the webhook's zone; returns how many rows changed. Never by reading every
+/// delivery the webhook ever had:
+/// - on SQLite `deliveries_by_webhook` holds the webhook alone (migration 9, so that leases and
+///   results do not rewrite it): one statement per status, each through the partial index of
+///   that status (`deliveries_due` and `deliveries_parked` within the zone, `deliveries_leased`),
+///   named with `INDEXED BY`, which fails the statement rather than let it be planned otherwise.
+///   The one writer runs nothing between them.
+/// - on PostgreSQL `(webhook_id, status)` serves one statement for every status. One, because a
+///   row a result changes meanwhile (the dispatcher writes beside this writer) is re-checked
+///   when its lock is released: an in-flight row that became pending is still found.
+pub(crate) async fn update_open_rows<F>(
     txn: &impl ConnectionTrait,
-    update: sea_orm::UpdateMany<delivery::Entity>,
+    update: F,
     webhook: &str,
     zone: &str,
-    from: i16,
-) -> Result<u64, StoreError> {
-    let backend = txn.get_database_backend();
-    let statement = open_rows_update(backend, update, webhook, zone, from);
-    Ok(txn.execute_raw(statement).await?.rows_affected())
+    from: &[i16],
+) -> Result<u64, StoreError>
+where
+    F: Fn() -> sea_orm::UpdateMany<delivery::Entity>,
+{
+    let mut changed = 0;
+    for statement in open_rows_updates(txn.get_database_backend(), update, webhook, zone, from) {
+        changed += txn.execute_raw(statement).await?.rows_affected();
+    }
+    Ok(changed)
 }
 
-/// The statement of [`update_open_rows`].
-pub fn open_rows_update(
+/// The statements of [`update_open_rows`].
+pub fn open_rows_updates<F>(
     backend: sea_orm::DbBackend,
-    update: sea_orm::UpdateMany<delivery::Entity>,
+    update: F,
     webhook: &str,
     zone: &str,
-    from: i16,
-) -> sea_orm::Statement {
-    let (index, in_zone) = match from {
-        status::PENDING => ("deliveries_due", true),
-        status::PARKED => ("deliveries_parked", true),
-        _ => ("deliveries_leased", false),
-    };
-    let mut update = update.filter(delivery::Column::WebhookId.eq(webhook)).filter(super::queue::status_is(from));
-    if in_zone {
-        update = update.filter(delivery::Column::Zone.eq(zone));
+    from: &[i16],
+) -> Vec<sea_orm::Statement>
+where
+    F: Fn() -> sea_orm::UpdateMany<delivery::Entity>,
+{
+    let of_webhook = || update().filter(delivery::Column::WebhookId.eq(webhook));
+    if backend != sea_orm::DbBackend::Sqlite {
+        let all = of_webhook().filter(delivery::Column::Status.is_in(from.to_vec()));
+        return vec![sea_orm::QueryTrait::build(&all, backend)];
     }
-    let mut statement = sea_orm::QueryTrait::build(&update, backend);
-    if backend == sea_orm::DbBackend::Sqlite {
-        const TABLE: &str = "UPDATE \"deliveries\" ";
-        debug_assert!(statement.sql.starts_with(TABLE), "{}", statement.sql);
-        statement.sql = statement.sql.replacen(TABLE, &format!("{TABLE}INDEXED BY \"{index}\" "), 1);
-    }
-    statement
+    from.iter()
+        .map(|&status| {
+            let (index, in_zone) = match status {
+                status::PENDING => ("deliveries_due", true),
+                status::PARKED => ("deliveries_parked", true),
+                _ => ("deliveries_leased", false),
+            };
+            let mut one = of_webhook().filter(super::queue::status_is(status));
+            if in_zone {
+                one = one.filter(delivery::Column::Zone.eq(zone));
+            }
+            let mut statement = sea_orm::QueryTrait::build(&one, backend);
+            const TABLE: &str = "UPDATE \"deliveries\" ";
+            debug_assert!(statement.sql.starts_with(TABLE), "{}", statement.sql);
+            statement.sql = statement.sql.replacen(TABLE, &format!("{TABLE}INDEXED BY \"{index}\" "), 1);
+            statement
+        })
+        .collect()
 }
 
 async fn load(db: &impl ConnectionTrait, workspace: &str, id: &str) -> Result<webhook::Model, StoreError> {
@@ -317,17 +337,19 @@ impl Store {
                         } else {
                             (status::PENDING, status::PARKED)
                         };
-                        let update = delivery::Entity::update_many()
-                            .col_expr(delivery::Column::Status, Expr::value(to))
-                            .col_expr(delivery::Column::UpdatedAt, Expr::value(now));
-                        update_open_rows(txn, update, &id, zone, from).await?;
+                        let update = || {
+                            delivery::Entity::update_many()
+                                .col_expr(delivery::Column::Status, Expr::value(to))
+                                .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+                        };
+                        update_open_rows(txn, update, &id, zone, &[from]).await?;
                     }
                     if spec.zone != *zone {
-                        for from in status::OPEN {
-                            let update = delivery::Entity::update_many()
-                                .col_expr(delivery::Column::Zone, Expr::value(spec.zone.clone()));
-                            update_open_rows(txn, update, &id, zone, from).await?;
-                        }
+                        let update = || {
+                            delivery::Entity::update_many()
+                                .col_expr(delivery::Column::Zone, Expr::value(spec.zone.clone()))
+                        };
+                        update_open_rows(txn, update, &id, zone, &status::OPEN).await?;
                     }
                     super::webhook_changed(txn, &peers, &id).await?;
                     open(&key, updated)
@@ -351,14 +373,13 @@ impl Store {
                     am.active = Set(false);
                     am.updated_at = Set(now);
                     webhook::Entity::update(am).exec(txn).await?;
-                    let mut cancelled = 0;
-                    for from in status::OPEN {
-                        let update = delivery::Entity::update_many()
+                    let update = || {
+                        delivery::Entity::update_many()
                             .col_expr(delivery::Column::Status, Expr::value(status::CANCELLED))
                             .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
-                            .col_expr(delivery::Column::UpdatedAt, Expr::value(now));
-                        cancelled += update_open_rows(txn, update, &id, &zone, from).await?;
-                    }
+                            .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+                    };
+                    let cancelled = update_open_rows(txn, update, &id, &zone, &status::OPEN).await?;
                     super::webhook_changed(txn, &peers, &id).await?;
                     Ok(cancelled)
                 })
