@@ -41,8 +41,6 @@ const RESULT_BATCH: usize = 512;
 const RECLAIM_EVERY_MS: i64 = 30_000;
 /// Bytes of envelopes of published events kept for dispatch.
 const EVENT_CACHE_BYTES: usize = 32 << 20;
-/// An envelope still cached this long after its publish leaves, taken or not.
-const EVENT_CACHE_STALE_MS: i64 = 60_000;
 /// How often both sides send heartbeats; a session silent for three is closed.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// The longest the dispatcher sleeps with nothing to do, as a safety net.
@@ -124,17 +122,13 @@ impl State {
     }
 }
 
-/// Envelopes of published events whose deliveries this replica has yet to send: the dispatcher
-/// sends what was just published without reading the event back. A miss (a retry, a replay, a
-/// restart, an event not cached) reads the database; the cache is only ever a copy of committed
-/// rows.
-///
-/// The queue is served oldest due first, so the cache keeps the head of it: when full, a newer
-/// event is not cached, rather than an older one dropped whose deliveries go out sooner (with
-/// "oldest out", a publisher running more than the cache ahead of the agents made every
-/// dispatch a miss). An entry leaves once each of its deliveries has taken it, or after
-/// [`EVENT_CACHE_STALE_MS`] in any case: deliveries another replica sent, a paused webhook's, a
-/// zone with no agent.
+/// Envelopes of published events whose deliveries this replica has yet to send, oldest first
+/// out: the dispatcher sends what was just published without reading the event back. An entry
+/// leaves once each delivery its publish created has taken it, which makes room for newer ones,
+/// or, when the cache is full, as the oldest (deliveries another replica sent, a paused
+/// webhook's, a zone without agents, or a backlog longer than the cache). A miss (a retry, a
+/// replay, a restart, an event let out) reads the database; the cache is only ever a copy of
+/// committed rows.
 #[derive(Default)]
 struct EventCache {
     map: HashMap<(String, String), Cached>,
@@ -150,12 +144,10 @@ struct Cached {
     trace_context: Option<String>,
     /// When the event was stored: a delivery created by that same publish has this `created_at`,
     /// so an entry can never answer for an event pruned and later published again with the same
-    /// id (nor for a replay's delivery, which reads the database).
+    /// id.
     created_at: i64,
     /// Deliveries of the publish that have not taken the envelope yet.
     unsent: usize,
-    /// When it was cached (ms).
-    cached_at: i64,
     seq: u64,
 }
 
@@ -164,8 +156,9 @@ impl EventCache {
         EventCache { limit, ..EventCache::default() }
     }
 
-    /// Caches an event's envelope for its `unsent` deliveries, if there is room once stale
-    /// entries have left.
+    /// Caches an event's envelope for its `unsent` open deliveries, letting the oldest entries
+    /// out to make room. A repeat of the same publish (an idempotent retry) leaves the entry as
+    /// it is.
     fn insert(
         &mut self,
         key: (String, String),
@@ -173,23 +166,23 @@ impl EventCache {
         trace_context: Option<String>,
         created_at: i64,
         unsent: usize,
-        now: i64,
     ) {
-        while let Some(oldest) = self.order.first_key_value().and_then(|(_, k)| self.map.get(k))
-            && now - oldest.cached_at >= EVENT_CACHE_STALE_MS
-        {
-            let (_, k) = self.order.pop_first().expect("an oldest entry");
-            self.remove(&k);
+        if self.map.get(&key).is_some_and(|e| e.created_at == created_at) {
+            return;
         }
         self.remove(&key);
-        if unsent == 0 || self.bytes + envelope.len() > self.limit {
+        if unsent == 0 || envelope.len() > self.limit {
             return;
+        }
+        while self.bytes + envelope.len() > self.limit {
+            let Some((_, oldest)) = self.order.pop_first() else { break };
+            self.remove(&oldest);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.bytes += envelope.len();
         self.order.insert(seq, key.clone());
-        self.map.insert(key, Cached { envelope, trace_context, created_at, unsent, cached_at: now, seq });
+        self.map.insert(key, Cached { envelope, trace_context, created_at, unsent, seq });
     }
 
     fn remove(&mut self, key: &(String, String)) {
@@ -377,13 +370,14 @@ impl Dispatcher {
                 let envelope =
                     Bytes::from(envelope::build(&e.id, &e.event_type, &e.timestamp, &e.workspace_id, &e.data));
                 let key = (e.workspace_id.clone(), e.id.clone());
-                (key, envelope, e.trace_context.clone(), e.created_at, s.deliveries.len())
+                // Those still to be sent: none, for a repeat of a publish already delivered.
+                let open = s.deliveries.iter().filter(|d| matches!(d.status, status::PENDING | status::IN_FLIGHT));
+                (key, envelope, e.trace_context.clone(), e.created_at, open.count())
             })
             .collect();
-        let now = now_millis();
         let mut cache = self.inner.events.lock().expect("event cache lock");
         for (key, envelope, trace_context, created_at, unsent) in built {
-            cache.insert(key, envelope, trace_context, created_at, unsent, now);
+            cache.insert(key, envelope, trace_context, created_at, unsent);
         }
     }
 
@@ -1419,55 +1413,49 @@ mod tests {
     }
 
     #[test]
-    fn a_full_event_cache_keeps_the_oldest_events() {
+    fn a_full_event_cache_lets_the_oldest_out() {
         let mut cache = EventCache::with_limit(300);
-        for (i, event) in ["e1", "e2", "e3", "e4"].into_iter().enumerate() {
-            cache.insert(key(event), envelope(100), None, 7, 1, i as i64);
+        for event in ["e1", "e2", "e3", "e4"] {
+            cache.insert(key(event), envelope(100), None, 7, 1);
         }
-        assert_eq!(cache.bytes, 300);
-        assert!(cache.take("ws", "e4", 7).is_none(), "a newer event is not cached when full");
-        assert_eq!(cache.take("ws", "e1", 7).map(|(b, _)| b.len()), Some(100), "the oldest event stays");
-        // e1's only delivery took it, which made room for the next one.
-        assert_eq!(cache.bytes, 200);
-        cache.insert(key("e5"), envelope(100), Some("trace".to_owned()), 7, 1, 10);
+        assert_eq!((cache.bytes, cache.map.len(), cache.order.len()), (300, 3, 3));
+        assert!(cache.take("ws", "e1", 7).is_none(), "the oldest made room");
+        assert_eq!(cache.take("ws", "e4", 7).map(|(b, _)| b.len()), Some(100));
+        // e4's only delivery took it, which made room for the next one without letting e2 out.
+        cache.insert(key("e5"), envelope(100), Some("trace".to_owned()), 7, 1);
         assert_eq!(cache.take("ws", "e5", 7), Some((envelope(100), Some("trace".to_owned()))));
-        assert!(cache.take("ws", "e1", 7).is_none(), "a taken entry is gone");
-        assert_eq!(cache.bytes, 200);
+        assert!(cache.take("ws", "e2", 7).is_some());
+        assert!(cache.take("ws", "e4", 7).is_none(), "a taken entry is gone");
+        assert_eq!((cache.bytes, cache.map.len(), cache.order.len()), (100, 1, 1));
+        cache.insert(key("big"), envelope(301), None, 7, 1);
+        assert_eq!((cache.bytes, cache.map.len()), (100, 1), "an envelope larger than the cache is not cached");
     }
 
     #[test]
     fn an_event_cache_entry_leaves_after_its_last_delivery() {
         let mut cache = EventCache::with_limit(1_000);
-        cache.insert(key("e1"), envelope(100), None, 7, 3, 0);
+        cache.insert(key("e1"), envelope(100), None, 7, 3);
         assert!(cache.take("ws", "e1", 8).is_none(), "another publish of the same id is not this entry");
         for taken in 1..=3 {
             assert!(cache.take("ws", "e1", 7).is_some(), "delivery {taken} of 3 finds the envelope");
         }
         assert!(cache.take("ws", "e1", 7).is_none());
         assert_eq!((cache.bytes, cache.map.len(), cache.order.len()), (0, 0, 0));
-        cache.insert(key("e2"), envelope(100), None, 7, 0, 0);
-        assert!(cache.map.is_empty(), "an event without deliveries is not cached");
+        cache.insert(key("e2"), envelope(100), None, 7, 0);
+        assert!(cache.map.is_empty(), "an event without deliveries to send is not cached");
     }
 
     #[test]
-    fn stale_event_cache_entries_make_room() {
-        let mut cache = EventCache::with_limit(200);
-        cache.insert(key("e1"), envelope(100), None, 7, 1, 0);
-        cache.insert(key("e2"), envelope(100), None, 7, 1, 5);
-        cache.insert(key("e3"), envelope(100), None, 7, 1, EVENT_CACHE_STALE_MS - 1);
-        assert!(cache.take("ws", "e3", 7).is_none(), "nothing is stale yet");
-        cache.insert(key("e3"), envelope(100), None, 7, 1, EVENT_CACHE_STALE_MS);
-        assert!(cache.take("ws", "e1", 7).is_none(), "the stale entry left");
-        assert!(cache.take("ws", "e2", 7).is_some(), "the entry not yet stale stayed");
-        assert!(cache.take("ws", "e3", 7).is_some(), "the new entry took the room");
-        assert_eq!((cache.bytes, cache.map.len(), cache.order.len()), (0, 0, 0));
-    }
-
-    #[test]
-    fn an_event_cached_again_replaces_its_entry() {
+    fn a_repeated_publish_keeps_its_event_cache_entry() {
         let mut cache = EventCache::with_limit(1_000);
-        cache.insert(key("e1"), envelope(100), None, 7, 2, 0);
-        cache.insert(key("e1"), envelope(50), None, 9, 1, 1);
+        cache.insert(key("e1"), envelope(100), None, 7, 2);
+        assert!(cache.take("ws", "e1", 7).is_some());
+        cache.insert(key("e1"), envelope(100), None, 7, 2);
+        assert!(cache.take("ws", "e1", 7).is_some(), "the second delivery finds it");
+        assert!(cache.take("ws", "e1", 7).is_none(), "the repeat did not count its deliveries again");
+        // The same id published again after the first was pruned is another event.
+        cache.insert(key("e1"), envelope(100), None, 7, 1);
+        cache.insert(key("e1"), envelope(50), None, 9, 1);
         assert_eq!((cache.bytes, cache.map.len(), cache.order.len()), (50, 1, 1));
         assert!(cache.take("ws", "e1", 7).is_none());
         assert_eq!(cache.take("ws", "e1", 9).map(|(b, _)| b.len()), Some(50));

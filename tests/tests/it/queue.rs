@@ -27,6 +27,7 @@ both_databases!(
     lost_leases_cost_no_attempt_until_the_fourth,
     retry_after_and_pause,
     a_webhooks_open_rows_follow_its_pause_zone_and_deletion,
+    migration_9_moves_open_rows_into_their_webhooks_zone,
     queue_reads_use_their_partial_indexes,
     event_lookups_probe_the_primary_key,
     hot_path_inserts_store_every_value_as_given,
@@ -651,6 +652,31 @@ async fn a_webhooks_open_rows_follow_its_pause_zone_and_deletion(backend: Backen
         "deleted"
     );
     assert_eq!(row(&db, &row_of_b).await.webhook_id, b.id);
+    cp.stop().await;
+}
+
+/// Retries and replays before migration 9 reopened a finished delivery in the zone it was made
+/// in, even after its webhook had moved; what finds a webhook's open rows now looks in its zone.
+/// The migration moves such rows (here made by hand, and the migration run again) into it.
+async fn migration_9_moves_open_rows_into_their_webhooks_zone(backend: Backend) {
+    let (cp, db, _store) = setup(backend).await;
+    let mut w = webhook("moved", "https://example.com/hook", &["incident.*"]);
+    w.zone = "us".into();
+    hook(&cp, w).await;
+    let open = publish(&cp, "incident.created").await.deliveries[0].id.clone();
+    let finished = publish(&cp, "incident.created").await.deliveries[0].id.clone();
+    let conn = db.connect().await;
+    let sql = |text: &str| Statement::from_string(conn.get_database_backend(), text);
+    for (status, id) in [(1, &open), (3, &finished)] {
+        let set = format!("UPDATE deliveries SET zone = 'eu', status = {status} WHERE id = '{id}'");
+        conn.execute_raw(sql(&set)).await.unwrap();
+    }
+    let undo = "DELETE FROM seaql_migrations WHERE version = 'm20261130_000009_webhook_index_without_status'";
+    conn.execute_raw(sql(undo)).await.unwrap();
+    herald_control_plane::db::migrate(&conn).await.unwrap();
+    conn.close().await.ok();
+    assert_eq!(row(&db, &open).await.zone, "us", "an open row moves into its webhook's zone");
+    assert_eq!(row(&db, &finished).await.zone, "eu", "a finished row stays where it was sent");
     cp.stop().await;
 }
 

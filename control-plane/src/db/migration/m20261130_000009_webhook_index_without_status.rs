@@ -1,9 +1,13 @@
 //! On SQLite, `deliveries_by_webhook` holds the webhook alone, `(webhook_id)` instead of
 //! `(webhook_id, status)`. SQLite rewrites an index entry only when a column of that index
-//! changes, so a lease and a result no longer each delete and insert an entry there: two index
+//! changes, so a lease and a result no longer each delete and insert an entry there: four index
 //! writes fewer per delivery on its way out. What needs a webhook's open rows (pausing,
 //! re-activating, a new zone, deletion) finds them through the partial index of their status
-//! (`webhooks::update_open_rows`).
+//! within the webhook's zone (`webhooks::update_open_rows`).
+//!
+//! So every open delivery must lie in its webhook's zone. Retries and replays used to reopen a
+//! finished delivery in the zone it was made in, even after the webhook had moved: on both
+//! databases such rows move to their webhook's zone here (a fix, which `down` keeps).
 //!
 //! PostgreSQL keeps `(webhook_id, status)`: a new row version enters every index anyway (the
 //! updates are not HOT), and counting a webhook's jobs in flight across replicas reads it.
@@ -24,6 +28,10 @@ const DOWN: [&str; 2] = [
     "CREATE INDEX IF NOT EXISTS deliveries_by_webhook ON deliveries (webhook_id, status)",
 ];
 
+/// Open deliveries (pending, in flight, parked) that lie outside their webhook's zone move into it.
+const ZONES: &str = "UPDATE deliveries SET zone = (SELECT webhooks.zone FROM webhooks WHERE webhooks.id = deliveries.webhook_id) \
+     WHERE status IN (1, 2, 6) AND zone <> (SELECT webhooks.zone FROM webhooks WHERE webhooks.id = deliveries.webhook_id)";
+
 async fn run(m: &SchemaManager<'_>, statements: [&str; 2]) -> Result<(), DbErr> {
     if m.get_database_backend() != DbBackend::Sqlite {
         return Ok(());
@@ -37,6 +45,7 @@ async fn run(m: &SchemaManager<'_>, statements: [&str; 2]) -> Result<(), DbErr> 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.get_connection().execute_unprepared(ZONES).await?;
         run(m, UP).await
     }
 
