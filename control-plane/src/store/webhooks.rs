@@ -212,13 +212,13 @@ where
         return vec![sea_orm::QueryTrait::build(&all, backend)];
     }
     from.iter()
-        .map(|&status| {
-            let (index, in_zone) = match status {
+        .map(|&one_status| {
+            let (index, in_zone) = match one_status {
                 status::PENDING => ("deliveries_due", true),
                 status::PARKED => ("deliveries_parked", true),
                 _ => ("deliveries_leased", false),
             };
-            let mut one = of_webhook().filter(super::queue::status_is(status));
+            let mut one = of_webhook().filter(super::queue::status_is(one_status));
             if in_zone {
                 one = one.filter(delivery::Column::Zone.eq(zone));
             }
