@@ -34,7 +34,7 @@ use herald_shared::proto;
 use herald_tests::procs::{AgentProcess, ControlPlaneProcess};
 use herald_tests::receiver::Receiver;
 use herald_tests::tls::TestCa;
-use herald_tests::{Backend, TestDb};
+use herald_tests::{Authed, Backend, TestDb};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::json;
 
@@ -44,6 +44,8 @@ const EVENT_ID_HEADER: &str = "x-cloudthinker-event-id";
 /// Events per `PublishEvents` call, and publishers calling at once, when publishing as fast as
 /// the control plane accepts.
 const BATCH: usize = 1000;
+
+type EventsClient = proto::event_service_client::EventServiceClient<Authed>;
 const PUBLISHERS: usize = 4;
 /// Connections of the raw-limit client (the agent's pool holds as many per host).
 const RAW_CONNECTIONS: usize = 64;
@@ -529,10 +531,13 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
     };
     let cpu_before = cpu(&agents);
     let started = Instant::now();
-    let published = match p.rate {
+    let Published { events: published, retries: publish_retries } = match p.rate {
         Some(rate) => publish_at(&cp, rate, p.seconds).await?,
         None => publish_all(&cp, p.events).await?,
     };
+    if publish_retries > 0 {
+        println!("{name}: {publish_retries} publish calls answered UNAVAILABLE and were made again");
+    }
     let published_in = started.elapsed();
     let mut held_rss = None;
     let mut drain_started = started;
@@ -619,6 +624,7 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
         "durable_commits_per_1k_events": durable_per_1k,
         "relaxed_commits": relaxed,
         "envelopes_from_cache_share": cached_share,
+        "publish_calls_retried": publish_retries,
     });
     Ok(Outcome { row, json })
 }
@@ -638,16 +644,48 @@ impl Drop for KeepLog {
     }
 }
 
+/// How many times a publish call is made again after `UNAVAILABLE` before the run fails.
+const PUBLISH_ATTEMPTS: u32 = 10;
+
+/// Makes one `PublishEvents` call and, while the control plane answers `UNAVAILABLE` (its
+/// database did not answer in time), makes it again with the same events, as a publisher does:
+/// the ids make it idempotent. Counts the calls made again in `retries`.
+async fn publish_call(
+    events: &mut EventsClient,
+    batch: Vec<proto::Event>,
+    retries: &AtomicU64,
+) -> Result<(), tonic::Status> {
+    let mut attempt = 1;
+    loop {
+        match events.publish_events(proto::PublishEventsRequest { events: batch.clone() }).await {
+            Ok(_) => return Ok(()),
+            Err(status) if status.code() == tonic::Code::Unavailable && attempt < PUBLISH_ATTEMPTS => {
+                retries.fetch_add(1, Ordering::Relaxed);
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => return Err(status),
+        }
+    }
+}
+
+/// Events acknowledged, and the calls that had to be made again (see [`publish_call`]).
+struct Published {
+    events: usize,
+    retries: u64,
+}
+
 /// Publishes `total` events in batches of `BATCH` from `PUBLISHERS` concurrent callers, as fast
 /// as they are acknowledged.
-async fn publish_all(cp: &ControlPlaneProcess, total: usize) -> anyhow::Result<usize> {
+async fn publish_all(cp: &ControlPlaneProcess, total: usize) -> anyhow::Result<Published> {
     let data = event_data();
     let batches = total.div_ceil(BATCH);
+    let retries = Arc::new(AtomicU64::new(0));
     let mut publishers = Vec::new();
     for p in 0..PUBLISHERS {
         // Answers list every delivery of every event: with fan-out, more than tonic's default 4 MiB.
         let mut events = cp.events().max_decoding_message_size(256 << 20);
-        let data = data.clone();
+        let (data, retries) = (data.clone(), retries.clone());
         publishers.push(tokio::spawn(async move {
             let mut b = p;
             while b < batches {
@@ -659,7 +697,7 @@ async fn publish_all(cp: &ControlPlaneProcess, total: usize) -> anyhow::Result<u
                         ..herald_tests::event("incident.created", &data)
                     })
                     .collect();
-                events.publish_events(proto::PublishEventsRequest { events: batch }).await?;
+                publish_call(&mut events, batch, &retries).await?;
                 b += PUBLISHERS;
             }
             anyhow::Ok(())
@@ -668,14 +706,15 @@ async fn publish_all(cp: &ControlPlaneProcess, total: usize) -> anyhow::Result<u
     for p in publishers {
         p.await??;
     }
-    Ok(total)
+    Ok(Published { events: total, retries: retries.load(Ordering::Relaxed) })
 }
 
 /// Publishes `rate` events a second, one per call, for `seconds`; calls overlap when one takes
 /// longer than the interval.
-async fn publish_at(cp: &ControlPlaneProcess, rate: f64, seconds: f64) -> anyhow::Result<usize> {
+async fn publish_at(cp: &ControlPlaneProcess, rate: f64, seconds: f64) -> anyhow::Result<Published> {
     let data = Arc::new(event_data());
     let total = (rate * seconds).round() as usize;
+    let retries = Arc::new(AtomicU64::new(0));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut calls = tokio::task::JoinSet::new();
@@ -684,11 +723,11 @@ async fn publish_at(cp: &ControlPlaneProcess, rate: f64, seconds: f64) -> anyhow
     for i in 0..total {
         tick.tick().await;
         let mut events = client.clone();
-        let data = data.clone();
+        let (data, retries) = (data.clone(), retries.clone());
         calls.spawn(async move {
             let sent = micros_now();
             let event = proto::Event { id: format!("l-{sent}-{i}"), ..herald_tests::event("incident.created", &data) };
-            events.publish_events(proto::PublishEventsRequest { events: vec![event] }).await
+            publish_call(&mut events, vec![event], &retries).await
         });
         while let Some(done) = calls.try_join_next() {
             done??;
@@ -697,7 +736,7 @@ async fn publish_at(cp: &ControlPlaneProcess, rate: f64, seconds: f64) -> anyhow
     while let Some(done) = calls.join_next().await {
         done??;
     }
-    Ok(total)
+    Ok(Published { events: total, retries: retries.load(Ordering::Relaxed) })
 }
 
 /// Waits until the receiver has seen `received` requests and `expected` delivery rows are

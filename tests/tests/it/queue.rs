@@ -936,6 +936,38 @@ async fn postgres_writers_commit_each_batch_at_its_own_sync_level() {
     }
 }
 
+/// On PostgreSQL every identifier column (every `varchar` of Herald's tables) compares bytewise,
+/// `COLLATE "C"` (migration 10), so that the indexes on them never call the C library's
+/// collation; free text keeps the database's default. A column added later without it would
+/// also make a comparison with the other identifiers fail for want of a collation.
+#[tokio::test]
+async fn postgres_identifiers_compare_bytewise() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let conn = db.connect().await;
+    herald_control_plane::db::migrate(&conn).await.unwrap();
+    let columns = conn
+        .query_all_raw(Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT table_name::text, column_name::text, data_type::text, COALESCE(collation_name::text, '') \
+             FROM information_schema.columns WHERE table_schema = current_schema() \
+             AND table_name <> 'seaql_migrations' AND data_type IN ('character varying', 'text') \
+             ORDER BY 1, 2",
+        ))
+        .await
+        .unwrap();
+    let mut identifiers = 0;
+    for row in &columns {
+        let [table, column, kind, collation]: [String; 4] =
+            std::array::from_fn(|i| row.try_get_by_index::<String>(i).unwrap());
+        let expected = if kind == "character varying" { "C" } else { "" };
+        assert_eq!(collation, expected, "{table}.{column} ({kind})");
+        identifiers += usize::from(kind == "character varying");
+    }
+    assert!(identifiers >= 30, "only {identifiers} identifier columns found");
+    assert!(columns.len() > identifiers, "free-text columns are checked too");
+    conn.close().await.ok();
+}
+
 /// The hot paths' inserts (arrays per column on PostgreSQL, `VALUES` rows on SQLite) store every
 /// value as given: NULL as NULL beside values in the same column, an empty string as an empty
 /// string, quotes and non-ASCII text byte for byte, extreme integers, across more rows than one

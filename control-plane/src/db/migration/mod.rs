@@ -12,6 +12,7 @@ mod m20261128_000006_queue_index_order;
 mod m20261128_000007_partial_queue_indexes;
 mod m20261129_000008_agent_in_flight;
 mod m20261130_000009_webhook_index_without_status;
+mod m20261130_000010_bytewise_identifiers;
 
 pub struct Migrator;
 
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000007_partial_queue_indexes::Migration),
             Box::new(m20261129_000008_agent_in_flight::Migration),
             Box::new(m20261130_000009_webhook_index_without_status::Migration),
+            Box::new(m20261130_000010_bytewise_identifiers::Migration),
         ]
     }
 }

@@ -1,0 +1,61 @@
+//! On PostgreSQL, identifier columns compare bytewise (`COLLATE "C"`). Every delivery enters
+//! about fifteen B-tree indexes keyed by identifiers (its insert, then a lease and a result, each
+//! a new row version in every index, then its attempt), and with the database's default
+//! collation each key comparison there goes through the C library's `strcoll`: a tenth of the
+//! server's CPU under load, even with a `C.UTF-8` default. Identifiers are ASCII, and byte order
+//! is the order every cursor already assumed, so nothing a client sees changes.
+//!
+//! Every `varchar` column of Herald's tables holds an identifier or a code and changes here;
+//! free text (names, URLs, bodies, headers) keeps the default collation. All tables change in
+//! one migration because a comparison between columns of two collations has none to use.
+//!
+//! The rows stay where they are, but each index on these columns is rebuilt under an exclusive
+//! lock: on a large database the upgrade waits for that. SQLite compares bytewise already.
+
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::DbBackend;
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+/// Each table with its identifier columns.
+const COLUMNS: [(&str, &[&str]); 8] = [
+    ("workspaces", &["id"]),
+    ("api_keys", &["id", "workspace_id", "key_hash", "scope"]),
+    ("webhooks", &["id", "workspace_id", "zone"]),
+    ("webhook_rates", &["webhook_id"]),
+    ("events", &["workspace_id", "id", "type", "timestamp", "trace_context"]),
+    ("deliveries", &["id", "workspace_id", "event_id", "webhook_id", "event_type", "zone", "lease_id", "lease_agent"]),
+    ("attempts", &["id", "workspace_id", "delivery_id", "agent_id", "zone"]),
+    ("agents", &["id", "zone", "version"]),
+];
+
+/// One `ALTER TABLE` per table (its indexes are rebuilt once), each column to `collation`.
+fn statements(collation: &str) -> impl Iterator<Item = String> + '_ {
+    COLUMNS.iter().map(move |(table, columns)| {
+        let changes: Vec<String> =
+            columns.iter().map(|c| format!("ALTER COLUMN \"{c}\" TYPE varchar COLLATE {collation}")).collect();
+        format!("ALTER TABLE {table} {}", changes.join(", "))
+    })
+}
+
+async fn run(m: &SchemaManager<'_>, collation: &str) -> Result<(), DbErr> {
+    if m.get_database_backend() != DbBackend::Postgres {
+        return Ok(());
+    }
+    for sql in statements(collation) {
+        m.get_connection().execute_unprepared(&sql).await?;
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        run(m, "\"C\"").await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        run(m, "\"default\"").await
+    }
+}
