@@ -46,6 +46,7 @@ const EVENT_ID_HEADER: &str = "x-cloudthinker-event-id";
 const BATCH: usize = 1000;
 
 type EventsClient = proto::event_service_client::EventServiceClient<Authed>;
+/// Concurrent `PublishEvents` callers by default (`--publishers`).
 const PUBLISHERS: usize = 4;
 /// Connections of the raw-limit client (the agent's pool holds as many per host).
 const RAW_CONNECTIONS: usize = 64;
@@ -58,6 +59,8 @@ struct Options {
     seconds: Option<f64>,
     soak: Duration,
     tls: bool,
+    /// Concurrent callers of `PublishEvents` in the scenarios that publish as fast as they can.
+    publishers: usize,
     json: Option<String>,
     /// Where to copy the processes' logs after each scenario.
     logs: Option<std::path::PathBuf>,
@@ -72,6 +75,7 @@ fn options() -> anyhow::Result<Options> {
         seconds: None,
         soak: Duration::from_secs(60),
         tls: false,
+        publishers: PUBLISHERS,
         json: None,
         logs: None,
     };
@@ -96,14 +100,18 @@ fn options() -> anyhow::Result<Options> {
             }
             "--minutes" => o.soak = Duration::from_secs(60 * value()?.parse::<u64>()?),
             "--tls" => o.tls = true,
+            "--publishers" => {
+                o.publishers = value()?.parse()?;
+                anyhow::ensure!(o.publishers > 0, "--publishers must be at least 1");
+            }
             "--json" => o.json = Some(value()?),
             "--logs" => o.logs = Some(value()?.into()),
             "--help" | "-h" => {
                 println!(
                     "herald-bench [--scenario throughput|fanout|latency|backlog|zones|ingest|all|soak] \
-                     [--database sqlite|postgres] [--scale F] [--events N] [--seconds N | --minutes N] [--tls] [--json FILE] [--logs DIR]\n\
+                     [--database sqlite|postgres] [--scale F] [--events N] [--seconds N | --minutes N] [--tls] [--publishers N] [--json FILE] [--logs DIR]\n\
                      --scale multiplies every scenario's size; --events sets the events of the scenario; \
-                     --seconds the length of latency (or soak)"
+                     --seconds the length of latency (or soak); --publishers the concurrent publish calls (4)"
                 );
                 std::process::exit(0);
             }
@@ -533,7 +541,7 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
     let started = Instant::now();
     let Published { events: published, retries: publish_retries } = match p.rate {
         Some(rate) => publish_at(&cp, rate, p.seconds).await?,
-        None => publish_all(&cp, p.events).await?,
+        None => publish_all(&cp, p.events, o.publishers).await?,
     };
     if publish_retries > 0 {
         println!("{name}: {publish_retries} publish calls answered UNAVAILABLE and were made again");
@@ -603,6 +611,7 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
         "scenario": name,
         "database": backend_name(o.backend),
         "tls": o.tls,
+        "publishers": if p.rate.is_some() { 0 } else { o.publishers },
         "webhooks": p.webhooks,
         "zones": p.zones,
         "agents": if p.agents { p.zones } else { 0 },
@@ -675,18 +684,18 @@ struct Published {
     retries: u64,
 }
 
-/// Publishes `total` events in batches of `BATCH` from `PUBLISHERS` concurrent callers, as fast
+/// Publishes `total` events in batches of `BATCH` from `publishers` concurrent callers, as fast
 /// as they are acknowledged.
-async fn publish_all(cp: &ControlPlaneProcess, total: usize) -> anyhow::Result<Published> {
+async fn publish_all(cp: &ControlPlaneProcess, total: usize, publishers: usize) -> anyhow::Result<Published> {
     let data = event_data();
     let batches = total.div_ceil(BATCH);
     let retries = Arc::new(AtomicU64::new(0));
-    let mut publishers = Vec::new();
-    for p in 0..PUBLISHERS {
+    let mut callers = Vec::new();
+    for p in 0..publishers {
         // Answers list every delivery of every event: with fan-out, more than tonic's default 4 MiB.
         let mut events = cp.events().max_decoding_message_size(256 << 20);
         let (data, retries) = (data.clone(), retries.clone());
-        publishers.push(tokio::spawn(async move {
+        callers.push(tokio::spawn(async move {
             let mut b = p;
             while b < batches {
                 let n = (total - b * BATCH).min(BATCH);
@@ -698,13 +707,13 @@ async fn publish_all(cp: &ControlPlaneProcess, total: usize) -> anyhow::Result<P
                     })
                     .collect();
                 publish_call(&mut events, batch, &retries).await?;
-                b += PUBLISHERS;
+                b += publishers;
             }
             anyhow::Ok(())
         }));
     }
-    for p in publishers {
-        p.await??;
+    for c in callers {
+        c.await??;
     }
     Ok(Published { events: total, retries: retries.load(Ordering::Relaxed) })
 }
