@@ -939,7 +939,7 @@ async fn postgres_writers_commit_each_batch_at_its_own_sync_level() {
 /// On PostgreSQL every identifier column (every `varchar` of Herald's tables) compares bytewise,
 /// `COLLATE "C"` (migration 10), so that the indexes on them never call the C library's
 /// collation; free text keeps the database's default. A column added later without it would
-/// also make a comparison with the other identifiers fail for want of a collation.
+/// be compared with the other identifiers in `C`, which its own index cannot serve.
 #[tokio::test]
 async fn postgres_identifiers_compare_bytewise() {
     let db = TestDb::new(Backend::Postgres).await;

@@ -1,13 +1,16 @@
 //! On PostgreSQL, identifier columns compare bytewise (`COLLATE "C"`). Every delivery enters
 //! about fifteen B-tree indexes keyed by identifiers (its insert, then a lease and a result, each
 //! a new row version in every index, then its attempt), and with the database's default
-//! collation each key comparison there goes through the C library's `strcoll`: a tenth of the
-//! server's CPU under load, even with a `C.UTF-8` default. Identifiers are ASCII, and byte order
-//! is the order every cursor already assumed, so nothing a client sees changes.
+//! collation each key comparison there goes through the C library's `strcoll`: about a tenth of
+//! the server's CPU while delivering, even with a `C.UTF-8` default. Byte order is SQLite's, and
+//! that of `C.UTF-8` for UTF-8 text; on a database with a linguistic default (`en_US.UTF-8`),
+//! lists ordered by id follow byte order from here on.
 //!
 //! Every `varchar` column of Herald's tables holds an identifier or a code and changes here;
-//! free text (names, URLs, bodies, headers) keeps the default collation. All tables change in
-//! one migration because a comparison between columns of two collations has none to use.
+//! free text (names, URLs, bodies, headers) keeps the default collation. All tables change
+//! together: an identifier compared with one of another table (`webhooks.id` with
+//! `deliveries.webhook_id`) is compared in `C` if either side is, and an index in the default
+//! collation cannot serve that comparison.
 //!
 //! The rows stay where they are, but each index on these columns is rebuilt under an exclusive
 //! lock: on a large database the upgrade waits for that. SQLite compares bytewise already.
