@@ -2,7 +2,9 @@
 //! replay a webhook's deliveries, send a test event.
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+};
 
 use super::events::NewDelivery;
 use super::webhooks::active_state;
@@ -30,6 +32,46 @@ impl DeliveryFilter {
             && self.created_after.is_none_or(|t| d.created_at >= t)
             && self.created_before.is_none_or(|t| d.created_at < t)
     }
+}
+
+/// The statement of `ReplayWebhook`: `update` applied to the webhook's failed (with
+/// `include_all`, failed and succeeded) deliveries created in `[after, before)`. On SQLite the
+/// failed ones alone are read off `deliveries_failed` (migration 11), named with `INDEXED BY`
+/// (as the other partial-index statements are) so that no statistics ever make the planner
+/// take `deliveries_by_webhook`, every delivery the webhook had; with `include_all` that index
+/// is the right one. On PostgreSQL
+/// `deliveries_by_webhook (webhook_id, status)` serves both.
+pub fn replay_update(
+    backend: sea_orm::DbBackend,
+    update: sea_orm::UpdateMany<delivery::Entity>,
+    webhook_id: &str,
+    after: i64,
+    before: i64,
+    include_all: bool,
+) -> sea_orm::Statement {
+    let failed_only = backend == sea_orm::DbBackend::Sqlite && !include_all;
+    let statuses = if failed_only {
+        // The literal condition of the partial index (`queue::status_is`).
+        super::queue::status_is(status::FAILED)
+    } else if include_all {
+        delivery::Column::Status.is_in([status::FAILED, status::SUCCEEDED])
+    } else {
+        delivery::Column::Status.eq(status::FAILED)
+    };
+    let update = update.filter(
+        Condition::all()
+            .add(delivery::Column::WebhookId.eq(webhook_id))
+            .add(statuses)
+            .add(delivery::Column::CreatedAt.gte(after))
+            .add(delivery::Column::CreatedAt.lt(before)),
+    );
+    let mut statement = sea_orm::QueryTrait::build(&update, backend);
+    if failed_only {
+        const TABLE: &str = "UPDATE \"deliveries\" ";
+        debug_assert!(statement.sql.starts_with(TABLE), "{}", statement.sql);
+        statement.sql = statement.sql.replacen(TABLE, &format!("{TABLE}INDEXED BY \"deliveries_failed\" "), 1);
+    }
+    statement
 }
 
 impl Store {
@@ -168,10 +210,8 @@ impl Store {
                     let (active, zone) = active_state(txn, &webhook_id, Some(&workspace))
                         .await?
                         .ok_or(StoreError::NotFound("webhook"))?;
-                    let finished =
-                        if include_all { vec![status::FAILED, status::SUCCEEDED] } else { vec![status::FAILED] };
                     let now = now_millis();
-                    let reopened = delivery::Entity::update_many()
+                    let reopen = delivery::Entity::update_many()
                         .col_expr(
                             delivery::Column::Status,
                             Expr::value(if active { status::PENDING } else { status::PARKED }),
@@ -181,20 +221,14 @@ impl Store {
                         .col_expr(delivery::Column::AttemptCount, Expr::value(0))
                         .col_expr(delivery::Column::LostLeases, Expr::value(0))
                         .col_expr(delivery::Column::ManualFrom, Expr::value(Option::<i16>::None))
-                        .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-                        .filter(
-                            Condition::all()
-                                .add(delivery::Column::WebhookId.eq(&webhook_id))
-                                .add(delivery::Column::Status.is_in(finished))
-                                .add(delivery::Column::CreatedAt.gte(after))
-                                .add(delivery::Column::CreatedAt.lt(before)),
-                        )
-                        .exec(txn)
-                        .await?;
-                    if reopened.rows_affected > 0 {
+                        .col_expr(delivery::Column::UpdatedAt, Expr::value(now));
+                    let statement =
+                        replay_update(txn.get_database_backend(), reopen, &webhook_id, after, before, include_all);
+                    let reopened = txn.execute_raw(statement).await?.rows_affected();
+                    if reopened > 0 {
                         super::wake_others(txn, &peers).await?;
                     }
-                    Ok(reopened.rows_affected)
+                    Ok(reopened)
                 })
             })
             .await

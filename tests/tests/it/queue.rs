@@ -680,6 +680,7 @@ async fn migration_9_moves_open_rows_into_their_webhooks_zone(backend: Backend) 
 /// of each database for the very statements the queue builds; on PostgreSQL with sequential
 /// scans priced out, since an empty table would otherwise be scanned whatever its indexes.
 async fn queue_reads_use_their_partial_indexes(backend: Backend) {
+    use herald_control_plane::store::deliveries::replay_update;
     use herald_control_plane::store::queue::{
         claim_unlimited_sql, due_rows, leased_rows, past_floor, settle_successes_sql, status_is,
     };
@@ -748,6 +749,15 @@ async fn queue_reads_use_their_partial_indexes(backend: Backend) {
         statements.extend(
             updates.into_iter().zip(indexes).map(|(statement, index)| ("a webhook's open rows", statement, index)),
         );
+    }
+    // A replay reads the webhook's failed rows (on SQLite off a partial index of failed rows,
+    // not every delivery the webhook had); replaying every finished row reads the webhook's.
+    for (include_all, index) in [(false, "deliveries_failed"), (true, "deliveries_by_webhook")] {
+        let index = if backend == Backend::Postgres { "deliveries_by_webhook" } else { index };
+        let reopen =
+            delivery::Entity::update_many().col_expr(delivery::Column::UpdatedAt, sea_orm::sea_query::Expr::value(now));
+        let replay = replay_update(db_backend, reopen, "wh_x", now - 60_000, now, include_all);
+        statements.push((if include_all { "replaying all" } else { "replaying failures" }, replay, index));
     }
     let txn = conn.begin().await.unwrap();
     if backend == Backend::Postgres {

@@ -13,6 +13,7 @@ mod m20261128_000007_partial_queue_indexes;
 mod m20261129_000008_agent_in_flight;
 mod m20261130_000009_webhook_index_without_status;
 mod m20261130_000010_bytewise_identifiers;
+mod m20261130_000011_failed_deliveries_index;
 
 pub struct Migrator;
 
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000008_agent_in_flight::Migration),
             Box::new(m20261130_000009_webhook_index_without_status::Migration),
             Box::new(m20261130_000010_bytewise_identifiers::Migration),
+            Box::new(m20261130_000011_failed_deliveries_index::Migration),
         ]
     }
 }
