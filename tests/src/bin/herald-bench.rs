@@ -41,15 +41,14 @@ use serde_json::json;
 const SCENARIOS: [&str; 6] = ["throughput", "fanout", "latency", "backlog", "zones", "ingest"];
 /// The header that carries the event id (the default header prefix).
 const EVENT_ID_HEADER: &str = "x-cloudthinker-event-id";
-/// Events per `PublishEvents` call, and publishers calling at once, when publishing as fast as
-/// the control plane accepts.
+/// Events per `PublishEvents` call when publishing as fast as the control plane accepts.
 const BATCH: usize = 1000;
-
-type EventsClient = proto::event_service_client::EventServiceClient<Authed>;
 /// Concurrent `PublishEvents` callers by default (`--publishers`).
 const PUBLISHERS: usize = 4;
 /// Connections of the raw-limit client (the agent's pool holds as many per host).
 const RAW_CONNECTIONS: usize = 64;
+
+type EventsClient = proto::event_service_client::EventServiceClient<Authed>;
 
 struct Options {
     scenario: String,
@@ -111,7 +110,7 @@ fn options() -> anyhow::Result<Options> {
                     "herald-bench [--scenario throughput|fanout|latency|backlog|zones|ingest|all|soak] \
                      [--database sqlite|postgres] [--scale F] [--events N] [--seconds N | --minutes N] [--tls] [--publishers N] [--json FILE] [--logs DIR]\n\
                      --scale multiplies every scenario's size; --events sets the events of the scenario; \
-                     --seconds the length of latency (or soak); --publishers the concurrent publish calls (4)"
+                     --seconds the length of latency (or soak); --publishers the concurrent publish calls (4; latency makes one a millisecond)"
                 );
                 std::process::exit(0);
             }
@@ -654,7 +653,7 @@ impl Drop for KeepLog {
 }
 
 /// How many times a publish call is made again after `UNAVAILABLE` before the run fails.
-const PUBLISH_ATTEMPTS: u32 = 10;
+const PUBLISH_RETRIES: u32 = 10;
 
 /// Makes one `PublishEvents` call and, while the control plane answers `UNAVAILABLE` (its
 /// database did not answer in time), makes it again with the same events, as a publisher does:
@@ -664,13 +663,13 @@ async fn publish_call(
     batch: Vec<proto::Event>,
     retries: &AtomicU64,
 ) -> Result<(), tonic::Status> {
-    let mut attempt = 1;
+    let mut retried = 0;
     loop {
         match events.publish_events(proto::PublishEventsRequest { events: batch.clone() }).await {
             Ok(_) => return Ok(()),
-            Err(status) if status.code() == tonic::Code::Unavailable && attempt < PUBLISH_ATTEMPTS => {
+            Err(status) if status.code() == tonic::Code::Unavailable && retried < PUBLISH_RETRIES => {
                 retries.fetch_add(1, Ordering::Relaxed);
-                attempt += 1;
+                retried += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(status) => return Err(status),

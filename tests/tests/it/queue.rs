@@ -952,29 +952,52 @@ async fn postgres_writers_commit_each_batch_at_its_own_sync_level() {
 /// be compared with the other identifiers in `C`, which its own index cannot serve.
 #[tokio::test]
 async fn postgres_identifiers_compare_bytewise() {
+    use sea_orm_migration::MigratorTrait as _;
     let db = TestDb::new(Backend::Postgres).await;
     let conn = db.connect().await;
     herald_control_plane::db::migrate(&conn).await.unwrap();
-    let columns = conn
-        .query_all_raw(Statement::from_string(
-            sea_orm::DbBackend::Postgres,
-            "SELECT table_name::text, column_name::text, data_type::text, COALESCE(collation_name::text, '') \
-             FROM information_schema.columns WHERE table_schema = current_schema() \
-             AND table_name <> 'seaql_migrations' AND data_type IN ('character varying', 'text') \
-             ORDER BY 1, 2",
-        ))
-        .await
-        .unwrap();
-    let mut identifiers = 0;
-    for row in &columns {
-        let [table, column, kind, collation]: [String; 4] =
-            std::array::from_fn(|i| row.try_get_by_index::<String>(i).unwrap());
-        let expected = if kind == "character varying" { "C" } else { "" };
-        assert_eq!(collation, expected, "{table}.{column} ({kind})");
-        identifiers += usize::from(kind == "character varying");
-    }
-    assert!(identifiers >= 30, "only {identifiers} identifier columns found");
-    assert!(columns.len() > identifiers, "free-text columns are checked too");
+    // (table, column, data type, collation) of every string column; "" for the default.
+    let columns = async || -> Vec<[String; 4]> {
+        let rows = conn
+            .query_all_raw(Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT table_name::text, column_name::text, data_type::text, COALESCE(collation_name::text, '') \
+                 FROM information_schema.columns WHERE table_schema = current_schema() \
+                 AND table_name <> 'seaql_migrations' AND data_type IN ('character varying', 'text') \
+                 ORDER BY 1, 2",
+            ))
+            .await
+            .unwrap();
+        rows.iter().map(|row| std::array::from_fn(|i| row.try_get_by_index::<String>(i).unwrap())).collect()
+    };
+    let check = |columns: &[[String; 4]], identifier_collation: &str| {
+        let mut identifiers = 0;
+        for [table, column, kind, collation] in columns {
+            let expected = if kind == "character varying" { identifier_collation } else { "" };
+            assert_eq!(collation, expected, "{table}.{column} ({kind})");
+            identifiers += usize::from(kind == "character varying");
+        }
+        assert!(identifiers >= 30, "only {identifiers} identifier columns found");
+        assert!(columns.len() > identifiers, "free-text columns are checked too");
+    };
+    check(&columns().await, "C");
+    // Migration 10 undone (with the SQLite-only one after it) and done again, with a row in
+    // `workspaces`: a table with rows is analyzed anew (its identifiers' statistics went with
+    // their type), an empty one is left never analyzed.
+    herald_control_plane::db::migration::Migrator::down(&conn, Some(2)).await.unwrap();
+    check(&columns().await, "");
+    conn.execute_unprepared("INSERT INTO workspaces (id, created_at) VALUES ('ws_analyzed', 0)").await.unwrap();
+    herald_control_plane::db::migrate(&conn).await.unwrap();
+    check(&columns().await, "C");
+    let id_statistics = async |table: &str| {
+        let sql = format!(
+            "SELECT count(*) FROM pg_stats WHERE schemaname = current_schema() AND tablename = '{table}' AND attname = 'id'"
+        );
+        let row = conn.query_one_raw(Statement::from_string(sea_orm::DbBackend::Postgres, sql)).await.unwrap();
+        row.unwrap().try_get_by_index::<i64>(0).unwrap()
+    };
+    assert_eq!(id_statistics("workspaces").await, 1, "workspaces analyzed");
+    assert_eq!(id_statistics("deliveries").await, 0, "deliveries, empty, left as it was");
     conn.close().await.ok();
 }
 

@@ -12,11 +12,12 @@
 //! `deliveries.webhook_id`) is compared in `C` if either side is, and an index in the default
 //! collation cannot serve that comparison.
 //!
-//! The rows stay where they are, but each index on these columns is rebuilt under an exclusive
-//! lock: on a large database the upgrade waits for that. SQLite compares bytewise already.
+//! The rows stay where they are, but each index on these columns is rebuilt, and the tables
+//! analyzed again, under exclusive locks held until the migration commits: on a large database
+//! the upgrade waits for that (OPERATIONS.md, Upgrading). SQLite compares bytewise already.
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::DbBackend;
+use sea_orm_migration::sea_orm::{DbBackend, Statement};
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -48,6 +49,17 @@ async fn run(m: &SchemaManager<'_>, collation: &str) -> Result<(), DbErr> {
     }
     for sql in statements(collation) {
         m.get_connection().execute_unprepared(&sql).await?;
+    }
+    // A column whose type changes loses its statistics, and autovacuum gathers them again only
+    // after a tenth of a table's rows changed: without them the planner could choose the wrong
+    // index for the queue's reads. An empty table (a new install) is left as it was, never
+    // analyzed, which the planner prices as a table of some pages rather than of none.
+    for (table, _) in COLUMNS {
+        let has_rows = format!("SELECT EXISTS (SELECT 1 FROM {table}) AS has_rows");
+        let row = m.get_connection().query_one_raw(Statement::from_string(DbBackend::Postgres, has_rows)).await?;
+        if row.map(|r| r.try_get::<bool>("", "has_rows")).transpose()?.unwrap_or(false) {
+            m.get_connection().execute_unprepared(&format!("ANALYZE {table}")).await?;
+        }
     }
     Ok(())
 }
