@@ -39,8 +39,7 @@ impl DeliveryFilter {
 /// failed ones alone are read off `deliveries_failed` (migration 11), named with `INDEXED BY`
 /// (as the other partial-index statements are) so that no statistics ever make the planner
 /// take `deliveries_by_webhook`, every delivery the webhook had; with `include_all` that index
-/// is the right one. On PostgreSQL
-/// `deliveries_by_webhook (webhook_id, status)` serves both.
+/// is the right one. On PostgreSQL `deliveries_by_webhook (webhook_id, status)` serves both.
 pub fn replay_update(
     backend: sea_orm::DbBackend,
     update: sea_orm::UpdateMany<delivery::Entity>,
