@@ -64,13 +64,8 @@ pub fn replay_update(
             .add(delivery::Column::CreatedAt.gte(after))
             .add(delivery::Column::CreatedAt.lt(before)),
     );
-    let mut statement = sea_orm::QueryTrait::build(&update, backend);
-    if failed_only {
-        const TABLE: &str = "UPDATE \"deliveries\" ";
-        debug_assert!(statement.sql.starts_with(TABLE), "{}", statement.sql);
-        statement.sql = statement.sql.replacen(TABLE, &format!("{TABLE}INDEXED BY \"deliveries_failed\" "), 1);
-    }
-    statement
+    let statement = sea_orm::QueryTrait::build(&update, backend);
+    if failed_only { super::queue::sqlite_update_indexed_by(statement, "deliveries_failed") } else { statement }
 }
 
 impl Store {

@@ -186,6 +186,17 @@ pub fn status_is(s: i16) -> Expr {
     Expr::cust(format!("status = {s}"))
 }
 
+/// An `UPDATE` of `deliveries` that SQLite must run through the partial index `index`
+/// (`INDEXED BY`, which fails the statement rather than let it be planned otherwise): for the
+/// statements that look for a webhook's rows, since `deliveries_by_webhook` (which holds every
+/// row the webhook had) would otherwise look cheaper to the planner.
+pub(crate) fn sqlite_update_indexed_by(mut statement: sea_orm::Statement, index: &str) -> sea_orm::Statement {
+    const TABLE: &str = "UPDATE \"deliveries\" ";
+    debug_assert!(statement.sql.starts_with(TABLE), "{}", statement.sql);
+    statement.sql = statement.sql.replacen(TABLE, &format!("{TABLE}INDEXED BY \"{index}\" "), 1);
+    statement
+}
+
 /// One zone's pending deliveries due by `now`, oldest due first: the rows a claim pages through,
 /// read off `deliveries_due` in its order.
 pub fn due_rows(zone: &str, now: i64) -> Select<delivery::Entity> {

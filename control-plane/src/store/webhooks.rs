@@ -222,11 +222,7 @@ where
             if in_zone {
                 one = one.filter(delivery::Column::Zone.eq(zone));
             }
-            let mut statement = sea_orm::QueryTrait::build(&one, backend);
-            const TABLE: &str = "UPDATE \"deliveries\" ";
-            debug_assert!(statement.sql.starts_with(TABLE), "{}", statement.sql);
-            statement.sql = statement.sql.replacen(TABLE, &format!("{TABLE}INDEXED BY \"{index}\" "), 1);
-            statement
+            super::queue::sqlite_update_indexed_by(sea_orm::QueryTrait::build(&one, backend), index)
         })
         .collect()
 }
