@@ -322,23 +322,39 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
             writing.release(&keys);
         }
         let leased = std::mem::take(&mut *leased.lock().expect("leased lock"));
-        match answer {
-            Ok(each) => {
-                if let Some(sink) = &sink {
-                    let stored: Vec<&StoredEvent> = each.iter().filter_map(|r| r.as_ref().ok()).flatten().collect();
-                    sink.committed(&stored, leased, queued.load(std::sync::atomic::Ordering::Relaxed));
-                }
-                for (reply, result) in replies.into_iter().zip(each) {
-                    let _ = reply.send(result);
-                }
+        let queued = queued.load(std::sync::atomic::Ordering::Relaxed);
+        // Handing the write to the dispatcher (its envelopes cached, its leases sent) and
+        // answering its callers happen beside the next write rather than before it: on SQLite
+        // this loop is the only one, and the writer would wait for it (docs/BENCHMARKS.md item 43).
+        tokio::spawn(async move { finish(answer, replies, sink, leased, queued) });
+    }
+}
+
+/// Tells the dispatcher what a merged write committed (or that it failed), then answers each of
+/// its calls: the dispatcher has the envelopes before any caller learns the events are stored.
+fn finish(
+    answer: Result<Vec<Result<Vec<StoredEvent>, StoreError>>, StoreError>,
+    replies: Vec<tokio::sync::oneshot::Sender<Result<Vec<StoredEvent>, StoreError>>>,
+    sink: Option<std::sync::Arc<dyn PublishSink>>,
+    leased: Vec<(u64, super::queue::Claimed)>,
+    queued: bool,
+) {
+    match answer {
+        Ok(each) => {
+            if let Some(sink) = &sink {
+                let stored: Vec<&StoredEvent> = each.iter().filter_map(|r| r.as_ref().ok()).flatten().collect();
+                sink.committed(&stored, leased, queued);
             }
-            Err(e) => {
-                if let Some(sink) = &sink {
-                    sink.abandoned(leased);
-                }
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
+            for (reply, result) in replies.into_iter().zip(each) {
+                let _ = reply.send(result);
+            }
+        }
+        Err(e) => {
+            if let Some(sink) = &sink {
+                sink.abandoned(leased);
+            }
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }
