@@ -36,6 +36,10 @@ use crate::store::{Store, StoreError, now_millis};
 const CLAIM_BATCH: u32 = 256;
 /// Results applied in one transaction at most.
 const RESULT_BATCH: usize = 512;
+/// A batch of fewer results than this waits [`RESULT_LINGER`] for more before it is written.
+const RESULT_LINGER_BELOW: usize = 16;
+/// How long a small batch of results waits for more (docs/BENCHMARKS.md item 44).
+const RESULT_LINGER: Duration = Duration::from_millis(2);
 /// Expired leases are looked for when the earliest known lease expires, and at least this often
 /// (leases of another replica or an earlier run are not known in advance).
 const RECLAIM_EVERY_MS: i64 = 30_000;
@@ -1149,6 +1153,19 @@ impl Dispatcher {
             tokio::select! {
                 n = rx.recv_many(&mut buf, RESULT_BATCH) => if n == 0 { return },
                 _ = shutdown.cancelled() => return,
+            }
+            // At a low rate each result would be a write of its own (on SQLite also two changes
+            // of the sync level, one each way): a small batch waits a moment for more, unless a
+            // flush is waiting on it. What arrived is recorded even if shutdown comes meanwhile.
+            if buf.len() < RESULT_LINGER_BELOW && buf.iter().all(|a| a.flushed.is_none()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(RESULT_LINGER) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                while buf.len() < RESULT_BATCH {
+                    let Ok(a) = rx.try_recv() else { break };
+                    buf.push(a);
+                }
             }
             let (markers, batch): (Vec<Arrived>, Vec<Arrived>) =
                 std::mem::take(&mut buf).into_iter().partition(|a| a.flushed.is_some());
