@@ -727,6 +727,19 @@ impl Dispatcher {
         }
     }
 
+    /// Whether any of these results ends a lease of a webhook with `max_in_flight` (or of one
+    /// not cached here, which may have it): its slot is free only once the result is written,
+    /// so such a batch does not wait for more.
+    fn frees_a_slot(&self, batch: &[Arrived]) -> bool {
+        let state = self.inner.state.lock().expect("dispatcher lock");
+        batch.iter().any(|a| {
+            state
+                .leases
+                .get(&a.result.lease_id)
+                .is_some_and(|m| state.hooks.get(&m.webhook_id).is_none_or(|h| h.webhook.spec.max_in_flight.is_some()))
+        })
+    }
+
     /// Forgets leases that ended (results, reclaims): frees their webhook's in-flight slot.
     fn release_leases(&self, leases: &[String]) {
         let mut state = self.inner.state.lock().expect("dispatcher lock");
@@ -1156,8 +1169,9 @@ impl Dispatcher {
             }
             // At a low rate each result would be a write of its own (on SQLite also two changes
             // of the sync level, one each way): a small batch waits a moment for more, unless a
-            // flush is waiting on it. What arrived is recorded even if shutdown comes meanwhile.
-            if buf.len() < RESULT_LINGER_BELOW && buf.iter().all(|a| a.flushed.is_none()) {
+            // flush is waiting on it or it frees a `max_in_flight` slot. What arrived is recorded
+            // even if shutdown comes meanwhile.
+            if buf.len() < RESULT_LINGER_BELOW && buf.iter().all(|a| a.flushed.is_none()) && !self.frees_a_slot(&buf) {
                 tokio::select! {
                     _ = tokio::time::sleep(RESULT_LINGER) => {}
                     _ = shutdown.cancelled() => {}

@@ -60,7 +60,7 @@ where
 
 /// The statements that insert `rows`, each followed by `suffix` (an `ON CONFLICT` or
 /// `RETURNING` clause), each built only when the one before has been taken: a large write holds
-/// one statement's copy of its values at a time.
+/// the copies of two statements' values at a time at most (one running, the next being built).
 pub(crate) fn statements<'a, M, T>(
     backend: DbBackend,
     rows: &'a [T],
