@@ -168,6 +168,10 @@ pub struct ServeArgs {
     /// How long past the webhook's timeout a lease lasts before the delivery is dispatched again.
     #[arg(long, env = "HERALD_LEASE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub lease_grace: Duration,
+    /// How long a publish may wait on a write that makes no progress (no statement finishes)
+    /// before it is answered `UNAVAILABLE`. A large write that keeps moving is waited for.
+    #[arg(long, env = "HERALD_PUBLISH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub publish_timeout: Duration,
     /// How long the old secret keeps signing after a rotation.
     #[arg(long, env = "HERALD_ROTATION_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub rotation_grace: Duration,
@@ -223,6 +227,7 @@ pub struct Config {
     pub retry_schedule: RetrySchedule,
     pub retry_after_max: Duration,
     pub lease_grace: Duration,
+    pub publish_timeout: Duration,
     pub rotation_grace: Duration,
     pub retention: Duration,
     pub secret_key: SecretKey,
@@ -242,6 +247,7 @@ impl std::fmt::Debug for Config {
             .field("agent_tokens", &self.agent_tokens.len())
             .field("retry_schedule", &self.retry_schedule.to_string())
             .field("lease_grace", &self.lease_grace)
+            .field("publish_timeout", &self.publish_timeout)
             .field("rotation_grace", &self.rotation_grace)
             .field("retention", &self.retention)
             .field("tls", &self.tls.is_some())
@@ -287,6 +293,8 @@ pub enum ConfigError {
     Workspace(String),
     #[error("--header-prefix must be a valid header name prefix such as X-Acme")]
     HeaderPrefix,
+    #[error("--publish-timeout must be at least 1ms")]
+    PublishTimeout,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -305,6 +313,9 @@ impl TryFrom<ServeArgs> for Config {
         {
             return Err(ConfigError::HeaderPrefix);
         }
+        if a.publish_timeout < Duration::from_millis(1) {
+            return Err(ConfigError::PublishTimeout);
+        }
         let tls = match (a.tls_cert, a.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: a.client_ca }),
             _ => None,
@@ -317,6 +328,7 @@ impl TryFrom<ServeArgs> for Config {
             retry_schedule: a.retry_schedule,
             retry_after_max: a.retry_after_max,
             lease_grace: a.lease_grace,
+            publish_timeout: a.publish_timeout,
             rotation_grace: a.rotation_grace,
             retention: a.retention,
             secret_key,
@@ -369,6 +381,7 @@ impl Config {
             retry_schedule: RetrySchedule::default(),
             retry_after_max: Duration::from_secs(24 * 3600),
             lease_grace: Duration::from_secs(10),
+            publish_timeout: crate::db::PUBLISH_TIMEOUT,
             rotation_grace: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(30 * 24 * 3600),
             secret_key: SecretKey::from_bytes([7u8; 32]),

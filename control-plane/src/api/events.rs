@@ -135,6 +135,10 @@ impl EventApi {
         let d = self.state.config.retry_schedule.delay_before(1).unwrap_or_default();
         i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
     }
+
+    fn publish_timeout(&self) -> std::time::Duration {
+        self.state.config.publish_timeout
+    }
 }
 
 #[tonic::async_trait]
@@ -147,8 +151,12 @@ impl EventService for EventApi {
         let (mut span, trace_context) = publish_span(&request, &who.workspace, 1);
         let e = request.into_inner().event.ok_or_else(|| FieldError::new("event", "is required"))?;
         let event = NewEvent { trace_context, ..new_event(e, "event", now_millis_precision())? };
-        let stored = bounded(self.state.store.publish(&who.workspace, vec![event], false, self.first_delay_ms())).await;
-        let mut stored = stored.map_err(|e| failed(&mut span, e))?;
+        let stored = self
+            .state
+            .store
+            .publish(&who.workspace, vec![event], false, self.first_delay_ms(), self.publish_timeout())
+            .await;
+        let mut stored = stored.map_err(|e| failed(&mut span, status_of(e)))?;
         self.state.metrics.events_published.inc();
         let stored = stored.pop().ok_or_else(|| Status::internal("internal error"))?;
         self.state.dispatcher.changed(stored.deliveries.iter().map(|d| d.id.clone()).collect());
@@ -179,8 +187,9 @@ impl EventService for EventApi {
             }
             batch.push(event);
         }
-        let stored = bounded(self.state.store.publish(&who.workspace, batch, true, self.first_delay_ms())).await;
-        let stored = stored.map_err(|e| failed(&mut span, e))?;
+        let stored =
+            self.state.store.publish(&who.workspace, batch, true, self.first_delay_ms(), self.publish_timeout()).await;
+        let stored = stored.map_err(|e| failed(&mut span, status_of(e)))?;
         self.state.metrics.events_published.inc_by(stored.len() as u64);
         self.state.dispatcher.changed(stored.iter().flat_map(|e| e.deliveries.iter().map(|d| d.id.clone())).collect());
         Ok(Response::new(proto::PublishEventsResponse { events: stored.iter().map(|e| to_proto(e, false)).collect() }))
@@ -224,17 +233,6 @@ fn publish_span<T>(
         .start_with_context(&tracer, &parent);
     let context = span.span_context().is_valid().then(|| telemetry::traceparent(span.span_context()));
     (span, context)
-}
-
-/// A store call that answers within [`crate::db::PUBLISH_TIMEOUT`], or `UNAVAILABLE`.
-async fn bounded<T>(call: impl std::future::Future<Output = Result<T, crate::store::StoreError>>) -> Result<T, Status> {
-    match tokio::time::timeout(crate::db::PUBLISH_TIMEOUT, call).await {
-        Ok(r) => r.map_err(status_of),
-        Err(_) => Err(Status::unavailable(format!(
-            "the database did not answer within {} s; the event may or may not be stored: publish it again with the same id",
-            crate::db::PUBLISH_TIMEOUT.as_secs()
-        ))),
-    }
 }
 
 /// Marks the publish span failed with `status`, and passes `status` on.

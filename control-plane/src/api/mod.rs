@@ -60,6 +60,10 @@ pub fn status_of(e: StoreError) -> Status {
             tracing::warn!(%detail, "database unavailable");
             Status::unavailable("database unavailable, retry later")
         }
+        StoreError::Stalled(message) => {
+            tracing::warn!(%message, "publish stalled");
+            Status::unavailable(message)
+        }
         StoreError::Internal(detail) => {
             tracing::error!(%detail, "internal error");
             Status::internal("internal error")

@@ -20,9 +20,10 @@ use sea_orm_migration::MigratorTrait;
 /// How long a call waits for a pooled connection, and a new connection to open, before answering
 /// UNAVAILABLE rather than hanging.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a publish waits for its commit before answering `UNAVAILABLE`: an unreachable
-/// database is a quick, retryable error, never a hang (the event may or may not have been
-/// stored; publishing it again with the same id is safe).
+/// The default of `--publish-timeout`: how long a publish waits on a write that makes no
+/// progress before answering `UNAVAILABLE` (`store::events::Progress`). An unreachable database
+/// is a quick, retryable error, never a hang (the event may or may not have been stored;
+/// publishing it again with the same id is safe).
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// PostgreSQL's `statement_timeout` for every Herald statement.
 pub const STATEMENT_TIMEOUT: &str = "15s";

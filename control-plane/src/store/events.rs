@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect};
 
-use super::insert::{self, CHUNK, insert_rows};
+use super::insert::{self, CHUNK, insert_rows_then};
 use super::{Store, StoreError, now_millis};
 use crate::db::entity::delivery::{self, status};
 use crate::db::entity::{event, webhook};
@@ -206,6 +206,64 @@ struct Call {
 /// Publish calls merged into one write at most, and their events at most.
 const MERGE_CALLS: usize = 256;
 const MERGE_EVENTS: usize = 8192;
+/// Deliveries a merged write is meant to hold at most, judged by the deliveries per event of the
+/// loop's last write: a workspace whose events go to a thousand webhooks fills a write with a
+/// few calls, not [`MERGE_EVENTS`] events (eight million rows, minutes of work and gigabytes).
+/// A write takes at least one call whatever it holds.
+const MERGE_DELIVERIES: f64 = 65_536.0;
+
+/// When the publish path last moved: a statement of a publish write finished, or the control
+/// plane finished a step of building one. A publish is answered `UNAVAILABLE` when the path has
+/// not moved for the publish timeout (`--publish-timeout`), so a database that stops answering is
+/// a quick error, while a large write that keeps moving (a call whose events go to a thousand
+/// webhooks) is waited for however long it takes.
+pub struct Progress {
+    origin: std::time::Instant,
+    /// Milliseconds from `origin` to the last move.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress { origin: std::time::Instant::now(), last_ms: std::sync::atomic::AtomicU64::new(0) }
+    }
+}
+
+impl Progress {
+    /// The publish path moved now.
+    pub fn mark(&self) {
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the publish path last moved.
+    pub fn last(&self) -> std::time::Instant {
+        self.origin + std::time::Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Runs `call`, a publish begun now, until it answers, or until the publish path has not
+    /// moved for `timeout` since the later of its start and the last move: then `Unavailable`.
+    pub async fn bound<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+        timeout: std::time::Duration,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let mut call = std::pin::pin!(call);
+        loop {
+            let deadline = started.max(self.last()) + timeout;
+            if let Ok(answer) = tokio::time::timeout_at(deadline.into(), call.as_mut()).await {
+                return answer;
+            }
+            if started.max(self.last()) + timeout <= std::time::Instant::now() {
+                return Err(StoreError::Stalled(format!(
+                    "the database made no progress on this publish for {}; the event may or may not be stored: publish it again with the same id",
+                    humantime::format_duration(timeout)
+                )));
+            }
+        }
+    }
+}
 
 /// Publish calls waiting to be merged, shared by the publish loops.
 pub(crate) type PublishQueue = std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<PublishRequest>>>;
@@ -256,8 +314,10 @@ impl Writing {
 /// waits for any other naming one of its ids (`Writing`), so two loops never store one new id at
 /// once; only another replica can (`CONCURRENT_ID`).
 pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) {
-    let Shared { queue, writing, peers, sink } = shared;
+    let Shared { queue, writing, peers, sink, progress } = shared;
     let mut carried: Option<PublishRequest> = None;
+    // Deliveries per event in this loop's last write.
+    let mut fan_out: f64 = 1.0;
     loop {
         let mut waiting: Vec<PublishRequest> = Vec::new();
         let mut keys: Vec<(String, String)> = Vec::new();
@@ -272,9 +332,10 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
                 }
             }
             let mut events: usize = waiting.iter().map(|r| r.call.events.len()).sum();
+            let most_events = MERGE_EVENTS.min((MERGE_DELIVERIES / fan_out) as usize);
             while waiting.len() < MERGE_CALLS {
                 match rx.try_recv() {
-                    Ok(r) if events + r.call.events.len() > MERGE_EVENTS => {
+                    Ok(r) if events + r.call.events.len() > most_events => {
                         carried = Some(r);
                         break;
                     }
@@ -300,7 +361,9 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
             sink: sink.get().cloned(),
             leased: std::sync::Arc::default(),
             queued: std::sync::Arc::default(),
+            progress: progress.clone(),
         };
+        progress.mark();
         let (leased, queued, sink) = (write.leased.clone(), write.queued.clone(), write.sink.clone());
         let answer = writer
             .write(move |txn| {
@@ -318,8 +381,16 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
                 })
             })
             .await;
+        progress.mark();
         if let Some(writing) = &writing {
             writing.release(&keys);
+        }
+        if let Ok(each) = &answer {
+            let stored = each.iter().filter_map(|r| r.as_ref().ok()).flatten();
+            let (events, deliveries) = stored.fold((0usize, 0usize), |(e, d), s| (e + 1, d + s.deliveries.len()));
+            if events > 0 {
+                fan_out = (deliveries as f64 / events as f64).max(1.0);
+            }
         }
         let leased = std::mem::take(&mut *leased.lock().expect("leased lock"));
         let queued = queued.load(std::sync::atomic::Ordering::Relaxed);
@@ -367,6 +438,7 @@ pub(crate) struct Shared {
     pub writing: Option<std::sync::Arc<Writing>>,
     pub peers: std::sync::Arc<super::Peers>,
     pub sink: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn PublishSink>>>,
+    pub progress: std::sync::Arc<Progress>,
 }
 
 /// Where publishing hands its deliveries: the dispatcher.
@@ -402,6 +474,7 @@ struct Write {
     sink: Option<std::sync::Arc<dyn PublishSink>>,
     leased: std::sync::Arc<std::sync::Mutex<Vec<(u64, super::queue::Claimed)>>>,
     queued: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    progress: std::sync::Arc<Progress>,
 }
 
 /// Why merged publish calls fail when another replica stored one of their ids meanwhile.
@@ -438,6 +511,7 @@ async fn publish_many(
         }
         for (workspace, ids) in ids_by_workspace {
             existing.insert(workspace.to_owned(), existing_events(txn, workspace, ids).await?);
+            write.progress.mark();
         }
     }
     let mut subs: HashMap<String, Vec<Subscriber>> = HashMap::new();
@@ -485,7 +559,11 @@ async fn publish_many(
             }
             let subs = match subs.get(workspace) {
                 Some(s) => s,
-                None => subs.entry(workspace.clone()).or_insert(subscribers(txn, workspace).await?),
+                None => {
+                    let read = subscribers(txn, workspace).await?;
+                    write.progress.mark();
+                    subs.entry(workspace.clone()).or_insert(read)
+                }
             };
             let mut deliveries = Vec::new();
             for s in subs.iter().filter(|s| catalog::subscribes(&s.events, &e.event_type)) {
@@ -507,6 +585,9 @@ async fn publish_many(
                     attempt_count: 0,
                 });
                 staged_deliveries.push(row);
+                if staged_deliveries.len() % 1024 == 0 {
+                    write.progress.mark();
+                }
             }
             let model = event::Model {
                 workspace_id: workspace.clone(),
@@ -535,17 +616,19 @@ async fn publish_many(
         new_deliveries.append(&mut staged_deliveries);
         reused.extend(staged_reused.into_iter().map(|i| (call, i)));
         answers.push(Ok(out));
+        write.progress.mark();
     }
     let stored: Vec<&event::Model> =
         new_events.iter().filter_map(|&(call, i)| answers[call].as_ref().ok().map(|out| &out[i].event)).collect();
+    let moved = || write.progress.mark();
     if check == Check::OnInsert {
-        if !insert_new_events(txn, &stored).await? {
+        if !insert_new_events(txn, &stored, &moved).await? {
             return Ok(None);
         }
     } else {
         // A unique violation here means another replica stored one of these ids in the meantime.
         // Every merged call fails, retryably: published again, each gets the idempotent answer.
-        insert_rows::<event::Model, _>(txn, &stored).await.map_err(|e| match e {
+        insert_rows_then::<event::Model, _>(txn, &stored, &moved).await.map_err(|e| match e {
             StoreError::AlreadyExists { .. } => StoreError::Unavailable(CONCURRENT_ID.to_owned()),
             other => other,
         })?;
@@ -569,7 +652,7 @@ async fn publish_many(
         write.leased.lock().expect("leased lock").extend(leased);
     }
     let queued = new_deliveries.iter().any(|d| d.status == status::PENDING);
-    insert_rows::<delivery::Model, _>(txn, &new_deliveries).await?;
+    insert_rows_then::<delivery::Model, _>(txn, &new_deliveries, &moved).await?;
     // Other replicas on this PostgreSQL wake to dispatch what is queued.
     if queued {
         write.queued.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -601,7 +684,11 @@ async fn publish_many(
 /// in. If one was stored already (by an earlier publish, or by another replica that committed
 /// it meanwhile), those inserted are deleted again and nothing of the call is left: the caller
 /// writes it again, checking first.
-async fn insert_new_events(txn: &DatabaseTransaction, rows: &[&event::Model]) -> Result<bool, StoreError> {
+async fn insert_new_events(
+    txn: &DatabaseTransaction,
+    rows: &[&event::Model],
+    moved: &(dyn Fn() + Sync),
+) -> Result<bool, StoreError> {
     let backend = txn.get_database_backend();
     let mut inserted: Vec<(String, String)> = Vec::with_capacity(rows.len());
     let returning = " ON CONFLICT DO NOTHING RETURNING workspace_id, id";
@@ -610,6 +697,7 @@ async fn insert_new_events(txn: &DatabaseTransaction, rows: &[&event::Model]) ->
             let get = |e: sea_orm::DbErr| StoreError::Internal(e.to_string());
             inserted.push((row.try_get_by_index(0).map_err(get)?, row.try_get_by_index(1).map_err(get)?));
         }
+        moved();
     }
     if inserted.len() == rows.len() {
         return Ok(true);
@@ -636,18 +724,28 @@ impl Store {
     /// content is `AlreadyExists` naming the event's field. `first_delay_ms` is the retry
     /// schedule's delay before attempt 1. Concurrent calls are written together
     /// ([`publish_loop`]); each is acknowledged only once its rows are committed and synced.
+    /// `Unavailable` once the publish path has not moved for `timeout` ([`Progress`]).
     pub async fn publish(
         &self,
         workspace: &str,
         events: Vec<NewEvent>,
         batch: bool,
         first_delay_ms: i64,
+        timeout: std::time::Duration,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let call = Call { workspace: workspace.to_owned(), events, batch, first_delay_ms };
         let request = PublishRequest { call, reply };
-        self.publisher.send(request).await.map_err(|_| StoreError::Unavailable("the publisher has stopped".into()))?;
-        answer.await.map_err(|_| StoreError::Unavailable("the write was interrupted; its outcome is unknown".into()))?
+        let call = async {
+            self.publisher
+                .send(request)
+                .await
+                .map_err(|_| StoreError::Unavailable("the publisher has stopped".into()))?;
+            answer
+                .await
+                .map_err(|_| StoreError::Unavailable("the write was interrupted; its outcome is unknown".into()))?
+        };
+        self.publish_progress.bound(call, timeout).await
     }
 
     /// Reads an event of the workspace with its delivery summaries.

@@ -48,11 +48,26 @@ where
     M: sea_orm::ModelTrait,
     T: std::borrow::Borrow<M> + Sync,
 {
+    insert_rows_then::<M, T>(txn, rows, &|| ()).await
+}
+
+/// [`insert_rows`], calling `moved` as each statement finishes (publishing's
+/// [`super::events::Progress`]).
+pub async fn insert_rows_then<M, T>(
+    txn: &impl ConnectionTrait,
+    rows: &[T],
+    moved: &(dyn Fn() + Sync),
+) -> Result<(), StoreError>
+where
+    M: sea_orm::ModelTrait,
+    T: std::borrow::Borrow<M> + Sync,
+{
     let mut statements = statements::<M, T>(txn.get_database_backend(), rows, "");
     let mut next = statements.next();
     while let Some(statement) = next {
         let (done, following) = futures::join!(txn.execute_raw(statement), async { statements.next() });
         done?;
+        moved();
         next = following;
     }
     Ok(())

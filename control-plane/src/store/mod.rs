@@ -37,6 +37,10 @@ pub enum StoreError {
     /// The database cannot be reached now; retrying later may work.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// A publish waited on a write that made no progress for the publish timeout; whether its
+    /// events are stored is unknown. The message is for the caller.
+    #[error("{0}")]
+    Stalled(String),
     /// Anything else; logged in full, answered as an internal error.
     #[error("database error: {0}")]
     Internal(String),
@@ -106,6 +110,8 @@ pub struct Store {
     sink: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn events::PublishSink>>>,
     /// Where each zone's claims on PostgreSQL start reading (`queue::ClaimFloors`).
     claim_floors: queue::ClaimFloors,
+    /// When the publish loops last moved: what bounds a publish call's wait.
+    publish_progress: std::sync::Arc<events::Progress>,
 }
 
 impl Store {
@@ -118,6 +124,7 @@ impl Store {
         let writing = (loops > 1).then(|| std::sync::Arc::new(events::Writing::default()));
         let peers = std::sync::Arc::new(Peers::new());
         let sink = std::sync::Arc::new(std::sync::OnceLock::new());
+        let publish_progress = std::sync::Arc::new(events::Progress::default());
         for i in 0..loops {
             let w = if i == 0 { writer.clone() } else { writer.another(&db) };
             let shared = events::Shared {
@@ -125,10 +132,21 @@ impl Store {
                 writing: writing.clone(),
                 peers: peers.clone(),
                 sink: sink.clone(),
+                progress: publish_progress.clone(),
             };
             tokio::spawn(events::publish_loop(w, shared));
         }
-        Store { db, writer, dispatch_writer, key, publisher, peers, sink, claim_floors: Default::default() }
+        Store {
+            db,
+            writer,
+            dispatch_writer,
+            key,
+            publisher,
+            peers,
+            sink,
+            claim_floors: Default::default(),
+            publish_progress,
+        }
     }
 
     /// Hands publishes to the dispatcher (once; later calls change nothing): see

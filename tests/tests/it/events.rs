@@ -4,7 +4,7 @@ use herald_control_plane::db::entity::delivery;
 use herald_shared::proto::{self, Webhook};
 use herald_tests::{Backend, ControlPlane, bad_field, event, webhook};
 use prost_types::FieldMask;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use tonic::Code;
 
 use crate::support::{start, start_with};
@@ -275,7 +275,7 @@ async fn star_never_matches_operational_events(backend: Backend) {
         data: "{}".into(),
         trace_context: None,
     };
-    let stored = store.publish("ws_default", vec![e], false, 0).await.unwrap();
+    let stored = store.publish("ws_default", vec![e], false, 0, std::time::Duration::from_secs(5)).await.unwrap();
     let mut got: Vec<&str> = stored[0].deliveries.iter().map(|d| d.webhook_id.as_str()).collect();
     got.sort();
     let mut want = vec![explicit.id.as_str(), group.id.as_str()];
@@ -294,7 +294,7 @@ async fn concurrent_publishes_fail_alone(backend: Backend) {
     taken.id = "taken".into();
     publish(&cp, taken.clone()).await.unwrap();
     let mut calls = Vec::new();
-    for i in 0..60 {
+    for i in 0..250 {
         let cp_events = cp.events();
         let e = if i % 10 == 0 {
             proto::Event { data_json: format!(r#"{{"v":{}}}"#, i + 2), ..taken.clone() }
@@ -365,5 +365,63 @@ async fn concurrent_repeats_of_a_new_id(backend: Backend) {
     assert_eq!(deliveries_of(&db, "rival").await.len(), 1);
     let kept = cp.events().get_event(proto::GetEventRequest { id: "rival".into() }).await.unwrap().into_inner();
     assert_eq!(kept.data_json, rival_ok[0], "the stored content is the one acknowledged");
+    cp.stop().await;
+}
+
+/// `--publish-timeout` bounds a publish waiting on a write that does not move, not the work of a
+/// large one: a call whose 1,000 events go to 250 webhooks each (250,000 deliveries in one
+/// transaction) takes several times the timeout here and is still answered with every delivery.
+/// (The timeout must outlast the commit, one step that writes the page cache, up to 16 MiB.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_write_that_keeps_moving_outlasts_the_publish_timeout() {
+    let timeout = std::time::Duration::from_secs(1);
+    let (cp, db) = start_with(Backend::Sqlite, |c| c.publish_timeout = timeout).await;
+    for i in 0..250 {
+        create(&cp, webhook(&format!("hook-{i}"), "https://example.com/hook", &["incident.*"])).await;
+    }
+    let events: Vec<proto::Event> = (0..1000)
+        .map(|i| proto::Event { id: format!("big-{i}"), ..event("incident.created", r#"{"severity":"high"}"#) })
+        .collect();
+    let started = std::time::Instant::now();
+    let answer = cp.events().publish_events(proto::PublishEventsRequest { events }).await;
+    let took = started.elapsed();
+    let answer = answer.expect("a write that keeps moving is waited for").into_inner();
+    println!("publish of 1,000 events x 250 webhooks: {took:?} with a publish timeout of {timeout:?}");
+    assert!(took > timeout, "the write took {took:?}, too little to show that the bound moves with it");
+    assert_eq!(answer.events.len(), 1000);
+    assert!(answer.events.iter().all(|e| e.deliveries.len() == 250), "every event has its 250 deliveries");
+    let conn = db.connect().await;
+    let stored = delivery::Entity::find().filter(delivery::Column::EventId.starts_with("big-")).count(&conn).await;
+    assert_eq!(stored.unwrap(), 250_000);
+    conn.close().await.ok();
+    cp.stop().await;
+}
+
+/// A publish whose write cannot move (the `events` table locked by another session) is answered
+/// `UNAVAILABLE` once `--publish-timeout` passes without progress, long before the lock goes;
+/// published again with the same id afterwards, the event is stored once with one delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_write_is_refused_after_the_publish_timeout() {
+    use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+    let timeout = std::time::Duration::from_millis(200);
+    let (cp, db) = start_with(Backend::Postgres, |c| c.publish_timeout = timeout).await;
+    create(&cp, webhook("stalled", "https://example.com/hook", &["incident.*"])).await;
+    let conn = db.connect().await;
+    let lock = conn.begin().await.unwrap();
+    lock.execute_unprepared("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let e = proto::Event { id: "stalled-1".into(), ..event("incident.created", "{}") };
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), publish(&cp, e.clone())).await;
+    let took = started.elapsed();
+    lock.commit().await.unwrap();
+    let refused = answer.expect("a stalled publish is answered while the lock is held").expect_err("and refused");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("publish it again with the same id"), "{refused:?}");
+    assert!(took >= timeout, "refused after {took:?}, before the timeout");
+    let again = publish(&cp, e).await.expect("published again once the table is free");
+    assert_eq!(again.id, "stalled-1");
+    assert_eq!(again.deliveries.len(), 1);
+    assert_eq!(deliveries_of(&db, "stalled-1").await.len(), 1, "stored once");
+    conn.close().await.ok();
     cp.stop().await;
 }
