@@ -203,6 +203,13 @@ struct Call {
     first_delay_ms: i64,
 }
 
+impl Call {
+    /// The event data it carries.
+    fn bytes(&self) -> usize {
+        self.events.iter().map(|e| e.data.len()).sum()
+    }
+}
+
 /// Publish calls merged into one write at most, and their events at most.
 const MERGE_CALLS: usize = 256;
 const MERGE_EVENTS: usize = 8192;
@@ -211,6 +218,9 @@ const MERGE_EVENTS: usize = 8192;
 /// few calls, not [`MERGE_EVENTS`] events (eight million rows, minutes of work and gigabytes).
 /// A write takes at least one call whatever it holds.
 const MERGE_DELIVERIES: f64 = 65_536.0;
+/// Event data a merged write holds at most (a call may hold 16 MiB): each write copies its
+/// events' data into rows and statements, and 8,192 events of 256 KiB would be 2 GiB a copy.
+const MERGE_BYTES: usize = 64 << 20;
 
 /// When the publish path last moved: a statement of a publish write finished, or the control
 /// plane finished a step of building one. A publish is answered `UNAVAILABLE` when the path has
@@ -332,15 +342,17 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
                 }
             }
             let mut events: usize = waiting.iter().map(|r| r.call.events.len()).sum();
+            let mut bytes: usize = waiting.iter().map(|r| r.call.bytes()).sum();
             let most_events = MERGE_EVENTS.min((MERGE_DELIVERIES / fan_out) as usize);
             while waiting.len() < MERGE_CALLS {
                 match rx.try_recv() {
-                    Ok(r) if events + r.call.events.len() > most_events => {
+                    Ok(r) if events + r.call.events.len() > most_events || bytes + r.call.bytes() > MERGE_BYTES => {
                         carried = Some(r);
                         break;
                     }
                     Ok(r) => {
                         events += r.call.events.len();
+                        bytes += r.call.bytes();
                         waiting.push(r);
                     }
                     Err(_) => break,

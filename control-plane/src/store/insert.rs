@@ -18,6 +18,10 @@ pub(crate) const CHUNK: usize = 1000;
 /// Rows per PostgreSQL statement. Arrays have no parameter limit; this and [`POSTGRES_BYTES`]
 /// only bound the size of one message.
 const POSTGRES_CHUNK: usize = 10_000;
+/// Text per SQLite statement: a statement ends with the row that reaches it. Two statements'
+/// values are held at a time ([`insert_rows`]), each copied once more to run it, and a thousand
+/// events of 256 KiB would be 256 MiB a statement.
+const SQLITE_BYTES: usize = 16 << 20;
 /// Text per PostgreSQL statement: a statement ends with the row that reaches it. PostgreSQL
 /// refuses a message or a value past 1 GB, and one merged publish may hold thousands of
 /// 256 KiB payloads.
@@ -92,17 +96,7 @@ where
         }
         let unnested = if backend == DbBackend::Postgres { unnest::<M, T>(rest) } else { None };
         // `VALUES` rows otherwise: SQLite, or a table with a column type `unnest` does not map.
-        let (sql, values, taken) = unnested.unwrap_or_else(|| {
-            let (taken, shape) = if backend == DbBackend::Sqlite {
-                let taken = rest.len().min(CHUNK);
-                (taken, shape_len(taken))
-            } else {
-                let taken = exact_shape_len(rest.len());
-                (taken, taken)
-            };
-            let (sql, values) = values::<M, T>(backend, &rest[..taken], shape);
-            (sql, values, taken)
-        });
+        let (sql, values, taken) = unnested.unwrap_or_else(|| values::<M, T>(backend, rest));
         rest = &rest[taken..];
         Some(Statement::from_sql_and_values(backend, sql + suffix, values))
     })
@@ -157,12 +151,13 @@ fn insert_into<E: EntityTrait>(sql: &mut String) {
     sql.push_str("\") ");
 }
 
-/// `INSERT … VALUES (…), …` with the values row after row. On SQLite it is written for `shape`
-/// rows, those past `rows` all NULL, as
+/// `INSERT … VALUES (…), …` for the first rows of `rows`, and how many it took: on SQLite up to
+/// [`CHUNK`] rows and [`SQLITE_BYTES`] of text (at least one row), elsewhere [`exact_shape_len`]
+/// rows. On SQLite it is written for [`shape_len`] rows, those past the rows taken all NULL, as
 /// `INSERT … SELECT * FROM (VALUES …) WHERE columnK IS NOT NULL`, `K` a column that may not be
 /// NULL (the key): the padding is dropped before it is inserted, and the text is the same for
-/// every batch of up to `shape` rows.
-fn values<M, T>(backend: DbBackend, rows: &[T], shape: usize) -> (String, Vec<Value>)
+/// every statement of up to that many rows.
+fn values<M, T>(backend: DbBackend, rows: &[T]) -> (String, Vec<Value>, usize)
 where
     M: sea_orm::ModelTrait,
     T: std::borrow::Borrow<M>,
@@ -170,29 +165,41 @@ where
     use std::fmt::Write as _;
     let columns = columns::<M::Entity>();
     let width = columns.len();
-    let key = columns.iter().position(|&(.., nullable)| !nullable);
-    let (shape, key) = match key {
-        Some(key) if backend == DbBackend::Sqlite => (shape.max(rows.len()), Some(key)),
-        _ => (rows.len(), None),
-    };
+    let sqlite = backend == DbBackend::Sqlite;
+    let key = columns.iter().position(|&(.., nullable)| !nullable).filter(|_| sqlite);
+    let most = if sqlite { rows.len().min(CHUNK) } else { exact_shape_len(rows.len()) };
+    let mut values = Vec::with_capacity(if key.is_some() { shape_len(most) } else { most } * width);
+    let (mut taken, mut bytes) = (0, 0);
+    for row in &rows[..most] {
+        if sqlite && bytes >= SQLITE_BYTES {
+            break;
+        }
+        taken += 1;
+        let row = row.borrow();
+        for &(column, ..) in &columns {
+            let value = row.get(column);
+            if let Value::String(Some(text)) = &value {
+                bytes += text.len();
+            }
+            values.push(value);
+        }
+    }
+    let shape = if key.is_some() { shape_len(taken) } else { taken };
+    values.resize(shape * width, Value::String(None));
     let mut sql = String::with_capacity(96 + shape * width * 3);
     insert_into::<M::Entity>(&mut sql);
     sql.push_str(if key.is_some() { "SELECT * FROM (VALUES " } else { "VALUES " });
-    let mut values = Vec::with_capacity(shape * width);
     for r in 0..shape {
         sql.push_str(if r == 0 { "(" } else { ", (" });
-        let row = rows.get(r).map(std::borrow::Borrow::borrow);
-        for (c, &(column, ..)) in columns.iter().enumerate() {
+        for c in 0..width {
             if c > 0 {
                 sql.push_str(", ");
             }
-            match backend {
-                DbBackend::Postgres => {
-                    let _ = write!(sql, "${}", r * width + c + 1);
-                }
-                _ => sql.push('?'),
+            if sqlite {
+                sql.push('?');
+            } else {
+                let _ = write!(sql, "${}", r * width + c + 1);
             }
-            values.push(row.map_or(Value::String(None), |row| row.get(column)));
         }
         sql.push(')');
     }
@@ -200,7 +207,7 @@ where
         // SQLite names the columns of `VALUES` column1, column2, …
         let _ = write!(sql, ") WHERE column{} IS NOT NULL", key + 1);
     }
-    (sql, values)
+    (sql, values, taken)
 }
 
 /// `INSERT … SELECT … FROM UNNEST($1::type[], …)` for the first rows of `rows`, as many as
@@ -389,5 +396,12 @@ mod tests {
         assert_eq!(rows_per_statement(DbBackend::Postgres, &big), [256, 44]);
         let huge = [attempt(0, POSTGRES_BYTES + 1), attempt(1, 1)];
         assert_eq!(rows_per_statement(DbBackend::Postgres, &huge), [1, 1], "one row over the bound still goes");
+        // On SQLite at 16 MiB, padded as any other statement.
+        assert_eq!(rows_per_statement(DbBackend::Sqlite, &big), [64, 64, 64, 64, 44]);
+        let last = statements::<attempt::Model, _>(DbBackend::Sqlite, &big, "").last().expect("statements");
+        let width = columns::<attempt::Entity>().len();
+        assert_eq!(last.values.expect("bound values").0.len(), 64 * width, "44 rows written as 64");
+        let huge = [attempt(0, SQLITE_BYTES + 1), attempt(1, 1)];
+        assert_eq!(rows_per_statement(DbBackend::Sqlite, &huge), [1, 1], "one row over the bound still goes");
     }
 }
