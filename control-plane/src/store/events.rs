@@ -226,7 +226,9 @@ const MERGE_BYTES: usize = 64 << 20;
 /// plane finished a step of building one. A publish is answered `UNAVAILABLE` when the path has
 /// not moved for the publish timeout (`--publish-timeout`), so a database that stops answering is
 /// a quick error, while a large write that keeps moving (a call whose events go to a thousand
-/// webhooks) is waited for however long it takes.
+/// webhooks) is waited for however long it takes. The mark is shared by the publish loops: while
+/// one of PostgreSQL's loops moves, a call in the other waits too, for at most the server's
+/// `statement_timeout` (15 s) on a statement that does not end.
 pub struct Progress {
     origin: std::time::Instant,
     /// Milliseconds from `origin` to the last move.
@@ -375,7 +377,6 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
             queued: std::sync::Arc::default(),
             progress: progress.clone(),
         };
-        progress.mark();
         let (leased, queued, sink) = (write.leased.clone(), write.queued.clone(), write.sink.clone());
         let answer = writer
             .write(move |txn| {
@@ -393,7 +394,11 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
                 })
             })
             .await;
-        progress.mark();
+        // Only what the database answered is progress: a write that failed at once (a refused
+        // connection) must not keep the calls waiting elsewhere from being answered.
+        if answer.is_ok() {
+            progress.mark();
+        }
         if let Some(writing) = &writing {
             writing.release(&keys);
         }
