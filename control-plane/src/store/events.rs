@@ -192,6 +192,8 @@ impl NewDelivery<'_> {
 pub(crate) struct PublishRequest {
     call: Call,
     reply: tokio::sync::oneshot::Sender<Result<Vec<StoredEvent>, StoreError>>,
+    /// Set to the loop that takes it into a write.
+    taken: Taken,
 }
 
 /// What one publish call asks to store.
@@ -222,52 +224,137 @@ const MERGE_DELIVERIES: f64 = 65_536.0;
 /// events' data into rows and statements, and 8,192 events of 256 KiB would be 2 GiB a copy.
 const MERGE_BYTES: usize = 64 << 20;
 
+/// What a merged write holds so far.
+#[derive(Default)]
+struct Merge {
+    calls: usize,
+    events: usize,
+    bytes: usize,
+    deliveries: f64,
+}
+
+impl Merge {
+    /// Whether `call` joins the write: the first call always does, a later one while the write
+    /// stays within [`MERGE_CALLS`], [`MERGE_EVENTS`], [`MERGE_BYTES`] and, as `fan_out`
+    /// judges it, [`MERGE_DELIVERIES`].
+    fn admits(&self, call: &Call, fan_out: &FanOut) -> bool {
+        self.calls == 0
+            || (self.calls < MERGE_CALLS
+                && self.events + call.events.len() <= MERGE_EVENTS
+                && self.bytes + call.bytes() <= MERGE_BYTES
+                && self.deliveries + fan_out.deliveries(call) <= MERGE_DELIVERIES)
+    }
+
+    fn add(&mut self, call: &Call, fan_out: &FanOut) {
+        self.calls += 1;
+        self.events += call.events.len();
+        self.bytes += call.bytes();
+        self.deliveries += fan_out.deliveries(call);
+    }
+}
+
+/// Deliveries per event of each workspace's last write in one publish loop.
+#[derive(Default)]
+struct FanOut(HashMap<String, f64>);
+
+impl FanOut {
+    /// The deliveries `call` is expected to make. A workspace not written yet counts as filling
+    /// a write, so that its first call is written alone.
+    fn deliveries(&self, call: &Call) -> f64 {
+        let per_event = self.0.get(&call.workspace).copied().unwrap_or(MERGE_DELIVERIES);
+        call.events.len() as f64 * per_event
+    }
+
+    /// Learns from a write's answers.
+    fn learn<'a>(&mut self, stored: impl Iterator<Item = &'a StoredEvent>) {
+        let mut seen: HashMap<&str, (usize, usize)> = HashMap::new();
+        for s in stored {
+            let (events, deliveries) = seen.entry(&s.event.workspace_id).or_default();
+            *events += 1;
+            *deliveries += s.deliveries.len();
+        }
+        for (workspace, (events, deliveries)) in seen {
+            self.0.insert(workspace.to_owned(), deliveries as f64 / events as f64);
+        }
+    }
+}
+
 /// When the publish path last moved: a statement of a publish write finished, or the control
 /// plane finished a step of building one. A publish is answered `UNAVAILABLE` when the path has
 /// not moved for the publish timeout (`--publish-timeout`), so a database that stops answering is
 /// a quick error, while a large write that keeps moving (a call whose events go to a thousand
-/// webhooks) is waited for however long it takes. The mark is shared by the publish loops: while
-/// one of PostgreSQL's loops moves, a call in the other waits too, for at most the server's
-/// `statement_timeout` (15 s) on a statement that does not end.
+/// webhooks) is waited for, up to the writer's bound on one write (30 s, `writer::BATCH_TIMEOUT`,
+/// past which the write is abandoned and its calls told the outcome is unknown).
+///
+/// Each publish loop (a lane) keeps its own mark: a call taken into a write is judged by its own
+/// loop, so that another loop that moves does not keep it waiting on a connection that stopped;
+/// a call still queued by any loop that moves.
 pub struct Progress {
     origin: std::time::Instant,
-    /// Milliseconds from `origin` to the last move.
-    last_ms: std::sync::atomic::AtomicU64,
+    /// Milliseconds from `origin` to the last move of each lane, and of any.
+    lanes: Vec<std::sync::atomic::AtomicU64>,
+    any: std::sync::atomic::AtomicU64,
 }
 
-impl Default for Progress {
-    fn default() -> Self {
-        Progress { origin: std::time::Instant::now(), last_ms: std::sync::atomic::AtomicU64::new(0) }
-    }
-}
+/// Which publish loop took a call: [`QUEUED`] until one does.
+pub(crate) type Taken = std::sync::Arc<std::sync::atomic::AtomicUsize>;
+const QUEUED: usize = usize::MAX;
 
 impl Progress {
-    /// The publish path moved now.
-    pub fn mark(&self) {
+    pub fn new(lanes: usize) -> Progress {
+        Progress {
+            origin: std::time::Instant::now(),
+            lanes: (0..lanes).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+            any: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Publish loop `lane` moved now.
+    pub fn mark(&self, lane: usize) {
         let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+        self.lanes[lane].fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        self.any.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// When the publish path last moved.
-    pub fn last(&self) -> std::time::Instant {
-        self.origin + std::time::Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed))
+    /// Loop `lane` takes the calls of `taken` into a write: they are judged by its moves from
+    /// now on, the first of which is taking them (it may have been idle for a long time).
+    fn take<'a>(&self, lane: usize, taken: impl Iterator<Item = &'a Taken>) {
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.lanes[lane].fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        for t in taken {
+            t.store(lane, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
-    /// Runs `call`, a publish begun now, until it answers, or until the publish path has not
-    /// moved for `timeout` since the later of its start and the last move: then `Unavailable`.
-    pub async fn bound<T>(
+    /// When what `taken` names last moved: its loop, or any loop while it is queued.
+    fn last(&self, taken: &Taken) -> std::time::Instant {
+        let mark = match self.lanes.get(taken.load(std::sync::atomic::Ordering::SeqCst)) {
+            Some(lane) => lane,
+            None => &self.any,
+        };
+        self.origin + std::time::Duration::from_millis(mark.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Runs `call`, a publish begun now, until it answers, or until what `taken` names has not
+    /// moved for `timeout` since the later of the call's start and its last move: then
+    /// `Stalled`.
+    pub(crate) async fn bound<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
+        taken: &Taken,
         timeout: std::time::Duration,
     ) -> Result<T, StoreError> {
         let started = std::time::Instant::now();
         let mut call = std::pin::pin!(call);
         loop {
-            let deadline = started.max(self.last()) + timeout;
+            // A timeout too long to add to an instant bounds nothing.
+            let Some(deadline) = started.max(self.last(taken)).checked_add(timeout) else {
+                return call.await;
+            };
             if let Ok(answer) = tokio::time::timeout_at(deadline.into(), call.as_mut()).await {
                 return answer;
             }
-            if started.max(self.last()) + timeout <= std::time::Instant::now() {
+            if started.max(self.last(taken)).checked_add(timeout).is_some_and(|d| d <= std::time::Instant::now()) {
                 return Err(StoreError::Stalled(format!(
                     "the database made no progress on this publish for {}; the event may or may not be stored: publish it again with the same id",
                     humantime::format_duration(timeout)
@@ -326,10 +413,9 @@ impl Writing {
 /// waits for any other naming one of its ids (`Writing`), so two loops never store one new id at
 /// once; only another replica can (`CONCURRENT_ID`).
 pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) {
-    let Shared { queue, writing, peers, sink, progress } = shared;
+    let Shared { queue, writing, peers, sink, progress, lane } = shared;
     let mut carried: Option<PublishRequest> = None;
-    // Deliveries per event in this loop's last write.
-    let mut fan_out: f64 = 1.0;
+    let mut fan_out = FanOut::default();
     loop {
         let mut waiting: Vec<PublishRequest> = Vec::new();
         let mut keys: Vec<(String, String)> = Vec::new();
@@ -343,22 +429,15 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
                     None => return,
                 }
             }
-            let mut events: usize = waiting.iter().map(|r| r.call.events.len()).sum();
-            let mut bytes: usize = waiting.iter().map(|r| r.call.bytes()).sum();
-            let most_events = MERGE_EVENTS.min((MERGE_DELIVERIES / fan_out) as usize);
-            while waiting.len() < MERGE_CALLS {
-                match rx.try_recv() {
-                    Ok(r) if events + r.call.events.len() > most_events || bytes + r.call.bytes() > MERGE_BYTES => {
-                        carried = Some(r);
-                        break;
-                    }
-                    Ok(r) => {
-                        events += r.call.events.len();
-                        bytes += r.call.bytes();
-                        waiting.push(r);
-                    }
-                    Err(_) => break,
+            let mut merge = Merge::default();
+            merge.add(&waiting[0].call, &fan_out);
+            while let Ok(r) = rx.try_recv() {
+                if !merge.admits(&r.call, &fan_out) {
+                    carried = Some(r);
+                    break;
                 }
+                merge.add(&r.call, &fan_out);
+                waiting.push(r);
             }
             // Still holding the queue: no other loop takes a call while this one waits its turn.
             if let Some(writing) = &writing {
@@ -369,6 +448,8 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
                 writing.claim(&keys).await;
             }
         }
+        // The calls are this loop's now, and judged by its moves from here.
+        progress.take(lane, waiting.iter().map(|r| &r.taken));
         let (calls, replies): (Vec<Call>, Vec<_>) = waiting.into_iter().map(|r| (r.call, r.reply)).unzip();
         let write = Write {
             peers: peers.clone(),
@@ -376,6 +457,7 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
             leased: std::sync::Arc::default(),
             queued: std::sync::Arc::default(),
             progress: progress.clone(),
+            lane,
         };
         let (leased, queued, sink) = (write.leased.clone(), write.queued.clone(), write.sink.clone());
         let answer = writer
@@ -397,17 +479,13 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
         // Only what the database answered is progress: a write that failed at once (a refused
         // connection) must not keep the calls waiting elsewhere from being answered.
         if answer.is_ok() {
-            progress.mark();
+            progress.mark(lane);
         }
         if let Some(writing) = &writing {
             writing.release(&keys);
         }
         if let Ok(each) = &answer {
-            let stored = each.iter().filter_map(|r| r.as_ref().ok()).flatten();
-            let (events, deliveries) = stored.fold((0usize, 0usize), |(e, d), s| (e + 1, d + s.deliveries.len()));
-            if events > 0 {
-                fan_out = (deliveries as f64 / events as f64).max(1.0);
-            }
+            fan_out.learn(each.iter().filter_map(|r| r.as_ref().ok()).flatten());
         }
         let leased = std::mem::take(&mut *leased.lock().expect("leased lock"));
         let queued = queued.load(std::sync::atomic::Ordering::Relaxed);
@@ -456,6 +534,8 @@ pub(crate) struct Shared {
     pub peers: std::sync::Arc<super::Peers>,
     pub sink: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn PublishSink>>>,
     pub progress: std::sync::Arc<Progress>,
+    /// This loop's lane in `progress`.
+    pub lane: usize,
 }
 
 /// Where publishing hands its deliveries: the dispatcher.
@@ -492,6 +572,14 @@ struct Write {
     leased: std::sync::Arc<std::sync::Mutex<Vec<(u64, super::queue::Claimed)>>>,
     queued: std::sync::Arc<std::sync::atomic::AtomicBool>,
     progress: std::sync::Arc<Progress>,
+    lane: usize,
+}
+
+impl Write {
+    /// The write moved.
+    fn moved(&self) {
+        self.progress.mark(self.lane);
+    }
 }
 
 /// Why merged publish calls fail when another replica stored one of their ids meanwhile.
@@ -528,7 +616,7 @@ async fn publish_many(
         }
         for (workspace, ids) in ids_by_workspace {
             existing.insert(workspace.to_owned(), existing_events(txn, workspace, ids).await?);
-            write.progress.mark();
+            write.moved();
         }
     }
     let mut subs: HashMap<String, Vec<Subscriber>> = HashMap::new();
@@ -578,7 +666,7 @@ async fn publish_many(
                 Some(s) => s,
                 None => {
                     let read = subscribers(txn, workspace).await?;
-                    write.progress.mark();
+                    write.moved();
                     subs.entry(workspace.clone()).or_insert(read)
                 }
             };
@@ -603,7 +691,7 @@ async fn publish_many(
                 });
                 staged_deliveries.push(row);
                 if staged_deliveries.len() % 1024 == 0 {
-                    write.progress.mark();
+                    write.moved();
                 }
             }
             let model = event::Model {
@@ -633,11 +721,11 @@ async fn publish_many(
         new_deliveries.append(&mut staged_deliveries);
         reused.extend(staged_reused.into_iter().map(|i| (call, i)));
         answers.push(Ok(out));
-        write.progress.mark();
+        write.moved();
     }
     let stored: Vec<&event::Model> =
         new_events.iter().filter_map(|&(call, i)| answers[call].as_ref().ok().map(|out| &out[i].event)).collect();
-    let moved = || write.progress.mark();
+    let moved = || write.moved();
     if check == Check::OnInsert {
         if !insert_new_events(txn, &stored, &moved).await? {
             return Ok(None);
@@ -684,7 +772,7 @@ async fn publish_many(
     }
     let mut summaries: HashMap<String, HashMap<String, Vec<DeliverySummary>>> = HashMap::new();
     for (workspace, ids) in wanted {
-        let found = delivery_summaries(txn, &workspace, ids).await?;
+        let found = delivery_summaries(txn, &workspace, ids, &moved).await?;
         summaries.insert(workspace, found);
     }
     for (call, i) in reused {
@@ -730,6 +818,7 @@ async fn insert_new_events(
                 .filter(event::Column::Id.is_in(chunk.iter().cloned()))
                 .exec(txn)
                 .await?;
+            moved();
         }
     }
     Ok(false)
@@ -752,7 +841,8 @@ impl Store {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let call = Call { workspace: workspace.to_owned(), events, batch, first_delay_ms };
-        let request = PublishRequest { call, reply };
+        let taken: Taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(QUEUED));
+        let request = PublishRequest { call, reply, taken: taken.clone() };
         let call = async {
             self.publisher
                 .send(request)
@@ -762,7 +852,7 @@ impl Store {
                 .await
                 .map_err(|_| StoreError::Unavailable("the write was interrupted; its outcome is unknown".into()))?
         };
-        self.publish_progress.bound(call, timeout).await
+        self.publish_progress.bound(call, &taken, timeout).await
     }
 
     /// Reads an event of the workspace with its delivery summaries.
@@ -771,7 +861,7 @@ impl Store {
             .one(&self.db)
             .await?
             .ok_or(StoreError::NotFound("event"))?;
-        let mut summaries = delivery_summaries(&self.db, workspace, vec![id.to_owned()]).await?;
+        let mut summaries = delivery_summaries(&self.db, workspace, vec![id.to_owned()], &|| ()).await?;
         Ok(StoredEvent { deliveries: summaries.remove(id).unwrap_or_default(), event })
     }
 }
@@ -839,6 +929,7 @@ async fn delivery_summaries(
     db: &impl ConnectionTrait,
     workspace: &str,
     event_ids: Vec<String>,
+    moved: &(dyn Fn() + Sync),
 ) -> Result<HashMap<String, Vec<DeliverySummary>>, StoreError> {
     let mut out: HashMap<String, Vec<DeliverySummary>> = HashMap::new();
     for chunk in event_ids.chunks(CHUNK) {
@@ -857,6 +948,7 @@ async fn delivery_summaries(
         for (event_id, id, webhook_id, status, attempt_count) in rows {
             out.entry(event_id).or_default().push(DeliverySummary { id, webhook_id, status, attempt_count });
         }
+        moved();
     }
     for list in out.values_mut() {
         list.sort_by(|a, b| a.id.cmp(&b.id));
@@ -876,5 +968,149 @@ mod tests {
         assert!(!json_equal(&a, &json!({"b": [1, "x"], "a": 150.01})));
         assert!(!json_equal(&a, &json!({"b": [1, "x"]})));
         assert!(!json_equal(&json!({"a": null}), &json!({"a": false})));
+    }
+
+    fn call(workspace: &str, events: usize, data: usize) -> super::Call {
+        let event = |i: usize| super::NewEvent {
+            id: format!("e{i}"),
+            event_type: "incident.created".to_owned(),
+            timestamp: "2026-01-01T00:00:00Z".to_owned(),
+            timestamp_supplied: false,
+            data: "x".repeat(data),
+            trace_context: None,
+        };
+        super::Call {
+            workspace: workspace.to_owned(),
+            events: (0..events).map(event).collect(),
+            batch: true,
+            first_delay_ms: 0,
+        }
+    }
+
+    /// How many of `calls` one merged write takes, as `publish_loop` takes them.
+    fn merged(calls: &[super::Call], fan_out: &super::FanOut) -> usize {
+        let mut merge = super::Merge::default();
+        calls
+            .iter()
+            .take_while(|c| {
+                merge.admits(c, fan_out) && {
+                    merge.add(c, fan_out);
+                    true
+                }
+            })
+            .count()
+    }
+
+    #[test]
+    fn merged_writes_are_bounded_by_events_bytes_and_expected_deliveries() {
+        let mut fan_out = super::FanOut::default();
+        // A workspace not written yet: its first call alone, however small.
+        assert_eq!(merged(&[call("ws", 1, 10), call("ws", 1, 10)], &fan_out), 1);
+        // One delivery per event: 8,192 events.
+        fan_out.0.insert("ws".to_owned(), 1.0);
+        let thousands: Vec<super::Call> = (0..10).map(|_| call("ws", 1000, 10)).collect();
+        assert_eq!(merged(&thousands, &fan_out), 8);
+        let singles: Vec<super::Call> = (0..300).map(|_| call("ws", 1, 10)).collect();
+        assert_eq!(merged(&singles, &fan_out), super::MERGE_CALLS);
+        // A thousand webhooks: about 65,536 deliveries, so one call of 50 events, not two.
+        fan_out.0.insert("wide".to_owned(), 1000.0);
+        assert_eq!(merged(&[call("wide", 50, 10), call("wide", 50, 10)], &fan_out), 1);
+        assert_eq!(merged(&[call("ws", 50, 10), call("wide", 60, 10), call("ws", 1, 10)], &fan_out), 3);
+        assert_eq!(merged(&[call("ws", 50, 10), call("wide", 60, 10), call("wide", 10, 10)], &fan_out), 2);
+        // The first call goes whatever it holds.
+        assert_eq!(merged(&[call("wide", 1000, 10), call("ws", 1, 10)], &fan_out), 1);
+        // 64 MiB of event data: one call of 40 MiB, then the next of 40 MiB waits.
+        let big = || call("ws", 40, 1 << 20);
+        assert_eq!(merged(&[big(), big()], &fan_out), 1);
+        assert_eq!(merged(&[big(), call("ws", 20, 1 << 20)], &fan_out), 2);
+    }
+
+    /// A call that never answers, as a stalled write's caller sees it.
+    async fn never() -> Result<(), super::StoreError> {
+        std::future::pending().await
+    }
+
+    fn queued() -> super::Taken {
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(super::QUEUED))
+    }
+
+    /// Marks `lane` every 5 ms until dropped.
+    fn moving(progress: &std::sync::Arc<super::Progress>, lane: usize) -> tokio::task::JoinHandle<()> {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            loop {
+                progress.mark(lane);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_call_is_bounded_by_its_own_loops_moves() {
+        let timeout = std::time::Duration::from_millis(100);
+        let enough = std::time::Duration::from_secs(10);
+        let progress = std::sync::Arc::new(super::Progress::new(2));
+        // Nothing moves: refused after the timeout.
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(enough, progress.bound(never(), &queued(), timeout)).await;
+        assert!(matches!(answer, Ok(Err(super::StoreError::Stalled(_)))), "{answer:?}");
+        assert!(started.elapsed() >= timeout);
+        // Queued while loop 1 moves: waited for, and answered when the call answers.
+        let mover = moving(&progress, 1);
+        let slow = async {
+            tokio::time::sleep(timeout * 4).await;
+            Ok(())
+        };
+        assert!(matches!(progress.bound(slow, &queued(), timeout).await, Ok(())));
+        // Taken by loop 0, which does not move: loop 1's moves do not keep it waiting.
+        let taken = queued();
+        progress.take(0, [&taken].into_iter());
+        let answer = tokio::time::timeout(enough, progress.bound(never(), &taken, timeout)).await;
+        assert!(matches!(answer, Ok(Err(super::StoreError::Stalled(_)))), "{answer:?}");
+        // Taken by loop 1, which moves: waited for.
+        progress.take(1, [&taken].into_iter());
+        let slow = async {
+            tokio::time::sleep(timeout * 4).await;
+            Ok(())
+        };
+        assert!(matches!(progress.bound(slow, &taken, timeout).await, Ok(())));
+        mover.abort();
+        // A timeout no instant can hold bounds nothing (and does not overflow).
+        let answer = progress.bound(async { Ok(()) }, &queued(), std::time::Duration::MAX).await;
+        assert!(matches!(answer, Ok(())));
+    }
+
+    #[test]
+    fn fan_out_is_learned_per_workspace() {
+        use crate::db::entity::{delivery::status, event};
+        let stored = |workspace: &str, deliveries: usize| super::StoredEvent {
+            event: event::Model {
+                workspace_id: workspace.to_owned(),
+                id: "e".to_owned(),
+                event_type: "incident.created".to_owned(),
+                timestamp: String::new(),
+                timestamp_supplied: false,
+                data: "{}".to_owned(),
+                test: false,
+                created_at: 0,
+                trace_context: None,
+            },
+            deliveries: (0..deliveries)
+                .map(|i| super::DeliverySummary {
+                    id: format!("d{i}"),
+                    webhook_id: "w".to_owned(),
+                    status: status::PENDING,
+                    attempt_count: 0,
+                })
+                .collect(),
+        };
+        let mut fan_out = super::FanOut::default();
+        let written = [stored("a", 10), stored("a", 30), stored("b", 0)];
+        fan_out.learn(written.iter());
+        assert_eq!(fan_out.deliveries(&call("a", 5, 1)), 100.0);
+        assert_eq!(fan_out.deliveries(&call("b", 5, 1)), 0.0);
+        assert_eq!(fan_out.deliveries(&call("c", 1, 1)), super::MERGE_DELIVERIES, "not seen yet: fills a write");
+        fan_out.learn([stored("a", 1)].iter());
+        assert_eq!(fan_out.deliveries(&call("a", 5, 1)), 5.0, "the last write counts");
     }
 }

@@ -124,7 +124,7 @@ impl Store {
         let writing = (loops > 1).then(|| std::sync::Arc::new(events::Writing::default()));
         let peers = std::sync::Arc::new(Peers::new());
         let sink = std::sync::Arc::new(std::sync::OnceLock::new());
-        let publish_progress = std::sync::Arc::new(events::Progress::default());
+        let publish_progress = std::sync::Arc::new(events::Progress::new(loops));
         for i in 0..loops {
             let w = if i == 0 { writer.clone() } else { writer.another(&db) };
             let shared = events::Shared {
@@ -133,6 +133,7 @@ impl Store {
                 peers: peers.clone(),
                 sink: sink.clone(),
                 progress: publish_progress.clone(),
+                lane: i,
             };
             tokio::spawn(events::publish_loop(w, shared));
         }
