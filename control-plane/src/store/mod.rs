@@ -126,7 +126,9 @@ impl Store {
         let sink = std::sync::Arc::new(std::sync::OnceLock::new());
         let publish_progress = std::sync::Arc::new(events::Progress::new(loops));
         for i in 0..loops {
-            let w = if i == 0 { writer.clone() } else { writer.another(&db) };
+            // On PostgreSQL each loop has a writer of its own, so that its progress is its own
+            // (`events::Progress`), not held up by other writes; SQLite has one writer.
+            let w = writer.another(&db);
             let shared = events::Shared {
                 queue: queue.clone(),
                 writing: writing.clone(),
