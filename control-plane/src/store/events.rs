@@ -215,8 +215,8 @@ impl Call {
 /// Publish calls merged into one write at most, and their events at most.
 const MERGE_CALLS: usize = 256;
 const MERGE_EVENTS: usize = 8192;
-/// Deliveries a merged write is meant to hold at most, judged by the deliveries per event of the
-/// loop's last write: a workspace whose events go to a thousand webhooks fills a write with a
+/// Deliveries a merged write is meant to hold at most, judged by the deliveries per event of each
+/// workspace's last write in the loop ([`FanOut`]): a workspace whose events go to a thousand webhooks fills a write with a
 /// few calls, not [`MERGE_EVENTS`] events (eight million rows, minutes of work and gigabytes).
 /// A write takes at least one call whatever it holds.
 const MERGE_DELIVERIES: f64 = 65_536.0;
@@ -842,7 +842,7 @@ impl Store {
     /// content is `AlreadyExists` naming the event's field. `first_delay_ms` is the retry
     /// schedule's delay before attempt 1. Concurrent calls are written together
     /// ([`publish_loop`]); each is acknowledged only once its rows are committed and synced.
-    /// `Unavailable` once the publish path has not moved for `timeout` ([`Progress`]).
+    /// `Stalled` once the publish path has not moved for `timeout` ([`Progress`]).
     pub async fn publish(
         &self,
         workspace: &str,
@@ -1046,7 +1046,7 @@ mod tests {
         std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(super::QUEUED))
     }
 
-    /// Marks `lane` every 5 ms until dropped.
+    /// Marks `lane` every 5 ms until aborted.
     fn moving(progress: &std::sync::Arc<super::Progress>, lane: usize) -> tokio::task::JoinHandle<()> {
         let progress = progress.clone();
         tokio::spawn(async move {
