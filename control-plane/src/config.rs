@@ -172,6 +172,10 @@ pub struct ServeArgs {
     /// before it is answered `UNAVAILABLE`. A large write that keeps moving is waited for.
     #[arg(long, env = "HERALD_PUBLISH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub publish_timeout: Duration,
+    /// How long a write may go without progress (no statement finishes) before it is rolled back
+    /// and its callers told the outcome is unknown. A write that keeps moving is waited for.
+    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
     /// How long the old secret keeps signing after a rotation.
     #[arg(long, env = "HERALD_ROTATION_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub rotation_grace: Duration,
@@ -228,6 +232,7 @@ pub struct Config {
     pub retry_after_max: Duration,
     pub lease_grace: Duration,
     pub publish_timeout: Duration,
+    pub write_timeout: Duration,
     pub rotation_grace: Duration,
     pub retention: Duration,
     pub secret_key: SecretKey,
@@ -248,6 +253,7 @@ impl std::fmt::Debug for Config {
             .field("retry_schedule", &self.retry_schedule.to_string())
             .field("lease_grace", &self.lease_grace)
             .field("publish_timeout", &self.publish_timeout)
+            .field("write_timeout", &self.write_timeout)
             .field("rotation_grace", &self.rotation_grace)
             .field("retention", &self.retention)
             .field("tls", &self.tls.is_some())
@@ -295,6 +301,8 @@ pub enum ConfigError {
     HeaderPrefix,
     #[error("--publish-timeout must be at least 1ms")]
     PublishTimeout,
+    #[error("--write-timeout must be at least 1ms")]
+    WriteTimeout,
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -316,6 +324,9 @@ impl TryFrom<ServeArgs> for Config {
         if a.publish_timeout < Duration::from_millis(1) {
             return Err(ConfigError::PublishTimeout);
         }
+        if a.write_timeout < Duration::from_millis(1) {
+            return Err(ConfigError::WriteTimeout);
+        }
         let tls = match (a.tls_cert, a.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: a.client_ca }),
             _ => None,
@@ -329,6 +340,7 @@ impl TryFrom<ServeArgs> for Config {
             retry_after_max: a.retry_after_max,
             lease_grace: a.lease_grace,
             publish_timeout: a.publish_timeout,
+            write_timeout: a.write_timeout,
             rotation_grace: a.rotation_grace,
             retention: a.retention,
             secret_key,
@@ -382,6 +394,7 @@ impl Config {
             retry_after_max: Duration::from_secs(24 * 3600),
             lease_grace: Duration::from_secs(10),
             publish_timeout: crate::db::PUBLISH_TIMEOUT,
+            write_timeout: crate::store::writer::WRITE_TIMEOUT,
             rotation_grace: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(30 * 24 * 3600),
             secret_key: SecretKey::from_bytes([7u8; 32]),
@@ -397,4 +410,35 @@ impl Config {
 /// The loopback ranges, IPv4 and IPv6: what `herald dev` and the tests open for local receivers.
 pub fn loopback() -> Vec<ipnet::IpNet> {
     ["127.0.0.0/8", "::1/128"].iter().map(|r| r.parse().expect("a valid range")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    /// `herald serve` with `flags`, validated as the server would.
+    fn serve(flags: &[&str]) -> Result<Config, ConfigError> {
+        let key = format!("{}=", "A".repeat(43));
+        let args =
+            [&["herald", "serve", "--database-url", "sqlite://herald.db", "--secret-key", &key][..], flags].concat();
+        let Command::Serve(a) = Cli::try_parse_from(args).expect("flags parse").command else { unreachable!() };
+        Config::try_from(*a)
+    }
+
+    #[test]
+    fn the_publish_and_write_timeouts_are_read_and_checked() {
+        let c = serve(&[]).expect("defaults are valid");
+        assert_eq!(
+            (c.publish_timeout, c.write_timeout),
+            (crate::db::PUBLISH_TIMEOUT, crate::store::writer::WRITE_TIMEOUT)
+        );
+        let c = serve(&["--publish-timeout", "250ms", "--write-timeout", "2m"]).unwrap();
+        assert_eq!((c.publish_timeout, c.write_timeout), (Duration::from_millis(250), Duration::from_secs(120)));
+        let zero = serve(&["--write-timeout", "0s"]).expect_err("refused");
+        assert!(zero.to_string().contains("--write-timeout"), "{zero}");
+        let zero = serve(&["--publish-timeout", "0s"]).expect_err("refused");
+        assert!(zero.to_string().contains("--publish-timeout"), "{zero}");
+    }
 }

@@ -63,7 +63,7 @@ pub async fn run(
     let sync = db::sync_setting(&db).await.unwrap_or_default();
     tracing::info!(%sync, "database ready");
 
-    let store = Store::new(db.clone(), config.secret_key.clone());
+    let store = Store::with_write_timeout(db.clone(), config.secret_key.clone(), config.write_timeout);
     if let Some(key) = &config.bootstrap_api_key {
         store
             .put_api_key(&config.bootstrap_workspace, key, Scope::Admin)

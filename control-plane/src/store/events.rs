@@ -283,8 +283,8 @@ impl FanOut {
 /// plane finished a step of building one. A publish is answered `UNAVAILABLE` when the path has
 /// not moved for the publish timeout (`--publish-timeout`), so a database that stops answering is
 /// a quick error, while a large write that keeps moving (a call whose events go to a thousand
-/// webhooks) is waited for, up to the writer's bound on one write (30 s, `writer::BATCH_TIMEOUT`,
-/// past which the write is abandoned and its calls told the outcome is unknown).
+/// webhooks) is waited for. The writer's own bound (`--write-timeout`, 30 s) is on progress too: the
+/// same marks keep it from abandoning the write.
 ///
 /// Each publish loop (a lane) keeps its own mark: a call taken into a write is judged by its own
 /// loop, so that another loop that moves does not keep it waiting on a connection that stopped;
@@ -309,9 +309,14 @@ impl Progress {
         }
     }
 
+    /// Milliseconds from `origin` to now.
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Publish loop `lane` moved now.
     pub fn mark(&self, lane: usize) {
-        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now = self.now();
         self.lanes[lane].fetch_max(now, std::sync::atomic::Ordering::SeqCst);
         self.any.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
     }
@@ -319,8 +324,7 @@ impl Progress {
     /// Loop `lane` takes the calls of `taken` into a write: they are judged by its moves from
     /// now on, the first of which is taking them (it may have been idle for a long time).
     fn take<'a>(&self, lane: usize, taken: impl Iterator<Item = &'a Taken>) {
-        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.lanes[lane].fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        self.lanes[lane].fetch_max(self.now(), std::sync::atomic::Ordering::SeqCst);
         for t in taken {
             t.store(lane, std::sync::atomic::Ordering::SeqCst);
         }
@@ -470,6 +474,7 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
             queued: std::sync::Arc::default(),
             progress: progress.clone(),
             lane,
+            writing: writer.moves(),
         };
         let (leased, queued, sink) = (write.leased.clone(), write.queued.clone(), write.sink.clone());
         let answer = writer
@@ -585,12 +590,15 @@ struct Write {
     queued: std::sync::Arc<std::sync::atomic::AtomicBool>,
     progress: std::sync::Arc<Progress>,
     lane: usize,
+    /// The writer's marks, which bound the batch this write is in.
+    writing: super::writer::Moves,
 }
 
 impl Write {
-    /// The write moved.
+    /// The write moved: for its callers (`Progress`) and for its writer (`--write-timeout`).
     fn moved(&self) {
         self.progress.mark(self.lane);
+        self.writing.mark();
     }
 }
 

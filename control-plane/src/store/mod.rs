@@ -115,8 +115,15 @@ pub struct Store {
 }
 
 impl Store {
+    /// A store whose writers abandon a write that has not moved for [`writer::WRITE_TIMEOUT`].
     pub fn new(db: DatabaseConnection, key: SecretKey) -> Self {
-        let writer = Writer::spawn(db.clone());
+        Self::with_write_timeout(db, key, writer::WRITE_TIMEOUT)
+    }
+
+    /// A store whose writers abandon a write that has not moved for `write_timeout`
+    /// (`--write-timeout`).
+    pub fn with_write_timeout(db: DatabaseConnection, key: SecretKey, write_timeout: std::time::Duration) -> Self {
+        let writer = Writer::spawn(db.clone(), write_timeout);
         let dispatch_writer = writer.another(&db);
         let (publisher, calls) = tokio::sync::mpsc::channel(1024);
         let queue: events::PublishQueue = std::sync::Arc::new(tokio::sync::Mutex::new(calls));

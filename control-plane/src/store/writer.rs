@@ -38,10 +38,13 @@ use super::StoreError;
 const MAX_BATCH: usize = 512;
 /// Operations that may wait for the writer before callers feel back-pressure.
 const QUEUE: usize = 4096;
-/// The longest a batch may take, begin to commit. Past it, its callers are told the outcome is
-/// unknown (a commit that timed out may have happened), and the writer moves on: a database that
-/// stops answering must never hang every write behind it.
-const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a batch may go without moving (`--write-timeout`): no step of the writer's own
+/// (begun, an operation run, committing) and no statement an operation marks ([`Moves`]). Past
+/// it, the batch is abandoned (rolled back if not yet committed), its callers are told the outcome
+/// is unknown (a commit cut short may have happened), and the writer moves on: a database that
+/// stops answering must never hang every write behind it. A batch that keeps moving is waited
+/// for, however long it takes: a large publish is not refused for its size.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest a caller waits for room in the queue.
 const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 /// On SQLite, the checkpointer copies committed WAL pages into the database file at most this
@@ -106,22 +109,61 @@ pub struct CommitLabels {
 /// Committed write transactions, by whether they were synced to disk.
 pub type Commits = Family<CommitLabels, Counter>;
 
+/// When a writer's batch last moved. The writer marks each step of its own; an operation that
+/// runs many statements marks each that finishes ([`Writer::moves`]), so that a long write that
+/// keeps moving is told from one the database stopped answering.
+#[derive(Clone)]
+pub struct Moves(Arc<MovesSince>);
+
+struct MovesSince {
+    origin: std::time::Instant,
+    /// Milliseconds from `origin` to the last move.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Moves {
+    fn new() -> Moves {
+        Moves(Arc::new(MovesSince { origin: std::time::Instant::now(), last: Default::default() }))
+    }
+
+    /// The batch moved now.
+    pub fn mark(&self) {
+        let now = u64::try_from(self.0.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last.fetch_max(now, Ordering::SeqCst);
+    }
+
+    /// The instant `timeout` after the last move; `None` if no instant can hold it.
+    fn deadline(&self, timeout: Duration) -> Option<std::time::Instant> {
+        let last = Duration::from_millis(self.0.last.load(Ordering::SeqCst));
+        self.0.origin.checked_add(last)?.checked_add(timeout)
+    }
+}
+
 /// A handle to the writer task. Cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Op>,
     /// Transactions committed, durable or relaxed (exported as `herald_db_commits_total`).
     pub commits: Commits,
+    moves: Moves,
+    timeout: Duration,
 }
 
 impl Writer {
-    /// Starts the writer task on `db`. It ends when every handle is dropped.
-    pub fn spawn(db: DatabaseConnection) -> Writer {
+    /// Starts the writer task on `db`, which abandons a batch that has not moved for `timeout`
+    /// ([`WRITE_TIMEOUT`] by default). It ends when every handle is dropped.
+    pub fn spawn(db: DatabaseConnection, timeout: Duration) -> Writer {
         let commits = Commits::default();
         for sync in ["durable", "relaxed"] {
             commits.get_or_create(&CommitLabels { sync }).inc_by(0);
         }
-        Self::spawn_counting(db, commits)
+        Self::spawn_counting(db, commits, timeout)
+    }
+
+    /// What an operation marks when a statement of its own finishes, so that a write of many
+    /// statements is bounded by its progress rather than by its length.
+    pub fn moves(&self) -> Moves {
+        self.moves.clone()
     }
 
     /// Another writer, counting its commits with this one's. On PostgreSQL it is a writer task of
@@ -132,15 +174,16 @@ impl Writer {
     /// takes one writer at a time, it is this writer.
     pub fn another(&self, db: &DatabaseConnection) -> Writer {
         match db.get_database_backend() {
-            DbBackend::Postgres => Self::spawn_counting(db.clone(), self.commits.clone()),
+            DbBackend::Postgres => Self::spawn_counting(db.clone(), self.commits.clone(), self.timeout),
             _ => self.clone(),
         }
     }
 
-    fn spawn_counting(db: DatabaseConnection, commits: Commits) -> Writer {
+    fn spawn_counting(db: DatabaseConnection, commits: Commits, timeout: Duration) -> Writer {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(db, rx, commits.clone()));
-        Writer { tx, commits }
+        let moves = Moves::new();
+        tokio::spawn(run(db, rx, commits.clone(), moves.clone(), timeout));
+        Writer { tx, commits, moves, timeout }
     }
 
     /// Runs `f` in a transaction shared with other writes and returns its result once committed
@@ -174,7 +217,7 @@ impl Writer {
             Ok(Err(_)) => return Err(StoreError::Unavailable("the writer has stopped".into())),
             Err(_) => return Err(StoreError::Unavailable("the writer is overloaded".into())),
         }
-        // A dropped answer means the batch timed out or failed unexpectedly mid-way.
+        // A dropped answer means the batch stalled or failed unexpectedly mid-way.
         answer.await.map_err(|_| StoreError::Unavailable("the write was interrupted; its outcome is unknown".into()))?
     }
 }
@@ -237,7 +280,7 @@ async fn own_connection(db: DatabaseConnection, fresh: Arc<AtomicBool>) -> (Data
     }
 }
 
-async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commits) {
+async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commits, moves: Moves, timeout: Duration) {
     let pool = db.clone();
     let fresh = Arc::new(AtomicBool::new(true));
     let (db, may_relax, own) = own_connection(db, fresh.clone()).await;
@@ -256,18 +299,30 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commit
         }
         let ops = std::mem::take(&mut batch);
         let n = ops.len();
-        // Dropping the batch on timeout or panic drops its transaction (rolled back if not yet
-        // committed) and its answer channels, which tells each caller the outcome is unknown.
-        match tokio::time::timeout(
-            BATCH_TIMEOUT,
-            std::panic::AssertUnwindSafe(commit_batch(&db, ops, may_relax, own, &fresh, &commits, &mut sync))
-                .catch_unwind(),
-        )
-        .await
-        {
-            Ok(Ok(())) => committed.notify_one(),
-            Ok(Err(_)) => tracing::error!(operations = n, "a write panicked; its batch was abandoned"),
-            Err(_) => tracing::error!(operations = n, timeout = ?BATCH_TIMEOUT, "a write batch timed out"),
+        // Dropping the batch when it stalls or panics drops its transaction (rolled back if not
+        // yet committed) and its answer channels, which tells each caller the outcome is unknown.
+        moves.mark();
+        let conn = Conn { db: &db, may_relax, own, fresh: &fresh };
+        let work = std::panic::AssertUnwindSafe(commit_batch(conn, ops, &commits, &mut sync, &moves)).catch_unwind();
+        match until_stalled(work, &moves, timeout).await {
+            Some(Ok(())) => committed.notify_one(),
+            Some(Err(_)) => tracing::error!(operations = n, "a write panicked; its batch was abandoned"),
+            None => tracing::error!(operations = n, ?timeout, "a write batch made no progress; abandoned"),
+        }
+    }
+}
+
+/// Runs `work` until it ends, or until `moves` has not moved for `timeout`: then `None`.
+async fn until_stalled<T>(work: impl std::future::Future<Output = T>, moves: &Moves, timeout: Duration) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    loop {
+        // A timeout too long to add to an instant bounds nothing.
+        let Some(deadline) = moves.deadline(timeout) else { return Some(work.await) };
+        if let Ok(done) = tokio::time::timeout_at(deadline.into(), work.as_mut()).await {
+            return Some(done);
+        }
+        if moves.deadline(timeout).is_some_and(|d| d <= std::time::Instant::now()) {
+            return None;
         }
     }
 }
@@ -382,15 +437,17 @@ fn fail_all(ops: impl IntoIterator<Item = Op>, err: &StoreError) {
     }
 }
 
-async fn commit_batch(
-    db: &DatabaseConnection,
-    ops: Vec<Op>,
+/// The writer's connection, as `own_connection` found it.
+#[derive(Clone, Copy)]
+struct Conn<'a> {
+    db: &'a DatabaseConnection,
     may_relax: bool,
     own: bool,
-    fresh: &AtomicBool,
-    commits: &Commits,
-    sync: &mut SyncLevel,
-) {
+    fresh: &'a AtomicBool,
+}
+
+async fn commit_batch(conn: Conn<'_>, ops: Vec<Op>, commits: &Commits, sync: &mut SyncLevel, moves: &Moves) {
+    let Conn { db, may_relax, own, fresh } = conn;
     let durable = !may_relax || ops.iter().any(|op| op.durable());
     let committed = || {
         commits.get_or_create(&CommitLabels { sync: if durable { "durable" } else { "relaxed" } }).inc();
@@ -404,10 +461,12 @@ async fn commit_batch(
             return fail_all(ops, &err);
         }
     };
+    moves.mark();
     if ops.len() == 1 {
         // A lone operation needs no savepoint: its failure rolls the whole transaction back.
         let mut op = ops.into_iter().next().expect("one operation");
         if op.run(&txn).await {
+            moves.mark();
             let outcome = txn.commit().await.map_err(StoreError::from);
             if outcome.is_ok() {
                 committed();
@@ -439,6 +498,7 @@ async fn commit_batch(
             fail_all(done.into_iter().chain(std::iter::once(op)).chain(ops), &err);
             return;
         }
+        moves.mark();
         if ok {
             done.push(op);
         } else {
@@ -483,7 +543,7 @@ mod tests {
         const FULL: i64 = 2;
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("w.db").display());
-        let writer = Writer::spawn(crate::db::connect(&url).await.unwrap());
+        let writer = Writer::spawn(crate::db::connect(&url).await.unwrap(), WRITE_TIMEOUT);
         for (durable, want) in
             [(true, FULL), (true, FULL), (false, NORMAL), (false, NORMAL), (true, FULL), (false, NORMAL)]
         {
@@ -506,7 +566,8 @@ mod tests {
         const WRITTEN: u64 = 2 << 20;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
-        let writer = Writer::spawn(crate::db::connect(&format!("sqlite://{}", path.display())).await.unwrap());
+        let writer =
+            Writer::spawn(crate::db::connect(&format!("sqlite://{}", path.display())).await.unwrap(), WRITE_TIMEOUT);
         writer.write(statement("CREATE TABLE blobs (b BLOB)")).await.unwrap();
         let before = std::fs::metadata(&path).unwrap().len();
         // 2 MiB in 8 commits: 512 pages, an eighth of `WAL_AUTOCHECKPOINT_PAGES`.
@@ -523,5 +584,54 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the database file holds {len} bytes, {before} before");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A batch is bounded by its progress, not its length: a write that marks each statement
+    /// outlasts the timeout three times over and commits; one that stops moving is abandoned
+    /// (nothing of it committed, its caller told the outcome is unknown), and the writer goes on.
+    #[tokio::test]
+    async fn a_write_is_abandoned_only_when_it_stops_moving() {
+        let timeout = Duration::from_millis(300);
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("m.db").display());
+        let writer = Writer::spawn(crate::db::connect(&url).await.unwrap(), timeout);
+        writer.write(statement("CREATE TABLE t (n INTEGER)")).await.unwrap();
+        let moves = writer.moves();
+        let started = std::time::Instant::now();
+        writer
+            .write(move |txn| {
+                Box::pin(async move {
+                    for i in 0..18 {
+                        txn.execute_unprepared(&format!("INSERT INTO t VALUES ({i})")).await?;
+                        moves.mark();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok(())
+                })
+            })
+            .await
+            .expect("a write that keeps moving is waited for");
+        assert!(started.elapsed() > timeout * 2, "the write took {:?}", started.elapsed());
+        let stuck = writer.write(|txn| {
+            Box::pin(async move {
+                txn.execute_unprepared("INSERT INTO t VALUES (100)").await?;
+                std::future::pending::<()>().await;
+                Ok(())
+            })
+        });
+        let answer = tokio::time::timeout(Duration::from_secs(20), stuck).await.expect("abandoned, not waited for");
+        assert!(matches!(&answer, Err(StoreError::Unavailable(m)) if m.contains("outcome is unknown")), "{answer:?}");
+        fn count(txn: &DatabaseTransaction) -> BoxFuture<'_, Result<(i64, i64), StoreError>> {
+            Box::pin(async move {
+                let row = txn
+                    .query_one_raw(Statement::from_string(DbBackend::Sqlite, "SELECT count(*), max(n) FROM t"))
+                    .await?
+                    .expect("a row");
+                let get = |i| row.try_get_by_index::<i64>(i).map_err(|e| StoreError::Internal(e.to_string()));
+                Ok((get(0)?, get(1)?))
+            })
+        }
+        let (rows, max) = writer.write(count).await.expect("the writer goes on");
+        assert_eq!((rows, max), (18, 17), "nothing of the abandoned write");
     }
 }

@@ -368,16 +368,21 @@ async fn concurrent_repeats_of_a_new_id(backend: Backend) {
     cp.stop().await;
 }
 
-/// `--publish-timeout` bounds a publish waiting on a write that does not move, not the work of a
-/// large one: a call whose 1,000 events go to 250 webhooks each (250,000 deliveries in one
-/// transaction) takes several times the timeout here and is still answered with every delivery.
+/// `--publish-timeout` bounds a publish waiting on a write that does not move, and
+/// `--write-timeout` the writer's batch, not the work of a large one: a call whose 1,000 events go
+/// to 250 webhooks each (250,000 deliveries in one transaction) takes several times both timeouts
+/// here and is still answered with every delivery.
 /// On PostgreSQL, whose statements of 10,000 rows took 0.25–0.45 s each here (a debug build)
 /// and the commit 0.16 s: the timeout has to outlast the longest single step. (On SQLite that
 /// step is the commit, which also checkpoints the write's WAL: about 1 s for this write.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_write_that_keeps_moving_outlasts_the_publish_timeout() {
+async fn a_large_write_that_keeps_moving_outlasts_the_publish_and_write_timeouts() {
     let timeout = std::time::Duration::from_secs(2);
-    let (cp, db) = start_with(Backend::Postgres, |c| c.publish_timeout = timeout).await;
+    let (cp, db) = start_with(Backend::Postgres, |c| {
+        c.publish_timeout = timeout;
+        c.write_timeout = timeout;
+    })
+    .await;
     for i in 0..250 {
         create(&cp, webhook(&format!("hook-{i}"), "https://example.com/hook", &["incident.*"])).await;
     }
@@ -388,7 +393,7 @@ async fn a_large_write_that_keeps_moving_outlasts_the_publish_timeout() {
     let answer = cp.events().publish_events(proto::PublishEventsRequest { events }).await;
     let took = started.elapsed();
     let answer = answer.expect("a write that keeps moving is waited for").into_inner();
-    println!("publish of 1,000 events x 250 webhooks: {took:?} with a publish timeout of {timeout:?}");
+    println!("publish of 1,000 events x 250 webhooks: {took:?} with publish and write timeouts of {timeout:?}");
     assert!(took > timeout, "the write took {took:?}, too little to show that the bound moves with it");
     assert_eq!(answer.events.len(), 1000);
     assert!(answer.events.iter().all(|e| e.deliveries.len() == 250), "every event has its 250 deliveries");

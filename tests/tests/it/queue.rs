@@ -899,9 +899,9 @@ fn postgres_level(
 #[tokio::test]
 async fn postgres_writers_commit_each_batch_at_its_own_sync_level() {
     use herald_control_plane::store::StoreError;
-    use herald_control_plane::store::writer::Writer;
+    use herald_control_plane::store::writer::{WRITE_TIMEOUT, Writer};
     let db = TestDb::new(Backend::Postgres).await;
-    let writer = Writer::spawn(db.connect().await);
+    let writer = Writer::spawn(db.connect().await, WRITE_TIMEOUT);
     let level = async |durable: bool| {
         // A batch on a connection that was just cut fails once; the next opens a new one.
         for _ in 0..5 {
