@@ -172,8 +172,9 @@ pub struct ServeArgs {
     /// before it is answered `UNAVAILABLE`. A large write that keeps moving is waited for.
     #[arg(long, env = "HERALD_PUBLISH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub publish_timeout: Duration,
-    /// How long a write may go without progress (no statement finishes) before it is rolled back
-    /// and its callers told the outcome is unknown. A write that keeps moving is waited for.
+    /// How long a write may go without progress before it is rolled back and its callers told the
+    /// outcome is unknown: a publish write moves with each statement that finishes, any other
+    /// write with each operation of its batch. A publish that keeps moving is waited for.
     #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
     /// How long the old secret keeps signing after a rotation.

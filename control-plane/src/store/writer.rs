@@ -113,7 +113,7 @@ pub type Commits = Family<CommitLabels, Counter>;
 /// runs many statements marks each that finishes ([`Writer::moves`]), so that a long write that
 /// keeps moving is told from one the database stopped answering.
 #[derive(Clone)]
-pub struct Moves(Arc<MovesSince>);
+pub(crate) struct Moves(Arc<MovesSince>);
 
 struct MovesSince {
     origin: std::time::Instant,
@@ -127,7 +127,7 @@ impl Moves {
     }
 
     /// The batch moved now.
-    pub fn mark(&self) {
+    pub(crate) fn mark(&self) {
         let now = u64::try_from(self.0.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.0.last.fetch_max(now, Ordering::SeqCst);
     }
@@ -162,7 +162,7 @@ impl Writer {
 
     /// What an operation marks when a statement of its own finishes, so that a write of many
     /// statements is bounded by its progress rather than by its length.
-    pub fn moves(&self) -> Moves {
+    pub(crate) fn moves(&self) -> Moves {
         self.moves.clone()
     }
 
