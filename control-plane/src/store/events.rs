@@ -371,36 +371,56 @@ impl Progress {
 /// Publish calls waiting to be merged, shared by the publish loops.
 pub(crate) type PublishQueue = std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<PublishRequest>>>;
 
-/// The event ids that publish loops are writing now, when there are several loops: a merged
-/// write waits for any other that names one of its ids to commit, so that calls repeating an id
-/// behave as if one after another (the later one finds the stored event) rather than conflict.
+/// The event ids that publish loops are writing now, when there are several loops, each with the
+/// loop writing it: a call naming an id that another loop is writing waits for that write to
+/// commit, so that calls repeating an id behave as if one after another (the later one finds the
+/// stored event) rather than conflict. It waits set aside, not in the way: the loop writes the
+/// other calls meanwhile (a publish made again while its first attempt's write is stuck must not
+/// hold up every other publish).
 #[derive(Default)]
 pub(crate) struct Writing {
-    ids: std::sync::Mutex<HashSet<(String, String)>>,
+    /// By workspace, then id.
+    ids: std::sync::Mutex<HashMap<String, HashMap<String, usize>>>,
     done: tokio::sync::Notify,
 }
 
+/// What [`Writing::claim_free`] found: the calls whose ids loop `lane` claimed, those ids, and
+/// the other calls, each with the loop whose write it waits for.
+type Claimed = (Vec<PublishRequest>, Vec<(String, String)>, Vec<(PublishRequest, usize)>);
+
 impl Writing {
-    /// Claims `keys` for one write, once no other write holds any of them.
-    async fn claim(&self, keys: &[(String, String)]) {
-        loop {
-            // Registered before the check, so a write that ends in between still wakes this one.
-            let ended = self.done.notified();
-            {
-                let mut ids = self.ids.lock().expect("publish ids lock");
-                if !keys.iter().any(|k| ids.contains(k)) {
-                    ids.extend(keys.iter().cloned());
-                    return;
+    /// Claims for loop `lane` the ids of each of `calls` that names no id another loop is writing.
+    fn claim_free(&self, calls: Vec<PublishRequest>, lane: usize) -> Claimed {
+        let mut ids = self.ids.lock().expect("publish ids lock");
+        let (mut mine, mut keys, mut blocked) = (Vec::new(), Vec::new(), Vec::new());
+        for r in calls {
+            let workspace = &r.call.workspace;
+            let held = ids.get(workspace);
+            let holder = r.call.events.iter().find_map(|e| held?.get(&e.id).copied().filter(|&l| l != lane));
+            match holder {
+                Some(other) => blocked.push((r, other)),
+                None => {
+                    let held = ids.entry(workspace.clone()).or_default();
+                    for e in &r.call.events {
+                        held.insert(e.id.clone(), lane);
+                        keys.push((workspace.clone(), e.id.clone()));
+                    }
+                    mine.push(r);
                 }
             }
-            ended.await;
         }
+        (mine, keys, blocked)
     }
 
     fn release(&self, keys: &[(String, String)]) {
         let mut ids = self.ids.lock().expect("publish ids lock");
-        for k in keys {
-            ids.remove(k);
+        for (workspace, id) in keys {
+            if let Some(held) = ids.get_mut(workspace) {
+                held.remove(id);
+                if held.is_empty() {
+                    ids.remove(workspace);
+                }
+            }
         }
         drop(ids);
         self.done.notify_waiters();
@@ -413,36 +433,41 @@ impl Writing {
 /// call still gets its own answer: a call whose event conflicts with a stored one fails alone.
 ///
 /// On PostgreSQL several loops, each with a writer of its own, take turns at the queue, so that
-/// one merged write is built and committed while another waits for its fsync. A merged write
-/// waits for any other naming one of its ids (`Writing`), so two loops never store one new id at
-/// once; only another replica can (`CONCURRENT_ID`).
+/// one merged write is built and committed while another waits for its fsync. A call naming an
+/// id that another loop is writing is set aside until that write ends (`Writing`), so two loops
+/// never store one new id at once; only another replica can (`CONCURRENT_ID`).
 pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) {
     let Shared { queue, writing, peers, sink, progress, lane } = shared;
     let mut carried: Option<PublishRequest> = None;
+    // Calls naming an id another loop is writing (`Writing`): tried again first, each time.
+    let mut aside: Vec<PublishRequest> = Vec::new();
     let mut fan_out = FanOut::default();
     loop {
+        // Registered before the calls set aside are tried, so that a write ending in between
+        // still wakes this loop when they are all it has.
+        let ended = writing.as_ref().map(|w| w.done.notified());
         let mut waiting: Vec<PublishRequest> = Vec::new();
         let mut keys: Vec<(String, String)> = Vec::new();
         {
-            // A call carried from the last write is written now, with whatever else is queued
-            // if the queue is free: the other loop may be holding it while it waits for a call,
-            // and the carried one must not wait for new traffic.
-            let mut rx = match carried.take() {
-                Some(r) => {
-                    waiting.push(r);
-                    queue.try_lock().ok()
+            // A call carried from the last write, or set aside, is tried now, with whatever else
+            // is queued if the queue is free: the other loop may be holding it while it waits for
+            // a call, and these must not wait for new traffic.
+            let mut rx = if carried.is_some() || !aside.is_empty() {
+                waiting.extend(carried.take());
+                waiting.append(&mut aside);
+                queue.try_lock().ok()
+            } else {
+                let mut rx = queue.lock().await;
+                match rx.recv().await {
+                    Some(r) => waiting.push(r),
+                    None => return,
                 }
-                None => {
-                    let mut rx = queue.lock().await;
-                    match rx.recv().await {
-                        Some(r) => waiting.push(r),
-                        None => return,
-                    }
-                    Some(rx)
-                }
+                Some(rx)
             };
             let mut merge = Merge::default();
-            merge.add(&waiting[0].call, &fan_out);
+            for r in &waiting {
+                merge.add(&r.call, &fan_out);
+            }
             while let Some(r) = rx.as_mut().and_then(|rx| rx.try_recv().ok()) {
                 if !merge.admits(&r.call, &fan_out) {
                     // This loop's from now: judged by its moves, not by another loop's.
@@ -453,16 +478,29 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
                 merge.add(&r.call, &fan_out);
                 waiting.push(r);
             }
-            // Holding the queue if it was free: no other loop takes a call while this one waits
-            // its turn.
             if let Some(writing) = &writing {
-                keys = waiting
-                    .iter()
-                    .flat_map(|r| r.call.events.iter().map(|e| (r.call.workspace.clone(), e.id.clone())))
-                    .collect();
-                writing.claim(&keys).await;
+                let blocked;
+                (waiting, keys, blocked) = writing.claim_free(waiting, lane);
+                for (r, other) in blocked {
+                    // Judged by the write it waits for: refused if that one stops moving.
+                    r.taken.store(other, std::sync::atomic::Ordering::SeqCst);
+                    aside.push(r);
+                }
             }
             drop(rx);
+        }
+        if waiting.is_empty() {
+            // Every call waits for another loop's write: wait for a write to end, taking the
+            // next new call meanwhile, unless one was carried (it is tried at once).
+            let Some(ended) = ended.filter(|_| carried.is_none()) else { continue };
+            tokio::select! {
+                _ = ended => {}
+                r = async { queue.lock().await.recv().await } => match r {
+                    Some(r) => carried = Some(r),
+                    None => return,
+                },
+            }
+            continue;
         }
         // The calls are this loop's now, and judged by its moves from here.
         progress.take(lane, waiting.iter().map(|r| &r.taken));

@@ -442,3 +442,70 @@ async fn a_stalled_write_is_refused_after_the_publish_timeout() {
     conn.close().await.ok();
     cp.stop().await;
 }
+
+/// A publish made again while its first attempt's write is stuck (another session holds an
+/// uncommitted row with its id, so the insert waits for it) is set aside until that write ends:
+/// it does not hold up other publishes, which are stored meanwhile. Once the row goes, the id is
+/// stored once. (Before, the loop that took the second attempt waited for the first write while
+/// holding the queue, and every publish was refused after `--publish-timeout`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_repeated_while_its_first_write_is_stuck_holds_up_no_other() {
+    use herald_control_plane::db::entity::event as stored;
+    use sea_orm::{ActiveValue::Set, ConnectionTrait as _, Statement, TransactionTrait as _};
+    let (cp, db) = start_with(Backend::Postgres, |c| c.publish_timeout = std::time::Duration::from_secs(1)).await;
+    create(&cp, webhook("stuck", "https://example.com/hook", &["incident.*"])).await;
+    let conn = db.connect().await;
+    let holder = conn.begin().await.unwrap();
+    let row = stored::ActiveModel {
+        workspace_id: Set("ws_default".into()),
+        id: Set("stuck-1".into()),
+        event_type: Set("incident.created".into()),
+        timestamp: Set("2026-01-01T00:00:00Z".into()),
+        timestamp_supplied: Set(false),
+        data: Set("{}".into()),
+        test: Set(false),
+        created_at: Set(0),
+        trace_context: Set(None),
+    };
+    stored::Entity::insert(row).exec(&holder).await.unwrap();
+    let pid = holder.query_one_raw(Statement::from_string(conn.get_database_backend(), "SELECT pg_backend_pid()"));
+    let pid: i32 = pid.await.unwrap().unwrap().try_get_by_index(0).unwrap();
+    let stuck = proto::Event { id: "stuck-1".into(), ..event("incident.created", "{}") };
+    let attempt = |e: proto::Event| {
+        let mut events = cp.events();
+        tokio::spawn(async move { events.publish_event(proto::PublishEventRequest { event: Some(e) }).await })
+    };
+    // The first attempt's write waits for the holder's row.
+    let first = attempt(stuck.clone());
+    let blocked = format!("SELECT count(*) FROM pg_stat_activity WHERE {pid} = ANY(pg_blocking_pids(pid))");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let n = conn.query_one_raw(Statement::from_string(conn.get_database_backend(), blocked.clone())).await;
+        if n.unwrap().unwrap().try_get_by_index::<i64>(0).unwrap() > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the first attempt's insert never waited for the row");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The second attempt goes to the other publish loop, which sets it aside.
+    let second = attempt(stuck.clone());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let other = proto::Event { id: "free-1".into(), ..event("incident.created", "{}") };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), publish(&cp, other)).await;
+    let stored_meanwhile = answer.expect("answered").expect("stored while the first write is stuck");
+    assert_eq!(stored_meanwhile.deliveries.len(), 1);
+    holder.rollback().await.unwrap();
+    // The stuck attempts were answered one way or the other (refused after the publish timeout,
+    // or stored once the row went); published again, the event is there once.
+    for attempt in [first, second] {
+        if let Err(refused) = attempt.await.unwrap() {
+            assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        }
+    }
+    let again = publish(&cp, stuck).await.expect("published again once the row is gone");
+    assert_eq!(again.deliveries.len(), 1);
+    assert_eq!(deliveries_of(&db, "stuck-1").await.len(), 1, "stored once");
+    assert_eq!(deliveries_of(&db, "free-1").await.len(), 1);
+    conn.close().await.ok();
+    cp.stop().await;
+}
