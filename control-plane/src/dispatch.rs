@@ -433,6 +433,7 @@ impl Dispatcher {
             state.hooks.remove(webhook_id);
             state.hooks_epoch += 1;
         }
+        self.inner.store.webhooks_changed();
         self.wake();
     }
 
@@ -444,6 +445,7 @@ impl Dispatcher {
             state.hooks.clear();
             state.hooks_epoch += 1;
         }
+        self.inner.store.webhooks_changed();
         self.wake();
     }
 

@@ -253,11 +253,21 @@ impl Merge {
     }
 }
 
-/// Deliveries per event of each workspace's last write in one publish loop.
+/// Deliveries per event of each workspace's last write in one publish loop, learned since the
+/// last webhook change (a workspace that adds a thousand webhooks must not be judged by the one
+/// it had: its next call is written alone, as a workspace's first).
 #[derive(Default)]
-struct FanOut(HashMap<String, f64>);
+struct FanOut(HashMap<String, f64>, u64);
 
 impl FanOut {
+    /// Forgets every workspace's fan-out if webhooks changed since it learned them.
+    fn refresh(&mut self, generation: u64) {
+        if self.1 != generation {
+            self.0.clear();
+            self.1 = generation;
+        }
+    }
+
     /// The deliveries `call` is expected to make. A workspace not written yet counts as filling
     /// a write, so that its first call is written alone.
     fn deliveries(&self, call: &Call) -> f64 {
@@ -437,7 +447,7 @@ impl Writing {
 /// id that another loop is writing is set aside until that write ends (`Writing`), so two loops
 /// never store one new id at once; only another replica can (`CONCURRENT_ID`).
 pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) {
-    let Shared { queue, writing, peers, sink, progress, lane } = shared;
+    let Shared { queue, writing, peers, sink, progress, lane, webhooks } = shared;
     let mut carried: Option<PublishRequest> = None;
     // Calls naming an id another loop is writing (`Writing`): tried again first, each time.
     let mut aside: Vec<PublishRequest> = Vec::new();
@@ -446,6 +456,10 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
         // Registered before the calls set aside are tried, so that a write ending in between
         // still wakes this loop when they are all it has.
         let ended = writing.as_ref().map(|w| w.done.notified());
+        // Fan-outs learned before a webhook change are forgotten; what this write learns counts
+        // only if no change came while it was merged and written.
+        let generation = webhooks.load(std::sync::atomic::Ordering::SeqCst);
+        fan_out.refresh(generation);
         let mut waiting: Vec<PublishRequest> = Vec::new();
         let mut keys: Vec<(String, String)> = Vec::new();
         {
@@ -539,7 +553,9 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
         if let Some(writing) = &writing {
             writing.release(&keys);
         }
-        if let Ok(each) = &answer {
+        if let Ok(each) = &answer
+            && webhooks.load(std::sync::atomic::Ordering::SeqCst) == generation
+        {
             fan_out.learn(each.iter().filter_map(|r| r.as_ref().ok()).flatten());
         }
         let leased = std::mem::take(&mut *leased.lock().expect("leased lock"));
@@ -591,6 +607,8 @@ pub(crate) struct Shared {
     pub progress: std::sync::Arc<Progress>,
     /// This loop's lane in `progress`.
     pub lane: usize,
+    /// Webhook changes so far (`Store::webhooks_changed`).
+    pub webhooks: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Where publishing hands its deliveries: the dispatcher.
@@ -1171,5 +1189,10 @@ mod tests {
         assert_eq!(fan_out.deliveries(&call("c", 1, 1)), super::MERGE_DELIVERIES, "not seen yet: fills a write");
         fan_out.learn([stored("a", 1)].iter());
         assert_eq!(fan_out.deliveries(&call("a", 5, 1)), 5.0, "the last write counts");
+        fan_out.refresh(0);
+        assert_eq!(fan_out.deliveries(&call("a", 5, 1)), 5.0, "no webhook changed");
+        fan_out.refresh(1);
+        let forgotten = fan_out.deliveries(&call("a", 1, 1));
+        assert_eq!(forgotten, super::MERGE_DELIVERIES, "a webhook changed: written alone again");
     }
 }

@@ -112,6 +112,9 @@ pub struct Store {
     claim_floors: queue::ClaimFloors,
     /// When the publish loops last moved: what bounds a publish call's wait.
     publish_progress: std::sync::Arc<events::Progress>,
+    /// Counts webhook changes (here or announced by another replica): the publish loops'
+    /// estimates of each workspace's fan-out are stale once it moves.
+    webhooks_generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -132,6 +135,7 @@ impl Store {
         let peers = std::sync::Arc::new(Peers::new());
         let sink = std::sync::Arc::new(std::sync::OnceLock::new());
         let publish_progress = std::sync::Arc::new(events::Progress::new(loops));
+        let webhooks_generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         for i in 0..loops {
             // On PostgreSQL each loop has a writer of its own, so that its progress is its own
             // (`events::Progress`), not held up by other writes; SQLite has one writer.
@@ -143,6 +147,7 @@ impl Store {
                 sink: sink.clone(),
                 progress: publish_progress.clone(),
                 lane: i,
+                webhooks: webhooks_generation.clone(),
             };
             tokio::spawn(events::publish_loop(w, shared));
         }
@@ -156,7 +161,14 @@ impl Store {
             sink,
             claim_floors: Default::default(),
             publish_progress,
+            webhooks_generation,
         }
+    }
+
+    /// A webhook was created, changed or deleted, here or on another replica: how many
+    /// deliveries an event of its workspace makes may have changed.
+    pub fn webhooks_changed(&self) {
+        self.webhooks_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Hands publishes to the dispatcher (once; later calls change nothing): see

@@ -244,9 +244,10 @@ impl Store {
         spec: WebhookSpec,
         secret: String,
     ) -> Result<Webhook, StoreError> {
-        let key = self.key.clone();
+        let (key, peers) = (self.key.clone(), self.peers.clone());
         let workspace = workspace.to_owned();
-        self.writer
+        let created = self
+            .writer
             .write(move |txn| {
                 Box::pin(async move {
                     let now = now_millis();
@@ -263,10 +264,14 @@ impl Store {
                     };
                     seal_spec(&key, &spec, &mut am);
                     let model = webhook::Entity::insert(am).exec_with_returning(txn).await?;
+                    // Other replicas learn that this workspace's fan-out changed.
+                    super::webhook_changed(txn, &peers, &model.id).await?;
                     open(&key, model)
                 })
             })
-            .await
+            .await;
+        self.webhooks_changed();
+        created
     }
 
     /// Reads a live webhook of any workspace (for dispatching, which has no caller workspace).
@@ -315,7 +320,8 @@ impl Store {
     {
         let (key, peers) = (self.key.clone(), self.peers.clone());
         let (workspace, id) = (workspace.to_owned(), id.to_owned());
-        self.writer
+        let written = self
+            .writer
             .write(move |txn| {
                 Box::pin(async move {
                     let model = load(txn, &workspace, &id).await?;
@@ -351,14 +357,17 @@ impl Store {
                     open(&key, updated)
                 })
             })
-            .await
+            .await;
+        self.webhooks_changed();
+        written
     }
 
     /// Soft-deletes a webhook and cancels its open deliveries; returns how many were cancelled.
     pub async fn delete_webhook(&self, workspace: &str, id: &str) -> Result<u64, StoreError> {
         let (workspace, id) = (workspace.to_owned(), id.to_owned());
         let peers = self.peers.clone();
-        self.writer
+        let written = self
+            .writer
             .write(move |txn| {
                 Box::pin(async move {
                     let model = load(txn, &workspace, &id).await?;
@@ -380,7 +389,9 @@ impl Store {
                     Ok(cancelled)
                 })
             })
-            .await
+            .await;
+        self.webhooks_changed();
+        written
     }
 
     /// Replaces the secret; the old one keeps signing until `grace_until` (milliseconds).
