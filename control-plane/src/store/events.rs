@@ -389,50 +389,78 @@ pub(crate) type PublishQueue = std::sync::Arc<tokio::sync::Mutex<tokio::sync::mp
 /// hold up every other publish).
 #[derive(Default)]
 pub(crate) struct Writing {
-    /// By workspace, then id.
-    ids: std::sync::Mutex<HashMap<String, HashMap<String, usize>>>,
+    held: std::sync::Mutex<Held>,
     done: tokio::sync::Notify,
 }
 
-/// What [`Writing::claim_free`] found: the calls whose ids loop `lane` claimed, those ids, and
-/// the other calls, each with the loop whose write it waits for.
-type Claimed = (Vec<PublishRequest>, Vec<(String, String)>, Vec<(PublishRequest, usize)>);
+#[derive(Default)]
+struct Held {
+    /// By workspace, then id: the loop writing it.
+    ids: HashMap<String, HashMap<String, usize>>,
+    /// Calls set aside: the loop whose write each waits for, the loop holding it, its `Taken`.
+    aside: Vec<(usize, usize, Taken)>,
+}
 
 impl Writing {
-    /// Claims for loop `lane` the ids of each of `calls` that names no id another loop is writing.
-    fn claim_free(&self, calls: Vec<PublishRequest>, lane: usize) -> Claimed {
-        let mut ids = self.ids.lock().expect("publish ids lock");
-        let (mut mine, mut keys, mut blocked) = (Vec::new(), Vec::new(), Vec::new());
+    /// Claims for loop `lane` the ids of each of `calls` that names no id another loop is writing,
+    /// and returns those calls and their ids. The others go to `aside`, each judged by the loop
+    /// whose write it waits for until that write ends, then by `lane` again.
+    fn claim_free(
+        &self,
+        calls: Vec<PublishRequest>,
+        lane: usize,
+        aside: &mut Vec<PublishRequest>,
+    ) -> (Vec<PublishRequest>, Vec<(String, String)>) {
+        let mut held = self.held.lock().expect("publish ids lock");
+        let (mut mine, mut keys) = (Vec::new(), Vec::new());
         for r in calls {
             let workspace = &r.call.workspace;
-            let held = ids.get(workspace);
-            let holder = r.call.events.iter().find_map(|e| held?.get(&e.id).copied().filter(|&l| l != lane));
+            let ids = held.ids.get(workspace);
+            let holder = r.call.events.iter().find_map(|e| ids?.get(&e.id).copied().filter(|&l| l != lane));
             match holder {
-                Some(other) => blocked.push((r, other)),
+                Some(other) => {
+                    r.taken.store(other, std::sync::atomic::Ordering::SeqCst);
+                    held.aside.push((other, lane, r.taken.clone()));
+                    aside.push(r);
+                }
                 None => {
-                    let held = ids.entry(workspace.clone()).or_default();
+                    let ids = held.ids.entry(workspace.clone()).or_default();
                     for e in &r.call.events {
-                        held.insert(e.id.clone(), lane);
+                        ids.insert(e.id.clone(), lane);
                         keys.push((workspace.clone(), e.id.clone()));
                     }
                     mine.push(r);
                 }
             }
         }
-        (mine, keys, blocked)
+        (mine, keys)
     }
 
-    fn release(&self, keys: &[(String, String)]) {
-        let mut ids = self.ids.lock().expect("publish ids lock");
+    /// Loop `lane` takes back the calls it set aside, to claim them again.
+    fn retry(&self, lane: usize) {
+        self.held.lock().expect("publish ids lock").aside.retain(|&(_, waiter, _)| waiter != lane);
+    }
+
+    /// Loop `lane`'s write of `keys` ended: the calls waiting for it are judged by the loops
+    /// holding them again (one busy with a long write of its own must not let them be refused
+    /// for this loop's idleness), and those loops are woken.
+    fn release(&self, keys: &[(String, String)], lane: usize) {
+        let mut held = self.held.lock().expect("publish ids lock");
         for (workspace, id) in keys {
-            if let Some(held) = ids.get_mut(workspace) {
-                held.remove(id);
-                if held.is_empty() {
-                    ids.remove(workspace);
+            if let Some(ids) = held.ids.get_mut(workspace) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    held.ids.remove(workspace);
                 }
             }
         }
-        drop(ids);
+        held.aside.retain(|(holder, waiter, taken)| {
+            if *holder == lane {
+                taken.store(*waiter, std::sync::atomic::Ordering::SeqCst);
+            }
+            *holder != lane
+        });
+        drop(held);
         self.done.notify_waiters();
     }
 }
@@ -456,32 +484,49 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
         // Registered before the calls set aside are tried, so that a write ending in between
         // still wakes this loop when they are all it has.
         let ended = writing.as_ref().map(|w| w.done.notified());
-        // Fan-outs learned before a webhook change are forgotten; what this write learns counts
-        // only if no change came while it was merged and written.
-        let generation = webhooks.load(std::sync::atomic::Ordering::SeqCst);
-        fan_out.refresh(generation);
-        let mut waiting: Vec<PublishRequest> = Vec::new();
+        let mut waiting: Vec<PublishRequest>;
         let mut keys: Vec<(String, String)> = Vec::new();
+        let generation;
         {
             // A call carried from the last write, or set aside, is tried now, with whatever else
             // is queued if the queue is free: the other loop may be holding it while it waits for
-            // a call, and these must not wait for new traffic.
-            let mut rx = if carried.is_some() || !aside.is_empty() {
-                waiting.extend(carried.take());
-                waiting.append(&mut aside);
-                queue.try_lock().ok()
-            } else {
+            // a call, and these must not wait for new traffic. One set aside whose caller has gone
+            // (refused meanwhile) is dropped: it was told the outcome is unknown.
+            let mut held: Vec<PublishRequest> = carried.take().into_iter().collect();
+            if let Some(writing) = writing.as_ref().filter(|_| !aside.is_empty()) {
+                writing.retry(lane);
+                aside.retain(|r| !r.reply.is_closed());
+                held.append(&mut aside);
+            }
+            let mut rx = if held.is_empty() {
                 let mut rx = queue.lock().await;
                 match rx.recv().await {
-                    Some(r) => waiting.push(r),
+                    Some(r) => held.push(r),
                     None => return,
                 }
                 Some(rx)
+            } else {
+                queue.try_lock().ok()
             };
+            // Fan-outs learned before a webhook change are forgotten; what this write learns
+            // counts only if no change came while it was merged and written.
+            generation = webhooks.load(std::sync::atomic::Ordering::SeqCst);
+            fan_out.refresh(generation);
+            // Only the calls this write takes count towards its bounds.
+            let claim = |calls: Vec<PublishRequest>, keys: &mut Vec<_>, aside: &mut Vec<_>| match &writing {
+                Some(writing) => {
+                    let (mine, claimed) = writing.claim_free(calls, lane, aside);
+                    keys.extend(claimed);
+                    mine
+                }
+                None => calls,
+            };
+            waiting = claim(held, &mut keys, &mut aside);
             let mut merge = Merge::default();
             for r in &waiting {
                 merge.add(&r.call, &fan_out);
             }
+            let mut fresh = Vec::new();
             while let Some(r) = rx.as_mut().and_then(|rx| rx.try_recv().ok()) {
                 if !merge.admits(&r.call, &fan_out) {
                     // This loop's from now: judged by its moves, not by another loop's.
@@ -490,17 +535,9 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
                     break;
                 }
                 merge.add(&r.call, &fan_out);
-                waiting.push(r);
+                fresh.push(r);
             }
-            if let Some(writing) = &writing {
-                let blocked;
-                (waiting, keys, blocked) = writing.claim_free(waiting, lane);
-                for (r, other) in blocked {
-                    // Judged by the write it waits for: refused if that one stops moving.
-                    r.taken.store(other, std::sync::atomic::Ordering::SeqCst);
-                    aside.push(r);
-                }
-            }
+            waiting.extend(claim(fresh, &mut keys, &mut aside));
             drop(rx);
         }
         if waiting.is_empty() {
@@ -551,7 +588,7 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
             progress.mark(lane);
         }
         if let Some(writing) = &writing {
-            writing.release(&keys);
+            writing.release(&keys, lane);
         }
         if let Ok(each) = &answer
             && webhooks.load(std::sync::atomic::Ordering::SeqCst) == generation
@@ -1155,6 +1192,34 @@ mod tests {
         // A timeout no instant can hold bounds nothing (and does not overflow).
         let answer = progress.bound(async { Ok(()) }, &queued(), std::time::Duration::MAX).await;
         assert!(matches!(answer, Ok(())));
+    }
+
+    fn request(call: super::Call) -> super::PublishRequest {
+        super::PublishRequest { call, reply: tokio::sync::oneshot::channel().0, taken: queued() }
+    }
+
+    /// A call naming an id another loop is writing is set aside, judged by that loop until its
+    /// write ends, then by the loop holding it; calls naming none are claimed, in one write or
+    /// several of the same loop, and a loop's own ids never block it.
+    #[test]
+    fn calls_naming_an_id_being_written_are_set_aside() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let writing = super::Writing::default();
+        let mut aside = Vec::new();
+        let (mine, keys) = writing.claim_free(vec![request(call("ws", 2, 1))], 1, &mut aside);
+        assert_eq!((mine.len(), keys.len(), aside.len()), (1, 2, 0));
+        let (mine, again) = writing.claim_free(vec![request(call("ws", 2, 1))], 1, &mut aside);
+        assert_eq!((mine.len(), again.len()), (1, 2), "a loop's own ids do not block it");
+        let other = request(call("other", 1, 1));
+        let (mine, _) = writing.claim_free(vec![request(call("ws", 1, 1)), other], 0, &mut aside);
+        assert_eq!((mine.len(), aside.len()), (1, 1), "e0 of ws is loop 1's");
+        assert_eq!(mine[0].call.workspace, "other");
+        assert_eq!(aside[0].taken.load(SeqCst), 1, "judged by the write it waits for");
+        writing.release(&keys, 1);
+        assert_eq!(aside[0].taken.load(SeqCst), 0, "then by the loop holding it");
+        writing.retry(0);
+        let (mine, _) = writing.claim_free(std::mem::take(&mut aside), 0, &mut aside);
+        assert_eq!((mine.len(), aside.len()), (1, 0), "claimed once the write ended");
     }
 
     #[test]

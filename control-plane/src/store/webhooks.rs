@@ -246,6 +246,8 @@ impl Store {
     ) -> Result<Webhook, StoreError> {
         let (key, peers) = (self.key.clone(), self.peers.clone());
         let workspace = workspace.to_owned();
+        // Before the write as well as after: a caller gone mid-way leaves it committed.
+        self.webhooks_changed();
         let created = self
             .writer
             .write(move |txn| {
@@ -320,6 +322,7 @@ impl Store {
     {
         let (key, peers) = (self.key.clone(), self.peers.clone());
         let (workspace, id) = (workspace.to_owned(), id.to_owned());
+        self.webhooks_changed();
         let written = self
             .writer
             .write(move |txn| {
@@ -366,6 +369,7 @@ impl Store {
     pub async fn delete_webhook(&self, workspace: &str, id: &str) -> Result<u64, StoreError> {
         let (workspace, id) = (workspace.to_owned(), id.to_owned());
         let peers = self.peers.clone();
+        self.webhooks_changed();
         let written = self
             .writer
             .write(move |txn| {
