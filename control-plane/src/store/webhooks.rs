@@ -482,3 +482,50 @@ impl Store {
         Err(StoreError::Unavailable("webhooks kept changing while they were re-sealed; run rekey again".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    use super::*;
+
+    /// Creating, changing and deleting a webhook each move the count that the publish loops
+    /// check before they trust a workspace's learned fan-out (`events::FanOut::refresh`).
+    #[tokio::test]
+    async fn webhook_writes_move_the_fan_out_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::connect(&format!("sqlite://{}", dir.path().join("g.db").display())).await.unwrap();
+        crate::db::migrate(&db).await.unwrap();
+        let store = Store::new(db, SecretKey::from_bytes([1; 32]));
+        let generation = || store.webhooks_generation.load(SeqCst);
+        let spec = WebhookSpec {
+            name: "payments".into(),
+            url: "https://example.com/hook".into(),
+            events: vec!["*".into()],
+            headers: BTreeMap::new(),
+            active: true,
+            zone: "default".into(),
+            transform: None,
+            transform_vars: BTreeMap::new(),
+            signature_scheme: 0,
+            timeout_ms: None,
+            rate_limit_per_second: None,
+            max_in_flight: None,
+            description: String::new(),
+        };
+        let before = generation();
+        let created = store.create_webhook("ws", spec, "a-secret-of-enough-length-42".into()).await.unwrap();
+        let after_create = generation();
+        assert!(after_create > before, "created");
+        let paused = store.update_webhook("ws", &created.id, |w| {
+            let mut spec = w.spec.clone();
+            spec.active = false;
+            Ok(spec)
+        });
+        assert!(!paused.await.unwrap().spec.active);
+        let after_update = generation();
+        assert!(after_update > after_create, "updated");
+        assert_eq!(store.delete_webhook("ws", &created.id).await.unwrap(), 0);
+        assert!(generation() > after_update, "deleted");
+    }
+}
