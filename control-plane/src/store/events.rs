@@ -563,7 +563,7 @@ pub(crate) async fn publish_loop(writer: super::writer::Writer, shared: Shared) 
             queued: std::sync::Arc::default(),
             progress: progress.clone(),
             lane,
-            writing: writer.moves(),
+            writer_moves: writer.moves(),
         };
         let (leased, queued, sink) = (write.leased.clone(), write.queued.clone(), write.sink.clone());
         let answer = writer
@@ -684,14 +684,14 @@ struct Write {
     progress: std::sync::Arc<Progress>,
     lane: usize,
     /// The writer's marks, which bound the batch this write is in.
-    writing: super::writer::Moves,
+    writer_moves: super::writer::Moves,
 }
 
 impl Write {
     /// The write moved: for its callers (`Progress`) and for its writer (`--write-timeout`).
     fn moved(&self) {
         self.progress.mark(self.lane);
-        self.writing.mark();
+        self.writer_moves.mark();
     }
 }
 
