@@ -300,10 +300,9 @@ impl FanOut {
 /// loop, so that another loop that moves does not keep it waiting on a connection that stopped;
 /// a call still queued by any loop that moves.
 pub struct Progress {
-    origin: std::time::Instant,
-    /// Milliseconds from `origin` to the last move of each lane, and of any.
-    lanes: Vec<std::sync::atomic::AtomicU64>,
-    any: std::sync::atomic::AtomicU64,
+    /// The last move of each lane, and of any.
+    lanes: Vec<super::writer::Moves>,
+    any: super::writer::Moves,
 }
 
 /// Which publish loop took a call: [`QUEUED`] until one does.
@@ -312,29 +311,19 @@ const QUEUED: usize = usize::MAX;
 
 impl Progress {
     pub fn new(lanes: usize) -> Progress {
-        Progress {
-            origin: std::time::Instant::now(),
-            lanes: (0..lanes).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
-            any: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Milliseconds from `origin` to now.
-    fn now(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+        Progress { lanes: (0..lanes).map(|_| super::writer::Moves::new()).collect(), any: super::writer::Moves::new() }
     }
 
     /// Publish loop `lane` moved now.
     pub fn mark(&self, lane: usize) {
-        let now = self.now();
-        self.lanes[lane].fetch_max(now, std::sync::atomic::Ordering::SeqCst);
-        self.any.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        self.lanes[lane].mark();
+        self.any.mark();
     }
 
     /// Loop `lane` takes the calls of `taken` into a write: they are judged by its moves from
     /// now on, the first of which is taking them (it may have been idle for a long time).
     fn take<'a>(&self, lane: usize, taken: impl Iterator<Item = &'a Taken>) {
-        self.lanes[lane].fetch_max(self.now(), std::sync::atomic::Ordering::SeqCst);
+        self.lanes[lane].mark();
         for t in taken {
             t.store(lane, std::sync::atomic::Ordering::SeqCst);
         }
@@ -342,11 +331,7 @@ impl Progress {
 
     /// When what `taken` names last moved: its loop, or any loop while it is queued.
     fn last(&self, taken: &Taken) -> std::time::Instant {
-        let mark = match self.lanes.get(taken.load(std::sync::atomic::Ordering::SeqCst)) {
-            Some(lane) => lane,
-            None => &self.any,
-        };
-        self.origin + std::time::Duration::from_millis(mark.load(std::sync::atomic::Ordering::SeqCst))
+        self.lanes.get(taken.load(std::sync::atomic::Ordering::SeqCst)).unwrap_or(&self.any).last()
     }
 
     /// Runs `call`, a publish begun now, until it answers, or until what `taken` names has not
@@ -359,22 +344,13 @@ impl Progress {
         timeout: std::time::Duration,
     ) -> Result<T, StoreError> {
         let started = std::time::Instant::now();
-        let mut call = std::pin::pin!(call);
-        loop {
-            // A timeout too long to add to an instant bounds nothing.
-            let Some(deadline) = started.max(self.last(taken)).checked_add(timeout) else {
-                return call.await;
-            };
-            if let Ok(answer) = tokio::time::timeout_at(deadline.into(), call.as_mut()).await {
-                return answer;
-            }
-            if started.max(self.last(taken)).checked_add(timeout).is_some_and(|d| d <= std::time::Instant::now()) {
-                return Err(StoreError::Stalled(format!(
-                    "the database made no progress on this publish for {}; the event may or may not be stored: publish it again with the same id",
-                    humantime::format_duration(timeout)
-                )));
-            }
-        }
+        let deadline = || started.max(self.last(taken)).checked_add(timeout);
+        super::writer::until(call, deadline).await.unwrap_or_else(|| {
+            Err(StoreError::Stalled(format!(
+                "the database made no progress on this publish for {}; the event may or may not be stored: publish it again with the same id",
+                humantime::format_duration(timeout)
+            )))
+        })
     }
 }
 

@@ -109,9 +109,10 @@ pub struct CommitLabels {
 /// Committed write transactions, by whether they were synced to disk.
 pub type Commits = Family<CommitLabels, Counter>;
 
-/// When a writer's batch last moved. The writer marks each step of its own; an operation that
-/// runs many statements marks each that finishes ([`Writer::moves`]), so that a long write that
-/// keeps moving is told from one the database stopped answering.
+/// When a writer's batch last moved (and, in `events::Progress`, a publish loop). The writer marks
+/// each step of its own; an operation that runs many statements marks each that finishes
+/// ([`Writer::moves`]), so that a long write that keeps moving is told from one the database
+/// stopped answering.
 #[derive(Clone)]
 pub(crate) struct Moves(Arc<MovesSince>);
 
@@ -122,7 +123,7 @@ struct MovesSince {
 }
 
 impl Moves {
-    fn new() -> Moves {
+    pub(crate) fn new() -> Moves {
         Moves(Arc::new(MovesSince { origin: std::time::Instant::now(), last: Default::default() }))
     }
 
@@ -132,10 +133,14 @@ impl Moves {
         self.0.last.fetch_max(now, Ordering::SeqCst);
     }
 
+    /// When it last moved (when it was made, if never since).
+    pub(crate) fn last(&self) -> std::time::Instant {
+        self.0.origin + Duration::from_millis(self.0.last.load(Ordering::SeqCst))
+    }
+
     /// The instant `timeout` after the last move; `None` if no instant can hold it.
     fn deadline(&self, timeout: Duration) -> Option<std::time::Instant> {
-        let last = Duration::from_millis(self.0.last.load(Ordering::SeqCst));
-        self.0.origin.checked_add(last)?.checked_add(timeout)
+        self.last().checked_add(timeout)
     }
 }
 
@@ -314,14 +319,23 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commit
 
 /// Runs `work` until it ends, or until `moves` has not moved for `timeout`: then `None`.
 async fn until_stalled<T>(work: impl std::future::Future<Output = T>, moves: &Moves, timeout: Duration) -> Option<T> {
+    until(work, || moves.deadline(timeout)).await
+}
+
+/// Runs `work` until it ends, or until the instant `deadline` gives has passed, asked again each
+/// time the one it gave before passes (progress moves it on): then `None`. No instant (a timeout
+/// too long to add to one) bounds nothing.
+pub(crate) async fn until<T>(
+    work: impl std::future::Future<Output = T>,
+    deadline: impl Fn() -> Option<std::time::Instant>,
+) -> Option<T> {
     let mut work = std::pin::pin!(work);
     loop {
-        // A timeout too long to add to an instant bounds nothing.
-        let Some(deadline) = moves.deadline(timeout) else { return Some(work.await) };
-        if let Ok(done) = tokio::time::timeout_at(deadline.into(), work.as_mut()).await {
+        let Some(at) = deadline() else { return Some(work.await) };
+        if let Ok(done) = tokio::time::timeout_at(at.into(), work.as_mut()).await {
             return Some(done);
         }
-        if moves.deadline(timeout).is_some_and(|d| d <= std::time::Instant::now()) {
+        if deadline().is_some_and(|at| at <= std::time::Instant::now()) {
             return None;
         }
     }
