@@ -122,6 +122,7 @@ def main():
     d, c = check_common("herald-agent", docs, "agent", grace_over=75)
     e = env(c)
     assert e["HERALD_ZONE"]["value"] == "eu-west"
+    assert e["HERALD_WORKER_THREADS"]["value"] == "2", "agents do not start a thread per node core"
     assert e["HERALD_AGENT_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "eu-token", "key": "token"}
     assert d["spec"]["template"]["metadata"]["labels"]["herald.dev/zone"] == "eu-west"
     assert "ServiceMonitor" not in kinds(docs), "the ServiceMonitor is optional and off by default"
@@ -134,6 +135,9 @@ def main():
     assert e["HERALD_CONTROL_PLANE"]["value"] == "https://herald.eu.internal:7070,https://herald-2.eu.internal:7070"
     sm = kinds(prod)["ServiceMonitor"]
     assert sm["spec"]["endpoints"][0]["path"] == "/metrics" and sm["metadata"]["labels"]["release"] == "prometheus"
+
+    unset = env(container(kinds(render("herald-agent", {"token": {"existingSecret": "t"}, "workerThreads": None}))["Deployment"], "agent"))
+    assert "HERALD_WORKER_THREADS" not in unset, "an empty workerThreads leaves the agent's default"
 
     # A chart without its token Secret refuses to render rather than start agents that cannot connect.
     try:

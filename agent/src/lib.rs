@@ -41,6 +41,11 @@ pub struct Args {
     /// Jobs held at once.
     #[arg(long, env = "HERALD_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: u32,
+    /// Threads that run the agent's work; one per available core when absent. On a machine
+    /// whose cores are shared with other busy processes, fewer threads hop less between them
+    /// (docs/BENCHMARKS.md item 49); more agents, not more threads, add capacity.
+    #[arg(long, env = "HERALD_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
     /// Address of the `/healthz` and `/readyz` probes (ready while a session is open) and of
     /// `/metrics`.
     #[arg(long, env = "HERALD_HTTP_ADDR", default_value = "127.0.0.1:9091")]

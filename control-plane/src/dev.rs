@@ -62,6 +62,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         token: agent_token,
         agent_id: Some("dev-agent".into()),
         max_in_flight: 256,
+        // Runs on the control plane's runtime: the flag is the binary's, not `run`'s.
+        worker_threads: None,
         http_addr: "127.0.0.1:0".parse().expect("a valid address"),
         egress_ip: Vec::new(),
         allow_cidr: crate::config::loopback(),

@@ -489,7 +489,9 @@ async fn run(name: &str, o: &Options, sink: &Arc<Sink>, ca: Option<&TestCa>, raw
         if p.zones == 1 { vec!["default".to_owned()] } else { (0..p.zones).map(|z| format!("zone-{z}")).collect() };
     let ca_path = ca.map(|ca| ca.path.clone());
     let start_agents = || -> Vec<AgentProcess> {
-        let mut args = vec!["--max-in-flight", "512"];
+        // One worker thread each: the two cores are shared with the control plane, the
+        // publisher and the receiver (docs/BENCHMARKS.md item 49).
+        let mut args = vec!["--max-in-flight", "512", "--worker-threads", "1"];
         if !o.tls {
             args.push("--allow-http");
         }

@@ -245,3 +245,44 @@ async fn binaries_run_on_small_pages() {
         assert_eq!(thp(pid).as_deref(), Some("0"), "{name} turned transparent huge pages off");
     }
 }
+
+/// `--worker-threads` sets how many threads run the agent's work; without it, one per core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_runs_on_the_worker_threads_it_is_given() {
+    use herald_tests::procs::{AgentProcess, ControlPlaneProcess};
+    let workers = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("the agent's threads")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim() == "tokio-rt-worker")
+            .count()
+    };
+    let ca = herald_tests::tls::TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let one = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &["--worker-threads", "1"]);
+    let more = cores + 1;
+    let many = AgentProcess::with_env(
+        &cp.url(),
+        "default",
+        "agent-2",
+        Some(&ca.path),
+        &["--allow-cidr", "127.0.0.0/8"],
+        &[("HERALD_WORKER_THREADS", &more.to_string())],
+    );
+    let default = AgentProcess::start(&cp.url(), "default", "agent-3", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-1", "agent-2", "agent-3"]).await;
+    let pid = |a: &AgentProcess| a.child.id().expect("the agent is running");
+    assert_eq!(workers(pid(&one)), 1, "--worker-threads 1");
+    assert_eq!(workers(pid(&many)), more, "HERALD_WORKER_THREADS={more}");
+    assert_eq!(workers(pid(&default)), cores, "one per core by default");
+    let refused = Command::new(bin("herald-agent"))
+        .args(["--control-plane", &cp.url(), "--token", "t", "--worker-threads", "0"])
+        .output()
+        .await
+        .expect("run herald-agent");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "a usage error: {err}");
+    assert!(err.contains("--worker-threads"), "the flag is named: {err}");
+}
