@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,12 +28,12 @@ use crate::metrics::{
     AttemptLabels, Metrics, Outcome, OutcomeLabels, Reason, ReasonLabels, Source, SourceLabels, Via, ViaLabels,
 };
 use crate::store::events::{LeaseTerms, PublishSink, StoredEvent};
-use crate::store::queue::{Applied, AttemptReport, Claimed, Filter, Limits, QueuePolicy, wake_by};
+use crate::store::queue::{Applied, AttemptReport, Claimed, Filter, Limits, QueuePolicy, Reserve, wake_by};
 use crate::store::webhooks::Webhook;
 use crate::store::{Store, StoreError, now_millis};
 
 /// Jobs leased to one agent in one claim at most.
-const CLAIM_BATCH: u32 = 256;
+const CLAIM_BATCH: u32 = 1024;
 /// Results applied in one transaction at most.
 const RESULT_BATCH: usize = 512;
 /// A batch of fewer results than this waits [`RESULT_LINGER`] for more before it is written.
@@ -77,7 +77,7 @@ impl Session {
         self.credit = self.credit.saturating_add(jobs).min(self.capacity.max(1));
     }
 
-    /// Jobs reserved for it (leased at publish) that it will not get.
+    /// Jobs reserved for it (leased at publish, or by a claim as it ran) that it will not get.
     fn unreserve(&mut self, jobs: u32) {
         self.add_credit(jobs);
         self.in_flight = self.in_flight.saturating_sub(jobs);
@@ -708,7 +708,7 @@ impl Dispatcher {
                 self.give_back(session, late.len() as u32);
             }
             if !timely.is_empty() {
-                back.extend(self.send_jobs(session, timely, now, true).await);
+                back.extend(self.send_jobs(session, timely, now, Via::publish).await);
             }
             if back.is_empty() {
                 continue;
@@ -862,20 +862,37 @@ impl Dispatcher {
                         s.credit > 0 && !s.draining && !drained.contains(&s.zone) && !state.caught_up.contains(&s.zone)
                     })
                     .min_by_key(|(_, s)| (s.in_flight, s.connected_at))
-                    .map(|(id, s)| (*id, s.holder.clone(), s.zone.clone(), s.credit.min(CLAIM_BATCH)));
+                    .map(|(id, s)| (*id, s.holder.clone(), s.zone.clone()));
                 (pick, state.uncaught)
             };
-            let Some((session, holder, zone, want)) = pick else { return Ok(earliest) };
+            let Some((session, holder, zone)) = pick else { return Ok(earliest) };
             let now = now_millis();
+            // The claim's size is the credit the agent has when the claim runs, reserved then.
+            let reserved = Arc::new(AtomicU32::new(0));
+            let mut filter = self.filter(now);
+            filter.reserve = Some(self.reserve(session, reserved.clone()));
             let claimed = self
                 .inner
                 .store
-                .claim_where(&zone, &holder, u64::from(want), now, &self.inner.policy, self.filter(now))
-                .await?;
+                .claim_where(&zone, &holder, u64::from(CLAIM_BATCH), now, &self.inner.policy, filter)
+                .await;
+            let want = reserved.load(Ordering::SeqCst);
+            let claimed = match claimed {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    self.give_back(session, want);
+                    return Err(e);
+                }
+            };
             let got = claimed.len() as u32;
+            self.give_back(session, want - got);
+            if want == 0 {
+                // Its credit went to leases at publish meanwhile: nothing was looked for.
+                continue;
+            }
             if got > 0 {
                 // A session that closed meanwhile has these leases taken back by `close`.
-                self.send_jobs(session, claimed, now, false).await;
+                self.send_jobs(session, claimed, now, Via::claim).await;
             }
             if got < want {
                 // Drained for now. Work due later sets the next wake-up; work due already but held
@@ -899,6 +916,22 @@ impl Dispatcher {
         }
     }
 
+    /// Reserves a claim's credit when it runs: up to its limit of the session's credit, taken
+    /// and counted in flight as a lease at publish is; the amount is left in `into`. A session
+    /// gone or draining gets nothing.
+    fn reserve(&self, session: u64, into: Arc<AtomicU32>) -> Reserve {
+        let inner = self.inner.clone();
+        Box::new(move |limit| {
+            let mut state = inner.state.lock().expect("dispatcher lock");
+            let Some(s) = state.sessions.get_mut(&session).filter(|s| !s.draining) else { return 0 };
+            let n = s.credit.min(u32::try_from(limit).unwrap_or(u32::MAX));
+            s.credit -= n;
+            s.in_flight += n;
+            into.store(n, Ordering::SeqCst);
+            u64::from(n)
+        })
+    }
+
     /// The claim filter: each webhook's free `max_in_flight` slots and its rate limiter.
     fn filter(&self, now: i64) -> Filter {
         let in_flight = self.inner.hook_in_flight.clone();
@@ -906,6 +939,7 @@ impl Dispatcher {
         let rate_wake = self.inner.rate_wake.clone();
         let mut taken: HashMap<String, i64> = HashMap::new();
         Filter {
+            reserve: None,
             exclude: Vec::new(),
             rate_wake: Some(self.inner.rate_wake.clone()),
             allow: Some(Box::new(move |d, limits: Limits| {
@@ -958,7 +992,9 @@ impl Dispatcher {
     /// take the session's credit here; leases taken at publish took it already, and what of them
     /// is not sent gives it back. Returns the jobs (lease, delivery) not sent because the session
     /// had closed: `close` takes a claim's back, but may have run before a publish's committed.
-    async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64, reserved: bool) -> Vec<(String, String)> {
+    /// Sends claimed jobs to a session that has their credit reserved (taken, and counted in
+    /// flight); what cannot go is given back. `via`: leased at publish, or claimed.
+    async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64, via: Via) -> Vec<(String, String)> {
         let leased = claimed.len() as u32;
         let claimed_expiry = claimed.iter().map(|c| c.lease_expires_at).min().unwrap_or(now);
         let rows: Vec<&crate::db::entity::delivery::Model> = claimed.iter().map(|c| &c.delivery).collect();
@@ -992,9 +1028,7 @@ impl Dispatcher {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot load events of claimed deliveries; their leases will expire");
-                    if reserved {
-                        self.give_back(session, leased);
-                    }
+                    self.give_back(session, leased);
                     return Vec::new();
                 }
             }
@@ -1121,13 +1155,7 @@ impl Dispatcher {
             drop(counts);
             match state.sessions.get_mut(&session) {
                 Some(s) => {
-                    let sent = jobs.len() as u32;
-                    if reserved {
-                        s.unreserve(leased - sent);
-                    } else {
-                        s.credit = s.credit.saturating_sub(sent);
-                        s.in_flight += sent;
-                    }
+                    s.unreserve(leased - jobs.len() as u32);
                     Some(s.tx.clone())
                 }
                 None => None,
@@ -1143,7 +1171,7 @@ impl Dispatcher {
         wake_by(&self.inner.lease_wake, claimed_expiry);
         // Leases taken at publish are sent outside the dispatch loop: if one expires before the
         // loop would next wake, it must plan again.
-        if reserved && claimed_expiry < self.inner.planned_wake.load(Ordering::SeqCst) {
+        if via == Via::publish && claimed_expiry < self.inner.planned_wake.load(Ordering::SeqCst) {
             self.nudge();
         }
         // Never wait on one agent's stream: the channel holds the agent's whole credit, so a
@@ -1157,7 +1185,6 @@ impl Dispatcher {
             }
             sent += 1;
         }
-        let via = if reserved { Via::publish } else { Via::claim };
         self.inner.metrics.jobs_sent.get_or_create(&ViaLabels { via }).inc_by(sent);
         Vec::new()
     }

@@ -58,12 +58,20 @@ pub struct Limits {
 /// Asked, in due order, of each candidate row with its webhook's limits; `false` leaves it pending.
 pub type Allow = Box<dyn FnMut(&delivery::Model, Limits) -> bool + Send>;
 
+/// Asked once, as a claim starts to run (after any wait for the writer), with the claim's limit;
+/// returns the number of rows it may take then: the agent credit reserved for it at that moment.
+pub type Reserve = Box<dyn FnOnce(u64) -> u64 + Send>;
+
 /// Which due rows a claim may take.
 #[derive(Default)]
 pub struct Filter {
     /// Webhooks to skip entirely (at their `max_in_flight`, or rate-limited).
     pub exclude: Vec<String>,
     pub allow: Option<Allow>,
+    /// Sets the claim's size when it runs rather than when it is asked for: credit an agent gives
+    /// back while the claim waits for the writer (behind a large publish) is used by this claim,
+    /// not left for the next one (docs/BENCHMARKS.md item 50).
+    pub reserve: Option<Reserve>,
     /// Lowered to the start of the next rate window when a webhook's shared rate limit (on
     /// PostgreSQL, across replicas) held rows back, so that the dispatcher looks again then.
     pub rate_wake: Option<std::sync::Arc<std::sync::atomic::AtomicI64>>,
@@ -371,12 +379,16 @@ impl Store {
         }
         let (zone, agent_id, grace) = (zone.to_owned(), agent_id.to_owned(), policy.lease_grace_ms);
         let zone_key = zone.clone();
-        let Filter { mut exclude, mut allow, rate_wake } = filter;
+        let Filter { mut exclude, mut allow, rate_wake, reserve } = filter;
         let last_floor = self.claim_floors.lock().expect("claim floors lock").get(&zone).cloned();
         let (claimed, change) = self
             .dispatch_writer
             .write_relaxed(move |txn| {
                 Box::pin(async move {
+                    let limit = reserve.map_or(limit, |reserve| reserve(limit));
+                    if limit == 0 {
+                        return Ok((Vec::new(), FloorChange::Keep));
+                    }
                     // Pages of due rows, oldest first. A webhook whose row is turned down (at its
                     // limit) is left out of later pages, so one busy webhook cannot hide the
                     // others' work behind it.

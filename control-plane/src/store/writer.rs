@@ -303,16 +303,28 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commit
             return;
         }
         let ops = std::mem::take(&mut batch);
-        let n = ops.len();
-        // Dropping the batch when it stalls or panics drops its transaction (rolled back if not
-        // yet committed) and its answer channels, which tells each caller the outcome is unknown.
-        moves.mark();
-        let conn = Conn { db: &db, may_relax, own, fresh: &fresh };
-        let work = std::panic::AssertUnwindSafe(commit_batch(conn, ops, &commits, &mut sync, &moves)).catch_unwind();
-        match until_stalled(work, &moves, timeout).await {
-            Some(Ok(())) => committed.notify_one(),
-            Some(Err(_)) => tracing::error!(operations = n, "a write panicked; its batch was abandoned"),
-            None => tracing::error!(operations = n, ?timeout, "a write batch made no progress; abandoned"),
+        // Leases and results that need no sync go first, in a transaction of their own, rather
+        // than wait for the durable writes beside them (a large publish and its fsync): the
+        // dispatcher's next claim waits for one write, not two (docs/BENCHMARKS.md item 50).
+        let (relaxed, durable): (Vec<Op>, Vec<Op>) =
+            if may_relax { ops.into_iter().partition(|op| !op.durable()) } else { (Vec::new(), ops) };
+        for ops in [relaxed, durable] {
+            if ops.is_empty() {
+                continue;
+            }
+            let n = ops.len();
+            // Dropping the batch when it stalls or panics drops its transaction (rolled back if
+            // not yet committed) and its answer channels, which tells each caller the outcome is
+            // unknown.
+            moves.mark();
+            let conn = Conn { db: &db, may_relax, own, fresh: &fresh };
+            let work =
+                std::panic::AssertUnwindSafe(commit_batch(conn, ops, &commits, &mut sync, &moves)).catch_unwind();
+            match until_stalled(work, &moves, timeout).await {
+                Some(Ok(())) => committed.notify_one(),
+                Some(Err(_)) => tracing::error!(operations = n, "a write panicked; its batch was abandoned"),
+                None => tracing::error!(operations = n, ?timeout, "a write batch made no progress; abandoned"),
+            }
         }
     }
 }
@@ -565,6 +577,51 @@ mod tests {
         }
         let commits = |sync| writer.commits.get_or_create(&CommitLabels { sync }).get();
         assert_eq!((commits("durable"), commits("relaxed")), (3, 3));
+    }
+
+    /// Relaxed writes (leases, results) queued beside a durable one are committed and answered
+    /// first, in a transaction of their own, not after the durable write's work and sync; each
+    /// kind still commits at its own level.
+    #[tokio::test]
+    async fn relaxed_writes_do_not_wait_for_the_durable_ones_beside_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let writer = Writer::spawn(crate::db::connect(&url).await.unwrap(), WRITE_TIMEOUT);
+        writer.write(statement("CREATE TABLE t (n INTEGER)")).await.unwrap();
+        fn held(gate: oneshot::Receiver<()>) -> WriteFn<i64> {
+            Box::new(move |txn| {
+                Box::pin(async move {
+                    txn.execute_unprepared("INSERT INTO t VALUES (1)").await?;
+                    let _ = gate.await;
+                    read_level(txn).await
+                })
+            })
+        }
+        // The first write holds the writer while the next two queue: they make one batch.
+        let (open_first, first_gate) = oneshot::channel();
+        let (open_second, second_gate) = oneshot::channel();
+        let first = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.write(held(first_gate)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let durable = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.write(held(second_gate)).await }
+        });
+        let relaxed = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.write_relaxed(read_level).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open_first.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 2);
+        let level = tokio::time::timeout(Duration::from_secs(10), relaxed).await;
+        let level = level.expect("answered while the durable write beside it still runs").unwrap().unwrap();
+        assert_eq!(level, 1, "at NORMAL");
+        assert!(!durable.is_finished(), "the durable write is still held");
+        open_second.send(()).unwrap();
+        assert_eq!(durable.await.unwrap().unwrap(), 2, "at FULL");
     }
 
     fn statement(sql: &'static str) -> WriteFn<()> {

@@ -946,6 +946,75 @@ async fn postgres_writers_commit_each_batch_at_its_own_sync_level() {
     }
 }
 
+/// A claim's size is asked of its `reserve` when the claim runs, not when it is asked for: credit
+/// an agent gives back while the claim waits behind another write (here a result held up by a
+/// row lock another session keeps) is used by this claim. A reserve of nothing leases nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_is_sized_by_its_reserve_when_it_runs() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (cp, db, store) = setup(Backend::Postgres).await;
+    let mut w = webhook("eu", "https://example.com/hook", &["incident.*"]);
+    w.zone = "eu".into();
+    hook(&cp, w).await;
+    for _ in 0..6 {
+        publish(&cp, "incident.created").await;
+    }
+    let now = t0();
+    let first = store.claim("eu", "agent-1", 1, now, &policy()).await.unwrap().remove(0);
+    // Another session locks the claimed row: the result for it waits in the dispatch writer.
+    let conn = db.connect().await;
+    let holder = conn.begin().await.unwrap();
+    let lock = format!("SELECT id FROM deliveries WHERE id = '{}' FOR UPDATE", first.delivery.id);
+    holder.execute_unprepared(&lock).await.unwrap();
+    let pid = holder.query_one_raw(Statement::from_string(conn.get_database_backend(), "SELECT pg_backend_pid()"));
+    let pid: i32 = pid.await.unwrap().unwrap().try_get_by_index(0).unwrap();
+    let result = tokio::spawn({
+        let (store, report) = (store.clone(), report(&first, 200, now));
+        async move { store.record_results(vec![report], now, &policy()).await }
+    });
+    let blocked = format!("SELECT count(*) FROM pg_stat_activity WHERE {pid} = ANY(pg_blocking_pids(pid))");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = conn.query_one_raw(Statement::from_string(conn.get_database_backend(), blocked.clone())).await;
+        if n.unwrap().unwrap().try_get_by_index::<i64>(0).unwrap() > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the result never waited for the row");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The claim queues behind the held result, with no credit yet.
+    let credit = Arc::new(AtomicU64::new(0));
+    let asked = Arc::new(AtomicBool::new(false));
+    let reserve = {
+        let (credit, asked) = (credit.clone(), asked.clone());
+        Box::new(move |limit: u64| {
+            assert_eq!(limit, 10, "asked with the claim's limit");
+            asked.store(true, Ordering::SeqCst);
+            credit.load(Ordering::SeqCst).min(limit)
+        })
+    };
+    let claim = tokio::spawn({
+        let store = store.clone();
+        let filter = Filter { reserve: Some(reserve), ..Default::default() };
+        async move { store.claim_where("eu", "agent-2", 10, now, &policy(), filter).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!asked.load(Ordering::SeqCst), "the claim has not run: the writer is held");
+    // Credit comes back while it waits.
+    credit.store(3, Ordering::SeqCst);
+    holder.rollback().await.unwrap();
+    assert_eq!(result.await.unwrap().unwrap().len(), 1);
+    let claimed = claim.await.unwrap().unwrap();
+    assert!(asked.load(Ordering::SeqCst));
+    assert_eq!(claimed.len(), 3, "the credit there was when the claim ran");
+    let nothing = Filter { reserve: Some(Box::new(|_| 0)), ..Default::default() };
+    assert!(store.claim_where("eu", "agent-2", 10, now, &policy(), nothing).await.unwrap().is_empty());
+    assert_eq!(store.claim("eu", "agent-3", 10, now, &policy()).await.unwrap().len(), 2, "the rest, untouched");
+    conn.close().await.ok();
+    cp.stop().await;
+}
+
 /// On PostgreSQL every identifier column (every `varchar` of Herald's tables) compares bytewise,
 /// `COLLATE "C"` (migration 10), so that the indexes on them never call the C library's
 /// collation; free text keeps the database's default. A column added later without it would
