@@ -137,7 +137,9 @@ def main():
     assert sm["spec"]["endpoints"][0]["path"] == "/metrics" and sm["metadata"]["labels"]["release"] == "prometheus"
 
     unset = env(container(kinds(render("herald-agent", {"token": {"existingSecret": "t"}, "workerThreads": None}))["Deployment"], "agent"))
-    assert "HERALD_WORKER_THREADS" not in unset, "an empty workerThreads leaves the agent's default"
+    assert "HERALD_WORKER_THREADS" not in unset, "a null workerThreads leaves the agent's default"
+    zero = env(container(kinds(render("herald-agent", {"token": {"existingSecret": "t"}, "workerThreads": 0}))["Deployment"], "agent"))
+    assert zero["HERALD_WORKER_THREADS"]["value"] == "0", "0 reaches the agent, which refuses it, rather than meaning the default"
 
     # A chart without its token Secret refuses to render rather than start agents that cannot connect.
     try:

@@ -680,7 +680,7 @@ impl Dispatcher {
         }
     }
 
-    /// Gives a session back credit that leases taken at publish reserved but did not use.
+    /// Gives a session back credit that a publish's leases or a claim reserved but did not use.
     fn give_back(&self, session: u64, jobs: u32) {
         let mut state = self.inner.state.lock().expect("dispatcher lock");
         if let Some(s) = state.sessions.get_mut(&session) {
@@ -887,7 +887,7 @@ impl Dispatcher {
             let got = claimed.len() as u32;
             self.give_back(session, want - got);
             if want == 0 {
-                // Its credit went to leases at publish meanwhile: nothing was looked for.
+                // The session closed or began to drain meanwhile: nothing was looked for.
                 continue;
             }
             if got > 0 {
@@ -988,12 +988,10 @@ impl Dispatcher {
         Ok(hook)
     }
 
-    /// Sends claimed (or, with `reserved`, published-and-leased) jobs to a session. A claim's jobs
-    /// take the session's credit here; leases taken at publish took it already, and what of them
-    /// is not sent gives it back. Returns the jobs (lease, delivery) not sent because the session
-    /// had closed: `close` takes a claim's back, but may have run before a publish's committed.
-    /// Sends claimed jobs to a session that has their credit reserved (taken, and counted in
-    /// flight); what cannot go is given back. `via`: leased at publish, or claimed.
+    /// Sends jobs to a session that has their credit reserved (taken, and counted in flight when
+    /// a publish leased them or a claim ran); what is not sent gives it back. `via`: leased at
+    /// publish, or claimed. Returns the jobs (lease, delivery) not sent because the session had
+    /// closed: `close` takes a claim's back, but may have run before a publish's committed.
     async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64, via: Via) -> Vec<(String, String)> {
         let leased = claimed.len() as u32;
         let claimed_expiry = claimed.iter().map(|c| c.lease_expires_at).min().unwrap_or(now);

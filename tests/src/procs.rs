@@ -282,6 +282,9 @@ impl AgentProcess {
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            // Tests choose the agent's threads with its own flag or variable only.
+            .env_remove("TOKIO_WORKER_THREADS")
+            .env_remove("HERALD_WORKER_THREADS")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)

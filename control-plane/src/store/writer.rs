@@ -4,12 +4,13 @@
 //!
 //! Callers hand the writer a closure that runs inside a transaction. The writer takes every
 //! operation that is waiting (up to `MAX_BATCH`), runs each in its own savepoint of one
-//! transaction, commits once, and only then answers each caller. Many concurrent publishes thus
-//! share one fsync, and no caller is told "done" before its rows are durable.
+//! transaction per kind, commits once per kind, and only then answers each caller: the relaxed
+//! operations of a batch (`write_relaxed`) first, then the durable ones. Many concurrent
+//! publishes thus share one fsync, and no caller is told "done" before its rows are durable.
 //!
 //! On SQLite this is also the only way to write well: one writer never meets `SQLITE_BUSY` from
 //! itself. A failed operation rolls back to its savepoint and fails alone; a failed commit fails
-//! every operation of the batch (nothing of any of them is written).
+//! every operation of its transaction (nothing of any of them is written).
 //!
 //! On SQLite the writer does not copy the WAL back into the database file itself: a checkpointer
 //! beside it does, from a pooled connection, so that a commit never waits for a checkpoint's
@@ -202,7 +203,8 @@ impl Writer {
     }
 
     /// Like `write`, for writes that acknowledge nothing to a client (leases, attempt results):
-    /// a batch of only such writes commits without waiting for the disk (SQLite
+    /// they commit in a transaction of their own, before the durable writes of their batch,
+    /// without waiting for the disk (SQLite
     /// `synchronous=NORMAL` in WAL mode, PostgreSQL `synchronous_commit=off`). A process crash
     /// loses nothing; a power loss may lose the last of them, which at-least-once delivery
     /// absorbs (a lease expires, an attempt is made again). The next durable commit syncs them.
@@ -308,8 +310,15 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commit
         // dispatcher's next claim waits for one write, not two (docs/BENCHMARKS.md item 50).
         let (relaxed, durable): (Vec<Op>, Vec<Op>) =
             if may_relax { ops.into_iter().partition(|op| !op.durable()) } else { (Vec::new(), ops) };
+        let mut stalled = false;
         for ops in [relaxed, durable] {
             if ops.is_empty() {
+                continue;
+            }
+            if stalled {
+                // The database stopped answering the first half: the second is not begun, so its
+                // callers are not kept waiting a second bound.
+                fail_all(ops, &StoreError::Unavailable("the database stopped answering; nothing was written".into()));
                 continue;
             }
             let n = ops.len();
@@ -323,7 +332,10 @@ async fn run(db: DatabaseConnection, mut rx: mpsc::Receiver<Op>, commits: Commit
             match until_stalled(work, &moves, timeout).await {
                 Some(Ok(())) => committed.notify_one(),
                 Some(Err(_)) => tracing::error!(operations = n, "a write panicked; its batch was abandoned"),
-                None => tracing::error!(operations = n, ?timeout, "a write batch made no progress; abandoned"),
+                None => {
+                    stalled = true;
+                    tracing::error!(operations = n, ?timeout, "a write batch made no progress; abandoned");
+                }
             }
         }
     }
@@ -622,6 +634,70 @@ mod tests {
         assert!(!durable.is_finished(), "the durable write is still held");
         open_second.send(()).unwrap();
         assert_eq!(durable.await.unwrap().unwrap(), 2, "at FULL");
+    }
+
+    /// When the relaxed half of a batch stops moving, the durable half is not begun: its callers
+    /// are told at once that nothing was written, not kept for a second bound.
+    #[tokio::test]
+    async fn a_stalled_first_half_fails_the_second_unbegun() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let writer = Writer::spawn(crate::db::connect(&url).await.unwrap(), Duration::from_millis(300));
+        writer.write(statement("CREATE TABLE t (n INTEGER)")).await.unwrap();
+        let (open, gate) = oneshot::channel::<()>();
+        let first = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .write(move |_txn| {
+                        Box::pin(async move {
+                            let _ = gate.await;
+                            Ok(())
+                        })
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ran = Arc::new(AtomicBool::new(false));
+        let stuck = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .write_relaxed(|_txn| {
+                        Box::pin(async move {
+                            std::future::pending::<()>().await;
+                            Ok(())
+                        })
+                    })
+                    .await
+            }
+        });
+        let durable = tokio::spawn({
+            let (writer, ran) = (writer.clone(), ran.clone());
+            async move {
+                writer
+                    .write(move |txn| {
+                        Box::pin(async move {
+                            ran.store(true, Ordering::SeqCst);
+                            txn.execute_unprepared("INSERT INTO t VALUES (1)").await.map(drop).map_err(StoreError::from)
+                        })
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        let stuck = stuck.await.unwrap();
+        assert!(matches!(&stuck, Err(StoreError::Unavailable(m)) if m.contains("outcome is unknown")), "{stuck:?}");
+        let durable = durable.await.unwrap();
+        assert!(
+            matches!(&durable, Err(StoreError::Unavailable(m)) if m.contains("nothing was written")),
+            "{durable:?}"
+        );
+        assert!(!ran.load(Ordering::SeqCst), "the durable write was not begun");
+        writer.write(statement("INSERT INTO t VALUES (2)")).await.expect("the writer goes on");
     }
 
     fn statement(sql: &'static str) -> WriteFn<()> {

@@ -426,6 +426,11 @@ async fn published_deliveries_go_straight_to_a_waiting_agent(backend: Backend) {
         |source: &str| metrics.get(&format!(r#"herald_event_envelopes_total{{source="{source}"}}"#)).copied();
     let (cached, read) = (envelopes("cache").unwrap_or(0.0), envelopes("database").unwrap_or(0.0));
     assert!(cached >= n as f64 && cached + read >= 2.0 * n as f64, "{metrics:?}");
+    // Every job's credit came back, from leases at publish and from claims alike: the agent
+    // holds nothing once its results are in (a reservation left behind would show here).
+    let agents = cp.agents().list_agents(proto::ListAgentsRequest { zone: "default".into() }).await;
+    let agents = agents.expect("list agents").into_inner().agents;
+    assert_eq!(agents.iter().map(|a| (a.id.as_str(), a.in_flight)).collect::<Vec<_>>(), [("agent-1", 0)]);
 }
 
 /// An event acknowledged with its delivery leased, as it was stored, to an agent that never
