@@ -204,10 +204,10 @@ impl Writer {
 
     /// Like `write`, for writes that acknowledge nothing to a client (leases, attempt results):
     /// they commit in a transaction of their own, before the durable writes of their batch,
-    /// without waiting for the disk (SQLite
-    /// `synchronous=NORMAL` in WAL mode, PostgreSQL `synchronous_commit=off`). A process crash
-    /// loses nothing; a power loss may lose the last of them, which at-least-once delivery
-    /// absorbs (a lease expires, an attempt is made again). The next durable commit syncs them.
+    /// without waiting for the disk (SQLite `synchronous=NORMAL` in WAL mode, PostgreSQL
+    /// `synchronous_commit=off`). A process crash loses nothing; a power loss may lose the last
+    /// of them, which at-least-once delivery absorbs (a lease expires, an attempt is made again).
+    /// The next durable commit syncs them.
     pub async fn write_relaxed<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
