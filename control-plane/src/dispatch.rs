@@ -43,6 +43,8 @@ const RESULT_LINGER: Duration = Duration::from_millis(2);
 /// Expired leases are looked for when the earliest known lease expires, and at least this often
 /// (leases of another replica or an earlier run are not known in advance).
 const RECLAIM_EVERY_MS: i64 = 30_000;
+/// After taking back expired leases failed, the next try waits this long.
+const RECLAIM_RETRY_MS: i64 = 1_000;
 /// Bytes of envelopes of published events kept for dispatch.
 const EVENT_CACHE_BYTES: usize = 32 << 20;
 /// How often both sides send heartbeats; a session silent for three is closed.
@@ -514,8 +516,10 @@ impl Dispatcher {
                     if live {
                         s.in_flight = s.in_flight.saturating_sub(1);
                     }
-                    if result.not_sent {
-                        // Only a draining agent returns jobs unsent: send it nothing more.
+                    if live && result.not_sent {
+                        // Only a draining agent returns jobs unsent: send it nothing more. A result
+                        // kept from an earlier session says nothing of this one: an agent that
+                        // drained for a control plane going away reconnects to take work again.
                         s.draining = true;
                         s.credit = 0;
                     }
@@ -788,7 +792,9 @@ impl Dispatcher {
             }
             if now - last_reclaim >= RECLAIM_EVERY_MS || (next_expiry > 0 && now > next_expiry) {
                 last_reclaim = now;
-                match self.inner.store.reclaim_leases(None, now, &self.inner.policy).await {
+                let reclaimed = self.inner.store.reclaim_leases(None, now, &self.inner.policy).await;
+                let refused = reclaimed.is_err();
+                match reclaimed {
                     Ok(reclaimed) if !reclaimed.leases.is_empty() => {
                         let leases = reclaimed.leases;
                         tracing::info!(leases = leases.len(), "expired leases taken back");
@@ -800,9 +806,15 @@ impl Dispatcher {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot take back expired leases"),
                 }
-                next_expiry = match self.inner.store.next_lease_expiry().await {
-                    Ok(at) => at.unwrap_or(0),
-                    Err(_) => 0,
+                next_expiry = if refused {
+                    // The database reads but does not write (a full disk, a read-only failover):
+                    // the lease that expired is still there, and waking for it at once would spin.
+                    now + RECLAIM_RETRY_MS
+                } else {
+                    match self.inner.store.next_lease_expiry().await {
+                        Ok(at) => at.unwrap_or(0),
+                        Err(_) => 0,
+                    }
                 };
             }
             let mut next_wake = now + IDLE_WAKE_MS.min(RECLAIM_EVERY_MS);

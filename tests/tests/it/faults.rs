@@ -896,3 +896,83 @@ async fn an_agent_sigtermed_under_load_finishes_and_reports_its_work() {
     assert!(reported > 0, "the leaving agent's work was reported");
     assert_eq!((dups, lost), (0, 0), "it finished and reported everything it had taken: nothing sent twice");
 }
+
+/// A database that reads but refuses writes (a full disk, a read-only failover) when a lease
+/// expires: the dispatcher tries to take the lease back again after a pause, not as fast as the
+/// database answers (before, the expired lease it read back woke it again at once: a loop of
+/// failing writes and a warning each). Once writes work again, the delivery goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_writes_do_not_spin_the_dispatcher() {
+    use crate::support::HandAgent;
+    use herald_control_plane::config::AgentToken;
+    use sea_orm::ConnectionTrait as _;
+    const TOKEN: &str = "agent-token-for-refused-writes-00";
+    let (cp, db) = crate::support::start_with(Backend::Postgres, |c| {
+        c.agent_tokens = vec![AgentToken { token: TOKEN.into(), zones: None }];
+        c.lease_grace = Duration::from_millis(50);
+    })
+    .await;
+    // The endpoint is never called: the agent answers by itself. Its leases last 150 ms.
+    let mut w = webhook("refused", "https://receiver.invalid/hook", &["*"]);
+    w.timeout = Some(prost_types::Duration { seconds: 0, nanos: 100_000_000 });
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
+    let mut agent = HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
+    agent.credit(1);
+    let e = proto::PublishEventRequest { event: Some(event("task.failed", "{}")) };
+    let e = cp.events().publish_event(e).await.unwrap().into_inner();
+    let job = agent.job(WAIT).await.expect("the job comes");
+
+    // From here every update of a delivery fails, and is counted (a sequence is not rolled back).
+    let conn = db.connect().await;
+    conn.execute_unprepared(
+        "CREATE SEQUENCE refused_updates;
+         CREATE FUNCTION refuse_updates() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM nextval('refused_updates'); RAISE EXCEPTION 'updates refused by the test'; END $$;
+         CREATE TRIGGER refuse BEFORE UPDATE ON deliveries FOR EACH STATEMENT EXECUTE FUNCTION refuse_updates();",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tries = conn
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS n FROM refused_updates",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap();
+    assert!(tries >= 1, "the expired lease was looked for");
+    assert!(tries <= 10, "the dispatcher pauses between refused writes: {tries} tried in two seconds");
+
+    conn.execute_unprepared("DROP TRIGGER refuse ON deliveries").await.unwrap();
+    // The job is never answered: the agent has room for one more.
+    agent.credit(1);
+    let again = agent.job(WAIT).await.expect("once writes work again, the delivery goes out");
+    assert_eq!(again.delivery_id, job.delivery_id);
+    assert_eq!(again.attempt, 1, "a lease lost costs no attempt");
+    let stored = delivery::Entity::find().filter(delivery::Column::EventId.eq(e.id.clone()));
+    let leased = stored.clone().one(&conn).await.unwrap().unwrap();
+    assert_eq!((leased.lost_leases, leased.attempt_count), (1, 0), "taken back once, no attempt used");
+    agent.report(proto::AttemptResult {
+        lease_id: again.lease_id.clone(),
+        delivery_id: again.delivery_id.clone(),
+        attempt: again.attempt,
+        status: 200,
+        ..Default::default()
+    });
+    let settled = async {
+        loop {
+            let d = stored.clone().one(&conn).await.unwrap().unwrap();
+            if d.status == delivery::status::SUCCEEDED {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let d = tokio::time::timeout(WAIT, settled).await.expect("the delivery succeeds");
+    assert_eq!(d.attempt_count, 1);
+    conn.close().await.ok();
+    cp.stop().await;
+}

@@ -692,3 +692,55 @@ async fn results_the_agent_could_not_report_arrive_with_its_next_session() {
     assert!(!log[0].stale, "the kept result was applied, not dismissed as stale");
     assert_eq!(r.requests().len(), 1, "nothing was sent twice");
 }
+
+/// An agent asked to drain (its control plane is going away) may be sent a job after the drain
+/// began, answer it unsent, and be unable to report that before the stream closes: it brings the
+/// result in the hello of its next session. That result says nothing of the new session, which
+/// gets work like any other. (Before, an unsent result in a hello marked the new session
+/// draining: the agent, connected and ready, was sent nothing until it reconnected.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsent_result_kept_from_a_drained_session_does_not_drain_the_next() {
+    use crate::support::HandAgent;
+    use herald_control_plane::config::AgentToken;
+    const TOKEN: &str = "agent-token-for-the-drained-agent-0";
+    let (cp, db) = crate::support::start_with(Backend::Sqlite, |c| {
+        c.agent_tokens = vec![AgentToken { token: TOKEN.into(), zones: None }];
+    })
+    .await;
+    // The endpoint is never called: the agent answers by itself.
+    let w = webhook("drained", "https://receiver.invalid/hook", &["*"]);
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
+    let mut first = HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
+    first.credit(1);
+    let e = herald_tests::event("task.completed", "{}");
+    let e = cp.events().publish_event(proto::PublishEventRequest { event: Some(e) }).await.unwrap().into_inner();
+    let job = first.job(WAIT).await.expect("the first session gets the job");
+    first.close();
+
+    let unsent = proto::AttemptResult {
+        lease_id: job.lease_id.clone(),
+        delivery_id: job.delivery_id.clone(),
+        attempt: job.attempt,
+        not_sent: true,
+        ..Default::default()
+    };
+    let mut second = HandAgent::open(&cp, TOKEN, 1, vec![unsent]).await;
+    second.credit(1);
+    let again = second.job(WAIT).await.expect("the next session gets work");
+    assert_eq!(again.delivery_id, job.delivery_id);
+    assert_ne!(again.lease_id, job.lease_id, "under a lease of its own");
+    assert_eq!(again.attempt, 1, "the job answered unsent used no attempt");
+    second.report(proto::AttemptResult {
+        lease_id: again.lease_id.clone(),
+        delivery_id: again.delivery_id.clone(),
+        attempt: again.attempt,
+        started_at: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
+        duration: Some(prost_types::Duration { seconds: 0, nanos: 5_000_000 }),
+        status: 200,
+        ..Default::default()
+    });
+    let d = settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 1));
+    assert_eq!(attempts_of(&db, &d.id).await.len(), 1, "the unsent answer is not an attempt");
+    cp.stop().await;
+}
