@@ -108,36 +108,41 @@ impl Outbox {
     /// session holds while it reads its opening credit, so each job is counted in one or the
     /// other, never both.
     fn report(&self, result: proto::AttemptResult) {
-        let current = {
+        let (tx, headers_json) = {
             let current = self.current.lock().expect("outbox lock");
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let Some((tx, credit, headers_json)) = current.as_ref() else {
+                // Kept under the lock a new session takes them with when it opens
+                // ([`Outbox::open`]): a result is either taken then or finds the session.
+                self.unreported.lock().expect("outbox lock").push(result);
+                return;
+            };
             // Counted before the result is queued, so the stream that takes the result finds
             // its credit too.
-            if let Some((_, credit, _)) = current.as_ref()
-                && !self.draining.load(Ordering::SeqCst)
-            {
+            if !self.draining.load(Ordering::SeqCst) {
                 credit.fetch_add(1, Ordering::SeqCst);
             }
-            current.clone()
+            (tx.clone(), *headers_json)
         };
-        let unsent = match current {
-            Some((tx, _, headers_json)) => {
-                // An attempt made during an earlier session may have written its headers for a
-                // control plane of another version.
-                let result = if headers_json { result } else { with_header_maps(result) };
-                match tx.send(message(agent_message::Msg::Result(result))) {
-                    Ok(()) => None,
-                    Err(e) => match e.0.msg {
-                        Some(agent_message::Msg::Result(r)) => Some(r),
-                        _ => None,
-                    },
-                }
-            }
-            None => Some(result),
-        };
-        if let Some(r) = unsent {
+        // An attempt made during an earlier session may have written its headers for a control
+        // plane of another version.
+        let result = if headers_json { result } else { with_header_maps(result) };
+        if let Err(e) = tx.send(message(agent_message::Msg::Result(result)))
+            && let Some(agent_message::Msg::Result(r)) = e.0.msg
+        {
             self.unreported.lock().expect("outbox lock").push(r);
         }
+    }
+
+    /// Makes `session` the open one. Returns the jobs it may be sent (`capacity` less those
+    /// still in flight) and the results kept since its hello was built: jobs that finished while
+    /// it was being opened, to be sent on it.
+    fn open(&self, session: OpenSession, capacity: u32) -> (u32, Vec<proto::AttemptResult>) {
+        let mut current = self.current.lock().expect("outbox lock");
+        *current = Some(session);
+        self.draining.store(false, Ordering::SeqCst);
+        let kept = std::mem::take(&mut *self.unreported.lock().expect("outbox lock"));
+        (capacity.saturating_sub(self.in_flight.load(Ordering::SeqCst)), kept)
     }
 }
 
@@ -388,12 +393,12 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     let body_limit = welcome.response_body_limit.max(1) as usize;
     let headers_json = welcome.headers_json;
     tracing::info!(%endpoint, zone = %agent.args.zone, agent = %agent.id, "session open");
-    let free = {
-        let mut current = agent.outbox.current.lock().expect("outbox lock");
-        *current = Some((tx.clone(), credit, headers_json));
-        agent.outbox.draining.store(false, Ordering::SeqCst);
-        capacity.saturating_sub(agent.outbox.in_flight.load(Ordering::SeqCst))
-    };
+    let (free, kept) = agent.outbox.open((tx.clone(), credit, headers_json), capacity);
+    // Jobs that finished after the hello was built: their credit is in `free` already.
+    for result in kept {
+        let result = if headers_json { result } else { with_header_maps(result) };
+        let _ = tx.send(message(agent_message::Msg::Result(result)));
+    }
     agent.ready.store(true, Ordering::SeqCst);
     let _ = tx.send(message(agent_message::Msg::Credit(proto::Credit { jobs: free })));
 
@@ -526,6 +531,34 @@ mod tests {
 
     fn result(n: u32) -> proto::AgentMessage {
         message(agent_message::Msg::Result(proto::AttemptResult { attempt: n, ..Default::default() }))
+    }
+
+    /// A job that finishes after the hello took the kept results, but before the session opens,
+    /// is handed to that session when it opens (before, it stayed kept until the session after,
+    /// which might be days away, and its lease expired: the delivery was sent again).
+    #[test]
+    fn a_result_reported_while_a_session_opens_is_sent_on_it() {
+        let outbox = Outbox::default();
+        outbox.in_flight.store(2, Ordering::SeqCst);
+        let in_hello = std::mem::take(&mut *outbox.unreported.lock().unwrap());
+        assert!(in_hello.is_empty());
+        let finished = |lease: &str| proto::AttemptResult { lease_id: lease.into(), ..Default::default() };
+        outbox.report(finished("during-the-handshake"));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let credit = Arc::new(AtomicU32::new(0));
+        let (free, kept) = outbox.open((tx, credit.clone(), true), 4);
+        assert_eq!(free, 3, "the finished job's room is free");
+        assert_eq!(kept.iter().map(|r| r.lease_id.as_str()).collect::<Vec<_>>(), ["during-the-handshake"]);
+        assert!(outbox.unreported.lock().unwrap().is_empty(), "nothing is left for a later session");
+        assert_eq!(credit.load(Ordering::SeqCst), 0, "its credit is in `free`, not given twice");
+        // A job finishing now goes straight to the open session, with its credit.
+        outbox.report(finished("after"));
+        assert_eq!(credit.load(Ordering::SeqCst), 1);
+        match rx.try_recv().unwrap().msg {
+            Some(agent_message::Msg::Result(r)) => assert_eq!(r.lease_id, "after"),
+            other => panic!("a result: {other:?}"),
+        }
+        assert_eq!(outbox.in_flight.load(Ordering::SeqCst), 0);
     }
 
     fn credit_of(m: &proto::AgentMessage) -> Option<u32> {

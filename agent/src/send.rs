@@ -246,14 +246,18 @@ impl Sender {
     }
 }
 
-/// Parses `Retry-After`: delay seconds or an HTTP date.
+/// The longest `Retry-After` reported: a year (the control plane caps it lower,
+/// `--retry-after-max`).
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Parses `Retry-After`: delay seconds or an HTTP date, at most [`RETRY_AFTER_MAX`].
 pub fn retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs).min(RETRY_AFTER_MAX));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO).min(RETRY_AFTER_MAX))
 }
 
 /// Sorts a client error into an error kind, with a message for people.
@@ -414,6 +418,9 @@ mod tests {
         let d = retry_after(&future).unwrap();
         assert!(d > Duration::from_secs(3500) && d <= Duration::from_secs(3600), "{d:?}");
         assert_eq!(retry_after("soon"), None);
+        assert_eq!(retry_after("99999999999999999999"), None, "past u64");
+        assert_eq!(retry_after("99999999999999999"), Some(RETRY_AFTER_MAX));
+        assert_eq!(retry_after("Fri, 31 Dec 9999 23:59:59 GMT"), Some(RETRY_AFTER_MAX));
     }
 
     #[test]

@@ -1379,7 +1379,8 @@ fn session_row(s: &Session, now: i64) -> crate::db::entity::agent::Model {
 /// An agent's result as the queue takes it.
 fn report(a: Arrived, request_body: Option<String>) -> AttemptReport {
     let r = a.result;
-    let ms = |d: Option<prost_types::Duration>| d.map_or(0, |d| d.seconds * 1000 + i64::from(d.nanos / 1_000_000));
+    // Saturating: the numbers come from the agent (a `Retry-After` of any size).
+    let ms = |seconds: i64, nanos: i32| seconds.saturating_mul(1000).saturating_add(i64::from(nanos / 1_000_000));
     let request_headers = logged_headers(r.request_headers_json, r.request_headers, &a.agent_id, &r.delivery_id);
     let response_headers = logged_headers(r.response_headers_json, r.response_headers, &a.agent_id, &r.delivery_id);
     AttemptReport {
@@ -1387,8 +1388,8 @@ fn report(a: Arrived, request_body: Option<String>) -> AttemptReport {
         delivery_id: r.delivery_id,
         agent_id: a.agent_id,
         zone: a.zone,
-        started_at: r.started_at.map_or_else(now_millis, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000)),
-        duration_ms: ms(r.duration),
+        started_at: r.started_at.map_or_else(now_millis, |t| ms(t.seconds, t.nanos)),
+        duration_ms: r.duration.map_or(0, |d| ms(d.seconds, d.nanos)),
         status: r.status,
         response_headers,
         response_body: r.response_body,
@@ -1397,7 +1398,7 @@ fn report(a: Arrived, request_body: Option<String>) -> AttemptReport {
         request_headers,
         request_body,
         not_sent: r.not_sent,
-        retry_after_ms: r.retry_after.map(|d| ms(Some(d))),
+        retry_after_ms: r.retry_after.map(|d| ms(d.seconds, d.nanos)),
     }
 }
 

@@ -79,10 +79,15 @@ impl AgentService for AgentApi {
         let dispatcher = self.state.dispatcher.clone();
         let (session, welcome) = dispatcher.open(&hello, tx.clone());
         tracing::info!(agent = %welcome.agent_id, zone = %hello.zone, capacity = hello.capacity, "agent connected");
-        let _ = tx.send(control(control_message::Msg::Welcome(welcome.clone()))).await;
-        dispatcher.pending_results(session, hello.pending_results).await;
+        // The channel is new and has room. Nothing here waits between `open` and the task that
+        // closes the session: a call dropped meanwhile (the agent gone) would leave the session
+        // open for good, listed and counted as connected.
+        let _ = tx.try_send(control(control_message::Msg::Welcome(welcome.clone())));
         let shutdown = self.state.shutdown.clone();
+        let pending = hello.pending_results;
         tokio::spawn(async move {
+            // Before any result of this session's own jobs.
+            dispatcher.pending_results(session, pending).await;
             let mut beat = tokio::time::interval(HEARTBEAT);
             let silence = HEARTBEAT * 3;
             let mut last_heard = tokio::time::Instant::now();

@@ -266,6 +266,27 @@ async fn redirects_are_failures_and_retry_after_is_honoured() {
     assert!(waited >= 990, "Retry-After: 1 moved the attempt 100ms -> 1s later, waited {waited}ms");
 }
 
+/// A `Retry-After` of any size is capped at `--retry-after-max` (before, a number of seconds
+/// past about 9 × 10¹⁵ overflowed where the control plane turned it into milliseconds: its
+/// result loop panicked and no result was recorded again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_is_capped() {
+    let (ca, db, cp, _agent) = single_zone(&["--retry-schedule", "0s,100ms", "--retry-after-max", "1s"]).await;
+    let r = Receiver::https(&ca).await;
+    r.script([Reply::Status(429, vec![("retry-after", "99999999999999999".into())])]);
+    create(&cp, webhook("patient", &r.url("/"), &["*"])).await;
+    let e = publish(&cp, "task.failed", "{}").await;
+    let d = settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 2));
+    let log = attempts_of(&db, &d.id).await;
+    assert_eq!(log[0].response_status, 429);
+    let waited = log[1].started_at - (log[0].started_at + log[0].duration_ms);
+    assert!(waited >= 990, "pushed back to the 1s cap, not the 100ms schedule: waited {waited}ms");
+    // Results after it are recorded too.
+    let e = publish(&cp, "task.failed", "{}").await;
+    assert_eq!(settled(&db, &e.id).await[0].status, delivery::status::SUCCEEDED);
+}
+
 /// Two agents in one zone and a receiver that hangs on the first request: the delivery is in
 /// flight, held by one of them.
 struct HeldLease {
