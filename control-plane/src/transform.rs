@@ -57,6 +57,17 @@ impl std::io::Write for Capped<'_> {
     }
 }
 
+/// The JSON of a whole expression's value, written into at most `left` more bytes. A value can
+/// be far larger than the work that made it (`[data] * 100000000` is one step of fuel, and a
+/// lazy sequence until it is written out): it is written through the cap, which stops it, rather
+/// than built whole and measured after.
+fn typed(value: &minijinja::Value, left: &mut usize) -> Result<Json, String> {
+    let mut out = Capped { out: Vec::new(), left };
+    serde_json::to_writer(&mut out, value)
+        .map_err(|e| if e.is_io() { format!("renders more than {MAX_OUTPUT} bytes") } else { e.to_string() })?;
+    serde_json::from_slice(&out.out).map_err(|e| e.to_string())
+}
+
 /// Renders one template leaf into at most `left` more bytes.
 fn render_leaf(
     env: &Environment<'static>,
@@ -113,7 +124,16 @@ fn walk_check(env: &Environment<'static>, v: &Json, sample: &minijinja::Value, p
         Json::String(s) => match whole_expression(s) {
             Some(expr) => {
                 let compiled = env.compile_expression(expr).map_err(|e| fail(e.to_string()))?;
-                judge(compiled.eval(sample).map(|_| ()))
+                match compiled.eval(sample) {
+                    // Too large even over the empty sample: too large for any event.
+                    Ok(value) => match typed(&value, &mut MAX_OUTPUT.clone()) {
+                        Err(e) if e.contains("renders more than") => {
+                            Err(fail(format!("fails whatever the event: {e}")))
+                        }
+                        _ => Ok(()),
+                    },
+                    Err(e) => judge(Err(e)),
+                }
             }
             None => {
                 env.template_from_str(s).map_err(|e| fail(e.to_string()))?;
@@ -162,11 +182,7 @@ fn walk_render(
         Json::String(s) => match whole_expression(s) {
             Some(expr) => {
                 let value = env.compile_expression(expr).and_then(|e| e.eval(ctx)).map_err(|e| fail(e.to_string()))?;
-                if value.is_undefined() {
-                    Json::Null
-                } else {
-                    serde_json::to_value(&value).map_err(|e| fail(e.to_string()))?
-                }
+                if value.is_undefined() { Json::Null } else { typed(&value, left).map_err(fail)? }
             }
             None => Json::String(render_leaf(env, s, ctx, left).map_err(|e| fail(e.to_string()))?),
         },
@@ -244,6 +260,28 @@ mod tests {
         assert!(err.message.contains("renders more than"), "{}", err.message);
         let err = check(&huge, "t").unwrap_err();
         assert!(err.message.contains("renders more than"), "{}", err.message);
+    }
+
+    /// A whole expression whose value is far larger than the work that made it (one step of
+    /// fuel for a list repeated a hundred million times) stops at the output cap while it is
+    /// written out, and is refused at check; so do many leaves that each copy a large event.
+    #[test]
+    fn a_value_larger_than_its_work_is_capped_as_it_is_written() {
+        let repeated = json!({"x": "{{ [data] * 100000000 }}"});
+        let err = render(&repeated, ENVELOPE, &vars()).unwrap_err();
+        assert!(err.message.contains("renders more than"), "{}", err.message);
+        assert_eq!(err.path, "transform.x");
+        let err = check(&repeated, "t").unwrap_err();
+        assert!(err.message.contains("renders more than"), "{}", err.message);
+        let many: serde_json::Map<String, Json> = (0..40).map(|i| (format!("k{i}"), json!("{{ data }}"))).collect();
+        let big = format!(
+            r#"{{"id":"evt_1","type":"t","timestamp":"x","workspace_id":"w","data":{{"s":"{}"}}}}"#,
+            "y".repeat(64 << 10)
+        );
+        let err = render(&Json::Object(many.clone()), big.as_bytes(), &vars()).unwrap_err();
+        assert!(err.message.contains("renders more than"), "{}", err.message);
+        let small: serde_json::Map<String, Json> = many.into_iter().take(10).collect();
+        assert!(render(&Json::Object(small), big.as_bytes(), &vars()).is_ok(), "640 KiB is within the cap");
     }
 
     #[test]
