@@ -242,24 +242,10 @@ async fn retention_loop(store: Store, retention: std::time::Duration, shutdown: 
             _ = tokio::time::sleep(every) => {}
         }
         let cutoff = crate::store::now_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        let mut pruned = 0;
-        loop {
-            match store.prune(cutoff, BATCH).await {
-                Ok(n) => {
-                    pruned += n;
-                    if n < BATCH || shutdown.is_cancelled() {
-                        break;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot prune old events; trying again later");
-                    break;
-                }
-            }
-        }
-        if pruned > 0 {
-            tracing::info!(events = pruned, "pruned events older than the retention period");
+        match store.prune_all(cutoff, BATCH, std::time::Duration::from_millis(5), &shutdown).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(events = pruned, "pruned events older than the retention period"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune old events; trying again later"),
         }
     }
 }
