@@ -423,6 +423,20 @@ fn webhook_detail(w: &proto::Webhook) -> String {
     out
 }
 
+/// A template's headers, added where the user's own (`--header`) do not already name them, in
+/// any case: the template's values are placeholders to fill in (`Basic <base64 of
+/// email:api_token>`), the user's are the real ones.
+fn add_template_headers(
+    headers: &mut std::collections::HashMap<String, String>,
+    template: std::collections::HashMap<String, String>,
+) {
+    for (name, value) in template {
+        if !headers.keys().any(|given| given.eq_ignore_ascii_case(&name)) {
+            headers.insert(name, value);
+        }
+    }
+}
+
 pub async fn webhooks(client: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Result<()> {
     let c = Client::connect(client).await?;
     let mut api = c.webhooks();
@@ -434,7 +448,7 @@ pub async fn webhooks(client: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Resu
                 let t = all.templates.into_iter().find(|t| t.id == name || t.name == name);
                 let t = t.with_context(|| format!("no template {name:?}: see `herald templates list`"))?;
                 w.transform = t.transform;
-                w.headers.extend(t.headers);
+                add_template_headers(&mut w.headers, t.headers);
                 if w.events.is_empty() {
                     w.events = t.default_events;
                 }
@@ -797,4 +811,23 @@ pub async fn templates(client: &ClientArgs, cmd: TemplatesCommand) -> anyhow::Re
         table(&["ID", "NAME", "URL", "VARIABLES", "WHAT"], rows)
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_templates_headers_never_replace_the_users_own() {
+        let mut headers: std::collections::HashMap<String, String> =
+            [("authorization".to_owned(), "Basic dXNlcjp0b2tlbg==".to_owned())].into();
+        let template = [
+            ("Authorization".to_owned(), "Basic <base64 of email:api_token>".to_owned()),
+            ("X-Atlassian-Token".to_owned(), "no-check".to_owned()),
+        ];
+        add_template_headers(&mut headers, template.into());
+        assert_eq!(headers.len(), 2, "{headers:?}");
+        assert_eq!(headers["authorization"], "Basic dXNlcjp0b2tlbg==");
+        assert_eq!(headers["X-Atlassian-Token"], "no-check");
+    }
 }
