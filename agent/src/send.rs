@@ -343,13 +343,24 @@ pub fn headers(job: &proto::Job, names: &Names, unix_now: i64) -> Result<(Header
         map.insert(HeaderName::from_static("traceparent"), value("traceparent", &job.traceparent)?);
     }
     if signing.scheme == SignatureScheme::StandardWebhooks as i32 {
+        // During a rotation from a secret of another form (which only the CloudThinker scheme
+        // can use), the new secret alone signs this way; a delivery fails only if no secret can.
+        let keys: Vec<_> = [&signing.secret, &signing.next_secret]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| signature::standard_key(s))
+            .collect();
+        if keys.iter().all(|k| k.is_err())
+            && let Some(Err(e)) = keys.first()
+        {
+            return Err(format!("standard webhooks secret: {e}"));
+        }
         let mut sigs = String::new();
-        for secret in [&signing.secret, &signing.next_secret].into_iter().filter(|s| !s.is_empty()) {
-            let key = signature::standard_key(secret).map_err(|e| format!("standard webhooks secret: {e}"))?;
+        for key in keys.iter().flatten() {
             if !sigs.is_empty() {
                 sigs.push(' ');
             }
-            sigs.push_str(&signature::standard(&key, &job.event_id, unix_now, &job.body));
+            sigs.push_str(&signature::standard(key, &job.event_id, unix_now, &job.body));
         }
         map.insert(HeaderName::from_static("webhook-id"), value("webhook-id", &job.event_id)?);
         map.insert(HeaderName::from_static("webhook-timestamp"), HeaderValue::from(unix_now));
@@ -464,6 +475,37 @@ mod tests {
         // The map an older control plane gets holds the same pairs.
         let as_map: HashMap<String, String> = shown.iter().map(|(k, v)| ((*k).to_owned(), v.to_string())).collect();
         assert_eq!(as_map, herald_shared::headers::to_map(&json));
+    }
+
+    /// A webhook switched to Standard Webhooks during a rotation from a secret of another form:
+    /// the new `whsec_` secret signs `webhook-signature` alone, the old one still signs
+    /// `X-CloudThinker-Signature`; with no usable secret at all, the job fails by name.
+    #[test]
+    fn standard_webhooks_sign_with_the_secrets_that_can() {
+        let whsec = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let mut job = proto::Job {
+            event_id: "evt_1".into(),
+            body: bytes::Bytes::from_static(br#"{"a":1}"#),
+            signing: Some(proto::Signing {
+                secret: "an-old-plain-secret-0123".into(),
+                next_secret: whsec.into(),
+                scheme: SignatureScheme::StandardWebhooks as i32,
+                header_prefix: String::new(),
+            }),
+            ..Default::default()
+        };
+        let names = Names::new("X-CloudThinker").unwrap();
+        let (map, _) = headers(&job, &names, 1_700_000_000).unwrap();
+        let key = signature::standard_key(whsec).unwrap();
+        let expected = signature::standard(&key, "evt_1", 1_700_000_000, br#"{"a":1}"#);
+        assert_eq!(map["webhook-signature"], expected.as_str(), "the new secret alone");
+        assert_eq!(
+            map["X-CloudThinker-Signature"],
+            signature::cloudthinker("an-old-plain-secret-0123", br#"{"a":1}"#).as_str()
+        );
+        job.signing.as_mut().unwrap().next_secret = String::new();
+        let err = headers(&job, &names, 1_700_000_000).unwrap_err();
+        assert!(err.starts_with("standard webhooks secret"), "{err}");
     }
 
     #[test]
