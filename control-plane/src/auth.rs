@@ -79,7 +79,12 @@ impl Authenticator {
 
     /// The caller of `request`, who must hold `needed` (an admin key holds every scope).
     pub async fn check<T>(&self, request: &Request<T>, needed: Scope) -> Result<Principal, Status> {
-        let key = bearer(request)?;
+        self.check_key(bearer(request)?, needed).await
+    }
+
+    /// The holder of `key`, who must hold `needed`: for a long call (a watch) to ask again
+    /// whether the key it was opened with still holds.
+    pub async fn check_key(&self, key: &str, needed: Scope) -> Result<Principal, Status> {
         let principal = self.lookup(key).await?;
         if needed == Scope::Admin && principal.scope != Scope::Admin {
             return Err(Status::permission_denied("this API key has scope `publish`, which allows EventService only"));

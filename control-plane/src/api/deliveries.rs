@@ -12,6 +12,9 @@ use crate::auth::Scope;
 use crate::db::entity::attempt;
 use crate::db::entity::delivery::{self, status};
 use crate::server::AppState;
+
+/// How often a watch asks again whether the key it was opened with still holds.
+const WATCH_KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::store::deliveries::DeliveryFilter;
 
 pub struct DeliveryApi {
@@ -235,15 +238,35 @@ impl DeliveryService for DeliveryApi {
         request: Request<proto::WatchDeliveriesRequest>,
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
         let who = self.state.auth.check(&request, Scope::Admin).await?;
+        let key = crate::auth::bearer(&request)?.to_owned();
         let r = request.get_ref();
         let filter = filter(&r.webhook_id, r.status, &r.event_type)?;
         let mut changes = self.state.dispatcher.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let shutdown = self.state.shutdown.clone();
+        let auth = self.state.auth.clone();
         tokio::spawn(async move {
+            // The key is asked for again as the watch goes on: a key revoked meanwhile ends it
+            // (as soon as this control plane hears of the revocation: at once on PostgreSQL, when
+            // its cached acceptance lapses on SQLite).
+            let mut recheck = tokio::time::interval(WATCH_KEY_RECHECK);
+            recheck.tick().await;
             loop {
                 let change = tokio::select! {
                     c = changes.recv() => c,
+                    _ = recheck.tick() => match auth.check_key(&key, Scope::Admin).await {
+                        Ok(now) if now.workspace == who.workspace => continue,
+                        Ok(_) => {
+                            let _ = tx.send(Err(Status::unauthenticated("the API key changed workspace"))).await;
+                            return;
+                        }
+                        // The database is away: the key is asked for again next time.
+                        Err(s) if s.code() == tonic::Code::Unavailable => continue,
+                        Err(s) => {
+                            let _ = tx.send(Err(s)).await;
+                            return;
+                        }
+                    },
                     _ = tx.closed() => return,
                     _ = shutdown.cancelled() => return,
                 };

@@ -111,6 +111,20 @@ async fn keys(db_url: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Opens a watch of every delivery change with `key`.
+async fn watch_with(addr: &str, key: &str) -> tonic::Streaming<proto::DeliveryChange> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+    let mut deliveries = proto::delivery_service_client::DeliveryServiceClient::with_interceptor(
+        channel,
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        },
+    );
+    deliveries.watch_deliveries(proto::WatchDeliveriesRequest::default()).await.expect("the watch opens").into_inner()
+}
+
 /// Publishes one event with `key`; the gRPC code of the answer.
 async fn publish_with(addr: &str, key: &str) -> tonic::Code {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
@@ -154,8 +168,10 @@ async fn keys_are_listed_and_revoked_beside_a_running_control_plane(backend: Bac
 
     // Revoked by the key itself (surrounding blanks ignored, as in the bearer), just after a call
     // that cached it. On PostgreSQL the running control plane hears of it and drops the cached
-    // key; on SQLite it still accepts it until its 30-second cache entry lapses.
+    // key; on SQLite it still accepts it until its 30-second cache entry lapses. A watch opened
+    // with the key ends when the control plane has heard.
     assert_eq!(publish_with(&addr, &admin).await, tonic::Code::Ok);
+    let mut watch = watch_with(&addr, &admin).await;
     let (ok, out, err) = keys(&db.url, &["revoke", &format!(" {admin} ")]).await;
     assert!(ok && out.contains(rows[0][0]), "{out}{err}");
     if backend == Backend::Postgres {
@@ -164,6 +180,9 @@ async fn keys_are_listed_and_revoked_beside_a_running_control_plane(backend: Bac
             assert!(tokio::time::Instant::now() < deadline, "the cached key still works 5 s after its revocation");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let ended = tokio::time::timeout(Duration::from_secs(5), watch.message()).await;
+        let ended = ended.expect("the watch ends within 5 s of the revocation").expect_err("with an error");
+        assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
     } else {
         assert_eq!(publish_with(&addr, &admin).await, tonic::Code::Ok, "cached for up to 30 s on SQLite");
     }
