@@ -14,6 +14,24 @@ use super::{Store, StoreError};
 use crate::db::entity::delivery::{self, status};
 use crate::db::entity::{attempt, event};
 
+/// A delivery's id, workspace, event and status.
+type DeliveryState = (String, String, String, i16);
+
+/// Reads [`DeliveryState`]s.
+fn states() -> sea_orm::Select<delivery::Entity> {
+    delivery::Entity::find()
+        .select_only()
+        .column(delivery::Column::Id)
+        .column(delivery::Column::WorkspaceId)
+        .column(delivery::Column::EventId)
+        .column(delivery::Column::Status)
+}
+
+/// The events, as (workspace, id), with an open delivery among `rows`.
+fn open_events(rows: &[DeliveryState]) -> HashSet<(&str, &str)> {
+    rows.iter().filter(|(_, _, _, s)| status::OPEN.contains(s)).map(|(_, ws, e, _)| (ws.as_str(), e.as_str())).collect()
+}
+
 /// Where a pass of pruning has got to: the last event looked at, by `(created_at, workspace,
 /// id)`.
 pub type PruneCursor = (i64, String, String);
@@ -98,21 +116,8 @@ impl Store {
                             )
                         })
                     };
-                    let rows: Vec<(String, String, String, i16)> = delivery::Entity::find()
-                        .select_only()
-                        .column(delivery::Column::Id)
-                        .column(delivery::Column::WorkspaceId)
-                        .column(delivery::Column::EventId)
-                        .column(delivery::Column::Status)
-                        .filter(by_pair(&old))
-                        .into_tuple()
-                        .all(txn)
-                        .await?;
-                    let open: HashSet<(&str, &str)> = rows
-                        .iter()
-                        .filter(|(_, _, _, s)| status::OPEN.contains(s))
-                        .map(|(_, ws, e, _)| (ws.as_str(), e.as_str()))
-                        .collect();
+                    let rows: Vec<DeliveryState> = states().filter(by_pair(&old)).into_tuple().all(txn).await?;
+                    let open = open_events(&rows);
                     // In order, up to `batch`: everything before the last one looked at is gone or
                     // open, so the next call goes on from there.
                     let mut gone: Vec<(String, String)> = Vec::new();
@@ -138,23 +143,14 @@ impl Store {
                         // Locked, and looked at again: a retry or replay on another replica that
                         // committed since the read above re-opened its delivery, and one that
                         // comes now waits for this transaction and then finds the row gone.
-                        let locked: Vec<(String, String, String, i16)> = delivery::Entity::find()
-                            .select_only()
-                            .column(delivery::Column::Id)
-                            .column(delivery::Column::WorkspaceId)
-                            .column(delivery::Column::EventId)
-                            .column(delivery::Column::Status)
+                        let locked: Vec<DeliveryState> = states()
                             .filter(delivery::Column::Id.is_in(deliveries))
                             .order_by_asc(delivery::Column::Id)
                             .lock_exclusive()
                             .into_tuple()
                             .all(txn)
                             .await?;
-                        let reopened: HashSet<(&str, &str)> = locked
-                            .iter()
-                            .filter(|(_, _, _, s)| status::OPEN.contains(s))
-                            .map(|(_, ws, e, _)| (ws.as_str(), e.as_str()))
-                            .collect();
+                        let reopened = open_events(&locked);
                         deliveries = locked
                             .iter()
                             .filter(|(_, ws, e, _)| !reopened.contains(&(ws.as_str(), e.as_str())))
