@@ -15,6 +15,8 @@ use crate::server::AppState;
 
 /// How often a watch asks again whether the key it was opened with still holds.
 const WATCH_KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest a watch waits for that answer before it goes on and asks again next time.
+const WATCH_KEY_LOOKUP: std::time::Duration = std::time::Duration::from_millis(250);
 use crate::store::deliveries::DeliveryFilter;
 
 pub struct DeliveryApi {
@@ -254,18 +256,19 @@ impl DeliveryService for DeliveryApi {
             loop {
                 let change = tokio::select! {
                     c = changes.recv() => c,
-                    _ = recheck.tick() => match auth.check_key(&key, Scope::Admin).await {
-                        Ok(now) if now.workspace == who.workspace => continue,
-                        Ok(_) => {
+                    // Bounded: while the key is looked up, changes wait in the broadcast.
+                    _ = recheck.tick() => match tokio::time::timeout(WATCH_KEY_LOOKUP, auth.check_key(&key, Scope::Admin)).await {
+                        Ok(Ok(now)) if now.workspace == who.workspace => continue,
+                        Ok(Ok(_)) => {
                             let _ = tx.send(Err(Status::unauthenticated("the API key changed workspace"))).await;
                             return;
                         }
-                        // The database is away: the key is asked for again next time.
-                        Err(s) if s.code() == tonic::Code::Unavailable => continue,
-                        Err(s) => {
+                        Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated || s.code() == tonic::Code::PermissionDenied => {
                             let _ = tx.send(Err(s)).await;
                             return;
                         }
+                        // The database is slow or away: the key is asked for again next time.
+                        _ => continue,
                     },
                     _ = tx.closed() => return,
                     _ = shutdown.cancelled() => return,

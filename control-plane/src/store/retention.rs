@@ -84,7 +84,9 @@ impl Store {
                         .filter(event::Column::CreatedAt.lt(cutoff));
                     if let Some((at, ws, id)) = &after {
                         let same_time = event::Column::CreatedAt.eq(*at);
-                        candidates = candidates.filter(
+                        // The bound alone too, which the index on `created_at` can start from
+                        // (it cannot take one from inside the `OR`).
+                        candidates = candidates.filter(event::Column::CreatedAt.gte(*at)).filter(
                             Condition::any()
                                 .add(event::Column::CreatedAt.gt(*at))
                                 .add(same_time.clone().and(event::Column::WorkspaceId.gt(ws.as_str())))
@@ -143,13 +145,21 @@ impl Store {
                         // Locked, and looked at again: a retry or replay on another replica that
                         // committed since the read above re-opened its delivery, and one that
                         // comes now waits for this transaction and then finds the row gone.
-                        let locked: Vec<DeliveryState> = states()
-                            .filter(delivery::Column::Id.is_in(deliveries))
-                            .order_by_asc(delivery::Column::Id)
-                            .lock_exclusive()
-                            .into_tuple()
-                            .all(txn)
-                            .await?;
+                        // In chunks, as the deletes below: an event may have thousands of
+                        // deliveries, and a statement at most 65,535 parameters. In id order
+                        // across chunks, as every batch locks rows.
+                        deliveries.sort_unstable();
+                        let mut locked: Vec<DeliveryState> = Vec::with_capacity(deliveries.len());
+                        for chunk in deliveries.chunks(super::insert::CHUNK) {
+                            let rows = states()
+                                .filter(delivery::Column::Id.is_in(chunk.iter().cloned()))
+                                .order_by_asc(delivery::Column::Id)
+                                .lock_exclusive()
+                                .into_tuple::<DeliveryState>()
+                                .all(txn)
+                                .await?;
+                            locked.extend(rows);
+                        }
                         let reopened = open_events(&locked);
                         deliveries = locked
                             .iter()
