@@ -212,9 +212,15 @@ where
 
 /// `INSERT … SELECT … FROM UNNEST($1::type[], …)` for the first rows of `rows`, as many as
 /// [`POSTGRES_CHUNK`] and [`POSTGRES_BYTES`] allow (at least one), and how many it took: one
-/// array per column. Arrays bound through sea-orm cannot hold NULL, so a nullable column comes
-/// with a second array that marks its NULLs (`CASE WHEN n3 THEN NULL ELSE c3 END`). The text
-/// depends on the table alone. `None` for a table with a column of a type not mapped here.
+/// array per column that varies. A column with the same value in every row taken (a workspace, a
+/// webhook, a status, a lease column still NULL) is bound once, as `$k::type`, or written as
+/// `NULL`: most columns of a published batch are, and each array costs the server an array to
+/// receive and a function scan to unnest, and the control plane a copy of every value
+/// (docs/BENCHMARKS.md item 52). Arrays bound through sea-orm cannot hold NULL, so a varying
+/// column with NULLs comes with a second array that marks them
+/// (`CASE WHEN n3 THEN NULL ELSE c3 END`). The text depends on the table and on which columns
+/// vary, are NULL, or have NULLs: a few texts per table, each prepared once per connection.
+/// `None` for a table with a column of a type not mapped here.
 fn unnest<M, T>(rows: &[T]) -> Option<(String, Vec<Value>, usize)>
 where
     M: sea_orm::ModelTrait,
@@ -224,67 +230,92 @@ where
     let columns = columns::<M::Entity>();
     // A value knows its type also when it is NULL, and a chunk is never empty.
     let first = rows.first()?.borrow();
-    let types: Vec<(sea_orm::sea_query::ArrayType, &str)> = columns
+    let firsts: Vec<Value> = columns.iter().map(|&(column, ..)| first.get(column)).collect();
+    let types: Vec<(sea_orm::sea_query::ArrayType, &str)> = firsts
         .iter()
-        .map(|&(column, ..)| {
-            let ty = first.get(column).array_type();
+        .map(|value| {
+            let ty = value.array_type();
             pg_type(&ty).map(|name| (ty, name))
         })
         .collect::<Option<_>>()?;
     let most = rows.len().min(POSTGRES_CHUNK);
-    let mut arrays: Vec<(Vec<Value>, Option<Vec<Value>>)> = columns
-        .iter()
-        .map(|&(.., nullable)| (Vec::with_capacity(most), nullable.then(|| Vec::with_capacity(most))))
-        .collect();
+    // Per column: its values, once one differs from the first row's (that row's value, then
+    // the rest as they come), and whether one is NULL.
+    let mut varying: Vec<Option<Vec<Value>>> = vec![None; columns.len()];
+    let mut nulls = vec![false; columns.len()];
     let (mut taken, mut bytes) = (0, 0);
     for row in &rows[..most] {
         if bytes >= POSTGRES_BYTES {
             break;
         }
-        taken += 1;
         let row = row.borrow();
-        for (&(column, ..), (values, nulls)) in columns.iter().zip(arrays.iter_mut()) {
+        for (c, &(column, ..)) in columns.iter().enumerate() {
             let value = row.get(column);
             if let Value::String(Some(text)) = &value {
                 bytes += text.len();
             }
-            match nulls {
-                Some(nulls) => {
-                    nulls.push(Value::Bool(Some(!value.is_some())));
-                    values.push(if value.is_some() { value } else { value.dummy_value() });
+            nulls[c] |= !value.is_some();
+            match &mut varying[c] {
+                Some(values) => values.push(value),
+                None if value != firsts[c] => {
+                    let mut values = Vec::with_capacity(most);
+                    values.resize(taken, firsts[c].clone());
+                    values.push(value);
+                    varying[c] = Some(values);
                 }
-                None => values.push(value),
+                None => {}
             }
         }
+        taken += 1;
+    }
+    // Rows that are all alike still need one array to say how many there are.
+    if taken > 1 && varying.iter().all(Option::is_none) {
+        varying[0] = Some(vec![firsts[0].clone(); taken]);
     }
     let mut sql = String::with_capacity(512);
     insert_into::<M::Entity>(&mut sql);
     sql.push_str("SELECT ");
     let mut from = String::with_capacity(256);
     let mut names = String::with_capacity(256);
-    let mut bound = Vec::with_capacity(arrays.len() * 2);
-    for (c, ((values, nulls), (ty, name))) in arrays.into_iter().zip(types).enumerate() {
+    let mut bound = Vec::with_capacity(columns.len() * 2);
+    let columns = firsts.into_iter().zip(varying).zip(nulls).zip(types);
+    for (c, (((first, varying), has_null), (ty, name))) in columns.enumerate() {
         if c > 0 {
             sql.push_str(", ");
+        }
+        let Some(values) = varying else {
+            if first.is_some() {
+                bound.push(first);
+                let _ = write!(sql, "${}::{name}", bound.len());
+            } else {
+                let _ = write!(sql, "NULL::{name}");
+            }
+            continue;
+        };
+        if !from.is_empty() {
             from.push_str(", ");
             names.push_str(", ");
         }
-        let _ = write!(from, "${}::{name}[]", bound.len() + 1);
         let _ = write!(names, "c{c}");
-        bound.push(Value::Array(ty, Some(Box::new(values))));
-        match nulls {
-            Some(nulls) => {
-                let _ = write!(sql, "CASE WHEN n{c} THEN NULL ELSE c{c} END");
-                let _ = write!(from, ", ${}::bool[]", bound.len() + 1);
-                let _ = write!(names, ", n{c}");
-                bound.push(Value::Array(sea_orm::sea_query::ArrayType::Bool, Some(Box::new(nulls))));
-            }
-            None => {
-                let _ = write!(sql, "c{c}");
-            }
+        if has_null {
+            let marks: Vec<Value> = values.iter().map(|v| Value::Bool(Some(!v.is_some()))).collect();
+            let values: Vec<Value> =
+                values.into_iter().map(|v| if v.is_some() { v } else { v.dummy_value() }).collect();
+            bound.push(Value::Array(ty, Some(Box::new(values))));
+            let _ = write!(from, "${}::{name}[]", bound.len());
+            bound.push(Value::Array(sea_orm::sea_query::ArrayType::Bool, Some(Box::new(marks))));
+            let _ = write!(from, ", ${}::bool[]", bound.len());
+            let _ = write!(names, ", n{c}");
+            let _ = write!(sql, "CASE WHEN n{c} THEN NULL ELSE c{c} END");
+        } else {
+            bound.push(Value::Array(ty, Some(Box::new(values))));
+            let _ = write!(from, "${}::{name}[]", bound.len());
+            let _ = write!(sql, "c{c}");
         }
     }
-    let _ = write!(sql, " FROM UNNEST({from}) AS u({names})");
+    if !from.is_empty() {
+        let _ = write!(sql, " FROM UNNEST({from}) AS u({names})");
+    }
     Some((sql, bound, taken))
 }
 
@@ -335,8 +366,8 @@ mod tests {
         statements::<attempt::Model, _>(backend, rows, "")
             .map(|s| {
                 let values = s.values.expect("bound values").0;
-                match &values[0] {
-                    Value::Array(_, Some(first)) => first.len(),
+                match values.iter().find(|v| matches!(v, Value::Array(..))) {
+                    Some(Value::Array(_, Some(first))) => first.len(),
                     _ => values
                         .chunks(columns::<attempt::Entity>().len())
                         .filter(|row| !matches!(row[0], Value::String(None)))
@@ -364,6 +395,45 @@ mod tests {
             assert!(values[n * width..].iter().all(|v| matches!(v, Value::String(None))), "{n}: padding is NULL");
             assert!(s.sql.ends_with(") WHERE column1 IS NOT NULL"), "{n}: the padding is dropped by its id");
         }
+    }
+
+    #[test]
+    fn postgres_binds_a_column_alike_in_every_row_once() {
+        let mut rows: Vec<attempt::Model> = (0..4).map(|i| attempt(i, 10)).collect();
+        rows[2].request_body = None;
+        let statement = |rows: &[attempt::Model]| {
+            let mut all: Vec<Statement> = statements::<attempt::Model, _>(DbBackend::Postgres, rows, "").collect();
+            assert_eq!(all.len(), 1);
+            let s = all.remove(0);
+            (s.sql, s.values.expect("bound values").0)
+        };
+        let (sql, values) = statement(&rows);
+        // The id varies; the body varies with a NULL (its array, and one marking the NULL).
+        assert!(sql.contains("FROM UNNEST($1::text[], $10::text[], $11::bool[]) AS u(c0, c9, n9)"), "{sql}");
+        assert!(sql.starts_with("INSERT INTO \"attempts\""), "{sql}");
+        assert!(sql.contains("SELECT c0, $2::text, "), "the delivery is bound once: {sql}");
+        assert!(sql.contains("CASE WHEN n9 THEN NULL ELSE c9 END"), "{sql}");
+        assert_eq!(values.iter().filter(|v| matches!(v, Value::Array(..))).count(), 3);
+        assert_eq!(values[1], Value::String(Some("dlv_1".to_owned())));
+        assert_eq!(values.len(), 3 + columns::<attempt::Entity>().len() - 2);
+        // A column NULL in every row is written as NULL; one without a NULL needs no marks.
+        for row in &mut rows {
+            row.request_body = None;
+        }
+        let (sql, _) = statement(&rows);
+        assert!(sql.contains("NULL::text") && !sql.contains("CASE"), "{sql}");
+        for row in &mut rows {
+            row.request_body = Some(row.id.clone());
+        }
+        let (sql, _) = statement(&rows);
+        assert!(sql.contains("FROM UNNEST($1::text[], $10::text[]) AS u(c0, c9)") && !sql.contains("CASE"), "{sql}");
+        // One row: no arrays at all; rows alike but in number: one array says how many.
+        let (sql, values) = statement(&rows[..1]);
+        assert!(!sql.contains("UNNEST") && !values.iter().any(|v| matches!(v, Value::Array(..))), "{sql}");
+        let alike = vec![rows[0].clone(); 3];
+        let (sql, values) = statement(&alike);
+        assert!(sql.contains("FROM UNNEST($1::text[]) AS u(c0)"), "{sql}");
+        assert!(matches!(&values[0], Value::Array(_, Some(ids)) if ids.len() == 3));
     }
 
     #[test]

@@ -1137,6 +1137,30 @@ async fn hot_path_inserts_store_every_value_as_given(backend: Backend) {
     insert_rows::<attempt::Model, _>(&conn, &attempts).await.unwrap();
     let stored = attempt::Entity::find().order_by_asc(attempt::Column::Id).all(&conn).await.unwrap();
     assert_eq!(stored, attempts);
+    // Statements of other shapes: a column the same in every row (bound once on PostgreSQL),
+    // NULL in every row, the same but for one row, varying without a NULL; one row alone.
+    let shaped = |i: usize| delivery::Model {
+        id: format!("dlv_shape_{i:03}"),
+        lease_id: None,
+        lease_agent: Some("agent".to_owned()),
+        lease_expires_at: (i == 2).then_some(7),
+        last_status: Some(i as i32),
+        last_error: Some("same".to_owned()),
+        manual_from: (i != 1).then_some(3),
+        ..rows[i].clone()
+    };
+    let batch: Vec<delivery::Model> = (0..3).map(shaped).collect();
+    insert_rows::<delivery::Model, _>(&conn, &batch).await.unwrap();
+    let alone = [delivery::Model { id: "dlv_shape_alone".to_owned(), ..shaped(0) }];
+    insert_rows::<delivery::Model, _>(&conn, &alone).await.unwrap();
+    let stored = delivery::Entity::find()
+        .filter(delivery::Column::Id.starts_with("dlv_shape_"))
+        .order_by_asc(delivery::Column::Id)
+        .all(&conn)
+        .await
+        .unwrap();
+    let given: Vec<&delivery::Model> = batch.iter().chain(&alone).collect();
+    assert_eq!(stored.iter().collect::<Vec<_>>(), given);
     conn.close().await.ok();
 }
 
