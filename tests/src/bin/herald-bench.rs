@@ -132,12 +132,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let ca = o.tls.then(TestCa::new);
     let sink = Sink::start(ca.as_ref()).await?;
-    let body = Bytes::from(event_data());
+    let body = Bytes::from(event_data(0));
     let raw_seconds = (5.0 * o.scale).clamp(1.0, 5.0);
     let raw = raw_limit(&sink, ca.as_ref(), body, raw_seconds).await?;
     println!(
         "raw limit: {raw:.0} requests/s ({RAW_CONNECTIONS} connections, {} bytes, {}, {raw_seconds:.0} s)",
-        event_data().len(),
+        event_data(0).len(),
         if o.tls { "TLS" } else { "plain HTTP" }
     );
     let names: Vec<&str> = if o.scenario == "all" { SCENARIOS.to_vec() } else { vec![o.scenario.as_str()] };
@@ -163,9 +163,11 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// About 300 bytes of event data, as the issue's benchmark asks.
-fn event_data() -> String {
-    format!(r#"{{"title":"{}","potential_savings":150.00,"status":"pending"}}"#, "x".repeat(242))
+/// About 300 bytes of event data, as the issue's benchmark asks, different for each `n` and of
+/// the same length: events of one batch do not share their data, as a publisher's do not (a
+/// database write could otherwise send one copy for a batch, docs/BENCHMARKS.md item 52).
+fn event_data(n: usize) -> String {
+    format!(r#"{{"title":"{}{n:012}","potential_savings":150.00,"status":"pending"}}"#, "x".repeat(230))
 }
 
 fn backend_name(b: Backend) -> &'static str {
@@ -688,14 +690,13 @@ struct Published {
 /// Publishes `total` events in batches of `BATCH` from `publishers` concurrent callers, as fast
 /// as they are acknowledged.
 async fn publish_all(cp: &ControlPlaneProcess, total: usize, publishers: usize) -> anyhow::Result<Published> {
-    let data = event_data();
     let batches = total.div_ceil(BATCH);
     let retries = Arc::new(AtomicU64::new(0));
     let mut callers = Vec::new();
     for p in 0..publishers {
         // Answers list every delivery of every event: with fan-out, more than tonic's default 4 MiB.
         let mut events = cp.events().max_decoding_message_size(256 << 20);
-        let (data, retries) = (data.clone(), retries.clone());
+        let retries = retries.clone();
         callers.push(tokio::spawn(async move {
             let mut b = p;
             while b < batches {
@@ -704,7 +705,7 @@ async fn publish_all(cp: &ControlPlaneProcess, total: usize, publishers: usize) 
                 let batch = (0..n)
                     .map(|i| proto::Event {
                         id: format!("b-{sent}-{b}-{i}"),
-                        ..herald_tests::event("incident.created", &data)
+                        ..herald_tests::event("incident.created", &event_data(b * BATCH + i))
                     })
                     .collect();
                 publish_call(&mut events, batch, &retries).await?;
@@ -722,7 +723,6 @@ async fn publish_all(cp: &ControlPlaneProcess, total: usize, publishers: usize) 
 /// Publishes `rate` events a second, one per call, for `seconds`; calls overlap when one takes
 /// longer than the interval.
 async fn publish_at(cp: &ControlPlaneProcess, rate: f64, seconds: f64) -> anyhow::Result<Published> {
-    let data = Arc::new(event_data());
     let total = (rate * seconds).round() as usize;
     let retries = Arc::new(AtomicU64::new(0));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
@@ -733,10 +733,11 @@ async fn publish_at(cp: &ControlPlaneProcess, rate: f64, seconds: f64) -> anyhow
     for i in 0..total {
         tick.tick().await;
         let mut events = client.clone();
-        let (data, retries) = (data.clone(), retries.clone());
+        let retries = retries.clone();
         calls.spawn(async move {
             let sent = micros_now();
-            let event = proto::Event { id: format!("l-{sent}-{i}"), ..herald_tests::event("incident.created", &data) };
+            let event =
+                proto::Event { id: format!("l-{sent}-{i}"), ..herald_tests::event("incident.created", &event_data(i)) };
             publish_call(&mut events, vec![event], &retries).await
         });
         while let Some(done) = calls.try_join_next() {
