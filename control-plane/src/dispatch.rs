@@ -29,7 +29,7 @@ use crate::metrics::{
 };
 use crate::store::events::{LeaseTerms, PublishSink, StoredEvent};
 use crate::store::queue::{Applied, AttemptReport, Claimed, Filter, Limits, QueuePolicy, Reserve, wake_by};
-use crate::store::webhooks::Webhook;
+use crate::store::webhooks::{Changed, Webhook};
 use crate::store::{Store, StoreError, now_millis};
 
 /// Jobs leased to one agent in one claim at most.
@@ -244,7 +244,7 @@ struct Inner {
     wake: Notify,
     results: mpsc::Sender<Arrived>,
     /// Delivery changes for `WatchDeliveries`.
-    changes: tokio::sync::broadcast::Sender<Arc<crate::db::entity::delivery::Model>>,
+    changes: tokio::sync::broadcast::Sender<Change>,
     metrics: Arc<Metrics>,
     /// This control plane among replicas (its id skips its own change notifications).
     peers: Arc<crate::store::Peers>,
@@ -260,6 +260,21 @@ enum AgentWrite {
     Seen(crate::db::entity::agent::Model),
     Gone { id: String, connected_at: i64 },
 }
+
+/// What `WatchDeliveries` hears of.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A delivery as it now stands.
+    Row(Arc<crate::db::entity::delivery::Model>),
+    /// More of one webhook's deliveries changed at once (a pause, a zone change, a deletion, a
+    /// replay) than watchers are sent one by one ([`Changed::LISTED`]): how many.
+    Many { workspace: String, webhook: String, count: u64 },
+}
+
+/// How a [`Change::Many`] travels to other replicas: `+<count> <webhook> <workspace>` among the
+/// ids given to [`tell_replicas`], and as a notification of its own. Delivery ids never start
+/// with it.
+const MANY: char = '+';
 
 /// How long changes wait for others before they are announced to other replicas together.
 const CHANGES_COALESCE: Duration = Duration::from_millis(5);
@@ -283,8 +298,9 @@ async fn tell_replicas(
         if !peers.others(now_millis()) {
             continue;
         }
-        for chunk in ids.chunks(250) {
-            let payload = format!("{} {}", peers.id, chunk.join(","));
+        let (many, ids): (Vec<String>, Vec<String>) = ids.into_iter().partition(|id| id.starts_with(MANY));
+        for told in many.into_iter().chain(ids.chunks(250).map(|chunk| chunk.join(","))) {
+            let payload = format!("{} {told}", peers.id);
             let notify = crate::store::notify(crate::store::events::CHANGES_CHANNEL, payload);
             if let Err(e) = sea_orm::ConnectionTrait::execute_raw(&db, notify).await {
                 tracing::debug!(error = %e, "cannot tell other replicas' watchers of changes");
@@ -388,7 +404,7 @@ impl Dispatcher {
     }
 
     /// Follows delivery changes (for `WatchDeliveries`).
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<crate::db::entity::delivery::Model>> {
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
         self.inner.changes.subscribe()
     }
 
@@ -414,12 +430,45 @@ impl Dispatcher {
             match inner.store.deliveries_by_ids(ids).await {
                 Ok(rows) => {
                     for row in rows {
-                        let _ = inner.changes.send(Arc::new(row));
+                        let _ = inner.changes.send(Change::Row(Arc::new(row)));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot read changed deliveries for watchers"),
             }
         });
+    }
+
+    /// These deliveries of `webhook` changed at once: watchers are told of each, or, past
+    /// [`Changed::LISTED`], of how many.
+    pub fn changed_many(&self, workspace: &str, webhook: &str, changed: Changed) {
+        if changed.listed() {
+            return self.changed(changed.ids);
+        }
+        if let Some(replicas) = &self.inner.replicas {
+            let _ = replicas.send(vec![format!("{MANY}{} {webhook} {workspace}", changed.count)]);
+        }
+        self.many_here(workspace.to_owned(), webhook.to_owned(), changed.count);
+    }
+
+    fn many_here(&self, workspace: String, webhook: String, count: u64) {
+        if self.inner.changes.receiver_count() > 0 {
+            let _ = self.inner.changes.send(Change::Many { workspace, webhook, count });
+        }
+    }
+
+    /// Changes another replica announced on `herald_changes`: ids separated by commas, or
+    /// many of one webhook's at once ([`MANY`]).
+    pub fn heard_changes(&self, told: &str) {
+        let Some(many) = told.strip_prefix(MANY) else {
+            return self.changed_here(told.split(',').map(str::to_owned).collect());
+        };
+        let mut parts = many.splitn(3, ' ');
+        match (parts.next().and_then(|c| c.parse().ok()), parts.next(), parts.next()) {
+            (Some(count), Some(webhook), Some(workspace)) => {
+                self.many_here(workspace.to_owned(), webhook.to_owned(), count)
+            }
+            _ => tracing::debug!(told, "cannot read another replica's changes"),
+        }
     }
 
     /// This control plane among replicas.
@@ -1173,7 +1222,7 @@ impl Dispatcher {
         };
         if self.inner.changes.receiver_count() > 0 {
             for c in &claimed_rows {
-                let _ = self.inner.changes.send(Arc::new(c.clone()));
+                let _ = self.inner.changes.send(Change::Row(Arc::new(c.clone())));
             }
         }
         // A session that went away meanwhile has its leases taken back by `close`.

@@ -341,7 +341,7 @@ async fn wake_on_notify(
                 }
                 match n.channel() {
                     crate::store::events::CHANGES_CHANNEL if !ids.is_empty() => {
-                        dispatcher.changed_here(ids.split(',').map(str::to_owned).collect());
+                        dispatcher.heard_changes(ids);
                     }
                     crate::store::webhooks::WEBHOOKS_CHANNEL if !ids.is_empty() => dispatcher.forget(ids),
                     crate::store::events::WAKE_CHANNEL => dispatcher.wake(),

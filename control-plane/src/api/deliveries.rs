@@ -11,6 +11,7 @@ use super::{FieldError, page, status_of, timestamp};
 use crate::auth::Scope;
 use crate::db::entity::attempt;
 use crate::db::entity::delivery::{self, status};
+use crate::dispatch::Change;
 use crate::server::AppState;
 
 /// How often a watch asks again whether the key it was opened with still holds.
@@ -222,12 +223,14 @@ impl DeliveryService for DeliveryApi {
         if after >= before {
             return Err(FieldError::new("created_before", "must be later than created_after").into());
         }
-        let queued = self
+        let reopened = self
             .state
             .store
             .replay_webhook(&who.workspace, &r.webhook_id, after, before, r.include_all)
             .await
             .map_err(status_of)?;
+        let queued = reopened.count;
+        self.state.dispatcher.changed_many(&who.workspace, &r.webhook_id, reopened);
         self.state.dispatcher.wake();
         tracing::info!(webhook = %r.webhook_id, queued, "replay queued");
         Ok(Response::new(proto::ReplayWebhookResponse { queued }))
@@ -274,11 +277,24 @@ impl DeliveryService for DeliveryApi {
                     _ = shutdown.cancelled() => return,
                 };
                 match change {
-                    Ok(d) if d.workspace_id == who.workspace && filter.matches(&d) => {
+                    Ok(Change::Row(d)) if d.workspace_id == who.workspace && filter.matches(&d) => {
                         let msg = proto::DeliveryChange { delivery: Some(delivery_to_proto(&d, &[])) };
                         if tx.send(Ok(msg)).await.is_err() {
                             return;
                         }
+                    }
+                    // Too many to send one by one: the watcher is told to list, as one that
+                    // fell behind is (other statuses, types and ages may be among them).
+                    Ok(Change::Many { workspace, webhook, count })
+                        if workspace == who.workspace && filter.webhook_id.as_ref().is_none_or(|w| *w == webhook) =>
+                    {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "{count} deliveries of webhook {webhook} changed at once (a pause, a zone change, a \
+                                 deletion or a replay), more than a watch is sent one by one; list to catch up"
+                            ))))
+                            .await;
+                        return;
                     }
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {

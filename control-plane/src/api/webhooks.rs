@@ -120,7 +120,7 @@ impl WebhookService for WebhookApi {
         validate::mask(&paths)?;
         let rules = self.state.rules.clone();
         let id = w.id.clone();
-        let updated = self
+        let (updated, changed) = self
             .state
             .store
             .update_webhook(&who.workspace, &id, move |current| {
@@ -130,6 +130,7 @@ impl WebhookService for WebhookApi {
             .await
             .map_err(status_of)?;
         self.state.dispatcher.forget(&updated.id);
+        self.state.dispatcher.changed_many(&who.workspace, &updated.id, changed);
         tracing::info!(webhook = %updated.id, "webhook updated");
         Ok(Response::new(to_proto(&updated, false)))
     }
@@ -141,8 +142,10 @@ impl WebhookService for WebhookApi {
         let who = self.state.auth.check(&request, Scope::Admin).await?;
         let id = &request.get_ref().id;
         webhook_id(id, "id")?;
-        let cancelled = self.state.store.delete_webhook(&who.workspace, id).await.map_err(status_of)?;
+        let changed = self.state.store.delete_webhook(&who.workspace, id).await.map_err(status_of)?;
+        let cancelled = changed.count;
         self.state.dispatcher.forget(id);
+        self.state.dispatcher.changed_many(&who.workspace, id, changed);
         tracing::info!(webhook = %id, cancelled, "webhook deleted");
         Ok(Response::new(proto::DeleteWebhookResponse { cancelled_deliveries: cancelled }))
     }

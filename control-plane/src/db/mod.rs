@@ -101,7 +101,13 @@ async fn open(url: &str, create: bool) -> Result<DatabaseConnection, DbErr> {
                 // to scan the table (events: 100+ ms per dispatch batch with a backlog).
                 ("plan_cache_mode", "force_custom_plan"),
             ])
-            .application_name("herald");
+            .application_name("herald")
+            // Statements kept prepared per connection (sqlx keeps 100): the hot paths' texts
+            // come in shapes (padded `IN` lists, claims by floor, inserts by which columns vary
+            // within a batch, `insert::unnest`), and a text let out of the cache costs a parse
+            // round trip when it comes back. Each is a parse tree on the server, not a plan
+            // (`force_custom_plan`).
+            .statement_cache_capacity(512);
         let pool = sea_orm::sqlx::pool::PoolOptions::new()
             .max_connections(16)
             .min_connections(1)

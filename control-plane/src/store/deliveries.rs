@@ -7,7 +7,7 @@ use sea_orm::{
 };
 
 use super::events::NewDelivery;
-use super::webhooks::active_state;
+use super::webhooks::{Changed, active_state};
 use super::{Store, StoreError, now_millis};
 use crate::db::entity::delivery::{self, status};
 use crate::db::entity::{attempt, event, webhook};
@@ -187,7 +187,7 @@ impl Store {
     }
 
     /// Re-opens a webhook's failed (or, with `include_all`, finished) deliveries created in
-    /// `[after, before)`, with a fresh retry schedule, in one transaction. Returns how many.
+    /// `[after, before)`, with a fresh retry schedule, in one transaction. Returns those reopened.
     pub async fn replay_webhook(
         &self,
         workspace: &str,
@@ -195,7 +195,7 @@ impl Store {
         after: i64,
         before: i64,
         include_all: bool,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Changed, StoreError> {
         let (workspace, webhook_id) = (workspace.to_owned(), webhook_id.to_owned());
         let peers = self.peers.clone();
         self.writer
@@ -218,8 +218,9 @@ impl Store {
                         .col_expr(delivery::Column::UpdatedAt, Expr::value(now));
                     let statement =
                         replay_update(txn.get_database_backend(), reopen, &webhook_id, after, before, include_all);
-                    let reopened = txn.execute_raw(statement).await?.rows_affected();
-                    if reopened > 0 {
+                    let mut reopened = Changed::default();
+                    reopened.update(txn, statement).await?;
+                    if reopened.count > 0 {
                         super::wake_others(txn, &peers).await?;
                     }
                     Ok(reopened)

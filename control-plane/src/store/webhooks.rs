@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, IntoActiveModel, QueryFilter,
+    QueryOrder, QuerySelect, Statement,
 };
 
 use super::{Store, StoreError, now_millis};
@@ -179,20 +180,65 @@ pub(crate) async fn active_state(
 ///   row a result changes meanwhile (the dispatcher writes beside this writer) is re-checked
 ///   when its lock is released: an in-flight row that became pending is still found.
 pub(crate) async fn update_open_rows<F>(
-    txn: &impl ConnectionTrait,
+    txn: &DatabaseTransaction,
     update: F,
     webhook: &str,
     zone: &str,
     from: &[i16],
-) -> Result<u64, StoreError>
+) -> Result<Changed, StoreError>
 where
     F: Fn() -> sea_orm::UpdateMany<delivery::Entity>,
 {
-    let mut changed = 0;
+    let mut changed = Changed::default();
     for statement in open_rows_updates(txn.get_database_backend(), update, webhook, zone, from) {
-        changed += txn.execute_raw(statement).await?.rows_affected();
+        changed.update(txn, statement).await?;
     }
     Ok(changed)
+}
+
+/// The deliveries a change of many at once (a pause, a re-activation, a zone change, a
+/// deletion, a replay) changed, for `WatchDeliveries`: how many, and their ids while there are
+/// at most [`Changed::LISTED`]. Past that a watcher is told how many changed rather than sent
+/// each, as one that fell behind is.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changed {
+    pub ids: Vec<String>,
+    pub count: u64,
+}
+
+impl Changed {
+    /// The most ids kept.
+    pub const LISTED: usize = 1000;
+
+    /// Whether `ids` holds every changed delivery.
+    pub fn listed(&self) -> bool {
+        self.ids.len() as u64 == self.count
+    }
+
+    /// Runs `statement`, an `UPDATE` of deliveries, with `RETURNING "id"`, counting the rows it
+    /// changed and keeping their ids while they are few. The ids are read as they come (a pause
+    /// of a webhook with a million pending changes a million rows): memory holds
+    /// [`Changed::LISTED`] at most.
+    pub(crate) async fn update(
+        &mut self,
+        txn: &DatabaseTransaction,
+        mut statement: Statement,
+    ) -> Result<(), StoreError> {
+        use futures::StreamExt as _;
+        statement.sql.push_str(" RETURNING \"id\"");
+        let mut rows = sea_orm::StreamTrait::stream_raw(txn, statement).await?;
+        while let Some(row) = rows.next().await {
+            let id: String = row?.try_get_by_index(0)?;
+            let all_so_far = self.listed();
+            self.count += 1;
+            if all_so_far && self.ids.len() < Self::LISTED {
+                self.ids.push(id);
+            } else if !self.ids.is_empty() {
+                self.ids = Vec::new();
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The statements of [`update_open_rows`].
@@ -315,8 +361,13 @@ impl Store {
     /// Updates a webhook: `change` gets the stored webhook and returns the new one (or refuses it),
     /// inside the write transaction, so concurrent updates never lose each other's fields.
     /// Pausing parks its pending deliveries; re-activating makes them claimable again; a new zone
-    /// moves its open deliveries to that zone.
-    pub async fn update_webhook<F>(&self, workspace: &str, id: &str, change: F) -> Result<Webhook, StoreError>
+    /// moves its open deliveries to that zone. Returns the webhook, and the deliveries it changed.
+    pub async fn update_webhook<F>(
+        &self,
+        workspace: &str,
+        id: &str,
+        change: F,
+    ) -> Result<(Webhook, Changed), StoreError>
     where
         F: FnOnce(&Webhook) -> Result<WebhookSpec, StoreError> + Send + 'static,
     {
@@ -336,6 +387,7 @@ impl Store {
                     am.updated_at = Set(now);
                     let updated = webhook::Entity::update(am).exec(txn).await?;
                     let zone = &current.spec.zone;
+                    let mut changed = Changed::default();
                     if spec.active != current.spec.active {
                         let (from, to) = if spec.active {
                             (status::PARKED, status::PENDING)
@@ -347,17 +399,18 @@ impl Store {
                                 .col_expr(delivery::Column::Status, Expr::value(to))
                                 .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
                         };
-                        update_open_rows(txn, update, &id, zone, &[from]).await?;
+                        changed = update_open_rows(txn, update, &id, zone, &[from]).await?;
                     }
                     if spec.zone != *zone {
                         let update = || {
                             delivery::Entity::update_many()
                                 .col_expr(delivery::Column::Zone, Expr::value(spec.zone.clone()))
                         };
-                        update_open_rows(txn, update, &id, zone, &status::OPEN).await?;
+                        // Every open row: those just parked or reopened are among them.
+                        changed = update_open_rows(txn, update, &id, zone, &status::OPEN).await?;
                     }
                     super::webhook_changed(txn, &peers, &id).await?;
-                    open(&key, updated)
+                    Ok((open(&key, updated)?, changed))
                 })
             })
             .await;
@@ -365,8 +418,8 @@ impl Store {
         written
     }
 
-    /// Soft-deletes a webhook and cancels its open deliveries; returns how many were cancelled.
-    pub async fn delete_webhook(&self, workspace: &str, id: &str) -> Result<u64, StoreError> {
+    /// Soft-deletes a webhook and cancels its open deliveries; returns those cancelled.
+    pub async fn delete_webhook(&self, workspace: &str, id: &str) -> Result<Changed, StoreError> {
         let (workspace, id) = (workspace.to_owned(), id.to_owned());
         let peers = self.peers.clone();
         self.webhooks_changed();
@@ -522,10 +575,10 @@ mod tests {
             spec.active = false;
             Ok(spec)
         });
-        assert!(!paused.await.unwrap().spec.active);
+        assert!(!paused.await.unwrap().0.spec.active);
         let after_update = generation();
         assert!(after_update > after_create, "updated");
-        assert_eq!(store.delete_webhook("ws", &created.id).await.unwrap(), 0);
+        assert_eq!(store.delete_webhook("ws", &created.id).await.unwrap(), Changed::default());
         assert!(generation() > after_update, "deleted");
     }
 }

@@ -859,6 +859,34 @@ async fn watching_on_one_replica_sees_another_replicas_deliveries() {
         seen.push(proto::DeliveryStatus::try_from(d.status).unwrap());
     }
     println!("fault: a watcher on another replica saw {seen:?}");
+
+    // More changed at once than a watch is sent one by one (a deletion of a webhook with a
+    // backlog, in a zone no agent serves): the other replica's watcher is told how many.
+    let mut idle = webhook("idle", &receiver.url("/idle"), &["task.started"]);
+    idle.zone = "unserved".into();
+    let idle = create(&replicas[0], idle).await;
+    let watch = proto::WatchDeliveriesRequest { webhook_id: idle.id.clone(), ..Default::default() };
+    let mut stream = replicas[1].deliveries().watch_deliveries(watch).await.unwrap().into_inner();
+    let count = herald_control_plane::store::webhooks::Changed::LISTED + 1;
+    for n in [count / 2, count - count / 2] {
+        let events = (0..n).map(|_| event("task.started", "{}")).collect();
+        replicas[0].events().publish_events(proto::PublishEventsRequest { events }).await.unwrap();
+    }
+    let deleted = replicas[0].webhooks().delete_webhook(proto::DeleteWebhookRequest { id: idle.id.clone() }).await;
+    assert_eq!(deleted.unwrap().into_inner().cancelled_deliveries, count as u64);
+    let until = Instant::now() + WAIT;
+    let told = loop {
+        match tokio::time::timeout(until.saturating_duration_since(Instant::now()), stream.message())
+            .await
+            .expect("the watcher on the other replica is told within the wait")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the watch ended without a word"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(told.code(), tonic::Code::DataLoss, "{told:?}");
+    assert!(told.message().contains(&format!("{count} deliveries of webhook {}", idle.id)), "{told:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,7 @@ both_databases!(
     event_lookups_probe_the_primary_key,
     hot_path_inserts_store_every_value_as_given,
     retention_passes_over_events_kept_open,
+    watchers_hear_of_pauses_deletions_and_replays,
 );
 
 const MIN: i64 = 60_000;
@@ -1235,4 +1236,104 @@ async fn retention_prunes_events_of_a_wide_fan_out() {
     assert_eq!(delivery::Entity::find().count(&conn).await.unwrap(), 0);
     conn.close().await.ok();
     cp.stop().await;
+}
+
+/// The next `n` changes a watch hears, each within a deadline.
+async fn changes(stream: &mut tonic::Streaming<proto::DeliveryChange>, n: usize) -> Vec<proto::Delivery> {
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let change = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("a change within 10 s; heard {} of {n}: {seen:?}", seen.len()))
+            .expect("the watch goes on")
+            .expect("the watch stays open");
+        seen.push(change.delivery.expect("a delivery"));
+    }
+    seen
+}
+
+/// `WatchDeliveries` hears what a pause, a re-activation, a replay and a deletion do to a
+/// webhook's deliveries, row by row. (They were not heard at all: those paths changed many rows
+/// at once and told no watcher.) Past `Changed::LISTED` rows at once, a watcher of that webhook,
+/// or of every webhook, is told how many changed and to list, as one that fell behind is; a
+/// watcher of another webhook goes on.
+async fn watchers_hear_of_pauses_deletions_and_replays(backend: Backend) {
+    use herald_control_plane::store::webhooks::Changed;
+    use proto::DeliveryStatus::{Cancelled, Pending};
+    let (cp, db) = start(backend).await;
+    // No agent: deliveries stay open.
+    let a = hook(&cp, webhook("a", "https://example.com/a", &["incident.*"])).await;
+    let watch =
+        |webhook_id: &str| proto::WatchDeliveriesRequest { webhook_id: webhook_id.into(), ..Default::default() };
+    let mut all = cp.deliveries_as(Some(&cp.api_key)).watch_deliveries(watch("")).await.unwrap().into_inner();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(publish(&cp, "incident.created").await.deliveries[0].id.clone());
+    }
+    ids.sort();
+    let sorted = |mut seen: Vec<proto::Delivery>| {
+        seen.sort_by(|x, y| x.id.cmp(&y.id));
+        seen
+    };
+    let published = sorted(changes(&mut all, 3).await);
+    assert_eq!(published.iter().map(|d| &d.id).collect::<Vec<_>>(), ids.iter().collect::<Vec<_>>());
+
+    let set_active = |active: bool| proto::UpdateWebhookRequest {
+        webhook: Some(proto::Webhook { id: a.id.clone(), active: Some(active), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["active".into()] }),
+    };
+    cp.webhooks().update_webhook(set_active(false)).await.unwrap();
+    let paused = sorted(changes(&mut all, 3).await);
+    assert!(paused.iter().zip(&ids).all(|(d, id)| d.id == *id && d.paused && d.status == Pending as i32), "{paused:?}");
+    cp.webhooks().update_webhook(set_active(true)).await.unwrap();
+    let resumed = sorted(changes(&mut all, 3).await);
+    assert!(resumed.iter().zip(&ids).all(|(d, id)| d.id == *id && !d.paused), "{resumed:?}");
+
+    // A replay reopens the failed one.
+    let conn = db.connect().await;
+    delivery::Entity::update_many()
+        .col_expr(delivery::Column::Status, sea_orm::sea_query::Expr::value(delivery::status::FAILED))
+        .filter(delivery::Column::Id.eq(&ids[1]))
+        .exec(&conn)
+        .await
+        .unwrap();
+    conn.close().await.ok();
+    let replay = proto::ReplayWebhookRequest {
+        webhook_id: a.id.clone(),
+        created_after: Some(prost_types::Timestamp { seconds: 0, nanos: 0 }),
+        ..Default::default()
+    };
+    assert_eq!(cp.deliveries_as(Some(&cp.api_key)).replay_webhook(replay).await.unwrap().into_inner().queued, 1);
+    let replayed = changes(&mut all, 1).await;
+    assert_eq!((replayed[0].id.as_str(), replayed[0].status), (ids[1].as_str(), Pending as i32));
+
+    let deleted = cp.webhooks().delete_webhook(proto::DeleteWebhookRequest { id: a.id.clone() }).await.unwrap();
+    assert_eq!(deleted.into_inner().cancelled_deliveries, 3);
+    let cancelled = sorted(changes(&mut all, 3).await);
+    assert!(cancelled.iter().zip(&ids).all(|(d, id)| d.id == *id && d.status == Cancelled as i32), "{cancelled:?}");
+
+    // More than a watch is sent one by one.
+    let many = hook(&cp, webhook("many", "https://example.com/many", &["incident.*"])).await;
+    let other = hook(&cp, webhook("other", "https://example.com/other", &["task.*"])).await;
+    let mut of_many = cp.deliveries_as(Some(&cp.api_key)).watch_deliveries(watch(&many.id)).await.unwrap().into_inner();
+    let mut of_other =
+        cp.deliveries_as(Some(&cp.api_key)).watch_deliveries(watch(&other.id)).await.unwrap().into_inner();
+    let count = Changed::LISTED + 1;
+    for n in [count / 2, count - count / 2] {
+        let events = (0..n).map(|_| herald_tests::event("incident.created", "{}")).collect();
+        cp.events().publish_events(proto::PublishEventsRequest { events }).await.unwrap();
+    }
+    assert_eq!(changes(&mut all, count).await.len(), count);
+    assert_eq!(changes(&mut of_many, count).await.len(), count);
+    let deleted = cp.webhooks().delete_webhook(proto::DeleteWebhookRequest { id: many.id.clone() }).await.unwrap();
+    assert_eq!(deleted.into_inner().cancelled_deliveries, count as u64);
+    for stream in [&mut all, &mut of_many] {
+        let told = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("told within 10 s");
+        let status = told.expect_err("told to list");
+        assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+        assert!(status.message().contains(&format!("{count} deliveries of webhook {}", many.id)), "{status:?}");
+    }
+    let e = publish(&cp, "task.started").await;
+    let heard = changes(&mut of_other, 1).await;
+    assert_eq!(heard[0].event_id, e.id, "the watch of another webhook goes on");
 }
