@@ -441,6 +441,9 @@ impl Dispatcher {
     /// These deliveries of `webhook` changed at once: watchers are told of each, or, past
     /// [`Changed::LISTED`], of how many.
     pub fn changed_many(&self, workspace: &str, webhook: &str, changed: Changed) {
+        if changed.unwatched {
+            return;
+        }
         if changed.listed() {
             return self.changed(changed.ids);
         }
@@ -1408,6 +1411,10 @@ impl PublishSink for Publishes {
             d.give_back(*session, 1);
         }
         d.wake();
+    }
+
+    fn watched(&self) -> bool {
+        self.0.upgrade().is_some_and(|inner| inner.replicas.is_some() || inner.changes.receiver_count() > 0)
     }
 }
 

@@ -198,6 +198,7 @@ impl Store {
     ) -> Result<Changed, StoreError> {
         let (workspace, webhook_id) = (workspace.to_owned(), webhook_id.to_owned());
         let peers = self.peers.clone();
+        let watched = self.watched();
         self.writer
             .write(move |txn| {
                 Box::pin(async move {
@@ -219,7 +220,7 @@ impl Store {
                     let statement =
                         replay_update(txn.get_database_backend(), reopen, &webhook_id, after, before, include_all);
                     let mut reopened = Changed::default();
-                    reopened.update(txn, statement).await?;
+                    reopened.update(txn, statement, watched).await?;
                     if reopened.count > 0 {
                         super::wake_others(txn, &peers).await?;
                     }

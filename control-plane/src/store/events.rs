@@ -648,6 +648,9 @@ pub trait PublishSink: Send + Sync {
     /// The write failed (or its outcome is unknown): what `lease` took is given back. Rows that
     /// did commit after all keep their leases until they expire.
     fn abandoned(&self, leased: Vec<(u64, super::queue::Claimed)>);
+    /// Whether anyone may be watching deliveries change (`WatchDeliveries` here, or on another
+    /// replica): what changes many rows at once reports their ids only then.
+    fn watched(&self) -> bool;
 }
 
 /// One merged write's context: the replicas to wake, the dispatcher, and what it leased and

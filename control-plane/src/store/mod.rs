@@ -176,6 +176,12 @@ impl Store {
     pub fn set_sink(&self, sink: std::sync::Arc<dyn events::PublishSink>) {
         let _ = self.sink.set(sink);
     }
+
+    /// Whether changes of many deliveries at once should report their ids
+    /// ([`events::PublishSink::watched`]); a store without a dispatcher reports them.
+    pub(crate) fn watched(&self) -> bool {
+        self.sink.get().is_none_or(|sink| sink.watched())
+    }
 }
 
 /// How often a replica on PostgreSQL tells the others it is there (`NOTIFY herald_wake`).

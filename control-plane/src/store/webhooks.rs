@@ -185,13 +185,14 @@ pub(crate) async fn update_open_rows<F>(
     webhook: &str,
     zone: &str,
     from: &[i16],
+    watched: bool,
 ) -> Result<Changed, StoreError>
 where
     F: Fn() -> sea_orm::UpdateMany<delivery::Entity>,
 {
     let mut changed = Changed::default();
     for statement in open_rows_updates(txn.get_database_backend(), update, webhook, zone, from) {
-        changed.update(txn, statement).await?;
+        changed.update(txn, statement, watched).await?;
     }
     Ok(changed)
 }
@@ -204,6 +205,8 @@ where
 pub struct Changed {
     pub ids: Vec<String>,
     pub count: u64,
+    /// No one watched: the rows were counted, their ids not read.
+    pub unwatched: bool,
 }
 
 impl Changed {
@@ -212,19 +215,28 @@ impl Changed {
 
     /// Whether `ids` holds every changed delivery.
     pub fn listed(&self) -> bool {
-        self.ids.len() as u64 == self.count
+        !self.unwatched && self.ids.len() as u64 == self.count
     }
 
-    /// Runs `statement`, an `UPDATE` of deliveries, with `RETURNING "id"`, counting the rows it
-    /// changed and keeping their ids while they are few. The ids are read as they come (a pause
-    /// of a webhook with a million pending changes a million rows): memory holds
-    /// [`Changed::LISTED`] at most.
+    /// Runs `statement`, an `UPDATE` of deliveries, counting the rows it changed; when someone
+    /// may be `watched`, with `RETURNING "id"`, keeping their ids while they are few. The ids are
+    /// read as they come (a pause of a webhook with a million pending changes a million rows):
+    /// Herald holds [`Changed::LISTED`] at most. SQLite gathers a statement's `RETURNING` rows
+    /// before handing back the first (in its temporary store, in memory), which is why they are
+    /// asked for only while someone watches; PostgreSQL's spill to disk past `work_mem`.
     pub(crate) async fn update(
         &mut self,
         txn: &DatabaseTransaction,
         mut statement: Statement,
+        watched: bool,
     ) -> Result<(), StoreError> {
         use futures::StreamExt as _;
+        if !watched {
+            self.count += txn.execute_raw(statement).await?.rows_affected();
+            self.ids = Vec::new();
+            self.unwatched = true;
+            return Ok(());
+        }
         statement.sql.push_str(" RETURNING \"id\"");
         let mut rows = sea_orm::StreamTrait::stream_raw(txn, statement).await?;
         while let Some(row) = rows.next().await {
@@ -372,6 +384,7 @@ impl Store {
         F: FnOnce(&Webhook) -> Result<WebhookSpec, StoreError> + Send + 'static,
     {
         let (key, peers) = (self.key.clone(), self.peers.clone());
+        let watched = self.watched();
         let (workspace, id) = (workspace.to_owned(), id.to_owned());
         self.webhooks_changed();
         let written = self
@@ -399,7 +412,7 @@ impl Store {
                                 .col_expr(delivery::Column::Status, Expr::value(to))
                                 .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
                         };
-                        changed = update_open_rows(txn, update, &id, zone, &[from]).await?;
+                        changed = update_open_rows(txn, update, &id, zone, &[from], watched).await?;
                     }
                     if spec.zone != *zone {
                         let update = || {
@@ -407,7 +420,7 @@ impl Store {
                                 .col_expr(delivery::Column::Zone, Expr::value(spec.zone.clone()))
                         };
                         // Every open row: those just parked or reopened are among them.
-                        changed = update_open_rows(txn, update, &id, zone, &status::OPEN).await?;
+                        changed = update_open_rows(txn, update, &id, zone, &status::OPEN, watched).await?;
                     }
                     super::webhook_changed(txn, &peers, &id).await?;
                     Ok((open(&key, updated)?, changed))
@@ -422,6 +435,7 @@ impl Store {
     pub async fn delete_webhook(&self, workspace: &str, id: &str) -> Result<Changed, StoreError> {
         let (workspace, id) = (workspace.to_owned(), id.to_owned());
         let peers = self.peers.clone();
+        let watched = self.watched();
         self.webhooks_changed();
         let written = self
             .writer
@@ -441,7 +455,7 @@ impl Store {
                             .col_expr(delivery::Column::LeaseId, Expr::value(Option::<String>::None))
                             .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
                     };
-                    let cancelled = update_open_rows(txn, update, &id, &zone, &status::OPEN).await?;
+                    let cancelled = update_open_rows(txn, update, &id, &zone, &status::OPEN, watched).await?;
                     super::webhook_changed(txn, &peers, &id).await?;
                     Ok(cancelled)
                 })

@@ -1288,6 +1288,21 @@ async fn watchers_hear_of_pauses_deletions_and_replays(backend: Backend) {
     cp.webhooks().update_webhook(set_active(true)).await.unwrap();
     let resumed = sorted(changes(&mut all, 3).await);
     assert!(resumed.iter().zip(&ids).all(|(d, id)| d.id == *id && !d.paused), "{resumed:?}");
+    // A pause and a new zone in one update: each row heard in the new zone, paused.
+    let moved = proto::UpdateWebhookRequest {
+        webhook: Some(proto::Webhook {
+            id: a.id.clone(),
+            active: Some(false),
+            zone: "elsewhere".into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["active".into(), "zone".into()] }),
+    };
+    cp.webhooks().update_webhook(moved).await.unwrap();
+    let moved = sorted(changes(&mut all, 3).await);
+    assert!(moved.iter().zip(&ids).all(|(d, id)| d.id == *id && d.paused && d.zone == "elsewhere"), "{moved:?}");
+    cp.webhooks().update_webhook(set_active(true)).await.unwrap();
+    assert!(changes(&mut all, 3).await.iter().all(|d| !d.paused && d.zone == "elsewhere"));
 
     // A replay reopens the failed one.
     let conn = db.connect().await;
