@@ -7,7 +7,7 @@ use herald_shared::{catalog, ids};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{FieldError, page, status_of, timestamp};
+use super::{FieldError, detached, page, status_of, timestamp};
 use crate::auth::Scope;
 use crate::db::entity::attempt;
 use crate::db::entity::delivery::{self, status};
@@ -192,14 +192,19 @@ impl DeliveryService for DeliveryApi {
         request: Request<proto::RetryDeliveryRequest>,
     ) -> Result<Response<proto::Delivery>, Status> {
         let who = self.state.auth.check(&request, Scope::Admin).await?;
-        let id = &request.get_ref().id;
-        delivery_id(id)?;
-        let d = self.state.store.retry_delivery(&who.workspace, id).await.map_err(|e| match e {
-            crate::store::StoreError::Invalid { message, .. } => Status::failed_precondition(message),
-            other => status_of(other),
-        })?;
-        self.state.dispatcher.changed(vec![d.id.clone()]);
-        self.state.dispatcher.wake();
+        let id = request.into_inner().id;
+        delivery_id(&id)?;
+        let (state, workspace) = (self.state.clone(), who.workspace);
+        let d = detached(async move {
+            let d = state.store.retry_delivery(&workspace, &id).await.map_err(|e| match e {
+                crate::store::StoreError::Invalid { message, .. } => Status::failed_precondition(message),
+                other => status_of(other),
+            })?;
+            state.dispatcher.changed(vec![d.id.clone()]);
+            state.dispatcher.wake();
+            Ok(d)
+        })
+        .await?;
         tracing::info!(delivery = %d.id, "manual retry requested");
         Ok(Response::new(delivery_to_proto(&d, &[])))
     }
@@ -223,15 +228,17 @@ impl DeliveryService for DeliveryApi {
         if after >= before {
             return Err(FieldError::new("created_before", "must be later than created_after").into());
         }
-        let reopened = self
-            .state
-            .store
-            .replay_webhook(&who.workspace, &r.webhook_id, after, before, r.include_all)
-            .await
-            .map_err(status_of)?;
-        let queued = reopened.count;
-        self.state.dispatcher.changed_many(&who.workspace, &r.webhook_id, reopened);
-        self.state.dispatcher.wake();
+        let (state, workspace, hook, include_all) =
+            (self.state.clone(), who.workspace, r.webhook_id.clone(), r.include_all);
+        let queued = detached(async move {
+            let reopened =
+                state.store.replay_webhook(&workspace, &hook, after, before, include_all).await.map_err(status_of)?;
+            let queued = reopened.count;
+            state.dispatcher.changed_many(&workspace, &hook, reopened);
+            state.dispatcher.wake();
+            Ok(queued)
+        })
+        .await?;
         tracing::info!(webhook = %r.webhook_id, queued, "replay queued");
         Ok(Response::new(proto::ReplayWebhookResponse { queued }))
     }

@@ -44,6 +44,23 @@ pub fn invalid_argument(field: &str, message: &str) -> Status {
     )
 }
 
+/// Runs a handler's write and what must follow its commit (the dispatcher told of a changed
+/// webhook, watchers told, the dispatcher woken) on a task of its own. A caller that goes away
+/// meanwhile (a deadline, a closed connection) drops the handler, and with it whatever the
+/// handler had not done yet, while the writer commits the write anyway: a changed URL or secret
+/// the dispatcher was never told of would be sent with the old one for as long as it stayed
+/// cached. On a task of its own, all of it happens either way.
+pub(crate) async fn detached<T, F>(work: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+{
+    tokio::spawn(work).await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a request's task failed");
+        Err(Status::internal("internal error"))
+    })
+}
+
 /// Maps a store error to the status users see. Internal errors are logged in full and answered
 /// with a plain "internal error".
 pub fn status_of(e: StoreError) -> Status {

@@ -7,7 +7,7 @@ use herald_shared::{catalog, ids, signature};
 use tonic::{Request, Response, Status};
 
 use super::validate::{self, MASK};
-use super::{FieldError, json, page, status_of, timestamp};
+use super::{FieldError, detached, json, page, status_of, timestamp};
 use crate::auth::Scope;
 use crate::server::AppState;
 use crate::store::StoreError;
@@ -120,17 +120,21 @@ impl WebhookService for WebhookApi {
         validate::mask(&paths)?;
         let rules = self.state.rules.clone();
         let id = w.id.clone();
-        let (updated, changed) = self
-            .state
-            .store
-            .update_webhook(&who.workspace, &id, move |current| {
-                validate::apply_mask(current.spec.clone(), &current.secret, &w, &paths, &rules)
-                    .map_err(|e| StoreError::invalid(e.field, e.message))
-            })
-            .await
-            .map_err(status_of)?;
-        self.state.dispatcher.forget(&updated.id);
-        self.state.dispatcher.changed_many(&who.workspace, &updated.id, changed);
+        let (state, workspace) = (self.state.clone(), who.workspace);
+        let updated = detached(async move {
+            let (updated, changed) = state
+                .store
+                .update_webhook(&workspace, &id, move |current| {
+                    validate::apply_mask(current.spec.clone(), &current.secret, &w, &paths, &rules)
+                        .map_err(|e| StoreError::invalid(e.field, e.message))
+                })
+                .await
+                .map_err(status_of)?;
+            state.dispatcher.forget(&updated.id);
+            state.dispatcher.changed_many(&workspace, &updated.id, changed);
+            Ok(updated)
+        })
+        .await?;
         tracing::info!(webhook = %updated.id, "webhook updated");
         Ok(Response::new(to_proto(&updated, false)))
     }
@@ -140,12 +144,17 @@ impl WebhookService for WebhookApi {
         request: Request<proto::DeleteWebhookRequest>,
     ) -> Result<Response<proto::DeleteWebhookResponse>, Status> {
         let who = self.state.auth.check(&request, Scope::Admin).await?;
-        let id = &request.get_ref().id;
-        webhook_id(id, "id")?;
-        let changed = self.state.store.delete_webhook(&who.workspace, id).await.map_err(status_of)?;
-        let cancelled = changed.count;
-        self.state.dispatcher.forget(id);
-        self.state.dispatcher.changed_many(&who.workspace, id, changed);
+        let id = request.into_inner().id;
+        webhook_id(&id, "id")?;
+        let (state, workspace, hook) = (self.state.clone(), who.workspace, id.clone());
+        let cancelled = detached(async move {
+            let changed = state.store.delete_webhook(&workspace, &hook).await.map_err(status_of)?;
+            let cancelled = changed.count;
+            state.dispatcher.forget(&hook);
+            state.dispatcher.changed_many(&workspace, &hook, changed);
+            Ok(cancelled)
+        })
+        .await?;
         tracing::info!(webhook = %id, cancelled, "webhook deleted");
         Ok(Response::new(proto::DeleteWebhookResponse { cancelled_deliveries: cancelled }))
     }
@@ -166,8 +175,13 @@ impl WebhookService for WebhookApi {
         };
         let grace = i64::try_from(self.state.config.rotation_grace.as_millis()).unwrap_or(i64::MAX);
         let until = crate::store::now_millis().saturating_add(grace);
-        let rotated = self.state.store.rotate_secret(&who.workspace, &r.id, secret, until).await.map_err(status_of)?;
-        self.state.dispatcher.forget(&rotated.id);
+        let (state, workspace) = (self.state.clone(), who.workspace);
+        let rotated = detached(async move {
+            let rotated = state.store.rotate_secret(&workspace, &r.id, secret, until).await.map_err(status_of)?;
+            state.dispatcher.forget(&rotated.id);
+            Ok(rotated)
+        })
+        .await?;
         tracing::info!(webhook = %rotated.id, grace = ?Duration::from_millis(grace as u64), "webhook secret rotated");
         Ok(Response::new(to_proto(&rotated, true)))
     }
@@ -187,15 +201,18 @@ impl WebhookService for WebhookApi {
         let ts = herald_shared::envelope::format_timestamp(
             chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now),
         );
-        let (event_id, delivery_id) =
-            self.state.store.send_test_event(&who.workspace, &r.webhook_id, event_type, ts).await.map_err(
-                |e| match e {
-                    StoreError::Invalid { message, .. } => Status::failed_precondition(message),
-                    other => status_of(other),
-                },
-            )?;
-        self.state.dispatcher.wake();
-        self.state.dispatcher.changed(vec![delivery_id.clone()]);
+        let (state, workspace, hook, event_type) =
+            (self.state.clone(), who.workspace, r.webhook_id.clone(), event_type.to_owned());
+        let (event_id, delivery_id) = detached(async move {
+            let sent = state.store.send_test_event(&workspace, &hook, &event_type, ts).await.map_err(|e| match e {
+                StoreError::Invalid { message, .. } => Status::failed_precondition(message),
+                other => status_of(other),
+            })?;
+            state.dispatcher.wake();
+            state.dispatcher.changed(vec![sent.1.clone()]);
+            Ok(sent)
+        })
+        .await?;
         tracing::info!(webhook = %r.webhook_id, %event_id, "test event sent");
         Ok(Response::new(proto::SendTestEventResponse { event_id, delivery_id }))
     }

@@ -1021,3 +1021,60 @@ async fn refused_writes_do_not_spin_the_dispatcher() {
     conn.close().await.ok();
     cp.stop().await;
 }
+
+/// A webhook update whose caller goes away before it commits (a deadline, a closed connection)
+/// still reaches the dispatcher: the next delivery goes to the new URL. (The handler was dropped
+/// with the call while the writer, which had the write, committed it: the dispatcher was never
+/// told, and kept sending to the URL it had cached.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_whose_caller_went_away_still_reaches_the_dispatcher() {
+    use herald_control_plane::db::entity::webhook as hook_row;
+    use sea_orm::ConnectionTrait;
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Postgres).await;
+    let cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-0", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-0"]).await;
+    let (old, new) = (Receiver::https(&ca).await, Receiver::https(&ca).await);
+    let hook = create(&cp, webhook("moving", &old.url("/"), &["incident.created"])).await;
+    let publish = || async {
+        let e = Some(event("incident.created", "{}"));
+        cp.events().publish_event(proto::PublishEventRequest { event: e }).await.unwrap();
+    };
+    // One delivery first: the dispatcher has the webhook cached.
+    publish().await;
+    old.wait_for(1, WAIT).await;
+    // Updates of webhooks now take a second in the database.
+    let conn = db.connect().await;
+    conn.execute_unprepared(
+        "CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$; \
+         CREATE TRIGGER slow_update BEFORE UPDATE ON webhooks FOR EACH ROW EXECUTE FUNCTION slow_update()",
+    )
+    .await
+    .unwrap();
+    let change = proto::UpdateWebhookRequest {
+        webhook: Some(proto::Webhook { id: hook.id.clone(), url: new.url("/"), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["url".into()] }),
+    };
+    let mut webhooks = cp.webhooks();
+    let call = tokio::spawn(async move { webhooks.update_webhook(change).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The caller goes away: its stream is reset.
+    call.abort();
+    assert!(call.await.is_err_and(|e| e.is_cancelled()), "the call was still waiting");
+    let until = Instant::now() + WAIT;
+    loop {
+        let row = hook_row::Entity::find_by_id(hook.id.clone()).one(&conn).await.unwrap().unwrap();
+        if row.url == new.url("/") {
+            break;
+        }
+        assert!(Instant::now() < until, "the update commits though its caller went away");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    conn.execute_unprepared("DROP TRIGGER slow_update ON webhooks").await.unwrap();
+    publish().await;
+    new.wait_for(1, WAIT).await;
+    assert_eq!(old.requests().len(), 1, "nothing more went to the old URL");
+    conn.close().await.ok();
+}
