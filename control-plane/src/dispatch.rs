@@ -243,6 +243,9 @@ struct Inner {
     planned_wake: AtomicI64,
     wake: Notify,
     results: mpsc::Sender<Arrived>,
+    /// Stops the result writer: cancelled by [`Dispatcher::finish`] once what the sessions
+    /// reported is recorded (not at shutdown: draining agents still report then).
+    results_done: CancellationToken,
     /// Delivery changes for `WatchDeliveries`.
     changes: tokio::sync::broadcast::Sender<Change>,
     metrics: Arc<Metrics>,
@@ -316,7 +319,8 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Starts the dispatcher and result writer; both stop when `shutdown` fires.
+    /// Starts the dispatcher and result writer. Dispatching stops when `shutdown` fires; the
+    /// result writer goes on until [`Dispatcher::finish`], recording what draining agents report.
     pub fn spawn(
         store: Store,
         policy: QueuePolicy,
@@ -354,6 +358,7 @@ impl Dispatcher {
             planned_wake: AtomicI64::new(0),
             wake: Notify::new(),
             results,
+            results_done: CancellationToken::new(),
             changes: tokio::sync::broadcast::channel(4096).0,
             metrics,
             peers,
@@ -365,8 +370,33 @@ impl Dispatcher {
         if let Some(rx) = agent_rx {
             tokio::spawn(d.clone().agents_loop(rx, shutdown.clone()));
         }
-        tokio::spawn(d.clone().result_loop(rx, shutdown));
+        tokio::spawn(d.clone().result_loop(rx));
         d
+    }
+
+    /// At shutdown, after the server stopped: waits (at most `within`) for every session to end
+    /// (agents drain: [`Dispatcher::drain`]), then for the results they reported to be recorded,
+    /// then stops the result writer.
+    pub async fn finish(&self, within: Duration) {
+        let until = tokio::time::Instant::now() + within;
+        while !self.inner.state.lock().expect("dispatcher lock").sessions.is_empty()
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (flushed, done) = tokio::sync::oneshot::channel();
+        let marker = Arrived {
+            agent_id: String::new(),
+            zone: String::new(),
+            result: Default::default(),
+            flushed: Some(flushed),
+        };
+        if self.inner.results.send(marker).await.is_ok()
+            && tokio::time::timeout(Duration::from_secs(10), done).await.is_err()
+        {
+            tracing::warn!("the last results were not recorded within 10 s; their leases will expire");
+        }
+        self.inner.results_done.cancel();
     }
 
     /// Something may have become due (a publish, a re-activation, a replay): look again now, in
@@ -545,6 +575,15 @@ impl Dispatcher {
         }
     }
 
+    /// The control plane is shutting down and has asked this session's agent to drain: it is
+    /// sent nothing more (not even leases a publish would take).
+    pub fn drain(&self, session: u64) {
+        if let Some(s) = self.inner.state.lock().expect("dispatcher lock").sessions.get_mut(&session) {
+            s.draining = true;
+            s.credit = 0;
+        }
+    }
+
     /// More credit from an agent.
     pub fn credit(&self, session: u64, jobs: u32) {
         if let Some(s) = self.inner.state.lock().expect("dispatcher lock").sessions.get_mut(&session)
@@ -584,8 +623,9 @@ impl Dispatcher {
     }
 
     /// The session ended: its leases go back to the queue at once, without using an attempt —
-    /// unless `reclaim` is false (the control plane is shutting down: the agent keeps its results
-    /// for the next session, under leases that are still current).
+    /// unless `reclaim` is false (the control plane is shutting down: the agent reported what it
+    /// finished during its drain, and reports what it still runs to its next session, under
+    /// leases that are still current).
     pub async fn close(&self, session: u64, reclaim: bool) {
         let holder = {
             let mut state = self.inner.state.lock().expect("dispatcher lock");
@@ -1251,21 +1291,22 @@ impl Dispatcher {
         Vec::new()
     }
 
-    async fn result_loop(self, mut rx: mpsc::Receiver<Arrived>, shutdown: CancellationToken) {
+    async fn result_loop(self, mut rx: mpsc::Receiver<Arrived>) {
+        let done = self.inner.results_done.clone();
         let mut buf = Vec::with_capacity(RESULT_BATCH);
         loop {
             tokio::select! {
                 n = rx.recv_many(&mut buf, RESULT_BATCH) => if n == 0 { return },
-                _ = shutdown.cancelled() => return,
+                _ = done.cancelled() => return,
             }
             // At a low rate each result would be a write of its own (on SQLite also two changes
             // of the sync level, one each way): a small batch waits a moment for more, unless a
             // flush is waiting on it or it frees a `max_in_flight` slot. What arrived is recorded
-            // even if shutdown comes meanwhile.
+            // even if the writer is told to stop meanwhile.
             if buf.len() < RESULT_LINGER_BELOW && buf.iter().all(|a| a.flushed.is_none()) && !self.frees_a_slot(&buf) {
                 tokio::select! {
                     _ = tokio::time::sleep(RESULT_LINGER) => {}
-                    _ = shutdown.cancelled() => {}
+                    _ = done.cancelled() => {}
                 }
                 while buf.len() < RESULT_BATCH {
                     let Ok(a) = rx.try_recv() else { break };
@@ -1396,6 +1437,11 @@ impl PublishSink for Publishes {
         let Some(inner) = self.0.upgrade() else { return };
         let d = Dispatcher { inner };
         d.published(stored);
+        // Watchers hear of new deliveries here, where the write is answered, rather than from
+        // the caller's handler: a caller that goes away does not leave them unheard of.
+        if self.watched() {
+            d.changed(stored.iter().flat_map(|e| e.deliveries.iter().map(|r| r.id.clone())).collect());
+        }
         if queued {
             d.wake();
         }

@@ -167,6 +167,9 @@ pub async fn run(
 
     tracing::info!("control plane serving");
     let served = router.serve_with_incoming_shutdown(incoming(grpc), shutdown.cancelled()).await;
+    // Agents were asked to drain: what they report until their sessions end is recorded before
+    // the database closes.
+    state.dispatcher.finish(state.config.drain_timeout + std::time::Duration::from_secs(1)).await;
     if let Some(task) = http_task {
         let _ = task.await;
     }

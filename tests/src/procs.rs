@@ -194,6 +194,26 @@ impl ControlPlaneProcess {
         self.spawn().await;
     }
 
+    /// SIGTERMs the control plane, waits for it to exit cleanly, and starts it again on the same
+    /// port and database after `down` (a rolling restart). Returns how long it took to exit.
+    pub async fn terminate_and_restart(&mut self, down: Duration) -> Duration {
+        let asked = std::time::Instant::now();
+        signal(&self.child, "TERM");
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("the control plane exits within 60 s of SIGTERM")
+            .unwrap();
+        let stopped = asked.elapsed();
+        assert!(
+            status.success(),
+            "SIGTERM ends in a clean exit: {status}\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        tokio::time::sleep(down).await;
+        self.spawn().await;
+        stopped
+    }
+
     fn channel(&self) -> Channel {
         Channel::from_shared(self.url()).unwrap().connect_lazy()
     }

@@ -84,6 +84,7 @@ impl AgentService for AgentApi {
         // open for good, listed and counted as connected.
         let _ = tx.try_send(control(control_message::Msg::Welcome(welcome.clone())));
         let shutdown = self.state.shutdown.clone();
+        let drain_timeout = self.state.config.drain_timeout;
         let pending = hello.pending_results;
         tokio::spawn(async move {
             // Before any result of this session's own jobs.
@@ -92,6 +93,8 @@ impl AgentService for AgentApi {
             let silence = HEARTBEAT * 3;
             let mut last_heard = tokio::time::Instant::now();
             let mut reclaim = true;
+            // Set at shutdown: until then the agent finishes and reports the jobs it holds.
+            let mut drain_by: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     msg = inbound.message() => match msg {
@@ -118,9 +121,19 @@ impl AgentService for AgentApi {
                         let hb = proto::Heartbeat { sent_at: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: 0 }) };
                         let _ = tx.try_send(control(control_message::Msg::Heartbeat(hb)));
                     }
-                    _ = shutdown.cancelled() => {
+                    // The agent is asked to drain, and its results are read until it has reported
+                    // everything and ends its stream: what it reports here is recorded before the
+                    // control plane stops, rather than lost with it and sent again once its lease
+                    // expires. Its leases are not taken back: a job still running at the deadline
+                    // is reported to the next control plane the agent reaches.
+                    _ = shutdown.cancelled(), if drain_by.is_none() => {
+                        dispatcher.drain(session);
                         let _ = tx.try_send(control(control_message::Msg::Drain(proto::Drain { reason: "control plane shutting down".into() })));
                         reclaim = false;
+                        drain_by = Some(tokio::time::Instant::now() + drain_timeout);
+                    }
+                    _ = tokio::time::sleep_until(drain_by.unwrap_or_else(tokio::time::Instant::now)), if drain_by.is_some() => {
+                        tracing::warn!(agent = %welcome.agent_id, "agent still busy at the drain timeout; closing its session");
                         break;
                     }
                 }

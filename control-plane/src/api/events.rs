@@ -159,7 +159,6 @@ impl EventService for EventApi {
         let mut stored = stored.map_err(|e| failed(&mut span, status_of(e)))?;
         self.state.metrics.events_published.inc();
         let stored = stored.pop().ok_or_else(|| Status::internal("internal error"))?;
-        self.state.dispatcher.changed(stored.deliveries.iter().map(|d| d.id.clone()).collect());
         Ok(Response::new(to_proto(&stored, false)))
     }
 
@@ -191,7 +190,6 @@ impl EventService for EventApi {
             self.state.store.publish(&who.workspace, batch, true, self.first_delay_ms(), self.publish_timeout()).await;
         let stored = stored.map_err(|e| failed(&mut span, status_of(e)))?;
         self.state.metrics.events_published.inc_by(stored.len() as u64);
-        self.state.dispatcher.changed(stored.iter().flat_map(|e| e.deliveries.iter().map(|d| d.id.clone())).collect());
         Ok(Response::new(proto::PublishEventsResponse { events: stored.iter().map(|e| to_proto(e, false)).collect() }))
     }
 

@@ -889,6 +889,60 @@ async fn watching_on_one_replica_sees_another_replicas_deliveries() {
     assert!(told.message().contains(&format!("{count} deliveries of webhook {}", idle.id)), "{told:?}");
 }
 
+/// A control plane SIGTERMed under load (a rolling restart, its successor up only after the
+/// leases it gave would have expired) asks its agents to drain and records what they report
+/// before it exits: nothing is sent twice, and no lease is left to expire. (It used to close the
+/// sessions at once: the agents kept the results of jobs that finished after that for the next
+/// control plane, which found their leases expired and sent the deliveries again; results on
+/// their way or queued for the result writer died with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_sigtermed_under_load_records_its_agents_last_results() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    // Leases of 1 s + 300 ms: a result lost in the restart would show as a duplicate soon.
+    let mut cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "300ms"]).await;
+    let agent = AgentProcess::start(&cp.url(), "default", "agent-0", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-0"]).await;
+    let receiver = Receiver::https(&ca).await;
+    receiver.always(Reply::Hang(Duration::from_millis(200)));
+    let mut hook = webhook("rolling", &receiver.url("/"), &["incident.created"]);
+    hook.timeout = Some(prost_types::Duration { seconds: 1, nanos: 0 });
+    create(&cp, hook).await;
+    let ids: Vec<String> = (0..1000).map(|i| format!("rolling-{i}")).collect();
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = tokio::spawn(publisher(vec![cp.url()], cp.api_key.clone(), ids, WAIT, progress));
+    // SIGTERM once the agent has jobs in flight (its own /metrics says so).
+    let until = Instant::now() + WAIT;
+    loop {
+        let (_, body) = herald_tests::http_get(agent.http_port, "/metrics").await;
+        let busy = herald_tests::parse_metrics(&body).get("herald_agent_in_flight").copied().unwrap_or(0.0);
+        if busy >= 10.0 {
+            break;
+        }
+        assert!(Instant::now() < until, "the agent never got work");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopped_in = cp.terminate_and_restart(Duration::from_secs(2)).await;
+    let (acked, failures) = load.await.unwrap();
+    let (got, dups) = delivered(&receiver, &acked, Duration::from_secs(60)).await;
+    nothing_open(&db).await;
+    // The control plane after the restart found no lease of its predecessor's to take back.
+    let (_, metrics) = herald_tests::http_get(cp.http_port, "/metrics").await;
+    let expired =
+        herald_tests::parse_metrics(&metrics).get(r#"herald_leases_reclaimed_total{reason="expired"}"#).copied();
+    println!(
+        "fault: control plane SIGTERMed under load (SQLite): published {}, delivered {got}, duplicates {dups}, failed publish calls {failures}, exited in {:.1} s, back 2 s later",
+        acked.len(),
+        stopped_in.as_secs_f64()
+    );
+    assert_eq!(acked.len(), 1000);
+    assert_eq!(
+        (dups, expired),
+        (0, Some(0.0)),
+        "every result the agent reported was recorded: nothing sent twice, no lease expired"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_sigtermed_under_load_finishes_and_reports_its_work() {
     let ca = TestCa::new();
@@ -1020,6 +1074,46 @@ async fn refused_writes_do_not_spin_the_dispatcher() {
     assert_eq!(d.attempt_count, 1);
     conn.close().await.ok();
     cp.stop().await;
+}
+
+/// A publish whose caller goes away before the write commits still tells watchers of the
+/// deliveries it queued (they were told by the caller's handler, dropped with the call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_whose_caller_went_away_is_still_heard_by_watchers() {
+    use sea_orm::ConnectionTrait;
+    let db = TestDb::new(Backend::Postgres).await;
+    let cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let receiver = Receiver::https(&TestCa::new()).await;
+    // No agent: the delivery stays pending, and only its publish can tell the watcher of it.
+    let hook = create(&cp, webhook("watched", &receiver.url("/"), &["incident.created"])).await;
+    let watch = proto::WatchDeliveriesRequest { webhook_id: hook.id.clone(), ..Default::default() };
+    let mut stream = cp.deliveries().watch_deliveries(watch).await.unwrap().into_inner();
+    // Deliveries now take a second to insert.
+    let conn = db.connect().await;
+    conn.execute_unprepared(
+        "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$; \
+         CREATE TRIGGER slow_insert BEFORE INSERT ON deliveries FOR EACH STATEMENT EXECUTE FUNCTION slow_insert()",
+    )
+    .await
+    .unwrap();
+    let mut events = cp.events();
+    let e = proto::Event { id: "evt_unheard_of".into(), ..event("incident.created", "{}") };
+    let event_id = e.id.clone();
+    let call = tokio::spawn(async move { events.publish_event(proto::PublishEventRequest { event: Some(e) }).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The caller goes away before the write commits.
+    call.abort();
+    assert!(call.await.is_err_and(|e| e.is_cancelled()), "the call was still waiting");
+    let change = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("the watcher hears of the delivery though its publisher went away")
+        .unwrap()
+        .expect("the stream stays open");
+    let d = change.delivery.unwrap();
+    assert_eq!((d.event_id.as_str(), d.status()), (event_id.as_str(), proto::DeliveryStatus::Pending));
+    conn.execute_unprepared("DROP TRIGGER slow_insert ON deliveries").await.unwrap();
+    conn.close().await.ok();
 }
 
 /// A webhook update whose caller goes away before it commits (a deadline, a closed connection)
