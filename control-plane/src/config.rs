@@ -179,9 +179,9 @@ pub struct ServeArgs {
     pub write_timeout: Duration,
     /// At shutdown, how long connected agents are given to finish the jobs they hold and report
     /// them before the control plane stops; what is still running then is reported to the
-    /// next control plane the agent reaches.
-    #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
+    /// next control plane the agent reaches. (Not the agent's own `--drain-timeout`.)
+    #[arg(long, env = "HERALD_AGENT_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub agent_drain_timeout: Duration,
     /// How long the old secret keeps signing after a rotation.
     #[arg(long, env = "HERALD_ROTATION_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub rotation_grace: Duration,
@@ -239,7 +239,7 @@ pub struct Config {
     pub lease_grace: Duration,
     pub publish_timeout: Duration,
     pub write_timeout: Duration,
-    pub drain_timeout: Duration,
+    pub agent_drain_timeout: Duration,
     pub rotation_grace: Duration,
     pub retention: Duration,
     pub secret_key: SecretKey,
@@ -261,7 +261,7 @@ impl std::fmt::Debug for Config {
             .field("lease_grace", &self.lease_grace)
             .field("publish_timeout", &self.publish_timeout)
             .field("write_timeout", &self.write_timeout)
-            .field("drain_timeout", &self.drain_timeout)
+            .field("agent_drain_timeout", &self.agent_drain_timeout)
             .field("rotation_grace", &self.rotation_grace)
             .field("retention", &self.retention)
             .field("tls", &self.tls.is_some())
@@ -349,7 +349,7 @@ impl TryFrom<ServeArgs> for Config {
             lease_grace: a.lease_grace,
             publish_timeout: a.publish_timeout,
             write_timeout: a.write_timeout,
-            drain_timeout: a.drain_timeout,
+            agent_drain_timeout: a.agent_drain_timeout,
             rotation_grace: a.rotation_grace,
             retention: a.retention,
             secret_key,
@@ -405,7 +405,7 @@ impl Config {
             publish_timeout: crate::db::PUBLISH_TIMEOUT,
             write_timeout: crate::store::writer::WRITE_TIMEOUT,
             // Sessions a test leaves open do not hold its control plane's stop for long.
-            drain_timeout: Duration::from_secs(2),
+            agent_drain_timeout: Duration::from_secs(2),
             rotation_grace: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(30 * 24 * 3600),
             secret_key: SecretKey::from_bytes([7u8; 32]),

@@ -45,6 +45,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     config.allow_http = true;
     let agent_token = crate::store::keys::generate_key();
     config.agent_tokens = vec![crate::config::AgentToken { token: agent_token.clone(), zones: None }];
+    // Ctrl-C stops soon: the embedded agent's last results are waited for this long at most.
+    config.agent_drain_timeout = std::time::Duration::from_secs(5);
 
     let grpc = crate::bind(args.grpc_addr, "gRPC").await?;
     let http = crate::bind(args.http_addr, "HTTP").await?;

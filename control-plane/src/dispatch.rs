@@ -68,7 +68,8 @@ struct Session {
     credit: u32,
     in_flight: u32,
     connected_at: i64,
-    /// The agent is draining (it returned a job unsent): it gets nothing more.
+    /// The agent is draining (it returned a job unsent, or the control plane is shutting down
+    /// and asked it to): it gets nothing more.
     draining: bool,
     tx: Outbound,
 }
@@ -391,12 +392,22 @@ impl Dispatcher {
             result: Default::default(),
             flushed: Some(flushed),
         };
-        if self.inner.results.send(marker).await.is_ok()
-            && tokio::time::timeout(Duration::from_secs(10), done).await.is_err()
-        {
+        let flush = async {
+            if self.inner.results.send(marker).await.is_ok() {
+                let _ = done.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), flush).await.is_err() {
             tracing::warn!("the last results were not recorded within 10 s; their leases will expire");
         }
         self.inner.results_done.cancel();
+    }
+
+    /// Stops the result writer when dropped (a control plane that returns before [`finish`]).
+    ///
+    /// [`finish`]: Dispatcher::finish
+    pub fn results_guard(&self) -> tokio_util::sync::DropGuard {
+        self.inner.results_done.clone().drop_guard()
     }
 
     /// Something may have become due (a publish, a re-activation, a replay): look again now, in
@@ -806,23 +817,29 @@ impl Dispatcher {
             if !timely.is_empty() {
                 back.extend(self.send_jobs(session, timely, now, Via::publish).await);
             }
-            if back.is_empty() {
-                continue;
-            }
-            let reports = back
-                .into_iter()
-                .map(|(lease_id, delivery_id)| AttemptReport {
-                    lease_id,
-                    delivery_id,
-                    not_sent: true,
-                    ..Default::default()
-                })
-                .collect();
-            if let Err(e) = self.inner.store.record_results(reports, now_millis(), &self.inner.policy).await {
-                tracing::warn!(error = %e, "cannot hand back leases taken at publish; they will expire");
-            }
-            self.wake();
+            self.hand_back(back).await;
         }
+    }
+
+    /// Hands back leases whose jobs were never sent (their session closed or began to drain
+    /// before they went): the deliveries are due again, no attempt used.
+    async fn hand_back(&self, back: Vec<(String, String)>) {
+        if back.is_empty() {
+            return;
+        }
+        let reports = back
+            .into_iter()
+            .map(|(lease_id, delivery_id)| AttemptReport {
+                lease_id,
+                delivery_id,
+                not_sent: true,
+                ..Default::default()
+            })
+            .collect();
+        if let Err(e) = self.inner.store.record_results(reports, now_millis(), &self.inner.policy).await {
+            tracing::warn!(error = %e, "cannot hand back leases of jobs not sent; they will expire");
+        }
+        self.wake();
     }
 
     /// Whether any of these results ends a lease of a webhook with `max_in_flight` (or of one
@@ -995,8 +1012,9 @@ impl Dispatcher {
                 continue;
             }
             if got > 0 {
-                // A session that closed meanwhile has these leases taken back by `close`.
-                self.send_jobs(session, claimed, now, Via::claim).await;
+                // Jobs for a session that closed or began to drain meanwhile are handed back.
+                let back = self.send_jobs(session, claimed, now, Via::claim).await;
+                self.hand_back(back).await;
             }
             if got < want {
                 // Drained for now. Work due later sets the next wake-up; work due already but held
@@ -1095,7 +1113,8 @@ impl Dispatcher {
     /// Sends jobs to a session that has their credit reserved (taken, and counted in flight when
     /// a publish leased them or a claim ran); what is not sent gives it back. `via`: leased at
     /// publish, or claimed. Returns the jobs (lease, delivery) not sent because the session had
-    /// closed: `close` takes a claim's back, but may have run before a publish's committed.
+    /// closed or begun to drain, for the caller to hand back (`close` takes a claim's back too,
+    /// but not at shutdown, and may have run before a publish's committed).
     async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64, via: Via) -> Vec<(String, String)> {
         let leased = claimed.len() as u32;
         let claimed_expiry = claimed.iter().map(|c| c.lease_expires_at).min().unwrap_or(now);
@@ -1242,8 +1261,9 @@ impl Dispatcher {
         }
         let tx = {
             let mut state = self.inner.state.lock().expect("dispatcher lock");
-            if !state.sessions.contains_key(&session) {
-                // The session closed meanwhile; `close` or lease expiry takes these leases back.
+            if state.sessions.get(&session).is_none_or(|s| s.draining) {
+                // The session closed or began to drain meanwhile (a job sent after the agent
+                // drained would be dropped unread): the caller hands these leases back.
                 return jobs.iter().map(|(job, _, _)| (job.lease_id.clone(), job.delivery_id.clone())).collect();
             }
             let mut counts = self.inner.hook_in_flight.lock().expect("in-flight lock");
@@ -1439,7 +1459,7 @@ impl PublishSink for Publishes {
         d.published(stored);
         // Watchers hear of new deliveries here, where the write is answered, rather than from
         // the caller's handler: a caller that goes away does not leave them unheard of.
-        if self.watched() {
+        if d.inner.replicas.is_some() || d.inner.changes.receiver_count() > 0 {
             d.changed(stored.iter().flat_map(|e| e.deliveries.iter().map(|r| r.id.clone())).collect());
         }
         if queued {

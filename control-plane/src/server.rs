@@ -34,7 +34,8 @@ pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 pub struct AppState {
     pub store: Store,
     pub dispatcher: crate::dispatch::Dispatcher,
-    /// Fires at shutdown: long-lived streams (agent sessions) end so the server can stop.
+    /// Fires at shutdown: long-lived streams end so the server can stop (agent sessions once
+    /// their agents have drained, or at `--agent-drain-timeout`).
     pub shutdown: CancellationToken,
     pub auth: Authenticator,
     pub config: Arc<Config>,
@@ -86,6 +87,8 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     );
+    // Stops the result writer on any way out of here, should `finish` below not be reached.
+    let _results = dispatcher.results_guard();
     let auth = Authenticator::new(store.clone());
     if let Some(pool) = (store.db.get_database_backend() == sea_orm::DbBackend::Postgres)
         .then(|| store.db.get_postgres_connection_pool().clone())
@@ -169,7 +172,9 @@ pub async fn run(
     let served = router.serve_with_incoming_shutdown(incoming(grpc), shutdown.cancelled()).await;
     // Agents were asked to drain: what they report until their sessions end is recorded before
     // the database closes.
-    state.dispatcher.finish(state.config.drain_timeout + std::time::Duration::from_secs(1)).await;
+    // The server may also have stopped on an error: the sessions are asked to drain either way.
+    shutdown.cancel();
+    state.dispatcher.finish(state.config.agent_drain_timeout + std::time::Duration::from_secs(1)).await;
     if let Some(task) = http_task {
         let _ = task.await;
     }

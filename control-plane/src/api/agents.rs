@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use herald_shared::proto::{self, agent_message, agent_service_server::AgentService, control_message};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -84,7 +85,7 @@ impl AgentService for AgentApi {
         // open for good, listed and counted as connected.
         let _ = tx.try_send(control(control_message::Msg::Welcome(welcome.clone())));
         let shutdown = self.state.shutdown.clone();
-        let drain_timeout = self.state.config.drain_timeout;
+        let drain_timeout = self.state.config.agent_drain_timeout;
         let pending = hello.pending_results;
         tokio::spawn(async move {
             // Before any result of this session's own jobs.
@@ -93,8 +94,10 @@ impl AgentService for AgentApi {
             let silence = HEARTBEAT * 3;
             let mut last_heard = tokio::time::Instant::now();
             let mut reclaim = true;
-            // Set at shutdown: until then the agent finishes and reports the jobs it holds.
-            let mut drain_by: Option<tokio::time::Instant> = None;
+            // Armed at shutdown: until then the agent finishes and reports the jobs it holds.
+            let mut draining = false;
+            let deadline = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(deadline);
             loop {
                 tokio::select! {
                     msg = inbound.message() => match msg {
@@ -102,7 +105,12 @@ impl AgentService for AgentApi {
                             last_heard = tokio::time::Instant::now();
                             match m.msg {
                                 Some(agent_message::Msg::Credit(c)) => dispatcher.credit(session, c.jobs),
-                                Some(agent_message::Msg::Result(r)) => dispatcher.result(session, r).await,
+                                // While draining, a result writer that cannot keep up (a stalled
+                                // database) does not hold the session past its deadline.
+                                Some(agent_message::Msg::Result(r)) => tokio::select! {
+                                    _ = dispatcher.result(session, r) => {}
+                                    _ = &mut deadline, if draining => break,
+                                },
                                 _ => {}
                             }
                         }
@@ -126,13 +134,23 @@ impl AgentService for AgentApi {
                     // control plane stops, rather than lost with it and sent again once its lease
                     // expires. Its leases are not taken back: a job still running at the deadline
                     // is reported to the next control plane the agent reaches.
-                    _ = shutdown.cancelled(), if drain_by.is_none() => {
+                    _ = shutdown.cancelled(), if !draining => {
                         dispatcher.drain(session);
                         let _ = tx.try_send(control(control_message::Msg::Drain(proto::Drain { reason: "control plane shutting down".into() })));
                         reclaim = false;
-                        drain_by = Some(tokio::time::Instant::now() + drain_timeout);
+                        draining = true;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + drain_timeout);
                     }
-                    _ = tokio::time::sleep_until(drain_by.unwrap_or_else(tokio::time::Instant::now)), if drain_by.is_some() => {
+                    _ = &mut deadline, if draining => {
+                        // Results already received are taken; the agent keeps any it reports
+                        // later for its next session.
+                        while let Some(Ok(Some(m))) = inbound.message().now_or_never() {
+                            if let Some(agent_message::Msg::Result(r)) = m.msg
+                                && dispatcher.result(session, r).now_or_never().is_none()
+                            {
+                                break;
+                            }
+                        }
                         tracing::warn!(agent = %welcome.agent_id, "agent still busy at the drain timeout; closing its session");
                         break;
                     }

@@ -899,14 +899,15 @@ async fn watching_on_one_replica_sees_another_replicas_deliveries() {
 async fn a_control_plane_sigtermed_under_load_records_its_agents_last_results() {
     let ca = TestCa::new();
     let db = TestDb::new(Backend::Sqlite).await;
-    // Leases of 1 s + 300 ms: a result lost in the restart would show as a duplicate soon.
+    // Leases of 3 s + 300 ms, and the successor up after 4 s: a result the control plane did
+    // not record before it exited is sent again.
     let mut cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "300ms"]).await;
     let agent = AgentProcess::start(&cp.url(), "default", "agent-0", Some(&ca.path), &[]);
     cp.wait_agents(&["agent-0"]).await;
     let receiver = Receiver::https(&ca).await;
     receiver.always(Reply::Hang(Duration::from_millis(200)));
     let mut hook = webhook("rolling", &receiver.url("/"), &["incident.created"]);
-    hook.timeout = Some(prost_types::Duration { seconds: 1, nanos: 0 });
+    hook.timeout = Some(prost_types::Duration { seconds: 3, nanos: 0 });
     create(&cp, hook).await;
     let ids: Vec<String> = (0..1000).map(|i| format!("rolling-{i}")).collect();
     let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -922,7 +923,7 @@ async fn a_control_plane_sigtermed_under_load_records_its_agents_last_results() 
         assert!(Instant::now() < until, "the agent never got work");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let stopped_in = cp.terminate_and_restart(Duration::from_secs(2)).await;
+    let stopped_in = cp.terminate_and_restart(Duration::from_secs(4)).await;
     let (acked, failures) = load.await.unwrap();
     let (got, dups) = delivered(&receiver, &acked, Duration::from_secs(60)).await;
     nothing_open(&db).await;
@@ -931,7 +932,7 @@ async fn a_control_plane_sigtermed_under_load_records_its_agents_last_results() 
     let expired =
         herald_tests::parse_metrics(&metrics).get(r#"herald_leases_reclaimed_total{reason="expired"}"#).copied();
     println!(
-        "fault: control plane SIGTERMed under load (SQLite): published {}, delivered {got}, duplicates {dups}, failed publish calls {failures}, exited in {:.1} s, back 2 s later",
+        "fault: control plane SIGTERMed under load (SQLite): published {}, delivered {got}, duplicates {dups}, failed publish calls {failures}, exited in {:.1} s, back 4 s later",
         acked.len(),
         stopped_in.as_secs_f64()
     );
