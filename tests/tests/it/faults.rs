@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::pipeline::{WAIT, create};
 
-both_databases!(control_plane_sigkill_mid_burst);
+both_databases!(control_plane_sigkill_mid_burst, a_control_plane_sigtermed_under_load_records_its_agents_last_results);
 
 /// Publishes `ids` in batches of 100 until every batch is acknowledged (retrying the same ids:
 /// idempotent), and returns the ids acknowledged and how many calls failed. `progress` counts
@@ -895,10 +895,9 @@ async fn watching_on_one_replica_sees_another_replicas_deliveries() {
 /// sessions at once: the agents kept the results of jobs that finished after that for the next
 /// control plane, which found their leases expired and sent the deliveries again; results on
 /// their way or queued for the result writer died with it.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_control_plane_sigtermed_under_load_records_its_agents_last_results() {
+async fn a_control_plane_sigtermed_under_load_records_its_agents_last_results(backend: Backend) {
     let ca = TestCa::new();
-    let db = TestDb::new(Backend::Sqlite).await;
+    let db = TestDb::new(backend).await;
     // Leases of 3 s + 300 ms, and the successor up after 4 s: a result the control plane did
     // not record before it exited is sent again.
     let mut cp = ControlPlaneProcess::start(&db.url, &["--lease-grace", "300ms"]).await;
@@ -932,7 +931,7 @@ async fn a_control_plane_sigtermed_under_load_records_its_agents_last_results() 
     let expired =
         herald_tests::parse_metrics(&metrics).get(r#"herald_leases_reclaimed_total{reason="expired"}"#).copied();
     println!(
-        "fault: control plane SIGTERMed under load (SQLite): published {}, delivered {got}, duplicates {dups}, failed publish calls {failures}, exited in {:.1} s, back 4 s later",
+        "fault: control plane SIGTERMed under load ({backend:?}): published {}, delivered {got}, duplicates {dups}, failed publish calls {failures}, exited in {:.1} s, back 4 s later",
         acked.len(),
         stopped_in.as_secs_f64()
     );
