@@ -144,6 +144,22 @@ impl Outbox {
         let kept = std::mem::take(&mut *self.unreported.lock().expect("outbox lock"));
         (capacity.saturating_sub(self.in_flight.load(Ordering::SeqCst)), kept)
     }
+
+    /// Keeps, for the next session, the results a closed session's stream never took: a
+    /// connection that died with results still queued did not carry them. (Before, they were
+    /// lost, and their deliveries sent again once their leases expired.) Returns how many.
+    fn keep_unsent(&self, queue: &Queue) -> usize {
+        let mut rx = queue.lock().expect("queue lock");
+        rx.close();
+        let mut unreported = self.unreported.lock().expect("outbox lock");
+        let before = unreported.len();
+        while let Ok(m) = rx.try_recv() {
+            if let Some(agent_message::Msg::Result(r)) = m.msg {
+                unreported.push(r);
+            }
+        }
+        unreported.len() - before
+    }
 }
 
 /// `result` with its headers as maps, for a control plane that does not read them as JSON (or
@@ -166,13 +182,15 @@ fn message(msg: agent_message::Msg) -> proto::AgentMessage {
 /// Credit given back is sent before other messages once this much has gathered.
 const CREDIT_FLUSH: u32 = 32;
 
-/// A session's outbound stream: the messages queued on `rx`, and the credit finished jobs gave
-/// back (`credit`) as one `Credit` message whenever the queue runs dry or `CREDIT_FLUSH` jobs'
-/// worth has gathered — one message for a burst of results rather than one per result.
-fn outbound(
-    mut rx: mpsc::UnboundedReceiver<proto::AgentMessage>,
-    credit: Arc<AtomicU32>,
-) -> impl futures::Stream<Item = proto::AgentMessage> {
+/// A session's outbound queue, shared by its stream and the session: what the stream has not
+/// taken when the session ends (the connection died first) was never sent, and its results are
+/// kept for the next session ([`Outbox::keep_unsent`]).
+type Queue = Arc<Mutex<mpsc::UnboundedReceiver<proto::AgentMessage>>>;
+
+/// A session's outbound stream: the messages queued on `queue`, and the credit finished jobs
+/// gave back (`credit`) as one `Credit` message whenever the queue runs dry or `CREDIT_FLUSH`
+/// jobs' worth has gathered — one message for a burst of results rather than one per result.
+fn outbound(queue: Queue, credit: Arc<AtomicU32>) -> impl futures::Stream<Item = proto::AgentMessage> {
     futures::stream::poll_fn(move |cx| {
         use std::task::Poll;
         let take_credit = || match credit.swap(0, Ordering::SeqCst) {
@@ -184,7 +202,7 @@ fn outbound(
         {
             return Poll::Ready(Some(m));
         }
-        match rx.poll_recv(cx) {
+        match queue.lock().expect("queue lock").poll_recv(cx) {
             Poll::Ready(m) => Poll::Ready(m),
             Poll::Pending => take_credit().map_or(Poll::Pending, |m| Poll::Ready(Some(m))),
         }
@@ -351,6 +369,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     let mut client = connect(agent, endpoint).await?;
     let capacity = agent.args.max_in_flight.max(1);
     let (tx, rx) = mpsc::unbounded_channel();
+    let queue: Queue = Arc::new(Mutex::new(rx));
     let credit = Arc::new(AtomicU32::new(0));
     let pending = std::mem::take(&mut *agent.outbox.unreported.lock().expect("outbox lock"));
     let hello = proto::Hello {
@@ -367,7 +386,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
         restore(pending);
         return Err(Status::internal("session channel closed"));
     }
-    let mut inbound = match client.session(outbound(rx, credit.clone())).await {
+    let mut inbound = match client.session(outbound(queue.clone(), credit.clone())).await {
         Ok(r) => r.into_inner(),
         Err(e) => {
             restore(pending);
@@ -478,6 +497,10 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
             tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = inbound.message().await {} })
                 .await;
     }
+    let kept = agent.outbox.keep_unsent(&queue);
+    if kept > 0 {
+        tracing::info!(results = kept, "results the session did not carry are kept for the next one");
+    }
     end
 }
 
@@ -572,7 +595,7 @@ mod tests {
     async fn credit_given_back_goes_out_once_the_results_before_it_are_taken() {
         let (tx, rx) = mpsc::unbounded_channel();
         let credit = Arc::new(AtomicU32::new(0));
-        let mut out = Box::pin(outbound(rx, credit.clone()));
+        let mut out = Box::pin(outbound(Arc::new(Mutex::new(rx)), credit.clone()));
         for n in 1..=3 {
             credit.fetch_add(1, Ordering::SeqCst);
             tx.send(result(n)).unwrap();
@@ -610,7 +633,7 @@ mod tests {
         let outbox = Arc::new(Outbox::default());
         outbox.in_flight.store(2, Ordering::SeqCst);
         *outbox.current.lock().unwrap() = Some((tx, credit.clone(), true));
-        let mut out = Box::pin(outbound(rx, credit));
+        let mut out = Box::pin(outbound(Arc::new(Mutex::new(rx)), credit));
         assert!(futures::poll!(out.next()).is_pending(), "nothing to send yet");
         let reporter = outbox.clone();
         tokio::spawn(async move { reporter.report(proto::AttemptResult { attempt: 7, ..Default::default() }) });
@@ -628,6 +651,31 @@ mod tests {
         let m: proto::AgentMessage = tokio::time::timeout(wait, out.next()).await.unwrap().unwrap();
         assert!(matches!(m.msg, Some(agent_message::Msg::Result(ref r)) if r.attempt == 8), "{m:?}");
         assert!(futures::poll!(out.next()).is_pending(), "no credit while draining");
+    }
+
+    #[tokio::test]
+    async fn results_a_closed_session_never_carried_are_kept_for_the_next() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue: Queue = Arc::new(Mutex::new(rx));
+        let outbox = Outbox::default();
+        outbox.in_flight.store(3, Ordering::SeqCst);
+        *outbox.current.lock().unwrap() = Some((tx, Arc::new(AtomicU32::new(0)), true));
+        let mut out = Box::pin(outbound(queue.clone(), Arc::new(AtomicU32::new(0))));
+        let result = |attempt| proto::AttemptResult { attempt, ..Default::default() };
+        outbox.report(result(1));
+        outbox.report(result(2));
+        // The stream takes the first result; then the connection dies with the second queued.
+        let m = out.next().await.unwrap();
+        assert!(matches!(m.msg, Some(agent_message::Msg::Result(ref r)) if r.attempt == 1), "{m:?}");
+        *outbox.current.lock().unwrap() = None;
+        // A job finishing after the session ended is kept as before.
+        outbox.report(result(3));
+        assert_eq!(outbox.keep_unsent(&queue), 1);
+        let mut kept: Vec<u32> = outbox.unreported.lock().unwrap().iter().map(|r| r.attempt).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, [2, 3], "the result taken by the stream is not kept twice");
+        assert!(out.next().await.is_none(), "the stream ends: its queue is closed and empty");
+        assert_eq!(outbox.keep_unsent(&queue), 0);
     }
 
     #[tokio::test]
