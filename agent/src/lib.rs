@@ -106,27 +106,25 @@ impl Outbox {
     /// Hands a finished job's result to the session, or keeps it, and gives the job's credit back
     /// to the session (not while draining). The job leaves `in_flight` under the lock a new
     /// session holds while it reads its opening credit, so each job is counted in one or the
-    /// other, never both.
+    /// other, never both. The result is queued under that lock too: once a session is no
+    /// longer current, no send to its queue is under way ([`Outbox::keep_unsent`]).
     fn report(&self, result: proto::AttemptResult) {
-        let (tx, headers_json) = {
-            let current = self.current.lock().expect("outbox lock");
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            let Some((tx, credit, headers_json)) = current.as_ref() else {
-                // Kept under the lock a new session takes them with when it opens
-                // ([`Outbox::open`]): a result is either taken then or finds the session.
-                self.unreported.lock().expect("outbox lock").push(result);
-                return;
-            };
-            // Counted before the result is queued, so the stream that takes the result finds
-            // its credit too.
-            if !self.draining.load(Ordering::SeqCst) {
-                credit.fetch_add(1, Ordering::SeqCst);
-            }
-            (tx.clone(), *headers_json)
+        let current = self.current.lock().expect("outbox lock");
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let Some((tx, credit, headers_json)) = current.as_ref() else {
+            // Kept under the lock a new session takes them with when it opens
+            // ([`Outbox::open`]): a result is either taken then or finds the session.
+            self.unreported.lock().expect("outbox lock").push(result);
+            return;
         };
+        // Counted before the result is queued, so the stream that takes the result finds its
+        // credit too.
+        if !self.draining.load(Ordering::SeqCst) {
+            credit.fetch_add(1, Ordering::SeqCst);
+        }
         // An attempt made during an earlier session may have written its headers for a control
         // plane of another version.
-        let result = if headers_json { result } else { with_header_maps(result) };
+        let result = if *headers_json { result } else { with_header_maps(result) };
         if let Err(e) = tx.send(message(agent_message::Msg::Result(result)))
             && let Some(agent_message::Msg::Result(r)) = e.0.msg
         {
@@ -145,9 +143,11 @@ impl Outbox {
         (capacity.saturating_sub(self.in_flight.load(Ordering::SeqCst)), kept)
     }
 
-    /// Keeps, for the next session, the results a closed session's stream never took: a
-    /// connection that died with results still queued did not carry them. (Before, they were
-    /// lost, and their deliveries sent again once their leases expired.) Returns how many.
+    /// Keeps, for the next session, the results an ended session's stream never took: a
+    /// connection that died with results still queued did not carry them (they were lost with
+    /// it, and their deliveries sent again once their leases expired). Called once the session
+    /// is no longer current and its own sender is gone, so nothing is being queued meanwhile;
+    /// the queue is closed, so nothing is queued after. Returns how many.
     fn keep_unsent(&self, queue: &Queue) -> usize {
         let mut rx = queue.lock().expect("queue lock");
         rx.close();
@@ -490,16 +490,22 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     *agent.outbox.current.lock().expect("outbox lock") = None;
     agent.ready.store(false, Ordering::SeqCst);
     drop(tx);
+    // Whether the connection may still carry what is queued: a drained session whose control
+    // plane has not yet read everything (the stream goes on being sent after this returns).
+    let mut still_sending = false;
     if matches!(end, Ok(End::Drained)) {
         // Let the last results leave before the stream closes: the control plane ends the
         // stream once it has read everything we sent.
-        let _ =
+        still_sending =
             tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = inbound.message().await {} })
-                .await;
+                .await
+                .is_err();
     }
-    let kept = agent.outbox.keep_unsent(&queue);
-    if kept > 0 {
-        tracing::info!(results = kept, "results the session did not carry are kept for the next one");
+    if !still_sending {
+        let kept = agent.outbox.keep_unsent(&queue);
+        if kept > 0 {
+            tracing::info!(results = kept, "results the session did not carry are kept for the next one");
+        }
     }
     end
 }
@@ -659,6 +665,8 @@ mod tests {
         let queue: Queue = Arc::new(Mutex::new(rx));
         let outbox = Outbox::default();
         outbox.in_flight.store(3, Ordering::SeqCst);
+        // A sender the queue outlives (the session's own, or one a late caller holds).
+        let late = tx.clone();
         *outbox.current.lock().unwrap() = Some((tx, Arc::new(AtomicU32::new(0)), true));
         let mut out = Box::pin(outbound(queue.clone(), Arc::new(AtomicU32::new(0))));
         let result = |attempt| proto::AttemptResult { attempt, ..Default::default() };
@@ -674,6 +682,9 @@ mod tests {
         let mut kept: Vec<u32> = outbox.unreported.lock().unwrap().iter().map(|r| r.attempt).collect();
         kept.sort_unstable();
         assert_eq!(kept, [2, 3], "the result taken by the stream is not kept twice");
+        // The queue is closed: nothing more goes into it, and the stream ends though a sender
+        // still lives.
+        assert!(late.send(message(agent_message::Msg::Result(result(4)))).is_err());
         assert!(out.next().await.is_none(), "the stream ends: its queue is closed and empty");
         assert_eq!(outbox.keep_unsent(&queue), 0);
     }
