@@ -385,6 +385,14 @@ impl Dispatcher {
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        if !self.flush_results().await {
+            tracing::warn!("the last results were not recorded within 10 s; their leases will expire");
+        }
+        self.inner.results_done.cancel();
+    }
+
+    /// Waits (at most 10 s) until every result queued so far is recorded; false if it was not.
+    async fn flush_results(&self) -> bool {
         let (flushed, done) = tokio::sync::oneshot::channel();
         let marker = Arrived {
             agent_id: String::new(),
@@ -392,15 +400,8 @@ impl Dispatcher {
             result: Default::default(),
             flushed: Some(flushed),
         };
-        let flush = async {
-            if self.inner.results.send(marker).await.is_ok() {
-                let _ = done.await;
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(10), flush).await.is_err() {
-            tracing::warn!("the last results were not recorded within 10 s; their leases will expire");
-        }
-        self.inner.results_done.cancel();
+        let flush = async { self.inner.results.send(marker).await.is_ok() && done.await.is_ok() };
+        tokio::time::timeout(Duration::from_secs(10), flush).await.unwrap_or(false)
     }
 
     /// Stops the result writer when dropped (a control plane that returns before [`finish`]).
@@ -651,16 +652,7 @@ impl Dispatcher {
         }
         // Results the agent sent before it left are applied first: a lease it finished is not
         // dispatched again.
-        let (flushed, done) = tokio::sync::oneshot::channel();
-        let marker = Arrived {
-            agent_id: String::new(),
-            zone: String::new(),
-            result: Default::default(),
-            flushed: Some(flushed),
-        };
-        if self.inner.results.send(marker).await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
-        }
+        self.flush_results().await;
         match self.inner.store.reclaim_leases(Some(&holder), now_millis(), &self.inner.policy).await {
             Ok(reclaimed) => {
                 let leases = reclaimed.leases;

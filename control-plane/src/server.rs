@@ -170,9 +170,8 @@ pub async fn run(
 
     tracing::info!("control plane serving");
     let served = router.serve_with_incoming_shutdown(incoming(grpc), shutdown.cancelled()).await;
-    // Agents were asked to drain: what they report until their sessions end is recorded before
-    // the database closes.
-    // The server may also have stopped on an error: the sessions are asked to drain either way.
+    // Agents are asked to drain (here too if the server stopped on an error rather than the
+    // token): what they report until their sessions end is recorded before the database closes.
     shutdown.cancel();
     state.dispatcher.finish(state.config.agent_drain_timeout + std::time::Duration::from_secs(1)).await;
     if let Some(task) = http_task {
