@@ -943,6 +943,52 @@ async fn a_control_plane_sigtermed_under_load_records_its_agents_last_results(ba
     );
 }
 
+/// A control plane SIGTERMed while its agent holds a job longer than `--agent-drain-timeout`
+/// exits at the deadline rather than waiting for the job; the agent finishes it and reports it
+/// to the control plane started after, under the lease still current: sent once, no lease
+/// expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_longer_than_the_drain_is_reported_to_the_next_control_plane() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut cp = ControlPlaneProcess::start(&db.url, &["--agent-drain-timeout", "300ms"]).await;
+    let agent = AgentProcess::start(&cp.url(), "default", "agent-0", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-0"]).await;
+    let receiver = Receiver::https(&ca).await;
+    let answer_after = Duration::from_secs(5);
+    receiver.always(Reply::Hang(answer_after));
+    let mut hook = webhook("slow", &receiver.url("/"), &["incident.created"]);
+    hook.timeout = Some(prost_types::Duration { seconds: 20, nanos: 0 });
+    create(&cp, hook).await;
+    let e = proto::Event { id: "evt_slow".into(), ..event("incident.created", "{}") };
+    cp.events().publish_event(proto::PublishEventRequest { event: Some(e) }).await.unwrap();
+    receiver.wait_for(1, WAIT).await;
+    let stopped_in = cp.terminate_and_restart(Duration::ZERO).await;
+    // The job started before the SIGTERM: waiting for it would take most of `answer_after`.
+    assert!(
+        stopped_in < answer_after / 2,
+        "the control plane exits at its drain deadline, not with the job: {stopped_in:?}"
+    );
+    let (got, dups) = delivered(&receiver, &["evt_slow".to_owned()], WAIT).await;
+    nothing_open(&db).await;
+    let conn = db.connect().await;
+    let attempts = attempt::Entity::find().all(&conn).await.unwrap();
+    conn.close().await.ok();
+    let (_, metrics) = herald_tests::http_get(cp.http_port, "/metrics").await;
+    let expired =
+        herald_tests::parse_metrics(&metrics).get(r#"herald_leases_reclaimed_total{reason="expired"}"#).copied();
+    println!(
+        "fault: control plane SIGTERMed with a job longer than its drain: exited in {:.1} s, delivered {got}, duplicates {dups}, attempts {}",
+        stopped_in.as_secs_f64(),
+        attempts.len()
+    );
+    assert_eq!((got, dups, expired), (1, 0, Some(0.0)));
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!((attempts[0].agent_id.as_str(), attempts[0].response_status), ("agent-0", 200));
+    assert!(!attempts[0].stale, "recorded under its lease, not as a late result");
+    drop(agent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_sigtermed_under_load_finishes_and_reports_its_work() {
     let ca = TestCa::new();
