@@ -71,6 +71,25 @@ async fn publisher(
     (acked, failures)
 }
 
+/// Waits until `agent` holds at least `jobs` jobs (its own /metrics says so).
+async fn busy(agent: &AgentProcess, jobs: f64) {
+    let until = Instant::now() + WAIT;
+    loop {
+        let (_, body) = herald_tests::http_get(agent.http_port, "/metrics").await;
+        if herald_tests::parse_metrics(&body).get("herald_agent_in_flight").is_some_and(|n| *n >= jobs) {
+            return;
+        }
+        assert!(Instant::now() < until, "the agent never held {jobs} jobs");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// How many expired leases the control plane has taken back (`None`: the counter is missing).
+async fn expired_leases(cp: &ControlPlaneProcess) -> Option<f64> {
+    let (_, metrics) = herald_tests::http_get(cp.http_port, "/metrics").await;
+    herald_tests::parse_metrics(&metrics).get(r#"herald_leases_reclaimed_total{reason="expired"}"#).copied()
+}
+
 /// Waits until the receiver has seen every id; returns (delivered distinct, duplicates).
 async fn delivered(receiver: &Receiver, ids: &[String], limit: Duration) -> (usize, usize) {
     let until = Instant::now() + limit;
@@ -911,25 +930,14 @@ async fn a_control_plane_sigtermed_under_load_records_its_agents_last_results(ba
     let ids: Vec<String> = (0..1000).map(|i| format!("rolling-{i}")).collect();
     let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = tokio::spawn(publisher(vec![cp.url()], cp.api_key.clone(), ids, WAIT, progress));
-    // SIGTERM once the agent has jobs in flight (its own /metrics says so).
-    let until = Instant::now() + WAIT;
-    loop {
-        let (_, body) = herald_tests::http_get(agent.http_port, "/metrics").await;
-        let busy = herald_tests::parse_metrics(&body).get("herald_agent_in_flight").copied().unwrap_or(0.0);
-        if busy >= 10.0 {
-            break;
-        }
-        assert!(Instant::now() < until, "the agent never got work");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // SIGTERM once the agent has jobs in flight.
+    busy(&agent, 10.0).await;
     let stopped_in = cp.terminate_and_restart(Duration::from_secs(4)).await;
     let (acked, failures) = load.await.unwrap();
     let (got, dups) = delivered(&receiver, &acked, Duration::from_secs(60)).await;
     nothing_open(&db).await;
     // The control plane after the restart found no lease of its predecessor's to take back.
-    let (_, metrics) = herald_tests::http_get(cp.http_port, "/metrics").await;
-    let expired =
-        herald_tests::parse_metrics(&metrics).get(r#"herald_leases_reclaimed_total{reason="expired"}"#).copied();
+    let expired = expired_leases(&cp).await;
     println!(
         "fault: control plane SIGTERMed under load ({backend:?}): published {}, delivered {got}, duplicates {dups}, failed publish calls {failures}, exited in {:.1} s, back 4 s later",
         acked.len(),
@@ -974,9 +982,7 @@ async fn a_job_longer_than_the_drain_is_reported_to_the_next_control_plane() {
     let conn = db.connect().await;
     let attempts = attempt::Entity::find().all(&conn).await.unwrap();
     conn.close().await.ok();
-    let (_, metrics) = herald_tests::http_get(cp.http_port, "/metrics").await;
-    let expired =
-        herald_tests::parse_metrics(&metrics).get(r#"herald_leases_reclaimed_total{reason="expired"}"#).copied();
+    let expired = expired_leases(&cp).await;
     println!(
         "fault: control plane SIGTERMed with a job longer than its drain: exited in {:.1} s, delivered {got}, duplicates {dups}, attempts {}",
         stopped_in.as_secs_f64(),
@@ -1003,17 +1009,8 @@ async fn an_agent_sigtermed_under_load_finishes_and_reports_its_work() {
     let ids: Vec<String> = (0..600).map(|i| format!("term-{i}")).collect();
     let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = tokio::spawn(publisher(vec![cp.url()], cp.api_key.clone(), ids.clone(), WAIT, progress));
-    // SIGTERM once the leaving agent has jobs in flight (its own /metrics says so).
-    let until = Instant::now() + WAIT;
-    loop {
-        let (_, body) = herald_tests::http_get(leaving.http_port, "/metrics").await;
-        let busy = herald_tests::parse_metrics(&body).get("herald_agent_in_flight").copied().unwrap_or(0.0);
-        if busy >= 1.0 {
-            break;
-        }
-        assert!(Instant::now() < until, "the leaving agent never got work");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // SIGTERM once the leaving agent has jobs in flight.
+    busy(&leaving, 1.0).await;
     let terminated = Instant::now();
     signal(&leaving.child, "TERM");
     let mut leaving = leaving;
