@@ -109,6 +109,9 @@ struct State {
     /// may be the copy just forgotten, and is used once but not cached.
     hooks_epoch: u64,
     leases: HashMap<String, LeaseMeta>,
+    /// Leases of closed sessions kept in `leases` (their webhooks' slots held) until they expire,
+    /// with when: see [`Dispatcher::close`].
+    held: HashMap<String, i64>,
     next_session: u64,
     /// Zones whose due work this replica's last claim took entirely, with nothing known to have
     /// become due since: a delivery published into one may be leased as it is inserted
@@ -635,7 +638,8 @@ impl Dispatcher {
     }
 
     /// The session ended: its leases go back to the queue at once, without using an attempt —
-    /// unless `reclaim` is false (the control plane is shutting down: the agent reported what it
+    /// except those of webhooks with a `max_in_flight`, which hold their slots until they expire
+    /// (the agent may only be cut off, and still sending), and unless `reclaim` is false (the control plane is shutting down: the agent reported what it
     /// finished during its drain, and reports what it still runs to its next session, under
     /// leases that are still current).
     pub async fn close(&self, session: u64, reclaim: bool) {
@@ -653,6 +657,7 @@ impl Dispatcher {
         // Results the agent sent before it left are applied first: a lease it finished is not
         // dispatched again.
         self.flush_results().await;
+        let mut held = Vec::new();
         match self.inner.store.reclaim_leases(Some(&holder), now_millis(), &self.inner.policy).await {
             Ok(reclaimed) => {
                 let leases = reclaimed.leases;
@@ -660,15 +665,23 @@ impl Dispatcher {
                     tracing::info!(holder, leases = leases.len(), "an agent left; its leases are dispatched again");
                     self.inner.metrics.leases_reclaimed.get_or_create(&agent_left()).inc_by(leases.len() as u64);
                 }
+                if !reclaimed.held.is_empty() {
+                    tracing::info!(
+                        holder,
+                        leases = reclaimed.held.len(),
+                        "an agent left; its leases of webhooks with max_in_flight hold their slots until they expire"
+                    );
+                }
                 self.count_outcomes(&reclaimed.applied);
                 self.release_leases(&leases);
+                held = reclaimed.held;
             }
             Err(e) => tracing::warn!(error = %e, "cannot take back the leases of a closed session; they will expire"),
         }
         // Leases of this session that another replica took back when they expired are not among
         // those (nor, after an error, those that expire later): forget them too, or their
-        // webhook's slots would stay taken.
-        self.release_session(session);
+        // webhook's slots would stay taken. Held leases are forgotten when they end or expire.
+        self.release_session(session, held);
         self.wake();
     }
 
@@ -852,6 +865,7 @@ impl Dispatcher {
         let mut state = self.inner.state.lock().expect("dispatcher lock");
         let mut counts = self.inner.hook_in_flight.lock().expect("in-flight lock");
         for lease in leases {
+            state.held.remove(lease);
             if let Some(meta) = state.leases.remove(lease)
                 && let Some(n) = counts.get_mut(&meta.webhook_id)
             {
@@ -860,12 +874,20 @@ impl Dispatcher {
         }
     }
 
-    /// Forgets every lease still remembered of a closed session, freeing its webhooks' slots.
-    fn release_session(&self, session: u64) {
+    /// Forgets every lease still remembered of a closed session but those `held` (lease, expiry),
+    /// freeing their webhooks' slots. Held leases are forgotten by [`Self::release_expired`] once
+    /// they expire, if no result or reclaim ended them before.
+    fn release_session(&self, session: u64, held: Vec<(String, i64)>) {
         let mut state = self.inner.state.lock().expect("dispatcher lock");
         let mut counts = self.inner.hook_in_flight.lock().expect("in-flight lock");
-        state.leases.retain(|_, meta| {
-            if meta.session != session {
+        let State { leases, held: kept, .. } = &mut *state;
+        for (lease, expires_at) in held {
+            if leases.contains_key(&lease) {
+                kept.insert(lease, expires_at);
+            }
+        }
+        leases.retain(|lease, meta| {
+            if meta.session != session || kept.contains_key(lease) {
                 return true;
             }
             if let Some(n) = counts.get_mut(&meta.webhook_id) {
@@ -873,6 +895,18 @@ impl Dispatcher {
             }
             false
         });
+    }
+
+    /// Forgets the held leases of closed sessions that expired before `now`: the reclaim that
+    /// just ran took them back, or another replica's did.
+    fn release_expired(&self, now: i64) {
+        let expired: Vec<String> = {
+            let state = self.inner.state.lock().expect("dispatcher lock");
+            state.held.iter().filter(|(_, at)| **at < now).map(|(lease, _)| lease.clone()).collect()
+        };
+        if !expired.is_empty() {
+            self.release_leases(&expired);
+        }
     }
 
     async fn dispatch_loop(self, shutdown: CancellationToken) {
@@ -906,6 +940,9 @@ impl Dispatcher {
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot take back expired leases"),
+                }
+                if !refused {
+                    self.release_expired(now);
                 }
                 next_expiry = if refused {
                     // The database reads but does not write (a full disk, a read-only failover):

@@ -162,6 +162,9 @@ pub struct AttemptReport {
 pub struct Reclaimed {
     pub leases: Vec<String>,
     pub applied: Vec<Applied>,
+    /// Leases of a departed agent left in place, with when each expires: those of webhooks with a
+    /// `max_in_flight`, whose slot they hold until then (the agent may still be sending).
+    pub held: Vec<(String, i64)>,
 }
 
 /// What a report did.
@@ -755,6 +758,11 @@ impl Store {
     /// agent, which disconnected): the deliveries are due again at once without using an attempt,
     /// unless they lost more than `FREE_LOST_LEASES` leases in a row. Returns the leases taken back
     /// and what the lost-lease attempts made of their deliveries.
+    ///
+    /// A departed agent's leases of webhooks with a `max_in_flight` are left to expire
+    /// (`Reclaimed::held`): an agent cut off rather than dead still sends what it holds, and a
+    /// second copy dispatched beside it would exceed the limit the receiver asked for. Its result,
+    /// reported to its next session under the lease, then settles the delivery, sent once.
     pub async fn reclaim_leases(
         &self,
         agent: Option<&str>,
@@ -773,7 +781,19 @@ impl Store {
                         // not overwritten.
                         read = read.order_by_asc(delivery::Column::Id).lock_exclusive();
                     }
-                    let lost = read.all(txn).await?;
+                    let mut lost = read.all(txn).await?;
+                    let mut held = Vec::new();
+                    if agent.is_some() && !lost.is_empty() {
+                        let hooks: HashSet<String> = lost.iter().map(|d| d.webhook_id.clone()).collect();
+                        let limits = hook_limits(txn, hooks.into_iter().collect()).await?;
+                        lost.retain(|d| {
+                            let limited = limits.get(&d.webhook_id).is_some_and(|(_, l)| l.max_in_flight.is_some());
+                            if limited && let Some(lease) = &d.lease_id {
+                                held.push((lease.clone(), d.lease_expires_at.unwrap_or(now)));
+                            }
+                            !limited
+                        });
+                    }
                     let reclaimed: Vec<String> = lost.iter().filter_map(|d| d.lease_id.clone()).collect();
                     let mut attempts = Vec::new();
                     let mut applied = Vec::new();
@@ -818,7 +838,7 @@ impl Store {
                     if !reclaimed.is_empty() {
                         super::wake_others(txn, &peers).await?;
                     }
-                    Ok(Reclaimed { leases: reclaimed, applied })
+                    Ok(Reclaimed { leases: reclaimed, applied, held })
                 })
             })
             .await

@@ -19,7 +19,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::pipeline::{WAIT, create};
 
-both_databases!(control_plane_sigkill_mid_burst, a_control_plane_sigtermed_under_load_records_its_agents_last_results);
+both_databases!(
+    control_plane_sigkill_mid_burst,
+    a_control_plane_sigtermed_under_load_records_its_agents_last_results,
+    a_departed_agents_lease_holds_its_webhooks_slot_until_its_result_comes,
+    a_departed_agents_held_lease_frees_its_slot_when_it_expires
+);
 
 /// Publishes `ids` in batches of 100 until every batch is acknowledged (retrying the same ids:
 /// idempotent), and returns the ids acknowledged and how many calls failed. `progress` counts
@@ -1214,4 +1219,115 @@ async fn an_update_whose_caller_went_away_still_reaches_the_dispatcher() {
     new.wait_for(1, WAIT).await;
     assert_eq!(old.requests().len(), 1, "nothing more went to the old URL");
     conn.close().await.ok();
+}
+
+/// A control plane with one agent token, and a webhook that allows one request at a time,
+/// whose endpoint is never called (the hand agents answer by themselves).
+async fn one_at_a_time(
+    backend: Backend,
+    token: &str,
+    tweak: impl FnOnce(&mut herald_control_plane::config::Config),
+    timeout: Option<prost_types::Duration>,
+) -> (herald_tests::ControlPlane, TestDb) {
+    use herald_control_plane::config::AgentToken;
+    let (cp, db) = crate::support::start_with(backend, |c| {
+        c.agent_tokens = vec![AgentToken { token: token.into(), zones: None }];
+        tweak(c);
+    })
+    .await;
+    let mut w = webhook("one-at-a-time", "https://receiver.invalid/hook", &["*"]);
+    w.max_in_flight = Some(1);
+    w.timeout = timeout;
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
+    (cp, db)
+}
+
+/// A 200 for `job`.
+fn answered(job: &proto::Job) -> proto::AttemptResult {
+    proto::AttemptResult {
+        lease_id: job.lease_id.clone(),
+        delivery_id: job.delivery_id.clone(),
+        attempt: job.attempt,
+        started_at: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
+        duration: Some(prost_types::Duration { seconds: 0, nanos: 5_000_000 }),
+        status: 200,
+        ..Default::default()
+    }
+}
+
+/// An agent whose session ends while it sends to a webhook with `max_in_flight = 1` may only be
+/// cut off, and still sending: its lease keeps the webhook's one slot, so neither that delivery
+/// nor the next goes to another agent beside it. When it comes back with the result, the
+/// delivery is settled under that lease, sent once, and the slot goes to the next. (Before, the
+/// lease went back to the queue at once and the other agent was sent the same delivery while the
+/// first still held it: two requests at once to a webhook that allows one, and a duplicate.)
+async fn a_departed_agents_lease_holds_its_webhooks_slot_until_its_result_comes(backend: Backend) {
+    use crate::support::HandAgent;
+    const TOKEN: &str = "agent-token-for-the-cut-off-agent-0";
+    let (cp, db) = one_at_a_time(backend, TOKEN, |_| {}, None).await;
+    let mut first = HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
+    first.credit(1);
+    let published = proto::PublishEventsRequest {
+        events: vec![event("task.completed", r#"{"n":1}"#), event("task.completed", r#"{"n":2}"#)],
+    };
+    let published = cp.events().publish_events(published).await.unwrap().into_inner();
+    let job = first.job(WAIT).await.expect("the first agent gets a job");
+    // Another agent with room for both is waiting when the first one's session ends.
+    let mut second = HandAgent::open(&cp, TOKEN, 2, Vec::new()).await;
+    second.credit(2);
+    first.close();
+    let beside = second.job(Duration::from_secs(2)).await;
+    assert!(beside.is_none(), "sent while the departed agent still holds the one slot: {beside:?}");
+
+    // The first agent reconnects and reports what it sent meanwhile.
+    let _back = HandAgent::open(&cp, TOKEN, 1, vec![answered(&job)]).await;
+    let next = second.job(WAIT).await.expect("the slot goes to the next delivery once the result is in");
+    assert_ne!(next.delivery_id, job.delivery_id, "the delivery reported is not sent again");
+    second.report(answered(&next));
+    let mut rows = Vec::new();
+    for e in &published.events {
+        rows.extend(crate::pipeline::settled(&db, &e.id).await);
+    }
+    assert_eq!(rows.len(), 2);
+    for d in &rows {
+        assert_eq!((d.status, d.attempt_count, d.lost_leases), (delivery::status::SUCCEEDED, 1, 0), "{d:?}");
+        let log = crate::pipeline::attempts_of(&db, &d.id).await;
+        assert_eq!(log.len(), 1, "{log:?}");
+        assert!(!log[0].stale, "the late result was applied under its lease");
+    }
+    cp.stop().await;
+}
+
+/// The held lease of an agent that never comes back frees the slot when it expires, like any
+/// lease: the delivery goes to the agent still connected, on the same attempt number.
+async fn a_departed_agents_held_lease_frees_its_slot_when_it_expires(backend: Backend) {
+    use crate::support::HandAgent;
+    const TOKEN: &str = "agent-token-for-the-lost-agent-000";
+    // Leases of 300 ms + 50 ms.
+    let timeout = Some(prost_types::Duration { seconds: 0, nanos: 300_000_000 });
+    let (cp, db) = one_at_a_time(backend, TOKEN, |c| c.lease_grace = Duration::from_millis(50), timeout).await;
+    let mut first = HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
+    first.credit(1);
+    let e = proto::PublishEventRequest { event: Some(event("task.failed", "{}")) };
+    let e = cp.events().publish_event(e).await.unwrap().into_inner();
+    let job = first.job(WAIT).await.expect("the first agent gets the job");
+    let mut second = HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
+    second.credit(1);
+    first.close();
+    let again = second.job(WAIT).await.expect("the expired lease frees the slot");
+    assert_eq!(again.delivery_id, job.delivery_id);
+    assert_ne!(again.lease_id, job.lease_id, "under a lease of its own");
+    assert_eq!(again.attempt, 1, "a lease lost costs no attempt");
+    // Taken back because it expired, not because its agent left.
+    let metrics = herald_tests::http_get(cp.http_addr.port(), "/metrics").await.1;
+    let metrics = herald_tests::parse_metrics(&metrics);
+    let reclaimed = |reason: &str| {
+        metrics.get(&format!(r#"herald_leases_reclaimed_total{{reason="{reason}"}}"#)).copied().unwrap_or(0.0)
+    };
+    assert_eq!((reclaimed("expired"), reclaimed("agent_left")), (1.0, 0.0));
+    second.report(answered(&again));
+    let d = crate::pipeline::settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 1));
+    assert_eq!(crate::pipeline::attempts_of(&db, &d.id).await.len(), 1, "the lost lease was no attempt");
+    cp.stop().await;
 }
