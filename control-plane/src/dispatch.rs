@@ -94,6 +94,8 @@ struct LeaseMeta {
     session: u64,
     /// The body sent, when a transform applied (for the attempt log).
     request_body: Option<String>,
+    /// When the lease expires.
+    expires_at: i64,
 }
 
 /// A webhook as dispatching needs it, cached; dropped on any change through the API.
@@ -638,8 +640,9 @@ impl Dispatcher {
     }
 
     /// The session ended: its leases go back to the queue at once, without using an attempt —
-    /// except those of webhooks with a `max_in_flight`, which hold their slots until they expire
-    /// (the agent may only be cut off, and still sending), and unless `reclaim` is false (the control plane is shutting down: the agent reported what it
+    /// except those of webhooks with a `max_in_flight`, which hold their slots until the agent
+    /// reports them (it may only be cut off, and still sending) or they expire — and unless
+    /// `reclaim` is false (the control plane is shutting down: the agent reported what it
     /// finished during its drain, and reports what it still runs to its next session, under
     /// leases that are still current).
     pub async fn close(&self, session: u64, reclaim: bool) {
@@ -657,8 +660,7 @@ impl Dispatcher {
         // Results the agent sent before it left are applied first: a lease it finished is not
         // dispatched again.
         self.flush_results().await;
-        let mut held = Vec::new();
-        match self.inner.store.reclaim_leases(Some(&holder), now_millis(), &self.inner.policy).await {
+        let held = match self.inner.store.reclaim_leases(Some(&holder), now_millis(), &self.inner.policy).await {
             Ok(reclaimed) => {
                 let leases = reclaimed.leases;
                 if !leases.is_empty() {
@@ -669,18 +671,28 @@ impl Dispatcher {
                     tracing::info!(
                         holder,
                         leases = reclaimed.held.len(),
-                        "an agent left; its leases of webhooks with max_in_flight hold their slots until they expire"
+                        "an agent left; its leases of webhooks with max_in_flight keep their slots until reported or expired"
                     );
                 }
                 self.count_outcomes(&reclaimed.applied);
                 self.release_leases(&leases);
-                held = reclaimed.held;
+                reclaimed.held
             }
-            Err(e) => tracing::warn!(error = %e, "cannot take back the leases of a closed session; they will expire"),
-        }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take back the leases of a closed session; they will expire");
+                // Nothing was taken back: each lease keeps its slot until it expires.
+                let state = self.inner.state.lock().expect("dispatcher lock");
+                state
+                    .leases
+                    .iter()
+                    .filter(|(_, meta)| meta.session == session)
+                    .map(|(lease, meta)| (lease.clone(), meta.expires_at))
+                    .collect()
+            }
+        };
         // Leases of this session that another replica took back when they expired are not among
-        // those (nor, after an error, those that expire later): forget them too, or their
-        // webhook's slots would stay taken. Held leases are forgotten when they end or expire.
+        // those: forget them too, or their webhook's slots would stay taken. Held leases are
+        // forgotten when their result comes or they expire.
         self.release_session(session, held);
         self.wake();
     }
@@ -883,6 +895,8 @@ impl Dispatcher {
         let State { leases, held: kept, .. } = &mut *state;
         for (lease, expires_at) in held {
             if leases.contains_key(&lease) {
+                // The dispatch loop wakes to forget it, whatever ends its row meanwhile.
+                wake_by(&self.inner.lease_wake, expires_at);
                 kept.insert(lease, expires_at);
             }
         }
@@ -949,9 +963,10 @@ impl Dispatcher {
                     // the lease that expired is still there, and waking for it at once would spin.
                     now + RECLAIM_RETRY_MS
                 } else {
-                    match self.inner.store.next_lease_expiry().await {
-                        Ok(at) => at.unwrap_or(0),
-                        Err(_) => 0,
+                    let held = self.inner.state.lock().expect("dispatcher lock").held.values().min().copied();
+                    match (self.inner.store.next_lease_expiry().await.ok().flatten(), held) {
+                        (Some(at), Some(held)) => at.min(held),
+                        (at, held) => at.or(held).unwrap_or(0),
                     }
                 };
             }
@@ -1142,7 +1157,7 @@ impl Dispatcher {
     /// Sends jobs to a session that has their credit reserved (taken, and counted in flight when
     /// a publish leased them or a claim ran); what is not sent gives it back. `via`: leased at
     /// publish, or claimed. Returns the jobs (lease, delivery) not sent because the session had
-    /// closed or begun to drain, for the caller to hand back (`close` takes a claim's back too,
+    /// closed or begun to drain, or its stream refused them, for the caller to hand back (`close` takes a claim's back too,
     /// but not at shutdown, and may have run before a publish's committed).
     async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64, via: Via) -> Vec<(String, String)> {
         let leased = claimed.len() as u32;
@@ -1249,6 +1264,7 @@ impl Dispatcher {
                 },
                 d.webhook_id.clone(),
                 request_body,
+                c.lease_expires_at,
             ));
         }
         let handed_back = !unsent.is_empty() || !undeliverable.is_empty();
@@ -1293,15 +1309,18 @@ impl Dispatcher {
             if state.sessions.get(&session).is_none_or(|s| s.draining) {
                 // The session closed or began to drain meanwhile (a job sent after the agent
                 // drained would be dropped unread): the caller hands these leases back.
-                return jobs.iter().map(|(job, _, _)| (job.lease_id.clone(), job.delivery_id.clone())).collect();
+                return jobs.iter().map(|(job, ..)| (job.lease_id.clone(), job.delivery_id.clone())).collect();
             }
             let mut counts = self.inner.hook_in_flight.lock().expect("in-flight lock");
-            for (job, webhook_id, request_body) in &jobs {
+            for (job, webhook_id, request_body, expires_at) in &jobs {
                 *counts.entry(webhook_id.clone()).or_default() += 1;
-                state.leases.insert(
-                    job.lease_id.clone(),
-                    LeaseMeta { webhook_id: webhook_id.clone(), session, request_body: request_body.clone() },
-                );
+                let meta = LeaseMeta {
+                    webhook_id: webhook_id.clone(),
+                    session,
+                    request_body: request_body.clone(),
+                    expires_at: *expires_at,
+                };
+                state.leases.insert(job.lease_id.clone(), meta);
             }
             drop(counts);
             match state.sessions.get_mut(&session) {
@@ -1326,18 +1345,32 @@ impl Dispatcher {
             self.nudge();
         }
         // Never wait on one agent's stream: the channel holds the agent's whole credit, so a
-        // full channel means a stuck session, whose leases expire.
+        // full channel means a stuck session. Jobs it did not take never reached the agent: the
+        // caller hands them back.
         let mut sent = 0u64;
-        for (job, _, _) in jobs {
+        let mut unsent = Vec::new();
+        let mut jobs = jobs.into_iter();
+        for (job, ..) in jobs.by_ref() {
             let message = proto::ControlMessage { msg: Some(control_message::Msg::Job(job)) };
-            if tx.try_send(Ok(message)).is_err() {
-                tracing::warn!(session, "an agent's stream is full or closed; its leases will expire");
+            if let Err(refused) = tx.try_send(Ok(message)) {
+                if let Ok(proto::ControlMessage { msg: Some(control_message::Msg::Job(job)) }) = refused.into_inner() {
+                    unsent.push((job.lease_id, job.delivery_id));
+                }
                 break;
             }
             sent += 1;
         }
+        unsent.extend(jobs.map(|(job, ..)| (job.lease_id, job.delivery_id)));
+        if !unsent.is_empty() {
+            tracing::warn!(
+                session,
+                jobs = unsent.len(),
+                "an agent's stream is full or closed; its jobs are handed back"
+            );
+            self.release_leases(&unsent.iter().map(|(lease, _)| lease.clone()).collect::<Vec<_>>());
+        }
         self.inner.metrics.jobs_sent.get_or_create(&ViaLabels { via }).inc_by(sent);
-        Vec::new()
+        unsent
     }
 
     async fn result_loop(self, mut rx: mpsc::Receiver<Arrived>) {

@@ -1299,13 +1299,14 @@ async fn a_departed_agents_lease_holds_its_webhooks_slot_until_its_result_comes(
 }
 
 /// The held lease of an agent that never comes back frees the slot when it expires, like any
-/// lease: the delivery goes to the agent still connected, on the same attempt number.
+/// lease: the delivery goes to the agent still connected, on the same attempt number. (Leases
+/// last 2.5 s here: long enough for the first session's end to be handled before its lease
+/// expires, so that it is the expiry, not the end, that takes it back.)
 async fn a_departed_agents_held_lease_frees_its_slot_when_it_expires(backend: Backend) {
     use crate::support::HandAgent;
     const TOKEN: &str = "agent-token-for-the-lost-agent-000";
-    // Leases of 300 ms + 50 ms.
-    let timeout = Some(prost_types::Duration { seconds: 0, nanos: 300_000_000 });
-    let (cp, db) = one_at_a_time(backend, TOKEN, |c| c.lease_grace = Duration::from_millis(50), timeout).await;
+    let timeout = Some(prost_types::Duration { seconds: 2, nanos: 0 });
+    let (cp, db) = one_at_a_time(backend, TOKEN, |c| c.lease_grace = Duration::from_millis(500), timeout).await;
     let mut first = HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
     first.credit(1);
     let e = proto::PublishEventRequest { event: Some(event("task.failed", "{}")) };
@@ -1315,9 +1316,13 @@ async fn a_departed_agents_held_lease_frees_its_slot_when_it_expires(backend: Ba
     second.credit(1);
     first.close();
     let again = second.job(WAIT).await.expect("the expired lease frees the slot");
+    second.report(answered(&again));
     assert_eq!(again.delivery_id, job.delivery_id);
     assert_ne!(again.lease_id, job.lease_id, "under a lease of its own");
     assert_eq!(again.attempt, 1, "a lease lost costs no attempt");
+    let d = crate::pipeline::settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 1));
+    assert_eq!(crate::pipeline::attempts_of(&db, &d.id).await.len(), 1, "the lost lease was no attempt");
     // Taken back because it expired, not because its agent left.
     let metrics = herald_tests::http_get(cp.http_addr.port(), "/metrics").await.1;
     let metrics = herald_tests::parse_metrics(&metrics);
@@ -1325,9 +1330,5 @@ async fn a_departed_agents_held_lease_frees_its_slot_when_it_expires(backend: Ba
         metrics.get(&format!(r#"herald_leases_reclaimed_total{{reason="{reason}"}}"#)).copied().unwrap_or(0.0)
     };
     assert_eq!((reclaimed("expired"), reclaimed("agent_left")), (1.0, 0.0));
-    second.report(answered(&again));
-    let d = crate::pipeline::settled(&db, &e.id).await.remove(0);
-    assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 1));
-    assert_eq!(crate::pipeline::attempts_of(&db, &d.id).await.len(), 1, "the lost lease was no attempt");
     cp.stop().await;
 }
