@@ -87,6 +87,9 @@ impl Session {
     }
 }
 
+/// The session of leases given out before this control plane started (sessions count from 1).
+const NO_SESSION: u64 = 0;
+
 /// What the dispatcher remembers of a job until its result arrives.
 struct LeaseMeta {
     webhook_id: String,
@@ -111,8 +114,9 @@ struct State {
     /// may be the copy just forgotten, and is used once but not cached.
     hooks_epoch: u64,
     leases: HashMap<String, LeaseMeta>,
-    /// Leases of closed sessions kept in `leases` (their webhooks' slots held) until they expire,
-    /// with when: see [`Dispatcher::close`].
+    /// Leases of closed sessions, or given out before this control plane started, kept in
+    /// `leases` (their webhooks' slots held) until their results come or they expire, with when:
+    /// see [`Dispatcher::close`] and [`Dispatcher::count_leases_of_before`].
     held: HashMap<String, i64>,
     next_session: u64,
     /// Zones whose due work this replica's last claim took entirely, with nothing known to have
@@ -923,7 +927,42 @@ impl Dispatcher {
         }
     }
 
+    /// SQLite, at start: counts the leases a control plane before this one gave out to webhooks
+    /// with a `max_in_flight` in their slots until their results come or they expire, as it
+    /// counted them (their agents may still be sending; on PostgreSQL claims count the
+    /// database's rows). A result recorded between this read and the count keeps a slot taken
+    /// until the lease's expiry, never longer.
+    async fn count_leases_of_before(&self) {
+        if self.inner.store.db.get_database_backend() != sea_orm::DbBackend::Sqlite {
+            return;
+        }
+        let leases = match self.inner.store.limited_leases().await {
+            Ok(leases) => leases,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the leases in flight; webhooks' max_in_flight may be exceeded until they expire");
+                return;
+            }
+        };
+        if leases.is_empty() {
+            return;
+        }
+        tracing::info!(leases = leases.len(), "leases in flight of webhooks with max_in_flight count in their slots");
+        let mut state = self.inner.state.lock().expect("dispatcher lock");
+        let mut counts = self.inner.hook_in_flight.lock().expect("in-flight lock");
+        for (lease, webhook_id, expires_at) in leases {
+            if state.leases.contains_key(&lease) {
+                continue;
+            }
+            *counts.entry(webhook_id.clone()).or_default() += 1;
+            wake_by(&self.inner.lease_wake, expires_at);
+            state.held.insert(lease.clone(), expires_at);
+            let meta = LeaseMeta { webhook_id, session: NO_SESSION, request_body: None, expires_at };
+            state.leases.insert(lease, meta);
+        }
+    }
+
     async fn dispatch_loop(self, shutdown: CancellationToken) {
+        self.count_leases_of_before().await;
         let mut last_reclaim = 0i64;
         let mut next_expiry = 0i64;
         // The earliest known time work becomes due (a retry, a rate-limit slot), or 0. Kept across

@@ -266,6 +266,27 @@ fn truncate(body: &[u8], limit: usize) -> String {
 }
 
 impl Store {
+    /// Every lease in flight of a webhook with a `max_in_flight`: (lease, webhook, expiry). A
+    /// control plane that restarts counts them in its webhooks' slots (their agents may still be
+    /// sending), as it counted them before.
+    pub async fn limited_leases(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let statement = sea_orm::Statement::from_string(
+            self.db.get_database_backend(),
+            format!(
+                "SELECT d.lease_id, d.webhook_id, d.lease_expires_at FROM deliveries d \
+                 JOIN webhooks w ON w.id = d.webhook_id \
+                 WHERE d.status = {in_flight} AND w.max_in_flight IS NOT NULL \
+                   AND d.lease_id IS NOT NULL AND d.lease_expires_at IS NOT NULL",
+                in_flight = status::IN_FLIGHT,
+            ),
+        );
+        let rows = self.db.query_all_raw(statement).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?, r.try_get_by_index(2)?)))
+            .collect::<Result<_, sea_orm::DbErr>>()
+            .map_err(StoreError::from)
+    }
+
     /// When the next pending delivery of `zone` is due, if any.
     pub async fn next_due(&self, zone: &str) -> Result<Option<i64>, StoreError> {
         let due: Option<Option<i64>> = delivery::Entity::find()

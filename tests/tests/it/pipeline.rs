@@ -714,6 +714,36 @@ async fn results_the_agent_could_not_report_arrive_with_its_next_session() {
     assert_eq!(r.requests().len(), 1, "nothing was sent twice");
 }
 
+/// A control plane that crashes while an agent sends to a webhook with `max_in_flight = 1` comes
+/// back counting that lease in the webhook's slot: the agent is still sending, so the next
+/// delivery waits for its result rather than going out beside it. (Before, the restarted control
+/// plane started from empty counts and sent the second request while the first was still open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_control_plane_counts_the_leases_it_gave_out_before_in_max_in_flight() {
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-1"]).await;
+    let r = Receiver::https(&ca).await;
+    // The first request is answered after 4 s, long after the control plane is back.
+    r.script([Reply::Hang(Duration::from_secs(4))]);
+    let mut w = webhook("one-at-a-time", &r.url("/"), &["*"]);
+    w.max_in_flight = Some(1);
+    create(&cp, w).await;
+    let first = publish(&cp, "task.completed", "{}").await;
+    r.wait_for(1, WAIT).await;
+    let second = publish(&cp, "task.completed", "{}").await;
+    cp.kill_and_restart().await;
+    cp.wait_agents(&["agent-1"]).await;
+    for e in [&first, &second] {
+        let d = settled(&db, &e.id).await.remove(0);
+        assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 1), "{d:?}");
+    }
+    assert_eq!(r.requests().len(), 2, "each delivery sent once");
+    assert_eq!(r.most_concurrent(), 1, "max_in_flight = 1 holds across the restart");
+}
+
 /// An agent asked to drain (its control plane is going away) may be sent a job after the drain
 /// began, answer it unsent, and be unable to report that before the stream closes: it brings the
 /// result in the hello of its next session. That result says nothing of the new session, which
