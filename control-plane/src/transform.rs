@@ -4,13 +4,14 @@
 //! leaf that is exactly `{{ expression }}` inserts the expression's typed value (so
 //! `"client_payload": "{{ data }}"` is an object). `vars` holds the webhook's `transform_vars`.
 //! Rendering runs on fuel, so a template that loops forever fails instead of hanging a
-//! dispatcher.
+//! dispatcher. The fuel and the output cap are the whole transform's, shared by its leaves: a
+//! transform of a thousand loops gets no more than one.
 
 use minijinja::Environment;
 use serde::Deserialize as _;
 use serde_json::Value as Json;
 
-/// Instructions one leaf may spend.
+/// Instructions a whole transform may spend (all its leaves together).
 const FUEL: u64 = 100_000;
 /// The largest body a transform may produce.
 const MAX_OUTPUT: usize = 1024 * 1024;
@@ -27,6 +28,22 @@ fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_fuel(Some(FUEL));
     env
+}
+
+/// What the leaves of one transform may still spend: fuel, and bytes of output.
+struct Budget {
+    fuel: u64,
+    output: usize,
+}
+
+impl Budget {
+    fn new() -> Budget {
+        Budget { fuel: FUEL, output: MAX_OUTPUT }
+    }
+}
+
+fn out_of_fuel() -> minijinja::Error {
+    minijinja::Error::new(minijinja::ErrorKind::OutOfFuel, format!("the transform spent its {FUEL} steps of fuel"))
 }
 
 /// The expression of a leaf that is exactly `{{ expression }}`.
@@ -68,22 +85,46 @@ fn typed(value: &minijinja::Value, left: &mut usize) -> Result<Json, String> {
     serde_json::from_slice(&out.out).map_err(|e| e.to_string())
 }
 
-/// Renders one template leaf into at most `left` more bytes.
+/// Renders one template leaf on what is left of `budget`, and takes what it spent.
 fn render_leaf(
-    env: &Environment<'static>,
+    env: &mut Environment<'static>,
     source: &str,
     ctx: &minijinja::Value,
-    left: &mut usize,
+    budget: &mut Budget,
 ) -> Result<String, minijinja::Error> {
+    if budget.fuel == 0 {
+        return Err(out_of_fuel());
+    }
+    env.set_fuel(Some(budget.fuel));
     let template = env.template_from_str(source)?;
-    let mut out = Capped { out: Vec::new(), left };
-    template.render_captured_to(ctx.clone(), &mut out).map_err(|e| match e.kind() {
+    let mut out = Capped { out: Vec::new(), left: &mut budget.output };
+    let captured = template.render_captured_to(ctx.clone(), &mut out).map_err(|e| match e.kind() {
         minijinja::ErrorKind::WriteFailure => {
             minijinja::Error::new(minijinja::ErrorKind::WriteFailure, format!("renders more than {MAX_OUTPUT} bytes"))
         }
         _ => e,
     })?;
-    Ok(String::from_utf8_lossy(&out.out).into_owned())
+    let spent = captured.state().fuel_levels().map_or(0, |(consumed, _)| consumed);
+    let text = String::from_utf8_lossy(&out.out).into_owned();
+    budget.fuel = budget.fuel.saturating_sub(spent);
+    Ok(text)
+}
+
+/// Evaluates a whole-expression leaf on what is left of `budget`'s fuel, and writes its value
+/// into what is left of its output. (An expression has no loops: its steps are bounded by its
+/// text, which the transform's size bounds.)
+fn eval_leaf(
+    env: &mut Environment<'static>,
+    expr: &str,
+    ctx: &minijinja::Value,
+    budget: &mut Budget,
+) -> Result<Option<Json>, String> {
+    if budget.fuel == 0 {
+        return Err(out_of_fuel().to_string());
+    }
+    env.set_fuel(Some(budget.fuel));
+    let value = env.compile_expression(expr).and_then(|e| e.eval(ctx)).map_err(|e| e.to_string())?;
+    if value.is_undefined() { Ok(None) } else { typed(&value, &mut budget.output).map(Some) }
 }
 
 /// Errors a leaf makes whatever the event holds: a loop past its fuel, output past the limit,
@@ -102,27 +143,34 @@ fn independent_of_data(e: &minijinja::Error) -> bool {
 /// delivery. Other render errors depend on the event's data (`data.title` of an event without
 /// one) and are left to delivery time.
 pub fn check(transform: &Json, field: &str) -> Result<(), RenderError> {
-    let env = environment();
+    let mut env = environment();
     let sample = minijinja::context! {
         id => "evt_sample", type => "incident.created", timestamp => "2024-01-15T10:30:00Z",
         workspace_id => "ws_sample", data => minijinja::context! {},
         vars => minijinja::context! {},
     };
-    walk_check(&env, transform, &sample, field)
+    walk_check(&mut env, transform, &sample, field, &mut Budget::new())
 }
 
-fn walk_check(env: &Environment<'static>, v: &Json, sample: &minijinja::Value, path: &str) -> Result<(), RenderError> {
+fn walk_check(
+    env: &mut Environment<'static>,
+    v: &Json,
+    sample: &minijinja::Value,
+    path: &str,
+    budget: &mut Budget,
+) -> Result<(), RenderError> {
     let fail = |message: String| RenderError { path: path.to_owned(), message };
     let judge = |r: Result<(), minijinja::Error>| match r {
-        Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => {
-            Err(fail(format!("does not finish within {FUEL} steps of fuel (a loop?)")))
-        }
+        Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(fail(format!(
+            "does not finish within {FUEL} steps of fuel, which the whole transform shares (a loop?)"
+        ))),
         Err(e) if independent_of_data(&e) => Err(fail(format!("fails whatever the event: {e}"))),
         _ => Ok(()),
     };
     match v {
         Json::String(s) => match whole_expression(s) {
             Some(expr) => {
+                env.set_fuel(Some(budget.fuel.max(1)));
                 let compiled = env.compile_expression(expr).map_err(|e| fail(e.to_string()))?;
                 match compiled.eval(sample) {
                     // Too large even over the empty sample: too large for any event.
@@ -137,13 +185,20 @@ fn walk_check(env: &Environment<'static>, v: &Json, sample: &minijinja::Value, p
             }
             None => {
                 env.template_from_str(s).map_err(|e| fail(e.to_string()))?;
-                judge(render_leaf(env, s, sample, &mut MAX_OUTPUT.clone()).map(|_| ()))
+                // Output is not carried from leaf to leaf here: over the empty sample a leaf's
+                // output says little of an event's.
+                let mut leaf = Budget { fuel: budget.fuel, output: MAX_OUTPUT };
+                let judged = judge(render_leaf(env, s, sample, &mut leaf).map(|_| ()));
+                budget.fuel = leaf.fuel;
+                judged
             }
         },
         Json::Array(items) => {
-            items.iter().enumerate().try_for_each(|(i, v)| walk_check(env, v, sample, &format!("{path}[{i}]")))
+            items.iter().enumerate().try_for_each(|(i, v)| walk_check(env, v, sample, &format!("{path}[{i}]"), budget))
         }
-        Json::Object(map) => map.iter().try_for_each(|(k, v)| walk_check(env, v, sample, &format!("{path}.{k}"))),
+        Json::Object(map) => {
+            map.iter().try_for_each(|(k, v)| walk_check(env, v, sample, &format!("{path}.{k}"), budget))
+        }
         _ => Ok(()),
     }
 }
@@ -161,8 +216,8 @@ pub fn render(
         map.insert("vars".into(), serde_json::to_value(vars).map_err(|e| fail("vars", e.to_string()))?);
     }
     let ctx = minijinja::Value::deserialize(ctx).map_err(|e| fail("envelope", e.to_string()))?;
-    let env = environment();
-    let body = walk_render(&env, transform, &ctx, "transform", &mut MAX_OUTPUT.clone())?;
+    let mut env = environment();
+    let body = walk_render(&mut env, transform, &ctx, "transform", &mut Budget::new())?;
     let bytes = serde_json::to_vec(&body).map_err(|e| fail("transform", e.to_string()))?;
     if bytes.len() > MAX_OUTPUT {
         return Err(fail("transform", format!("renders {} bytes; at most {MAX_OUTPUT}", bytes.len())));
@@ -171,31 +226,28 @@ pub fn render(
 }
 
 fn walk_render(
-    env: &Environment<'static>,
+    env: &mut Environment<'static>,
     v: &Json,
     ctx: &minijinja::Value,
     path: &str,
-    left: &mut usize,
+    budget: &mut Budget,
 ) -> Result<Json, RenderError> {
     let fail = |e: String| RenderError { path: path.to_owned(), message: e };
     Ok(match v {
         Json::String(s) => match whole_expression(s) {
-            Some(expr) => {
-                let value = env.compile_expression(expr).and_then(|e| e.eval(ctx)).map_err(|e| fail(e.to_string()))?;
-                if value.is_undefined() { Json::Null } else { typed(&value, left).map_err(fail)? }
-            }
-            None => Json::String(render_leaf(env, s, ctx, left).map_err(|e| fail(e.to_string()))?),
+            Some(expr) => eval_leaf(env, expr, ctx, budget).map_err(fail)?.unwrap_or(Json::Null),
+            None => Json::String(render_leaf(env, s, ctx, budget).map_err(|e| fail(e.to_string()))?),
         },
         Json::Array(items) => Json::Array(
             items
                 .iter()
                 .enumerate()
-                .map(|(i, v)| walk_render(env, v, ctx, &format!("{path}[{i}]"), left))
+                .map(|(i, v)| walk_render(env, v, ctx, &format!("{path}[{i}]"), budget))
                 .collect::<Result<_, _>>()?,
         ),
         Json::Object(map) => Json::Object(
             map.iter()
-                .map(|(k, v)| Ok((k.clone(), walk_render(env, v, ctx, &format!("{path}.{k}"), left)?)))
+                .map(|(k, v)| Ok((k.clone(), walk_render(env, v, ctx, &format!("{path}.{k}"), budget)?)))
                 .collect::<Result<_, RenderError>>()?,
         ),
         other => other.clone(),
@@ -251,6 +303,37 @@ mod tests {
         let t = json!({"x": "{% for i in range(100000) %}{% for j in range(100000) %}.{% endfor %}{% endfor %}"});
         let err = render(&t, ENVELOPE, &vars()).unwrap_err();
         assert_eq!(err.path, "transform.x");
+    }
+
+    /// The fuel a loop of `n` empty turns spends, rendered alone.
+    fn fuel_of_a_loop(n: u64) -> u64 {
+        let env = environment();
+        let source = format!("{{% for i in range({n}) %}}{{% endfor %}}");
+        let t = env.template_from_str(&source).unwrap();
+        t.render_captured_to(minijinja::context! {}, std::io::sink()).unwrap().state().fuel_levels().unwrap().0
+    }
+
+    /// The fuel is the whole transform's: a leaf that spends three fifths of it renders alone,
+    /// but two such leaves do not, and fifty are refused at check, where each leaf on fuel of
+    /// its own let the transform spend fifty times as much on every delivery.
+    #[test]
+    fn the_leaves_of_a_transform_share_its_fuel() {
+        let per_turn = fuel_of_a_loop(1000) as f64 / 1000.0;
+        let n = (FUEL as f64 * 0.6 / per_turn) as u64;
+        let spent = fuel_of_a_loop(n);
+        assert!(spent > FUEL / 2 && spent < FUEL, "{n} turns spend {spent}");
+        let leaf = format!("{{% for i in range({n}) %}}{{% endfor %}}done");
+        let one = json!({ "a": leaf });
+        let v: Json = serde_json::from_slice(&render(&one, ENVELOPE, &vars()).unwrap()).unwrap();
+        assert_eq!(v["a"], "done");
+        check(&one, "t").unwrap();
+        let two = json!({ "a": leaf, "b": leaf });
+        let err = render(&two, ENVELOPE, &vars()).unwrap_err();
+        assert_eq!(err.path, "transform.b", "the second leaf finds the fuel spent");
+        assert!(err.message.contains("fuel"), "{}", err.message);
+        let fifty: serde_json::Map<String, Json> = (0..50).map(|i| (format!("k{i}"), json!(leaf))).collect();
+        let err = check(&Json::Object(fifty), "t").unwrap_err();
+        assert!(err.message.contains("fuel, which the whole transform shares"), "{}", err.message);
     }
 
     #[test]
