@@ -87,16 +87,23 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 
 /// An open session as the outbox sees it: its outbound queue, the credit its finished jobs gave
 /// back, and whether its control plane reads headers as JSON.
-type OpenSession = (mpsc::UnboundedSender<proto::AgentMessage>, Arc<AtomicU32>, bool);
+/// The open session's outbound queue, the credit its finished jobs gave back (see [`outbound`]),
+/// whether its control plane reads headers as JSON (`Welcome.headers_json`) and whether it
+/// acknowledges recorded results (`Welcome.acks_results`).
+type OpenSession = (mpsc::UnboundedSender<proto::AgentMessage>, Arc<AtomicU32>, bool, bool);
 
 /// Where results go: the open session, or a list kept for the next one.
 #[derive(Default)]
 struct Outbox {
-    /// The open session's outbound queue, the credit its finished jobs gave back (see
-    /// [`outbound`]) and whether its control plane reads headers as JSON (`Welcome.headers_json`).
-    /// Unbounded: it holds at most one result per job, and jobs are bounded by capacity.
+    /// The open session ([`OpenSession`]). Its queue is unbounded: it holds at most one result
+    /// per job, and jobs are bounded by capacity.
     current: Mutex<Option<OpenSession>>,
     unreported: Mutex<Vec<proto::AttemptResult>>,
+    /// Results sent to a control plane that acknowledges them, until it says they are recorded
+    /// (`ResultsRecorded`), by `seq`: those it never acknowledges go to the next session.
+    unacked: Mutex<std::collections::BTreeMap<u64, proto::AttemptResult>>,
+    /// The last `seq` given to a result.
+    seq: std::sync::atomic::AtomicU64,
     in_flight: AtomicU32,
     /// While draining, finished jobs give back no credit.
     draining: AtomicBool,
@@ -111,7 +118,7 @@ impl Outbox {
     fn report(&self, result: proto::AttemptResult) {
         let current = self.current.lock().expect("outbox lock");
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        let Some((tx, credit, headers_json)) = current.as_ref() else {
+        let Some((tx, credit, headers_json, acks)) = current.as_ref() else {
             // Kept under the lock a new session takes them with when it opens
             // ([`Outbox::open`]): a result is either taken then or finds the session.
             self.unreported.lock().expect("outbox lock").push(result);
@@ -124,11 +131,37 @@ impl Outbox {
         }
         // An attempt made during an earlier session may have written its headers for a control
         // plane of another version.
-        let result = if *headers_json { result } else { with_header_maps(result) };
+        let mut result = if *headers_json { result } else { with_header_maps(result) };
+        if *acks {
+            self.keep_until_recorded(&mut result);
+        }
         if let Err(e) = tx.send(message(agent_message::Msg::Result(result)))
             && let Some(agent_message::Msg::Result(r)) = e.0.msg
         {
+            self.unacked.lock().expect("outbox lock").remove(&r.seq);
             self.unreported.lock().expect("outbox lock").push(r);
+        }
+    }
+
+    /// Numbers `result` (unless it has its number from an earlier session) and keeps a copy
+    /// until its control plane says it is recorded.
+    fn keep_until_recorded(&self, result: &mut proto::AttemptResult) {
+        self.number(result);
+        self.unacked.lock().expect("outbox lock").insert(result.seq, result.clone());
+    }
+
+    /// Gives `result` a `seq`, unless it has one.
+    fn number(&self, result: &mut proto::AttemptResult) {
+        if result.seq == 0 {
+            result.seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        }
+    }
+
+    /// The control plane recorded these results.
+    fn recorded(&self, seqs: &[u64]) {
+        let mut unacked = self.unacked.lock().expect("outbox lock");
+        for seq in seqs {
+            unacked.remove(seq);
         }
     }
 
@@ -148,16 +181,23 @@ impl Outbox {
     /// it, and their deliveries sent again once their leases expired). Called once the session
     /// is no longer current and its own sender is gone, so nothing is being queued meanwhile;
     /// the queue is closed, so nothing is queued after. Returns how many.
+    ///
+    /// Results sent but not acknowledged as recorded go with them: the control plane may have
+    /// died, or the connection broken, before it wrote them.
     fn keep_unsent(&self, queue: &Queue) -> usize {
         let mut rx = queue.lock().expect("queue lock");
         rx.close();
+        let mut unacked = self.unacked.lock().expect("outbox lock");
         let mut unreported = self.unreported.lock().expect("outbox lock");
         let before = unreported.len();
         while let Ok(m) = rx.try_recv() {
-            if let Some(agent_message::Msg::Result(r)) = m.msg {
+            if let Some(agent_message::Msg::Result(r)) = m.msg
+                && !unacked.contains_key(&r.seq)
+            {
                 unreported.push(r);
             }
         }
+        unreported.extend(std::mem::take(&mut *unacked).into_values());
         unreported.len() - before
     }
 }
@@ -371,7 +411,11 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     let (tx, rx) = mpsc::unbounded_channel();
     let queue: Queue = Arc::new(Mutex::new(rx));
     let credit = Arc::new(AtomicU32::new(0));
-    let pending = std::mem::take(&mut *agent.outbox.unreported.lock().expect("outbox lock"));
+    let mut pending = std::mem::take(&mut *agent.outbox.unreported.lock().expect("outbox lock"));
+    // Numbered for a control plane that acknowledges them.
+    for result in &mut pending {
+        agent.outbox.number(result);
+    }
     let hello = proto::Hello {
         agent_id: agent.id.clone(),
         zone: agent.args.zone.clone(),
@@ -411,11 +455,19 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
         .unwrap_or(Duration::from_secs(10));
     let body_limit = welcome.response_body_limit.max(1) as usize;
     let headers_json = welcome.headers_json;
+    let acks = welcome.acks_results;
     tracing::info!(%endpoint, zone = %agent.args.zone, agent = %agent.id, "session open");
-    let (free, kept) = agent.outbox.open((tx.clone(), credit, headers_json), capacity);
+    if acks {
+        // The hello's results are kept until they are recorded too.
+        agent.outbox.unacked.lock().expect("outbox lock").extend(pending.into_iter().map(|r| (r.seq, r)));
+    }
+    let (free, kept) = agent.outbox.open((tx.clone(), credit, headers_json, acks), capacity);
     // Jobs that finished after the hello was built: their credit is in `free` already.
     for result in kept {
-        let result = if headers_json { result } else { with_header_maps(result) };
+        let mut result = if headers_json { result } else { with_header_maps(result) };
+        if acks {
+            agent.outbox.keep_until_recorded(&mut result);
+        }
         let _ = tx.send(message(agent_message::Msg::Result(result)));
     }
     agent.ready.store(true, Ordering::SeqCst);
@@ -456,6 +508,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
                                 a.outbox.report(result);
                             });
                         }
+                        Some(control_message::Msg::Recorded(r)) => agent.outbox.recorded(&r.seqs),
                         Some(control_message::Msg::Drain(d)) => {
                             tracing::info!(reason = %d.reason, "drain requested by the control plane");
                             draining = true;
@@ -496,12 +549,21 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     if matches!(end, Ok(End::Drained)) {
         // Let the last results leave before the stream closes: the control plane ends the
         // stream once it has read everything we sent.
-        still_sending =
-            tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = inbound.message().await {} })
-                .await
-                .is_err();
+        // It also tells which of them it recorded.
+        let read = async {
+            while let Ok(Some(m)) = inbound.message().await {
+                if let Some(control_message::Msg::Recorded(r)) = m.msg {
+                    agent.outbox.recorded(&r.seqs);
+                }
+            }
+        };
+        still_sending = tokio::time::timeout(Duration::from_secs(5), read).await.is_err();
     }
-    if !still_sending {
+    if still_sending {
+        // Its results are left to the connection, as with a control plane that does not
+        // acknowledge them.
+        agent.outbox.unacked.lock().expect("outbox lock").clear();
+    } else {
         let kept = agent.outbox.keep_unsent(&queue);
         if kept > 0 {
             tracing::info!(results = kept, "results the session did not carry are kept for the next one");
@@ -575,7 +637,7 @@ mod tests {
         outbox.report(finished("during-the-handshake"));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let credit = Arc::new(AtomicU32::new(0));
-        let (free, kept) = outbox.open((tx, credit.clone(), true), 4);
+        let (free, kept) = outbox.open((tx, credit.clone(), true, false), 4);
         assert_eq!(free, 3, "the finished job's room is free");
         assert_eq!(kept.iter().map(|r| r.lease_id.as_str()).collect::<Vec<_>>(), ["during-the-handshake"]);
         assert!(outbox.unreported.lock().unwrap().is_empty(), "nothing is left for a later session");
@@ -638,7 +700,7 @@ mod tests {
         let credit = Arc::new(AtomicU32::new(0));
         let outbox = Arc::new(Outbox::default());
         outbox.in_flight.store(2, Ordering::SeqCst);
-        *outbox.current.lock().unwrap() = Some((tx, credit.clone(), true));
+        *outbox.current.lock().unwrap() = Some((tx, credit.clone(), true, false));
         let mut out = Box::pin(outbound(Arc::new(Mutex::new(rx)), credit));
         assert!(futures::poll!(out.next()).is_pending(), "nothing to send yet");
         let reporter = outbox.clone();
@@ -667,7 +729,7 @@ mod tests {
         outbox.in_flight.store(3, Ordering::SeqCst);
         // A sender the queue outlives (the session's own, or one a late caller holds).
         let late = tx.clone();
-        *outbox.current.lock().unwrap() = Some((tx, Arc::new(AtomicU32::new(0)), true));
+        *outbox.current.lock().unwrap() = Some((tx, Arc::new(AtomicU32::new(0)), true, false));
         let mut out = Box::pin(outbound(queue.clone(), Arc::new(AtomicU32::new(0))));
         let result = |attempt| proto::AttemptResult { attempt, ..Default::default() };
         outbox.report(result(1));
@@ -689,6 +751,44 @@ mod tests {
         assert_eq!(outbox.keep_unsent(&queue), 0);
     }
 
+    /// With a control plane that acknowledges results, a result the stream took is kept until
+    /// it is acknowledged as recorded: one the control plane received but never recorded (it
+    /// died first) goes to the next session under the same `seq`, one it recorded does not, and
+    /// one still queued is kept once, not twice.
+    #[tokio::test]
+    async fn results_sent_but_not_recorded_are_kept_for_the_next_session() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue: Queue = Arc::new(Mutex::new(rx));
+        let outbox = Outbox::default();
+        outbox.in_flight.store(3, Ordering::SeqCst);
+        *outbox.current.lock().unwrap() = Some((tx, Arc::new(AtomicU32::new(0)), true, true));
+        let mut out = Box::pin(outbound(queue.clone(), Arc::new(AtomicU32::new(0))));
+        let result = |attempt| proto::AttemptResult { attempt, ..Default::default() };
+        for attempt in 1..=3 {
+            outbox.report(result(attempt));
+        }
+        let mut seqs = Vec::new();
+        for _ in 0..2 {
+            match out.next().await.unwrap().msg {
+                Some(agent_message::Msg::Result(r)) => seqs.push((r.attempt, r.seq)),
+                other => panic!("a result: {other:?}"),
+            }
+        }
+        assert_eq!(seqs.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2]);
+        assert!(seqs[0].1 != 0 && seqs[1].1 != 0 && seqs[0].1 != seqs[1].1, "numbered: {seqs:?}");
+        // The first is recorded; the second was taken by the stream and never acknowledged; the
+        // third never left the queue.
+        outbox.recorded(&[seqs[0].1]);
+        *outbox.current.lock().unwrap() = None;
+        assert_eq!(outbox.keep_unsent(&queue), 2);
+        let mut kept: Vec<(u32, u64)> = outbox.unreported.lock().unwrap().iter().map(|r| (r.attempt, r.seq)).collect();
+        kept.sort_unstable();
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept[0], seqs[1], "the unacknowledged result, under its number");
+        assert_eq!(kept[1].0, 3, "the queued one, once");
+        assert!(outbox.unacked.lock().unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn results_go_out_with_the_headers_form_their_session_reads() {
         let headed = || proto::AttemptResult {
@@ -700,7 +800,7 @@ mod tests {
             let (tx, mut rx) = mpsc::unbounded_channel();
             let outbox = Outbox::default();
             outbox.in_flight.store(1, Ordering::SeqCst);
-            *outbox.current.lock().unwrap() = Some((tx, Arc::new(AtomicU32::new(0)), headers_json));
+            *outbox.current.lock().unwrap() = Some((tx, Arc::new(AtomicU32::new(0)), headers_json, false));
             outbox.report(headed());
             let Some(agent_message::Msg::Result(r)) = rx.recv().await.unwrap().msg else { panic!("a result") };
             if headers_json {

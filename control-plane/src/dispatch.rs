@@ -224,6 +224,8 @@ impl EventCache {
 
 /// A result as it arrived, waiting for the result writer.
 struct Arrived {
+    /// The session it came on, which is told once it is recorded (`ResultsRecorded`).
+    session: u64,
     agent_id: String,
     zone: String,
     result: proto::AttemptResult,
@@ -401,9 +403,10 @@ impl Dispatcher {
     }
 
     /// Waits (at most 10 s) until every result queued so far is recorded; false if it was not.
-    async fn flush_results(&self) -> bool {
+    pub async fn flush_results(&self) -> bool {
         let (flushed, done) = tokio::sync::oneshot::channel();
         let marker = Arrived {
+            session: 0,
             agent_id: String::new(),
             zone: String::new(),
             result: Default::default(),
@@ -585,6 +588,7 @@ impl Dispatcher {
             heartbeat_interval: Some(prost_types::Duration { seconds: HEARTBEAT.as_secs() as i64, nanos: 0 }),
             response_body_limit: self.inner.response_body_limit,
             headers_json: true,
+            acks_results: true,
         };
         (session, welcome)
     }
@@ -640,7 +644,7 @@ impl Dispatcher {
                 None => return,
             }
         };
-        let _ = self.inner.results.send(Arrived { agent_id, zone, result, flushed: None }).await;
+        let _ = self.inner.results.send(Arrived { session, agent_id, zone, result, flushed: None }).await;
     }
 
     /// The session ended: its leases go back to the queue at once, without using an attempt —
@@ -1412,6 +1416,26 @@ impl Dispatcher {
         unsent
     }
 
+    /// Tells each session which of its results (by `seq`) are now recorded: its agent keeps them
+    /// no longer. A session whose stream is full or gone is not told, and its agent sends them
+    /// again in its next hello (recorded twice, the second time as a stale attempt).
+    fn acknowledge(&self, acks: Vec<(u64, u64)>) {
+        if acks.is_empty() {
+            return;
+        }
+        let mut by_session: HashMap<u64, Vec<u64>> = HashMap::new();
+        for (session, seq) in acks {
+            by_session.entry(session).or_default().push(seq);
+        }
+        let state = self.inner.state.lock().expect("dispatcher lock");
+        for (session, seqs) in by_session {
+            if let Some(s) = state.sessions.get(&session) {
+                let recorded = control_message::Msg::Recorded(proto::ResultsRecorded { seqs });
+                let _ = s.tx.try_send(Ok(proto::ControlMessage { msg: Some(recorded) }));
+            }
+        }
+    }
+
     async fn result_loop(self, mut rx: mpsc::Receiver<Arrived>) {
         let done = self.inner.results_done.clone();
         let mut buf = Vec::with_capacity(RESULT_BATCH);
@@ -1441,6 +1465,8 @@ impl Dispatcher {
                 continue;
             }
             let leases: Vec<String> = batch.iter().map(|a| a.result.lease_id.clone()).collect();
+            let acks: Vec<(u64, u64)> =
+                batch.iter().filter(|a| a.result.seq != 0).map(|a| (a.session, a.result.seq)).collect();
             let delivery_ids: Vec<String> = batch.iter().map(|a| a.result.delivery_id.clone()).collect();
             let metrics = &self.inner.metrics;
             // Each lease's webhook and request body (`None` for a lease this replica did not give).
@@ -1476,6 +1502,7 @@ impl Dispatcher {
             let mut due_now = false;
             match self.inner.store.record_results(reports, now, &self.inner.policy).await {
                 Ok(applied) => {
+                    self.acknowledge(acks);
                     self.count_outcomes(&applied);
                     for a in applied {
                         match a {

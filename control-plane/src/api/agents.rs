@@ -114,7 +114,12 @@ impl AgentService for AgentApi {
                                 _ => {}
                             }
                         }
-                        Ok(None) => break,
+                        // The agent has sent everything: its results are recorded, and it is told
+                        // so, before its session ends (it keeps those it is not told of).
+                        Ok(None) => {
+                            dispatcher.flush_results().await;
+                            break;
+                        }
                         Err(e) => {
                             tracing::info!(agent = %welcome.agent_id, error = %e, "agent session broke");
                             break;

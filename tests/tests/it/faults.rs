@@ -954,6 +954,12 @@ async fn a_control_plane_sigtermed_under_load_records_its_agents_last_results(ba
         (0, Some(0.0)),
         "every result the agent reported was recorded: nothing sent twice, no lease expired"
     );
+    // Each result was acknowledged as recorded before the drained session ended: none was sent
+    // again to the successor (where it would be logged a second time, as stale).
+    let conn = db.connect().await;
+    let stale = attempt::Entity::find().filter(attempt::Column::Stale.eq(true)).count(&conn).await.unwrap();
+    assert_eq!(stale, 0, "results recorded twice");
+    conn.close().await.ok();
 }
 
 /// A control plane SIGTERMed while its agent holds a job longer than `--agent-drain-timeout`
@@ -1122,6 +1128,63 @@ async fn refused_writes_do_not_spin_the_dispatcher() {
     assert_eq!(d.attempt_count, 1);
     conn.close().await.ok();
     cp.stop().await;
+}
+
+/// A result the control plane received but had not yet written when it was SIGKILLed is not
+/// lost: the agent keeps each result until the control plane acknowledges it as recorded, and
+/// sends it again in its next hello. The delivery is settled by it, sent once. (Before, the agent
+/// forgot a result once its stream took it: the delivery stayed in flight until its lease
+/// expired, 40 s here, and was then sent again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_received_but_not_written_when_the_control_plane_dies_is_sent_again() {
+    use sea_orm::ConnectionTrait;
+    let ca = TestCa::new();
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut cp = ControlPlaneProcess::start(&db.url, &[]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
+    cp.wait_agents(&["agent-1"]).await;
+    let r = Receiver::https(&ca).await;
+    create(&cp, webhook("answered", &r.url("/"), &["*"])).await;
+    // Writing attempts now takes 3 s: the result is received, and its write under way, when the
+    // control plane dies.
+    let conn = db.connect().await;
+    conn.execute_unprepared(
+        "CREATE FUNCTION slow_attempts() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
+         CREATE TRIGGER slow_attempts BEFORE INSERT ON attempts FOR EACH STATEMENT EXECUTE FUNCTION slow_attempts()",
+    )
+    .await
+    .unwrap();
+    let e = crate::pipeline::publish(&cp, "task.completed", "{}").await;
+    r.wait_for(1, WAIT).await;
+    let writing = async {
+        loop {
+            let busy = conn
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+                ))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get::<i64>("", "n")
+                .unwrap();
+            if busy > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, writing).await.expect("the result's write begins");
+    cp.kill_and_restart().await;
+    conn.execute_unprepared("DROP TRIGGER slow_attempts ON attempts").await.unwrap();
+    let d = crate::pipeline::settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count, d.lost_leases), (delivery::status::SUCCEEDED, 1, 0), "{d:?}");
+    let log = crate::pipeline::attempts_of(&db, &d.id).await;
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert!(!log[0].stale, "recorded under its lease");
+    assert_eq!(r.requests().len(), 1, "sent once");
+    conn.close().await.ok();
 }
 
 /// A publish whose caller goes away before the write commits still tells watchers of the
