@@ -100,8 +100,9 @@ struct Outbox {
     current: Mutex<Option<OpenSession>>,
     unreported: Mutex<Vec<proto::AttemptResult>>,
     /// Results sent to a control plane that acknowledges them, until it says they are recorded
-    /// (`ResultsRecorded`), by `seq`: those it never acknowledges go to the next session.
-    unacked: Mutex<std::collections::BTreeMap<u64, proto::AttemptResult>>,
+    /// (`ResultsRecorded`), by `seq`, with when each was kept: those it never acknowledges go to
+    /// the next session. Bounded ([`UNACKED_MAX`], [`UNACKED_FOR`]).
+    unacked: Mutex<std::collections::BTreeMap<u64, (Instant, proto::AttemptResult)>>,
     /// The last `seq` given to a result.
     seq: std::sync::atomic::AtomicU64,
     in_flight: AtomicU32,
@@ -147,7 +148,17 @@ impl Outbox {
     /// until its control plane says it is recorded.
     fn keep_until_recorded(&self, result: &mut proto::AttemptResult) {
         self.number(result);
-        self.unacked.lock().expect("outbox lock").insert(result.seq, result.clone());
+        let mut unacked = self.unacked.lock().expect("outbox lock");
+        unacked.insert(result.seq, (Instant::now(), result.clone()));
+        // Copies are kept for as long as they can help: a result sent again after its lease
+        // expired is only logged as stale, and a control plane that stops acknowledging (its
+        // writes fail) must not make the agent hold every result it ever sent. The oldest go
+        // first; seqs grow with time.
+        while unacked.len() > UNACKED_MAX
+            || unacked.first_key_value().is_some_and(|(_, (at, _))| at.elapsed() > UNACKED_FOR)
+        {
+            unacked.pop_first();
+        }
     }
 
     /// Gives `result` a `seq`, unless it has one.
@@ -159,6 +170,9 @@ impl Outbox {
 
     /// The control plane recorded these results.
     fn recorded(&self, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
         let mut unacked = self.unacked.lock().expect("outbox lock");
         for seq in seqs {
             unacked.remove(seq);
@@ -197,7 +211,7 @@ impl Outbox {
                 unreported.push(r);
             }
         }
-        unreported.extend(std::mem::take(&mut *unacked).into_values());
+        unreported.extend(std::mem::take(&mut *unacked).into_values().map(|(_, r)| r));
         unreported.len() - before
     }
 }
@@ -215,12 +229,35 @@ fn with_header_maps(mut result: proto::AttemptResult) -> proto::AttemptResult {
     result
 }
 
+/// How many of `results`, from the first, fit in `max` bytes encoded.
+fn fitting(results: &[proto::AttemptResult], max: usize) -> usize {
+    use prost::Message as _;
+    let mut total = 0;
+    results
+        .iter()
+        .take_while(|r| {
+            total += r.encoded_len() + 8;
+            total <= max
+        })
+        .count()
+}
+
 fn message(msg: agent_message::Msg) -> proto::AgentMessage {
     proto::AgentMessage { msg: Some(msg) }
 }
 
 /// Credit given back is sent before other messages once this much has gathered.
 const CREDIT_FLUSH: u32 = 32;
+
+/// Most results kept until their control plane acknowledges them: far more than a few batches'
+/// worth, which is all a working control plane leaves unacknowledged.
+const UNACKED_MAX: usize = 4096;
+/// Longest a result is kept until acknowledged: past the longest lease (a 60 s timeout plus the
+/// default 10 s grace), a result sent again is only logged as stale.
+const UNACKED_FOR: Duration = Duration::from_secs(90);
+/// The most result bytes a hello carries (the control plane refuses messages past 16 MiB):
+/// results kept past it are dropped, and their leases expire.
+const HELLO_RESULTS_MAX: usize = 8 << 20;
 
 /// A session's outbound queue, shared by its stream and the session: what the stream has not
 /// taken when the session ends (the connection died first) was never sent, and its results are
@@ -360,7 +397,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     let _ = tokio::time::timeout(agent.args.drain_timeout, agent.jobs.wait()).await;
     let lost = agent.outbox.unreported.lock().expect("outbox lock").len();
     if lost > 0 {
-        tracing::warn!(results = lost, "exiting with results no control plane took; their leases will expire");
+        tracing::warn!(
+            results = lost,
+            "exiting with results no control plane acknowledged; those it did not record have their leases expire"
+        );
     }
     tracing::info!("agent stopped");
     stopped.cancel();
@@ -416,6 +456,14 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     for result in &mut pending {
         agent.outbox.number(result);
     }
+    let fits = fitting(&pending, HELLO_RESULTS_MAX);
+    if fits < pending.len() {
+        tracing::warn!(
+            results = pending.len() - fits,
+            "more results kept than a hello carries; the rest are dropped and their leases will expire"
+        );
+        pending.truncate(fits);
+    }
     let hello = proto::Hello {
         agent_id: agent.id.clone(),
         zone: agent.args.zone.clone(),
@@ -459,7 +507,8 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     tracing::info!(%endpoint, zone = %agent.args.zone, agent = %agent.id, "session open");
     if acks {
         // The hello's results are kept until they are recorded too.
-        agent.outbox.unacked.lock().expect("outbox lock").extend(pending.into_iter().map(|r| (r.seq, r)));
+        let now = Instant::now();
+        agent.outbox.unacked.lock().expect("outbox lock").extend(pending.into_iter().map(|r| (r.seq, (now, r))));
     }
     let (free, kept) = agent.outbox.open((tx.clone(), credit, headers_json, acks), capacity);
     // Jobs that finished after the hello was built: their credit is in `free` already.
@@ -560,9 +609,10 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
         still_sending = tokio::time::timeout(Duration::from_secs(5), read).await.is_err();
     }
     if still_sending {
-        // Its results are left to the connection, as with a control plane that does not
-        // acknowledge them.
-        agent.outbox.unacked.lock().expect("outbox lock").clear();
+        // Queued results are left to the connection; those it sent but was not told are recorded
+        // go to the next session (at worst logged twice, the second time as stale).
+        let unacked = std::mem::take(&mut *agent.outbox.unacked.lock().expect("outbox lock"));
+        agent.outbox.unreported.lock().expect("outbox lock").extend(unacked.into_values().map(|(_, r)| r));
     } else {
         let kept = agent.outbox.keep_unsent(&queue);
         if kept > 0 {
@@ -787,6 +837,33 @@ mod tests {
         assert_eq!(kept[0], seqs[1], "the unacknowledged result, under its number");
         assert_eq!(kept[1].0, 3, "the queued one, once");
         assert!(outbox.unacked.lock().unwrap().is_empty());
+    }
+
+    /// A control plane that stops acknowledging (its writes fail) does not make the agent keep
+    /// every result it sends: past [`UNACKED_MAX`] the oldest copies go.
+    #[test]
+    fn copies_kept_until_recorded_are_bounded() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let outbox = Outbox::default();
+        *outbox.current.lock().unwrap() = Some((tx, Arc::new(AtomicU32::new(0)), true, true));
+        let n = UNACKED_MAX as u32 + 10;
+        outbox.in_flight.store(n, Ordering::SeqCst);
+        for attempt in 1..=n {
+            outbox.report(proto::AttemptResult { attempt, ..Default::default() });
+        }
+        let unacked = outbox.unacked.lock().unwrap();
+        assert_eq!(unacked.len(), UNACKED_MAX);
+        assert_eq!(unacked.first_key_value().unwrap().1.1.attempt, 11, "the oldest went first");
+    }
+
+    /// A hello carries the results kept that fit in its budget, first first.
+    #[test]
+    fn a_hello_carries_what_fits() {
+        let big = |attempt| proto::AttemptResult { attempt, response_body: vec![7; 1000], ..Default::default() };
+        let results: Vec<_> = (1..=10).map(big).collect();
+        assert_eq!(fitting(&results, usize::MAX), 10);
+        assert_eq!(fitting(&results, 3500), 3);
+        assert_eq!(fitting(&results, 10), 0);
     }
 
     #[tokio::test]

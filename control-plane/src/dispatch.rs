@@ -72,6 +72,9 @@ struct Session {
     /// and asked it to): it gets nothing more.
     draining: bool,
     tx: Outbound,
+    /// Seqs of results recorded that its stream had no room to acknowledge yet: they go with the
+    /// next acknowledgement.
+    unacked: Vec<u64>,
 }
 
 impl Session {
@@ -577,6 +580,7 @@ impl Dispatcher {
                 connected_at: now_millis(),
                 draining: false,
                 tx,
+                unacked: Vec::new(),
             },
         );
         // Queued under the lock, so that the table sees opens and closes in the order they happened.
@@ -1417,8 +1421,9 @@ impl Dispatcher {
     }
 
     /// Tells each session which of its results (by `seq`) are now recorded: its agent keeps them
-    /// no longer. A session whose stream is full or gone is not told, and its agent sends them
-    /// again in its next hello (recorded twice, the second time as a stale attempt).
+    /// no longer. A session whose stream is full is told with its next acknowledgement; one that
+    /// is gone is not told, and its agent sends them again in its next hello (recorded twice, the
+    /// second time as a stale attempt).
     fn acknowledge(&self, acks: Vec<(u64, u64)>) {
         if acks.is_empty() {
             return;
@@ -1427,11 +1432,18 @@ impl Dispatcher {
         for (session, seq) in acks {
             by_session.entry(session).or_default().push(seq);
         }
-        let state = self.inner.state.lock().expect("dispatcher lock");
+        let mut state = self.inner.state.lock().expect("dispatcher lock");
         for (session, seqs) in by_session {
-            if let Some(s) = state.sessions.get(&session) {
-                let recorded = control_message::Msg::Recorded(proto::ResultsRecorded { seqs });
-                let _ = s.tx.try_send(Ok(proto::ControlMessage { msg: Some(recorded) }));
+            if let Some(s) = state.sessions.get_mut(&session) {
+                let mut all = std::mem::take(&mut s.unacked);
+                all.extend(seqs);
+                let recorded = control_message::Msg::Recorded(proto::ResultsRecorded { seqs: all });
+                if let Err(mpsc::error::TrySendError::Full(Ok(m))) =
+                    s.tx.try_send(Ok(proto::ControlMessage { msg: Some(recorded) }))
+                    && let Some(control_message::Msg::Recorded(r)) = m.msg
+                {
+                    s.unacked = r.seqs;
+                }
             }
         }
     }

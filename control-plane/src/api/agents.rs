@@ -117,6 +117,8 @@ impl AgentService for AgentApi {
                         // The agent has sent everything: its results are recorded, and it is told
                         // so, before its session ends (it keeps those it is not told of).
                         Ok(None) => {
+                            // It reads no more jobs: none is sent to it meanwhile.
+                            dispatcher.drain(session);
                             dispatcher.flush_results().await;
                             break;
                         }

@@ -260,9 +260,12 @@ fn object_or_empty(json: String) -> String {
     if json.is_empty() { "{}".to_owned() } else { json }
 }
 
+/// The first `limit` bytes of a response body as text for the log: invalid UTF-8 replaced, and
+/// NUL too (PostgreSQL text refuses it, and one binary body would fail its whole result batch).
 fn truncate(body: &[u8], limit: usize) -> String {
     let cut = &body[..body.len().min(limit)];
-    String::from_utf8_lossy(cut).into_owned()
+    let text = String::from_utf8_lossy(cut);
+    if text.contains('\0') { text.replace('\0', "\u{FFFD}") } else { text.into_owned() }
 }
 
 impl Store {

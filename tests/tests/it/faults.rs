@@ -1162,7 +1162,8 @@ async fn a_result_received_but_not_written_when_the_control_plane_dies_is_sent_a
             let busy = conn
                 .query_one_raw(sea_orm::Statement::from_string(
                     sea_orm::DbBackend::Postgres,
-                    "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                     WHERE wait_event = 'PgSleep' AND query ILIKE '%insert into%attempts%'",
                 ))
                 .await
                 .unwrap()
@@ -1185,6 +1186,34 @@ async fn a_result_received_but_not_written_when_the_control_plane_dies_is_sent_a
     assert!(!log[0].stale, "recorded under its lease");
     assert_eq!(r.requests().len(), 1, "sent once");
     conn.close().await.ok();
+}
+
+/// A response body holding a NUL byte (a binary answer) is logged with the NUL replaced: on
+/// PostgreSQL, whose text refuses NUL, it used to fail the write of its whole batch of results,
+/// and every delivery in it stayed in flight until its lease expired and was sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_response_body_is_logged_and_its_batch_recorded() {
+    use crate::support::HandAgent;
+    use herald_control_plane::config::AgentToken;
+    const TOKEN: &str = "agent-token-for-binary-answers-000";
+    let (cp, db) = crate::support::start_with(Backend::Postgres, |c| {
+        c.agent_tokens = vec![AgentToken { token: TOKEN.into(), zones: None }];
+    })
+    .await;
+    let w = webhook("binary", "https://receiver.invalid/hook", &["*"]);
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
+    let mut agent = HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
+    agent.credit(1);
+    let e = proto::PublishEventRequest { event: Some(event("task.completed", "{}")) };
+    let e = cp.events().publish_event(e).await.unwrap().into_inner();
+    let job = agent.job(WAIT).await.expect("the job comes");
+    agent.report(proto::AttemptResult { response_body: b"ok\0\x01bin".to_vec(), ..answered(&job) });
+    let d = crate::pipeline::settled(&db, &e.id).await.remove(0);
+    assert_eq!((d.status, d.attempt_count), (delivery::status::SUCCEEDED, 1));
+    let log = crate::pipeline::attempts_of(&db, &d.id).await;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].response_body, "ok\u{FFFD}\u{1}bin");
+    cp.stop().await;
 }
 
 /// A publish whose caller goes away before the write commits still tells watchers of the
