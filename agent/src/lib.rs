@@ -86,10 +86,8 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// An open session as the outbox sees it: its outbound queue, the credit its finished jobs gave
-/// back, and whether its control plane reads headers as JSON.
-/// The open session's outbound queue, the credit its finished jobs gave back (see [`outbound`]),
-/// whether its control plane reads headers as JSON (`Welcome.headers_json`) and whether it
-/// acknowledges recorded results (`Welcome.acks_results`).
+/// back (see [`outbound`]), whether its control plane reads headers as JSON
+/// (`Welcome.headers_json`) and whether it acknowledges recorded results (`Welcome.acks_results`).
 type OpenSession = (mpsc::UnboundedSender<proto::AgentMessage>, Arc<AtomicU32>, bool, bool);
 
 /// Where results go: the open session, or a list kept for the next one.
@@ -211,7 +209,7 @@ impl Outbox {
                 unreported.push(r);
             }
         }
-        unreported.extend(std::mem::take(&mut *unacked).into_values().map(|(_, r)| r));
+        unreported.extend(take_unacked(&mut unacked));
         unreported.len() - before
     }
 }
@@ -227,6 +225,14 @@ fn with_header_maps(mut result: proto::AttemptResult) -> proto::AttemptResult {
         result.response_headers = to_map(&std::mem::take(&mut result.response_headers_json));
     }
     result
+}
+
+/// Takes the copies kept until recorded that can still help: those kept for less than
+/// [`UNACKED_FOR`] (an older one's lease has expired; sent again, it would only be stale).
+fn take_unacked(
+    unacked: &mut std::collections::BTreeMap<u64, (Instant, proto::AttemptResult)>,
+) -> Vec<proto::AttemptResult> {
+    std::mem::take(unacked).into_values().filter(|(at, _)| at.elapsed() <= UNACKED_FOR).map(|(_, r)| r).collect()
 }
 
 /// How many of `results`, from the first, fit in `max` bytes encoded.
@@ -611,8 +617,8 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     if still_sending {
         // Queued results are left to the connection; those it sent but was not told are recorded
         // go to the next session (at worst logged twice, the second time as stale).
-        let unacked = std::mem::take(&mut *agent.outbox.unacked.lock().expect("outbox lock"));
-        agent.outbox.unreported.lock().expect("outbox lock").extend(unacked.into_values().map(|(_, r)| r));
+        let unacked = take_unacked(&mut agent.outbox.unacked.lock().expect("outbox lock"));
+        agent.outbox.unreported.lock().expect("outbox lock").extend(unacked);
     } else {
         let kept = agent.outbox.keep_unsent(&queue);
         if kept > 0 {
