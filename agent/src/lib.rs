@@ -616,7 +616,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &str, shutdown: &CancellationToke
     }
     if still_sending {
         // Queued results are left to the connection; those it sent but was not told are recorded
-        // go to the next session (at worst logged twice, the second time as stale).
+        // go to the next session (a control plane that recorded them logs them once).
         let unacked = take_unacked(&mut agent.outbox.unacked.lock().expect("outbox lock"));
         agent.outbox.unreported.lock().expect("outbox lock").extend(unacked);
     } else {

@@ -229,6 +229,8 @@ impl EventCache {
 struct Arrived {
     /// The session it came on, which is told once it is recorded (`ResultsRecorded`).
     session: u64,
+    /// It came in the session's hello, kept from an earlier session.
+    kept: bool,
     agent_id: String,
     zone: String,
     result: proto::AttemptResult,
@@ -410,6 +412,7 @@ impl Dispatcher {
         let (flushed, done) = tokio::sync::oneshot::channel();
         let marker = Arrived {
             session: 0,
+            kept: false,
             agent_id: String::new(),
             zone: String::new(),
             result: Default::default(),
@@ -648,7 +651,8 @@ impl Dispatcher {
                 None => return,
             }
         };
-        let _ = self.inner.results.send(Arrived { session, agent_id, zone, result, flushed: None }).await;
+        let arrived = Arrived { session, kept: !live, agent_id, zone, result, flushed: None };
+        let _ = self.inner.results.send(arrived).await;
     }
 
     /// The session ended: its leases go back to the queue at once, without using an attempt —
@@ -1422,8 +1426,8 @@ impl Dispatcher {
 
     /// Tells each session which of its results (by `seq`) are now recorded: its agent keeps them
     /// no longer. A session whose stream is full is told with its next acknowledgement; one that
-    /// is gone is not told, and its agent sends them again in its next hello (recorded twice, the
-    /// second time as a stale attempt).
+    /// is gone is not told, and its agent sends them again in its next hello (recognised then, and
+    /// logged once: `store::queue::logged_attempts`).
     fn acknowledge(&self, acks: Vec<(u64, u64)>) {
         if acks.is_empty() {
             return;
@@ -1661,6 +1665,7 @@ fn report(a: Arrived, request_body: Option<String>) -> AttemptReport {
         request_body,
         not_sent: r.not_sent,
         retry_after_ms: r.retry_after.map(|d| ms(d.seconds, d.nanos)),
+        kept: a.kept,
     }
 }
 

@@ -155,6 +155,9 @@ pub struct AttemptReport {
     pub not_sent: bool,
     /// `Retry-After` of a 429 or 503 answer, in ms from `now`.
     pub retry_after_ms: Option<i64>,
+    /// Reported in a hello: kept by the agent from an earlier session, which may have recorded it
+    /// already (its acknowledgement lost). Such a report is logged once ([`logged_attempts`]).
+    pub kept: bool,
 }
 
 /// Leases taken back, and what the attempts counted for lost leases did.
@@ -712,7 +715,8 @@ impl Store {
                         }
                         rows = read.all(txn).await?.into_iter().map(|d| (d.id.clone(), d)).collect();
                     }
-                    let mut attempts = Vec::with_capacity(reports.len());
+                    let logged_before = logged_attempts(txn, &reports, &rows, &fast).await?;
+                    let mut attempts: Vec<attempt::Model> = Vec::with_capacity(reports.len());
                     let mut applied = Vec::with_capacity(reports.len());
                     for (i, r) in reports.iter().enumerate() {
                         if fast(i, r)
@@ -731,7 +735,14 @@ impl Store {
                         let current =
                             d.status == status::IN_FLIGHT && d.lease_id.as_deref() == Some(r.lease_id.as_str());
                         if !current {
-                            if !r.not_sent {
+                            // A result sent again (its acknowledgement was lost) is logged once.
+                            let again = |a: &attempt::Model| {
+                                a.delivery_id == d.id && a.started_at == r.started_at && a.agent_id == r.agent_id
+                            };
+                            let seen = r.kept
+                                && (logged_before.contains(&(d.id.clone(), r.started_at, r.agent_id.clone()))
+                                    || attempts.iter().any(again));
+                            if !r.not_sent && !seen {
                                 attempts.push(attempt_row(
                                     &d.id,
                                     &d.workspace_id,
@@ -1113,6 +1124,45 @@ fn attempt_row(
         stale,
         manual: false,
     }
+}
+
+/// The attempts already logged of the deliveries whose reports kept from an earlier session
+/// (`AttemptReport::kept`) are stale in this batch, as (delivery, started at, agent): an agent
+/// sends a result again when it was not told that it was recorded (the control plane died, or the
+/// connection broke, first), and it is logged once. Read only when a batch has such reports.
+async fn logged_attempts(
+    txn: &DatabaseTransaction,
+    reports: &[AttemptReport],
+    rows: &HashMap<String, delivery::Model>,
+    fast: &impl Fn(usize, &AttemptReport) -> bool,
+) -> Result<HashSet<(String, i64, String)>, StoreError> {
+    let mut ids: Vec<String> = reports
+        .iter()
+        .enumerate()
+        .filter(|&(i, r)| r.kept && !fast(i, r) && !r.not_sent)
+        .filter_map(|(_, r)| {
+            rows.get(&r.delivery_id)
+                .filter(|d| !(d.status == status::IN_FLIGHT && d.lease_id.as_deref() == Some(r.lease_id.as_str())))
+        })
+        .map(|d| d.id.clone())
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    super::insert::pad_list(&mut ids);
+    Ok(attempt::Entity::find()
+        .select_only()
+        .column(attempt::Column::DeliveryId)
+        .column(attempt::Column::StartedAt)
+        .column(attempt::Column::AgentId)
+        .filter(attempt::Column::DeliveryId.is_in(ids))
+        .into_tuple::<(String, i64, String)>()
+        .all(txn)
+        .await?
+        .into_iter()
+        .collect())
 }
 
 /// Puts a leased delivery back in the queue, due now. `lost` counts it as a lost lease.

@@ -23,7 +23,8 @@ both_databases!(
     control_plane_sigkill_mid_burst,
     a_control_plane_sigtermed_under_load_records_its_agents_last_results,
     a_departed_agents_lease_holds_its_webhooks_slot_until_its_result_comes,
-    a_departed_agents_held_lease_frees_its_slot_when_it_expires
+    a_departed_agents_held_lease_frees_its_slot_when_it_expires,
+    a_result_sent_again_after_its_acknowledgement_was_lost_is_logged_once
 );
 
 /// Publishes `ids` in batches of 100 until every batch is acknowledged (retrying the same ids:
@@ -1422,5 +1423,44 @@ async fn a_departed_agents_held_lease_frees_its_slot_when_it_expires(backend: Ba
         metrics.get(&format!(r#"herald_leases_reclaimed_total{{reason="{reason}"}}"#)).copied().unwrap_or(0.0)
     };
     assert_eq!((reclaimed("expired"), reclaimed("agent_left")), (1.0, 0.0));
+    cp.stop().await;
+}
+
+/// An agent that was not told its result was recorded (the control plane died between the
+/// commit and the acknowledgement, or the connection broke) sends it again in its next hello:
+/// the attempt is logged once, not a second time as stale.
+async fn a_result_sent_again_after_its_acknowledgement_was_lost_is_logged_once(backend: Backend) {
+    use crate::support::HandAgent;
+    use herald_control_plane::config::AgentToken;
+    const TOKEN: &str = "agent-token-for-the-repeated-result";
+    let (cp, db) = crate::support::start_with(backend, |c| {
+        c.agent_tokens = vec![AgentToken { token: TOKEN.into(), zones: None }];
+    })
+    .await;
+    let w = webhook("repeated", "https://receiver.invalid/hook", &["*"]);
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
+    let publish = || async {
+        let e = proto::PublishEventRequest { event: Some(event("task.completed", "{}")) };
+        cp.events().publish_event(e).await.unwrap().into_inner()
+    };
+    let mut first = HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
+    first.credit(1);
+    let e = publish().await;
+    let job = first.job(WAIT).await.expect("the job comes");
+    first.report(answered(&job));
+    let d = crate::pipeline::settled(&db, &e.id).await.remove(0);
+    assert_eq!(d.status, delivery::status::SUCCEEDED);
+    first.close();
+    // The same result again, in the next session's hello; then a job of that session, whose
+    // result is recorded after the hello's.
+    let mut second = HandAgent::open(&cp, TOKEN, 1, vec![answered(&job)]).await;
+    second.credit(1);
+    let next = publish().await;
+    let job = second.job(WAIT).await.expect("the next job comes");
+    second.report(answered(&job));
+    crate::pipeline::settled(&db, &next.id).await;
+    let log = crate::pipeline::attempts_of(&db, &d.id).await;
+    assert_eq!(log.len(), 1, "logged once: {log:?}");
+    assert!(!log[0].stale);
     cp.stop().await;
 }
