@@ -1149,13 +1149,7 @@ async fn a_result_received_but_not_written_when_the_control_plane_dies_is_sent_a
     // Writing attempts now takes 3 s: the result is received, and its write under way, when the
     // control plane dies.
     let conn = db.connect().await;
-    conn.execute_unprepared(
-        "CREATE FUNCTION slow_attempts() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
-         CREATE TRIGGER slow_attempts BEFORE INSERT ON attempts FOR EACH STATEMENT EXECUTE FUNCTION slow_attempts()",
-    )
-    .await
-    .unwrap();
+    slow_inserts(&conn, "attempts", 3).await;
     let e = crate::pipeline::publish(&cp, "task.completed", "{}").await;
     r.wait_for(1, WAIT).await;
     let writing = async {
@@ -1179,7 +1173,7 @@ async fn a_result_received_but_not_written_when_the_control_plane_dies_is_sent_a
     };
     tokio::time::timeout(WAIT, writing).await.expect("the result's write begins");
     cp.kill_and_restart().await;
-    conn.execute_unprepared("DROP TRIGGER slow_attempts ON attempts").await.unwrap();
+    conn.execute_unprepared("DROP TRIGGER slow_inserts ON attempts").await.unwrap();
     let d = crate::pipeline::settled(&db, &e.id).await.remove(0);
     assert_eq!((d.status, d.attempt_count, d.lost_leases), (delivery::status::SUCCEEDED, 1, 0), "{d:?}");
     let log = crate::pipeline::attempts_of(&db, &d.id).await;
@@ -1195,14 +1189,9 @@ async fn a_result_received_but_not_written_when_the_control_plane_dies_is_sent_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_response_body_is_logged_and_its_batch_recorded() {
     use crate::support::HandAgent;
-    use herald_control_plane::config::AgentToken;
     const TOKEN: &str = "agent-token-for-binary-answers-000";
-    let (cp, db) = crate::support::start_with(Backend::Postgres, |c| {
-        c.agent_tokens = vec![AgentToken { token: TOKEN.into(), zones: None }];
-    })
-    .await;
     let w = webhook("binary", "https://receiver.invalid/hook", &["*"]);
-    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
+    let (cp, db) = for_hand_agents(Backend::Postgres, TOKEN, |_| {}, w).await;
     let mut agent = HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
     agent.credit(1);
     let e = proto::PublishEventRequest { event: Some(event("task.completed", "{}")) };
@@ -1231,13 +1220,7 @@ async fn a_publish_whose_caller_went_away_is_still_heard_by_watchers() {
     let mut stream = cp.deliveries().watch_deliveries(watch).await.unwrap().into_inner();
     // Deliveries now take a second to insert.
     let conn = db.connect().await;
-    conn.execute_unprepared(
-        "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$; \
-         CREATE TRIGGER slow_insert BEFORE INSERT ON deliveries FOR EACH STATEMENT EXECUTE FUNCTION slow_insert()",
-    )
-    .await
-    .unwrap();
+    slow_inserts(&conn, "deliveries", 1).await;
     let mut events = cp.events();
     let e = proto::Event { id: "evt_unheard_of".into(), ..event("incident.created", "{}") };
     let event_id = e.id.clone();
@@ -1253,7 +1236,7 @@ async fn a_publish_whose_caller_went_away_is_still_heard_by_watchers() {
         .expect("the stream stays open");
     let d = change.delivery.unwrap();
     assert_eq!((d.event_id.as_str(), d.status()), (event_id.as_str(), proto::DeliveryStatus::Pending));
-    conn.execute_unprepared("DROP TRIGGER slow_insert ON deliveries").await.unwrap();
+    conn.execute_unprepared("DROP TRIGGER slow_inserts ON deliveries").await.unwrap();
     conn.close().await.ok();
 }
 
@@ -1314,13 +1297,13 @@ async fn an_update_whose_caller_went_away_still_reaches_the_dispatcher() {
     conn.close().await.ok();
 }
 
-/// A control plane with one agent token, and a webhook that allows one request at a time,
-/// whose endpoint is never called (the hand agents answer by themselves).
-async fn one_at_a_time(
+/// A control plane that takes hand agents with `token`, and `hook`, whose endpoint is never
+/// called (the hand agents answer by themselves).
+async fn for_hand_agents(
     backend: Backend,
     token: &str,
     tweak: impl FnOnce(&mut herald_control_plane::config::Config),
-    timeout: Option<prost_types::Duration>,
+    hook: proto::Webhook,
 ) -> (herald_tests::ControlPlane, TestDb) {
     use herald_control_plane::config::AgentToken;
     let (cp, db) = crate::support::start_with(backend, |c| {
@@ -1328,11 +1311,16 @@ async fn one_at_a_time(
         tweak(c);
     })
     .await;
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(hook) }).await.unwrap();
+    (cp, db)
+}
+
+/// A webhook that allows one request at a time, with `timeout`.
+fn one_at_a_time(timeout: Option<prost_types::Duration>) -> proto::Webhook {
     let mut w = webhook("one-at-a-time", "https://receiver.invalid/hook", &["*"]);
     w.max_in_flight = Some(1);
     w.timeout = timeout;
-    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
-    (cp, db)
+    w
 }
 
 /// A 200 for `job`.
@@ -1357,7 +1345,7 @@ fn answered(job: &proto::Job) -> proto::AttemptResult {
 async fn a_departed_agents_lease_holds_its_webhooks_slot_until_its_result_comes(backend: Backend) {
     use crate::support::HandAgent;
     const TOKEN: &str = "agent-token-for-the-cut-off-agent-0";
-    let (cp, db) = one_at_a_time(backend, TOKEN, |_| {}, None).await;
+    let (cp, db) = for_hand_agents(backend, TOKEN, |_| {}, one_at_a_time(None)).await;
     let mut first = HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
     first.credit(1);
     let published = proto::PublishEventsRequest {
@@ -1399,7 +1387,8 @@ async fn a_departed_agents_held_lease_frees_its_slot_when_it_expires(backend: Ba
     use crate::support::HandAgent;
     const TOKEN: &str = "agent-token-for-the-lost-agent-000";
     let timeout = Some(prost_types::Duration { seconds: 2, nanos: 0 });
-    let (cp, db) = one_at_a_time(backend, TOKEN, |c| c.lease_grace = Duration::from_millis(500), timeout).await;
+    let grace = |c: &mut herald_control_plane::config::Config| c.lease_grace = Duration::from_millis(500);
+    let (cp, db) = for_hand_agents(backend, TOKEN, grace, one_at_a_time(timeout)).await;
     let mut first = HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
     first.credit(1);
     let e = proto::PublishEventRequest { event: Some(event("task.failed", "{}")) };
@@ -1431,14 +1420,9 @@ async fn a_departed_agents_held_lease_frees_its_slot_when_it_expires(backend: Ba
 /// the attempt is logged once, not a second time as stale.
 async fn a_result_sent_again_after_its_acknowledgement_was_lost_is_logged_once(backend: Backend) {
     use crate::support::HandAgent;
-    use herald_control_plane::config::AgentToken;
     const TOKEN: &str = "agent-token-for-the-repeated-result";
-    let (cp, db) = crate::support::start_with(backend, |c| {
-        c.agent_tokens = vec![AgentToken { token: TOKEN.into(), zones: None }];
-    })
-    .await;
     let w = webhook("repeated", "https://receiver.invalid/hook", &["*"]);
-    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
+    let (cp, db) = for_hand_agents(backend, TOKEN, |_| {}, w).await;
     let publish = || async {
         let e = proto::PublishEventRequest { event: Some(event("task.completed", "{}")) };
         cp.events().publish_event(e).await.unwrap().into_inner()
@@ -1463,4 +1447,16 @@ async fn a_result_sent_again_after_its_acknowledgement_was_lost_is_logged_once(b
     assert_eq!(log.len(), 1, "logged once: {log:?}");
     assert!(!log[0].stale);
     cp.stop().await;
+}
+
+/// PostgreSQL: each insert into `table` now takes `seconds` first (trigger `slow_inserts`).
+async fn slow_inserts(conn: &sea_orm::DatabaseConnection, table: &str, seconds: u32) {
+    use sea_orm::ConnectionTrait;
+    conn.execute_unprepared(&format!(
+        "CREATE FUNCTION slow_{table}() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$; \
+         CREATE TRIGGER slow_inserts BEFORE INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION slow_{table}()"
+    ))
+    .await
+    .unwrap();
 }
