@@ -118,9 +118,9 @@ struct State {
     hooks_epoch: u64,
     leases: HashMap<String, LeaseMeta>,
     /// Leases of closed sessions, or given out before this control plane started, kept in
-    /// `leases` (their webhooks' slots held) until their results come or they expire, with when:
-    /// see [`Dispatcher::close`] and [`Dispatcher::count_leases_of_before`].
-    held: HashMap<String, i64>,
+    /// `leases` (their webhooks' slots held) until their results come or they expire: see
+    /// [`Dispatcher::close`] and [`Dispatcher::count_leases_of_before`].
+    held: std::collections::HashSet<String>,
     next_session: u64,
     /// Zones whose due work this replica's last claim took entirely, with nothing known to have
     /// become due since: a delivery published into one may be leased as it is inserted
@@ -702,7 +702,7 @@ impl Dispatcher {
                     .leases
                     .iter()
                     .filter(|(_, meta)| meta.session == session)
-                    .map(|(lease, meta)| (lease.clone(), meta.expires_at))
+                    .map(|(lease, _)| lease.clone())
                     .collect()
             }
         };
@@ -902,22 +902,22 @@ impl Dispatcher {
         }
     }
 
-    /// Forgets every lease still remembered of a closed session but those `held` (lease, expiry),
-    /// freeing their webhooks' slots. Held leases are forgotten by [`Self::release_expired`] once
+    /// Forgets every lease still remembered of a closed session but those `held`, freeing their
+    /// webhooks' slots. Held leases are forgotten by [`Self::release_expired`] once
     /// they expire, if no result or reclaim ended them before.
-    fn release_session(&self, session: u64, held: Vec<(String, i64)>) {
+    fn release_session(&self, session: u64, held: Vec<String>) {
         let mut state = self.inner.state.lock().expect("dispatcher lock");
         let mut counts = self.inner.hook_in_flight.lock().expect("in-flight lock");
         let State { leases, held: kept, .. } = &mut *state;
-        for (lease, expires_at) in held {
-            if leases.contains_key(&lease) {
+        for lease in held {
+            if let Some(meta) = leases.get(&lease) {
                 // The dispatch loop wakes to forget it, whatever ends its row meanwhile.
-                wake_by(&self.inner.lease_wake, expires_at);
-                kept.insert(lease, expires_at);
+                wake_by(&self.inner.lease_wake, meta.expires_at);
+                kept.insert(lease);
             }
         }
         leases.retain(|lease, meta| {
-            if meta.session != session || kept.contains_key(lease) {
+            if meta.session != session || kept.contains(lease) {
                 return true;
             }
             if let Some(n) = counts.get_mut(&meta.webhook_id) {
@@ -932,7 +932,8 @@ impl Dispatcher {
     fn release_expired(&self, now: i64) {
         let expired: Vec<String> = {
             let state = self.inner.state.lock().expect("dispatcher lock");
-            state.held.iter().filter(|(_, at)| **at < now).map(|(lease, _)| lease.clone()).collect()
+            let expired = |lease: &&String| state.leases.get(*lease).is_none_or(|m| m.expires_at < now);
+            state.held.iter().filter(expired).cloned().collect()
         };
         if !expired.is_empty() {
             self.release_leases(&expired);
@@ -967,7 +968,7 @@ impl Dispatcher {
             }
             *counts.entry(webhook_id.clone()).or_default() += 1;
             wake_by(&self.inner.lease_wake, expires_at);
-            state.held.insert(lease.clone(), expires_at);
+            state.held.insert(lease.clone());
             let meta = LeaseMeta { webhook_id, session: NO_SESSION, request_body: None, expires_at };
             state.leases.insert(lease, meta);
         }
@@ -1014,7 +1015,10 @@ impl Dispatcher {
                     // the lease that expired is still there, and waking for it at once would spin.
                     now + RECLAIM_RETRY_MS
                 } else {
-                    let held = self.inner.state.lock().expect("dispatcher lock").held.values().min().copied();
+                    let held = {
+                        let state = self.inner.state.lock().expect("dispatcher lock");
+                        state.held.iter().filter_map(|lease| state.leases.get(lease)).map(|m| m.expires_at).min()
+                    };
                     match (self.inner.store.next_lease_expiry().await.ok().flatten(), held) {
                         (Some(at), Some(held)) => at.min(held),
                         (at, held) => at.or(held).unwrap_or(0),
@@ -1208,8 +1212,9 @@ impl Dispatcher {
     /// Sends jobs to a session that has their credit reserved (taken, and counted in flight when
     /// a publish leased them or a claim ran); what is not sent gives it back. `via`: leased at
     /// publish, or claimed. Returns the jobs (lease, delivery) not sent because the session had
-    /// closed or begun to drain, or its stream refused them, for the caller to hand back (`close` takes a claim's back too,
-    /// but not at shutdown, and may have run before a publish's committed).
+    /// closed or begun to drain, or its stream refused them, for the caller to hand back (`close`
+    /// takes a claim's back too, but not at shutdown, and may have run before a publish's
+    /// committed).
     async fn send_jobs(&self, session: u64, claimed: Vec<Claimed>, now: i64, via: Via) -> Vec<(String, String)> {
         let leased = claimed.len() as u32;
         let claimed_expiry = claimed.iter().map(|c| c.lease_expires_at).min().unwrap_or(now);

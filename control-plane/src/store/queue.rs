@@ -165,9 +165,9 @@ pub struct AttemptReport {
 pub struct Reclaimed {
     pub leases: Vec<String>,
     pub applied: Vec<Applied>,
-    /// Leases of a departed agent left in place, with when each expires: those of webhooks with a
+    /// Leases of a departed agent left in place until they expire: those of webhooks with a
     /// `max_in_flight`, whose slot they hold until then (the agent may still be sending).
-    pub held: Vec<(String, i64)>,
+    pub held: Vec<String>,
 }
 
 /// What a report did.
@@ -824,7 +824,7 @@ impl Store {
                         lost.retain(|d| {
                             let limited = limits.get(&d.webhook_id).is_some_and(|(_, l)| l.max_in_flight.is_some());
                             if limited && let Some(lease) = &d.lease_id {
-                                held.push((lease.clone(), d.lease_expires_at.unwrap_or(now)));
+                                held.push(lease.clone());
                             }
                             !limited
                         });
