@@ -1424,9 +1424,31 @@ impl Dispatcher {
                 "an agent's stream is full or closed; its jobs are handed back"
             );
             self.release_leases(&unsent.iter().map(|(lease, _)| lease.clone()).collect::<Vec<_>>());
+            self.unreserve_when_room(session, tx, unsent.len() as u32);
         }
         self.inner.metrics.jobs_sent.get_or_create(&ViaLabels { via }).inc_by(sent);
         unsent
+    }
+
+    /// Gives a session back the credit of `jobs` its stream refused, and takes them out of its
+    /// count in flight, once the stream has room again: the agent never got them, so it will
+    /// never give their credit back itself, and a stream that was only behind for a moment would
+    /// otherwise leave its agent a smaller window for the rest of the session. Not at once: the
+    /// credit would only claim jobs the full stream refuses again. A stream that closes first
+    /// ends its session anyway.
+    fn unreserve_when_room(&self, session: u64, tx: Outbound, jobs: u32) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if tx.reserve().await.is_err() {
+                return;
+            }
+            if let Some(s) = this.inner.state.lock().expect("dispatcher lock").sessions.get_mut(&session)
+                && !s.draining
+            {
+                s.unreserve(jobs);
+            }
+            this.nudge();
+        });
     }
 
     /// Tells each session which of its results (by `seq`) are now recorded: its agent keeps them

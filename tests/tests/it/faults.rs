@@ -24,7 +24,8 @@ both_databases!(
     a_control_plane_sigtermed_under_load_records_its_agents_last_results,
     a_departed_agents_lease_holds_its_webhooks_slot_until_its_result_comes,
     a_departed_agents_held_lease_frees_its_slot_when_it_expires,
-    a_result_sent_again_after_its_acknowledgement_was_lost_is_logged_once
+    a_result_sent_again_after_its_acknowledgement_was_lost_is_logged_once,
+    an_agent_whose_stream_fell_behind_gets_its_whole_window_back
 );
 
 /// Publishes `ids` in batches of 100 until every batch is acknowledged (retrying the same ids:
@@ -1313,6 +1314,64 @@ async fn for_hand_agents(
     .await;
     cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(hook) }).await.unwrap();
     (cp, db)
+}
+
+/// Jobs an agent's stream had no room for never reach the agent, which therefore never gives
+/// their credit back: once the stream has room again, the session gets that credit back (and
+/// counts them out of its load), and the deliveries handed back go out on it. Before, the session
+/// kept the smaller window for good: here, the two jobs the stream held and nothing more, with
+/// eight deliveries due and not one result outstanding that could give credit back.
+///
+/// The dispatcher is driven directly, as `AgentService` drives it, with a stream of room for two
+/// messages that the test reads only after the claim.
+async fn an_agent_whose_stream_fell_behind_gets_its_whole_window_back(backend: Backend) {
+    use herald_control_plane::dispatch::Dispatcher;
+    use herald_control_plane::store::{Store, queue::policy_from};
+    let (cp, db) = crate::support::start(backend).await;
+    let hook = webhook("behind", "https://receiver.invalid/hook", &["*"]);
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(hook) }).await.unwrap();
+    let events = (0..10).map(|n| event("task.completed", &format!(r#"{{"n":{n}}}"#))).collect();
+    cp.events().publish_events(proto::PublishEventsRequest { events }).await.unwrap();
+    // The control plane's own dispatcher has no agent; this one gets the one session.
+    let store = Store::new(db.connect().await, cp.config.secret_key.clone());
+    let policy = policy_from("0s,1m".parse().unwrap(), Duration::from_secs(10), Duration::from_secs(60), 1024);
+    let metrics = std::sync::Arc::new(herald_control_plane::metrics::Metrics::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let dispatcher = Dispatcher::spawn(store, policy, "X-CloudThinker".into(), 1024, metrics, shutdown.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+    let hello = proto::Hello { agent_id: "behind".into(), zone: "default".into(), capacity: 10, ..Default::default() };
+    let (session, _) = dispatcher.open(&hello, tx);
+    dispatcher.credit(session, 10);
+    // The claim takes all ten; the stream takes two and refuses the rest, which are handed back.
+    let refused = Instant::now() + WAIT;
+    loop {
+        let open = delivery::Entity::find()
+            .filter(delivery::Column::Status.eq(delivery::status::IN_FLIGHT))
+            .count(&db.connect().await)
+            .await
+            .unwrap();
+        if open == 2 {
+            break;
+        }
+        assert!(Instant::now() < refused, "{open} in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The agent catches up: every delivery comes to it, with no result reported.
+    let mut jobs = std::collections::HashSet::new();
+    while jobs.len() < 10 {
+        let message = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of 10 jobs came", jobs.len()))
+            .expect("the stream stays open")
+            .expect("no error");
+        if let Some(proto::control_message::Msg::Job(job)) = message.msg {
+            jobs.insert(job.delivery_id);
+        }
+    }
+    let agents = dispatcher.all_agents("").await;
+    assert_eq!((agents.len(), agents[0].in_flight), (1, 10), "its load counts the jobs it holds: {agents:?}");
+    shutdown.cancel();
+    cp.stop().await;
 }
 
 /// A webhook that allows one request at a time, with `timeout`.
