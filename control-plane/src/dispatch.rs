@@ -72,8 +72,8 @@ struct Session {
     /// and asked it to): it gets nothing more.
     draining: bool,
     tx: Outbound,
-    /// Seqs of results recorded that its stream had no room to acknowledge yet: they go with the
-    /// next acknowledgement.
+    /// Seqs of results recorded that its stream had no room to acknowledge yet: they go as soon
+    /// as it has room (`Dispatcher::acknowledge_when_room`).
     unacked: Vec<u64>,
 }
 
@@ -1452,9 +1452,9 @@ impl Dispatcher {
     }
 
     /// Tells each session which of its results (by `seq`) are now recorded: its agent keeps them
-    /// no longer. A session whose stream is full is told with its next acknowledgement; one that
-    /// is gone is not told, and its agent sends them again in its next hello (recognised then, and
-    /// logged once: `store::queue::logged_attempts`).
+    /// no longer. A session whose stream is full is told as soon as it has room
+    /// ([`Self::acknowledge_when_room`]); one that is gone is not told, and its agent sends them
+    /// again in its next hello (recognised then, and logged once: `store::queue::logged_attempts`).
     fn acknowledge(&self, acks: Vec<(u64, u64)>) {
         if acks.is_empty() {
             return;
@@ -1465,18 +1465,38 @@ impl Dispatcher {
         }
         let mut state = self.inner.state.lock().expect("dispatcher lock");
         for (session, seqs) in by_session {
-            if let Some(s) = state.sessions.get_mut(&session) {
-                let mut all = std::mem::take(&mut s.unacked);
-                all.extend(seqs);
-                let recorded = control_message::Msg::Recorded(proto::ResultsRecorded { seqs: all });
-                if let Err(mpsc::error::TrySendError::Full(Ok(m))) =
-                    s.tx.try_send(Ok(proto::ControlMessage { msg: Some(recorded) }))
-                    && let Some(control_message::Msg::Recorded(r)) = m.msg
-                {
-                    s.unacked = r.seqs;
-                }
+            let Some(s) = state.sessions.get_mut(&session) else { continue };
+            if !s.unacked.is_empty() {
+                // Waiting for room already: these go with the others.
+                s.unacked.extend(seqs);
+                continue;
+            }
+            let recorded = control_message::Msg::Recorded(proto::ResultsRecorded { seqs });
+            if let Err(mpsc::error::TrySendError::Full(Ok(m))) =
+                s.tx.try_send(Ok(proto::ControlMessage { msg: Some(recorded) }))
+                && let Some(control_message::Msg::Recorded(r)) = m.msg
+            {
+                s.unacked = r.seqs;
+                self.acknowledge_when_room(session, s.tx.clone());
             }
         }
+    }
+
+    /// Sends a session the acknowledgements its full stream refused (`Session::unacked`, and
+    /// any added meanwhile) once it has room, rather than with its next acknowledgement, which
+    /// after the last result of a burst never comes: until told, the agent keeps its copies and
+    /// sends them again in its next hello.
+    fn acknowledge_when_room(&self, session: u64, tx: Outbound) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(permit) = tx.reserve().await else { return };
+            let seqs = match this.inner.state.lock().expect("dispatcher lock").sessions.get_mut(&session) {
+                Some(s) => std::mem::take(&mut s.unacked),
+                None => return,
+            };
+            let recorded = control_message::Msg::Recorded(proto::ResultsRecorded { seqs });
+            permit.send(Ok(proto::ControlMessage { msg: Some(recorded) }));
+        });
     }
 
     async fn result_loop(self, mut rx: mpsc::Receiver<Arrived>) {

@@ -25,7 +25,8 @@ both_databases!(
     a_departed_agents_lease_holds_its_webhooks_slot_until_its_result_comes,
     a_departed_agents_held_lease_frees_its_slot_when_it_expires,
     a_result_sent_again_after_its_acknowledgement_was_lost_is_logged_once,
-    an_agent_whose_stream_fell_behind_gets_its_whole_window_back
+    an_agent_whose_stream_fell_behind_gets_its_whole_window_back,
+    results_recorded_while_an_agents_stream_is_full_are_acknowledged_once_it_has_room
 );
 
 /// Publishes `ids` in batches of 100 until every batch is acknowledged (retrying the same ids:
@@ -1325,19 +1326,12 @@ async fn for_hand_agents(
 /// The dispatcher is driven directly, as `AgentService` drives it, with a stream of room for two
 /// messages that the test reads only after the claim.
 async fn an_agent_whose_stream_fell_behind_gets_its_whole_window_back(backend: Backend) {
-    use herald_control_plane::dispatch::Dispatcher;
-    use herald_control_plane::store::{Store, queue::policy_from};
     let (cp, db) = crate::support::start(backend).await;
     let hook = webhook("behind", "https://receiver.invalid/hook", &["*"]);
     cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(hook) }).await.unwrap();
     let events = (0..10).map(|n| event("task.completed", &format!(r#"{{"n":{n}}}"#))).collect();
     cp.events().publish_events(proto::PublishEventsRequest { events }).await.unwrap();
-    // The control plane's own dispatcher has no agent; this one gets the one session.
-    let store = Store::new(db.connect().await, cp.config.secret_key.clone());
-    let policy = policy_from("0s,1m".parse().unwrap(), Duration::from_secs(10), Duration::from_secs(60), 1024);
-    let metrics = std::sync::Arc::new(herald_control_plane::metrics::Metrics::default());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let dispatcher = Dispatcher::spawn(store, policy, "X-CloudThinker".into(), 1024, metrics, shutdown.clone());
+    let (dispatcher, _stop) = own_dispatcher(&cp, db.connect().await);
     let (tx, mut rx) = tokio::sync::mpsc::channel(2);
     let hello = proto::Hello { agent_id: "behind".into(), zone: "default".into(), capacity: 10, ..Default::default() };
     let (session, _) = dispatcher.open(&hello, tx);
@@ -1370,7 +1364,98 @@ async fn an_agent_whose_stream_fell_behind_gets_its_whole_window_back(backend: B
     }
     let agents = dispatcher.all_agents("").await;
     assert_eq!((agents.len(), agents[0].in_flight), (1, 10), "its load counts the jobs it holds: {agents:?}");
-    shutdown.cancel();
+    cp.stop().await;
+}
+
+/// A dispatcher of its own on the control plane's database, for driving sessions directly as
+/// `AgentService` does: the control plane's own dispatcher has no agent and leaves the work to it.
+fn own_dispatcher(
+    cp: &herald_tests::ControlPlane,
+    conn: sea_orm::DatabaseConnection,
+) -> (herald_control_plane::dispatch::Dispatcher, tokio_util::sync::DropGuard) {
+    use herald_control_plane::store::{Store, queue::policy_from};
+    let store = Store::new(conn, cp.config.secret_key.clone());
+    let policy = policy_from("0s,1m".parse().unwrap(), Duration::from_secs(10), Duration::from_secs(60), 1024);
+    let metrics = std::sync::Arc::new(herald_control_plane::metrics::Metrics::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let dispatcher = herald_control_plane::dispatch::Dispatcher::spawn(
+        store,
+        policy,
+        "X-CloudThinker".into(),
+        1024,
+        metrics,
+        shutdown.clone(),
+    );
+    (dispatcher, shutdown.drop_guard())
+}
+
+/// The next job on a session's stream, within `WAIT`.
+async fn next_job(rx: &mut tokio::sync::mpsc::Receiver<Result<proto::ControlMessage, tonic::Status>>) -> proto::Job {
+    loop {
+        let message =
+            tokio::time::timeout(WAIT, rx.recv()).await.expect("a job comes").expect("open").expect("no error");
+        if let Some(proto::control_message::Msg::Job(job)) = message.msg {
+            return job;
+        }
+    }
+}
+
+/// Results recorded while the agent's stream is full are acknowledged as soon as it has room,
+/// not with the session's next acknowledgement, which after a burst's last result never comes
+/// (the agent would keep its copies and send them again in its next hello). Before, the two
+/// acknowledgements here waited for good: the session had nothing more to report.
+async fn results_recorded_while_an_agents_stream_is_full_are_acknowledged_once_it_has_room(backend: Backend) {
+    let (cp, db) = crate::support::start(backend).await;
+    let hook = webhook("full", "https://receiver.invalid/hook", &["*"]);
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(hook) }).await.unwrap();
+    let events = (0..4).map(|n| event("task.completed", &format!(r#"{{"n":{n}}}"#))).collect();
+    cp.events().publish_events(proto::PublishEventsRequest { events }).await.unwrap();
+    let (dispatcher, _stop) = own_dispatcher(&cp, db.connect().await);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+    let hello = proto::Hello { agent_id: "full".into(), zone: "default".into(), capacity: 4, ..Default::default() };
+    let (session, _) = dispatcher.open(&hello, tx);
+    dispatcher.credit(session, 2);
+    let first = [next_job(&mut rx).await, next_job(&mut rx).await];
+    // Two more jobs fill the stream; then the first two are reported and recorded.
+    dispatcher.credit(session, 2);
+    let filled = Instant::now() + WAIT;
+    while rx.capacity() > 0 {
+        assert!(Instant::now() < filled, "the stream did not fill");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (seq, job) in (1..).zip(&first) {
+        dispatcher.result(session, proto::AttemptResult { seq, ..answered(job) }).await;
+    }
+    let recorded = Instant::now() + WAIT;
+    loop {
+        let settled = delivery::Entity::find()
+            .filter(delivery::Column::Status.eq(delivery::status::SUCCEEDED))
+            .count(&db.connect().await)
+            .await
+            .unwrap();
+        if settled == 2 {
+            break;
+        }
+        assert!(Instant::now() < recorded, "{settled} of 2 recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The agent reads on: the two jobs, then the acknowledgement of both results.
+    let mut seqs = Vec::new();
+    let mut jobs = 0;
+    while seqs.len() < 2 {
+        let message = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{jobs} jobs came, and acknowledgements of {seqs:?} only"))
+            .expect("open")
+            .expect("no error");
+        match message.msg {
+            Some(proto::control_message::Msg::Job(_)) => jobs += 1,
+            Some(proto::control_message::Msg::Recorded(r)) => seqs.extend(r.seqs),
+            _ => {}
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!((jobs, seqs), (2, vec![1, 2]));
     cp.stop().await;
 }
 
