@@ -1431,21 +1431,25 @@ impl Dispatcher {
     }
 
     /// Gives a session back the credit of `jobs` its stream refused, and takes them out of its
-    /// count in flight, once the stream has room again: the agent never got them, so it will
-    /// never give their credit back itself, and a stream that was only behind for a moment would
-    /// otherwise leave its agent a smaller window for the rest of the session. Not at once: the
-    /// credit would only claim jobs the full stream refuses again. A stream that closes first
-    /// ends its session anyway.
+    /// count in flight, once the stream has room for them all: the agent never got them, so it
+    /// will never give their credit back itself, and a stream that was only behind for a moment
+    /// would otherwise leave its agent a smaller window for the rest of the session. Not sooner:
+    /// the credit would only claim jobs the stream refuses again, each refusal a claim and a
+    /// hand-back written for nothing. A stream that closes first ends its session anyway; a
+    /// draining session gets no credit, only its count.
     fn unreserve_when_room(&self, session: u64, tx: Outbound, jobs: u32) {
         let this = self.clone();
         tokio::spawn(async move {
-            if tx.reserve().await.is_err() {
+            let room = (jobs as usize).clamp(1, tx.max_capacity());
+            if tx.reserve_many(room).await.is_err() {
                 return;
             }
-            if let Some(s) = this.inner.state.lock().expect("dispatcher lock").sessions.get_mut(&session)
-                && !s.draining
-            {
-                s.unreserve(jobs);
+            if let Some(s) = this.inner.state.lock().expect("dispatcher lock").sessions.get_mut(&session) {
+                if s.draining {
+                    s.in_flight = s.in_flight.saturating_sub(jobs);
+                } else {
+                    s.unreserve(jobs);
+                }
             }
             this.nudge();
         });
