@@ -1,7 +1,7 @@
 //! `herald webhooks|events|deliveries|agents|templates …`: the API from a terminal.
 //!
 //! Every command is one or a few gRPC calls with the key from `--api-key` (`HERALD_API_KEY`) to
-//! `--server` (`HERALD_SERVER`). Results print as tables for people, or as JSON with `--json`
+//! `--addr` (`HERALD_ADDR`; `--server` and `HERALD_SERVER`, the names before, still work). Results print as tables for people, or as JSON with `--json`
 //! for scripts; colours only when stdout is a terminal and `NO_COLOR` is unset; a progress bar
 //! when a large file of events is published from a terminal. Errors print the server's message,
 //! which names the field at fault, and exit non-zero.
@@ -23,9 +23,10 @@ use tonic::transport::Channel;
 /// How to reach the API.
 #[derive(Args, Clone, Debug)]
 pub struct ClientArgs {
-    /// The control plane's gRPC address (`https://…` for TLS).
-    #[arg(long, global = true, env = "HERALD_SERVER", default_value = "http://127.0.0.1:7070")]
-    pub server: String,
+    /// The control plane's gRPC address (`https://…` for TLS) [default: http://127.0.0.1:7070,
+    /// or `HERALD_SERVER` when set].
+    #[arg(long, visible_alias = "server", global = true, env = "HERALD_ADDR")]
+    pub addr: Option<String>,
     /// An API key of the workspace to act in.
     #[arg(long, global = true, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -35,6 +36,20 @@ pub struct ClientArgs {
     /// Print JSON (one document, or one line per change for `watch`) instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+/// Where the client commands look for the control plane when told nothing.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7070";
+
+impl ClientArgs {
+    /// The address to call: `--addr` (or `--server`), else `HERALD_ADDR`, else `HERALD_SERVER`
+    /// (the variable's name before), else [`DEFAULT_ADDR`].
+    pub fn addr(&self) -> String {
+        self.addr
+            .clone()
+            .or_else(|| std::env::var("HERALD_SERVER").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| DEFAULT_ADDR.to_owned())
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -140,6 +155,12 @@ pub struct DeliveryFilters {
     pub status: Option<String>,
     #[arg(long)]
     pub event_type: Option<String>,
+    /// Created after: RFC 3339, or a duration ago (`1h`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Created before: RFC 3339, or a duration ago.
+    #[arg(long)]
+    pub until: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -148,12 +169,6 @@ pub enum DeliveriesCommand {
     List {
         #[command(flatten)]
         filters: DeliveryFilters,
-        /// Created after: RFC 3339, or a duration ago (`1h`).
-        #[arg(long)]
-        since: Option<String>,
-        /// Created before: RFC 3339, or a duration ago.
-        #[arg(long)]
-        until: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
@@ -211,8 +226,9 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
-        let mut endpoint = Channel::from_shared(args.server.clone()).context("--server is not a URL")?;
-        if args.server.starts_with("https://") {
+        let addr = args.addr();
+        let mut endpoint = Channel::from_shared(addr.clone()).context("--addr is not a URL")?;
+        if addr.starts_with("https://") {
             let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
             if let Some(ca) = &args.ca_cert {
                 let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
@@ -224,7 +240,7 @@ impl Client {
             .connect_timeout(std::time::Duration::from_secs(5))
             .connect()
             .await
-            .with_context(|| format!("cannot reach {}", args.server))?;
+            .with_context(|| format!("cannot reach {addr}"))?;
         let key = args.api_key.as_deref().context("an API key is needed: --api-key or HERALD_API_KEY")?;
         let bearer = Bearer(Some(format!("Bearer {key}").parse().context("the API key is not valid in a header")?));
         let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
@@ -684,13 +700,13 @@ pub async fn deliveries(client: &ClientArgs, cmd: DeliveriesCommand) -> anyhow::
     let c = Client::connect(client).await?;
     let mut api = c.deliveries();
     match cmd {
-        DeliveriesCommand::List { filters, since, until, limit } => {
+        DeliveriesCommand::List { filters, limit } => {
             let mut req = proto::ListDeliveriesRequest {
                 webhook_id: filters.webhook.unwrap_or_default(),
                 status: status_filter(&filters.status)?,
                 event_type: filters.event_type.unwrap_or_default(),
-                created_after: since.as_deref().map(when).transpose()?,
-                created_before: until.as_deref().map(when).transpose()?,
+                created_after: filters.since.as_deref().map(when).transpose()?,
+                created_before: filters.until.as_deref().map(when).transpose()?,
                 page_size: limit.min(100) as i32,
                 page_token: String::new(),
             };
@@ -721,6 +737,8 @@ pub async fn deliveries(client: &ClientArgs, cmd: DeliveriesCommand) -> anyhow::
                 webhook_id: filters.webhook.unwrap_or_default(),
                 status: status_filter(&filters.status)?,
                 event_type: filters.event_type.unwrap_or_default(),
+                created_after: filters.since.as_deref().map(when).transpose()?,
+                created_before: filters.until.as_deref().map(when).transpose()?,
             };
             let mut stream = api.watch_deliveries(req).await.map_err(failed)?.into_inner();
             let mut seen = 0;

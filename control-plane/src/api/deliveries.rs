@@ -73,12 +73,27 @@ fn event_type_filter(t: &str, field: &str) -> Result<Option<String>, FieldError>
 }
 
 /// The filters List and Watch share.
-fn filter(webhook_id: &str, status: i32, event_type: &str) -> Result<DeliveryFilter, FieldError> {
+/// The filters `ListDeliveries` and `WatchDeliveries` share.
+fn filter(
+    webhook_id: &str,
+    status: i32,
+    event_type: &str,
+    created_after: Option<&prost_types::Timestamp>,
+    created_before: Option<&prost_types::Timestamp>,
+) -> Result<DeliveryFilter, FieldError> {
+    let created_after = created_after.map(|t| millis(t, "created_after")).transpose()?;
+    let created_before = created_before.map(|t| millis(t, "created_before")).transpose()?;
+    if let (Some(a), Some(b)) = (created_after, created_before)
+        && a >= b
+    {
+        return Err(FieldError::new("created_before", "must be later than created_after"));
+    }
     Ok(DeliveryFilter {
         webhook_id: webhook_filter(webhook_id, "webhook_id")?,
         statuses: statuses(status, "status")?,
         event_type: event_type_filter(event_type, "event_type")?,
-        ..Default::default()
+        created_after,
+        created_before,
     })
 }
 
@@ -148,16 +163,8 @@ impl DeliveryService for DeliveryApi {
     ) -> Result<Response<proto::ListDeliveriesResponse>, Status> {
         let who = self.state.auth.check(&request, Scope::Admin).await?;
         let r = request.get_ref();
-        let filter = DeliveryFilter {
-            created_after: r.created_after.as_ref().map(|t| millis(t, "created_after")).transpose()?,
-            created_before: r.created_before.as_ref().map(|t| millis(t, "created_before")).transpose()?,
-            ..filter(&r.webhook_id, r.status, &r.event_type)?
-        };
-        if let (Some(a), Some(b)) = (filter.created_after, filter.created_before)
-            && a >= b
-        {
-            return Err(FieldError::new("created_before", "must be later than created_after").into());
-        }
+        let filter =
+            filter(&r.webhook_id, r.status, &r.event_type, r.created_after.as_ref(), r.created_before.as_ref())?;
         let size = page::size(r.page_size)?;
         let before = page::after(&r.page_token)?;
         let (rows, more) = self
@@ -252,7 +259,8 @@ impl DeliveryService for DeliveryApi {
         let who = self.state.auth.check(&request, Scope::Admin).await?;
         let key = crate::auth::bearer(&request)?.to_owned();
         let r = request.get_ref();
-        let filter = filter(&r.webhook_id, r.status, &r.event_type)?;
+        let filter =
+            filter(&r.webhook_id, r.status, &r.event_type, r.created_after.as_ref(), r.created_before.as_ref())?;
         let mut changes = self.state.dispatcher.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let shutdown = self.state.shutdown.clone();

@@ -43,7 +43,7 @@ impl Cli<'_> {
     async fn run(&self, args: &[&str], stdin: Option<&str>) -> Out {
         let mut child = tokio::process::Command::new(bin("herald"))
             .args(args)
-            .env("HERALD_SERVER", self.cp.url())
+            .env("HERALD_ADDR", self.cp.url())
             .env("HERALD_API_KEY", &self.cp.api_key)
             .env_remove("NO_COLOR")
             .stdin(Stdio::piped())
@@ -202,9 +202,9 @@ async fn every_subcommand_works_for_people_and_scripts() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // deliveries watch: changes as they happen
+    // deliveries watch: changes as they happen (the address in `HERALD_SERVER`, its name before)
     let mut watch = tokio::process::Command::new(bin("herald"))
-        .args(["deliveries", "watch", "--event-type", "task.failed", "--count", "2"])
+        .args(["deliveries", "watch", "--event-type", "task.failed", "--since", "1h", "--count", "2"])
         .env("HERALD_SERVER", cp.url())
         .env("HERALD_API_KEY", &cp.api_key)
         .stdout(Stdio::piped())
@@ -226,7 +226,7 @@ async fn every_subcommand_works_for_people_and_scripts() {
     assert!(lines.lines().all(|l| l.contains(" task.failed ") && l.contains("dlv_") && !l.contains('\x1b')), "{lines}");
 
     // agents list, with the key given as flags instead of the environment
-    let flags = ["--server", &cp.url(), "--api-key", &cp.api_key];
+    let flags = ["--addr", &cp.url(), "--api-key", &cp.api_key];
     let agents = tokio::process::Command::new(bin("herald"))
         .args(["agents", "list", "--json"])
         .args(flags)
@@ -241,6 +241,28 @@ async fn every_subcommand_works_for_people_and_scripts() {
     let nokey = tokio::process::Command::new(bin("herald")).args(["agents", "list"]).args(&flags[..2]).output().await;
     let nokey = nokey.unwrap();
     assert!(!nokey.status.success() && String::from_utf8_lossy(&nokey.stderr).contains("API key"));
+    // `--addr` over `HERALD_ADDR` over `HERALD_SERVER`; `--server` is `--addr` by its name before.
+    // Nothing listens on the discard port.
+    let (url, wrong) = (cp.url(), "http://127.0.0.1:9".to_owned());
+    // (flags, HERALD_ADDR, HERALD_SERVER, whether the control plane is reached)
+    let ways = [
+        (vec!["--server", &url], &wrong, &wrong, true),
+        (vec!["--addr", &url], &wrong, &wrong, true),
+        (vec![], &url, &wrong, true),
+        (vec![], &wrong, &url, false),
+    ];
+    for (args, addr, server, reaches) in ways {
+        let env = [("HERALD_ADDR", addr), ("HERALD_SERVER", server)];
+        let out = tokio::process::Command::new(bin("herald"))
+            .args(["agents", "list", "--json"])
+            .args(&args)
+            .envs(env)
+            .env("HERALD_API_KEY", &cp.api_key)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.success(), reaches, "{args:?} {env:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 
     // webhooks delete
     let deleted = cli.run(&["webhooks", "delete", &id, "--json"], None).await.json();
@@ -258,7 +280,7 @@ async fn on_a_terminal(cp: &ControlPlaneProcess, args: &[&str], env: &[(&str, &s
         .join(" ");
     let out = tokio::process::Command::new("script")
         .args(["-qec", &command, "/dev/null"])
-        .env("HERALD_SERVER", cp.url())
+        .env("HERALD_ADDR", cp.url())
         .env("HERALD_API_KEY", &cp.api_key)
         .env_remove("NO_COLOR")
         .envs(env.iter().copied())

@@ -191,12 +191,18 @@ async fn watching_deliveries_follows_them_to_the_end() {
     let r = Receiver::https(&ca).await;
     let hook = create(&cp, webhook("w", &r.url("/"), &["*"])).await;
     let other = create(&cp, webhook("other", &r.url("/other"), &["task.*"])).await;
-    let mut stream = cp
-        .deliveries()
-        .watch_deliveries(proto::WatchDeliveriesRequest { webhook_id: hook.id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    // Filtered by the time range too, as `ListDeliveries` is: one watcher of deliveries created
+    // in the last hour, one of deliveries created before it.
+    let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    let hour_ago = Some(prost_types::Timestamp { seconds: hour_ago.timestamp(), nanos: 0 });
+    let watch = |created_after, created_before| proto::WatchDeliveriesRequest {
+        webhook_id: hook.id.clone(),
+        created_after,
+        created_before,
+        ..Default::default()
+    };
+    let mut stream = cp.deliveries().watch_deliveries(watch(hour_ago, None)).await.unwrap().into_inner();
+    let mut older = cp.deliveries().watch_deliveries(watch(None, hour_ago)).await.unwrap().into_inner();
     let e = publish(&cp, "task.started", "{}").await;
     let mine = e.deliveries.iter().find(|d| d.webhook_id == hook.id).unwrap().id.clone();
     let mut seen = Vec::new();
@@ -212,6 +218,9 @@ async fn watching_deliveries_follows_them_to_the_end() {
     })
     .await;
     assert!(outcome.is_ok(), "the watcher saw the delivery succeed; saw {seen:?}");
+    // Every change was broadcast to both watchers before the last one reached the first.
+    let none = tokio::time::timeout(Duration::from_millis(500), older.message()).await;
+    assert!(none.is_err(), "a delivery created now is not one created over an hour ago: {none:?}");
 }
 
 /// Agents told `headers_json` report headers as JSON objects, which are logged as they came;
