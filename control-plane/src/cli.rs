@@ -1,9 +1,10 @@
 //! `herald webhooks|events|deliveries|agents|templates …`: the API from a terminal.
 //!
 //! Every command is one or a few gRPC calls with the key from `--api-key` (`HERALD_API_KEY`) to
-//! `--addr` (`HERALD_ADDR`; `--server` and `HERALD_SERVER`, the names before, still work). Results print as tables for people, or as JSON with `--json`
-//! for scripts; colours only when stdout is a terminal and `NO_COLOR` is unset; a progress bar
-//! when a large file of events is published from a terminal. Errors print the server's message,
+//! `--addr` (`HERALD_ADDR`; `--server` and `HERALD_SERVER`, the names before, still work).
+//! Results print as tables for people, or as JSON with `--json` for scripts; colours only when
+//! stdout is a terminal and `NO_COLOR` is unset; a progress bar when a large file of events is
+//! published from a terminal. Errors print the server's message,
 //! which names the field at fault, and exit non-zero.
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
