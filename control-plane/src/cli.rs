@@ -270,9 +270,9 @@ impl Client {
         println!("{text}");
     }
 
-    /// A status word, coloured on a terminal.
+    /// A status, coloured by its first word on a terminal.
     fn status(&self, s: &str) -> String {
-        let code = match s {
+        let code = match s.split(' ').next().unwrap_or_default() {
             "succeeded" | "delivered" | "active" => "32",
             "failed" | "cancelled" => "31",
             "pending" | "in_flight" | "paused" => "33",
@@ -344,6 +344,7 @@ fn delivery_json(d: &proto::Delivery) -> Json {
     json!({
         "id": d.id, "event_id": d.event_id, "webhook_id": d.webhook_id, "event_type": d.event_type,
         "status": delivery_status(d.status), "paused": d.paused, "zone": d.zone, "test": d.test,
+        "waiting_for_agent": d.waiting_for_agent,
         "attempt_count": d.attempt_count,
         "next_attempt_at": d.next_attempt_at.is_some().then(|| time(&d.next_attempt_at)),
         "created_at": time(&d.created_at), "updated_at": time(&d.updated_at),
@@ -649,16 +650,27 @@ fn when(s: &str) -> anyhow::Result<prost_types::Timestamp> {
     Ok(prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 })
 }
 
+/// A delivery's status for people: `paused`, or pending with no agent of its zone connected.
+fn shown_status(d: &proto::Delivery) -> String {
+    if d.paused {
+        "paused".to_owned()
+    } else if d.waiting_for_agent {
+        format!("pending (no agent in zone {})", d.zone)
+    } else {
+        delivery_status(d.status).to_owned()
+    }
+}
+
 fn deliveries_table(ds: &[proto::Delivery]) -> String {
     let rows = ds
         .iter()
         .map(|d| {
-            let status = if d.paused { "paused" } else { delivery_status(d.status) };
+            let status = shown_status(d);
             vec![
                 d.id.clone(),
                 d.event_type.clone(),
                 d.webhook_id.clone(),
-                status.to_owned(),
+                status,
                 d.attempt_count.to_string(),
                 time(&d.created_at),
             ]
@@ -751,14 +763,14 @@ pub async fn deliveries(client: &ClientArgs, cmd: DeliveriesCommand) -> anyhow::
                 if c.json {
                     writeln!(out, "{}", serde_json::to_string(&delivery_json(&d))?)?;
                 } else {
-                    let status = if d.paused { "paused" } else { delivery_status(d.status) };
+                    let status = shown_status(&d);
                     writeln!(
                         out,
                         "{}  {}  {}  {}  attempts={}",
                         time(&d.updated_at),
                         d.id,
                         d.event_type,
-                        c.status(status),
+                        c.status(&status),
                         d.attempt_count
                     )?;
                 }

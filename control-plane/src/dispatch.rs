@@ -757,6 +757,11 @@ impl Dispatcher {
         agents
     }
 
+    /// The zones that have an agent connected (to any replica, as [`Self::all_agents`] sees them).
+    pub async fn served_zones(&self) -> std::collections::HashSet<String> {
+        self.all_agents("").await.into_iter().map(|a| a.zone).collect()
+    }
+
     /// The connected agents of every replica on the same PostgreSQL (as their replicas last wrote
     /// them, at most a heartbeat old), this replica's own as they are now; on SQLite, this
     /// replica's.

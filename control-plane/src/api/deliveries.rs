@@ -1,6 +1,6 @@
 //! `herald.v1.DeliveryService`: delivery logs and manual actions.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use herald_shared::proto::{self, delivery_service_server::DeliveryService};
 use herald_shared::{catalog, ids};
@@ -135,8 +135,13 @@ fn attempt_to_proto(a: &attempt::Model) -> proto::Attempt {
     }
 }
 
-/// The API view of a delivery, with `attempts` when given.
-pub fn delivery_to_proto(d: &delivery::Model, attempts: &[attempt::Model]) -> proto::Delivery {
+/// The API view of a delivery, with `attempts` when given; `served` are the zones that have an
+/// agent connected.
+pub fn delivery_to_proto(
+    d: &delivery::Model,
+    attempts: &[attempt::Model],
+    served: &HashSet<String>,
+) -> proto::Delivery {
     let open = d.status == status::PENDING || d.status == status::PARKED;
     proto::Delivery {
         id: d.id.clone(),
@@ -152,6 +157,7 @@ pub fn delivery_to_proto(d: &delivery::Model, attempts: &[attempt::Model]) -> pr
         paused: d.status == status::PARKED,
         zone: d.zone.clone(),
         test: d.test,
+        waiting_for_agent: d.status == status::PENDING && !served.contains(&d.zone),
     }
 }
 
@@ -173,12 +179,13 @@ impl DeliveryService for DeliveryApi {
             .list_deliveries(&who.workspace, &filter, before.as_deref(), size)
             .await
             .map_err(status_of)?;
+        let served = self.state.dispatcher.served_zones().await;
         let next_page_token = match (more, rows.last()) {
             (true, Some(last)) => page::token(&last.id),
             _ => String::new(),
         };
         Ok(Response::new(proto::ListDeliveriesResponse {
-            deliveries: rows.iter().map(|d| delivery_to_proto(d, &[])).collect(),
+            deliveries: rows.iter().map(|d| delivery_to_proto(d, &[], &served)).collect(),
             next_page_token,
         }))
     }
@@ -191,7 +198,8 @@ impl DeliveryService for DeliveryApi {
         let id = &request.get_ref().id;
         delivery_id(id)?;
         let (d, attempts) = self.state.store.get_delivery(&who.workspace, id).await.map_err(status_of)?;
-        Ok(Response::new(delivery_to_proto(&d, &attempts)))
+        let served = self.state.dispatcher.served_zones().await;
+        Ok(Response::new(delivery_to_proto(&d, &attempts, &served)))
     }
 
     async fn retry_delivery(
@@ -213,7 +221,8 @@ impl DeliveryService for DeliveryApi {
         })
         .await?;
         tracing::info!(delivery = %d.id, "manual retry requested");
-        Ok(Response::new(delivery_to_proto(&d, &[])))
+        let served = self.state.dispatcher.served_zones().await;
+        Ok(Response::new(delivery_to_proto(&d, &[], &served)))
     }
 
     async fn replay_webhook(
@@ -265,17 +274,25 @@ impl DeliveryService for DeliveryApi {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let shutdown = self.state.shutdown.clone();
         let auth = self.state.auth.clone();
+        let dispatcher = self.state.dispatcher.clone();
         tokio::spawn(async move {
             // The key is asked for again as the watch goes on: a key revoked meanwhile ends it
             // (as soon as this control plane hears of the revocation: at once on PostgreSQL, when
             // its cached acceptance lapses on SQLite).
             let mut recheck = tokio::time::interval(WATCH_KEY_RECHECK);
             recheck.tick().await;
+            // The zones with an agent, for `waiting_for_agent`: asked for again with the key.
+            let mut served = dispatcher.served_zones().await;
             loop {
                 let change = tokio::select! {
                     c = changes.recv() => c,
-                    // Bounded: while the key is looked up, changes wait in the broadcast.
-                    _ = recheck.tick() => match tokio::time::timeout(WATCH_KEY_LOOKUP, auth.check_key(&key, Scope::Admin)).await {
+                    // Bounded: while the key and the zones are looked up, changes wait in the
+                    // broadcast.
+                    _ = recheck.tick() => {
+                        if let Ok(zones) = tokio::time::timeout(WATCH_KEY_LOOKUP, dispatcher.served_zones()).await {
+                            served = zones;
+                        }
+                        match tokio::time::timeout(WATCH_KEY_LOOKUP, auth.check_key(&key, Scope::Admin)).await {
                         Ok(Ok(now)) if now.workspace == who.workspace => continue,
                         Ok(Ok(_)) => {
                             let _ = tx.send(Err(Status::unauthenticated("the API key changed workspace"))).await;
@@ -287,13 +304,14 @@ impl DeliveryService for DeliveryApi {
                         }
                         // The database is slow or away: the key is asked for again next time.
                         _ => continue,
-                    },
+                        }
+                    }
                     _ = tx.closed() => return,
                     _ = shutdown.cancelled() => return,
                 };
                 match change {
                     Ok(Change::Row(d)) if d.workspace_id == who.workspace && filter.matches(&d) => {
-                        let msg = proto::DeliveryChange { delivery: Some(delivery_to_proto(&d, &[])) };
+                        let msg = proto::DeliveryChange { delivery: Some(delivery_to_proto(&d, &[], &served)) };
                         if tx.send(Ok(msg)).await.is_err() {
                             return;
                         }

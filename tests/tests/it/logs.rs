@@ -332,3 +332,73 @@ async fn attempt_headers_are_logged_from_json_and_from_older_agents_maps() {
     assert_eq!(attempts_of(&db, &jobs[2].delivery_id).await[0].response_headers, "{}");
     cp.stop().await;
 }
+
+/// A delivery whose zone has no agent connected waits, and says so (`waiting_for_agent`, and
+/// `pending (no agent in zone …)` in the CLI's tables): on GetDelivery, ListDeliveries and
+/// WatchDeliveries, until an agent of its zone connects; another zone's agent changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_with_no_agent_in_its_zone_says_so() {
+    use herald_control_plane::config::AgentToken;
+    const TOKEN: &str = "agent-token-for-the-waiting-zone-0";
+    let (cp, _db) = crate::support::start_with(herald_tests::Backend::Sqlite, |c| {
+        c.agent_tokens = vec![AgentToken { token: TOKEN.into(), zones: None }];
+    })
+    .await;
+    let create = |w: proto::Webhook| {
+        let mut client = cp.webhooks();
+        async move { client.create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap().into_inner() }
+    };
+    let deliveries = || cp.deliveries_as(Some(&cp.api_key));
+    let here = create(webhook("here", "https://receiver.invalid/here", &["incident.*"])).await;
+    let mut far = webhook("far", "https://receiver.invalid/far", &["incident.*"]);
+    far.zone = "eu-west".into();
+    let far = create(far).await;
+    let mut watch = deliveries().watch_deliveries(proto::WatchDeliveriesRequest::default()).await.unwrap();
+    let e = herald_tests::event("incident.created", "{}");
+    let e = cp.events().publish_event(proto::PublishEventRequest { event: Some(e) }).await.unwrap().into_inner();
+    let id_of = |hook: &proto::Webhook| e.deliveries.iter().find(|d| d.webhook_id == hook.id).unwrap().id.clone();
+    let (mine, theirs) = (id_of(&here), id_of(&far));
+    let get = |id: String| {
+        let mut client = deliveries();
+        async move { client.get_delivery(proto::GetDeliveryRequest { id }).await.unwrap().into_inner() }
+    };
+    let listed = || {
+        let (mut client, mine, theirs) = (deliveries(), mine.clone(), theirs.clone());
+        async move {
+            let all = client.list_deliveries(proto::ListDeliveriesRequest::default()).await.unwrap().into_inner();
+            let waiting = |id: &str| all.deliveries.iter().find(|d| d.id == id).unwrap().waiting_for_agent;
+            (waiting(&mine), waiting(&theirs))
+        }
+    };
+
+    // No agent at all: both wait, and say so.
+    let d = get(mine.clone()).await;
+    assert_eq!((d.status, d.waiting_for_agent), (DeliveryStatus::Pending as i32, true));
+    assert!(get(theirs.clone()).await.waiting_for_agent);
+    assert_eq!(listed().await, (true, true));
+    let change = tokio::time::timeout(WAIT, watch.get_mut().message()).await.unwrap().unwrap().unwrap();
+    assert!(change.delivery.unwrap().waiting_for_agent, "the watcher is told too");
+
+    // An agent of zone `default` connects (with no credit, so nothing is sent yet).
+    let _agent = crate::support::HandAgent::open(&cp, TOKEN, 1, Vec::new()).await;
+    let d = get(mine.clone()).await;
+    assert_eq!((d.status, d.waiting_for_agent), (DeliveryStatus::Pending as i32, false));
+    assert!(get(theirs.clone()).await.waiting_for_agent, "eu-west still has no agent");
+    assert_eq!(listed().await, (false, true));
+
+    // The CLI shows it, in the table and in JSON.
+    let herald = |args: &[&str]| {
+        std::process::Command::new(herald_tests::bin("herald"))
+            .args(args)
+            .env("HERALD_ADDR", format!("http://{}", cp.addr))
+            .env("HERALD_API_KEY", &cp.api_key)
+            .output()
+            .unwrap()
+    };
+    let table = herald(&["deliveries", "get", &theirs]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("pending (no agent in zone eu-west)"), "{table:?}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&herald(&["deliveries", "get", &mine, "--json"]).stdout).unwrap();
+    assert_eq!((json["status"].as_str(), json["waiting_for_agent"].as_bool()), (Some("pending"), Some(false)));
+    cp.stop().await;
+}
