@@ -1326,15 +1326,7 @@ async fn for_hand_agents(
 /// The dispatcher is driven directly, as `AgentService` drives it, with a stream of room for two
 /// messages that the test reads only after the claim.
 async fn an_agent_whose_stream_fell_behind_gets_its_whole_window_back(backend: Backend) {
-    let (cp, db) = crate::support::start(backend).await;
-    let hook = webhook("behind", "https://receiver.invalid/hook", &["*"]);
-    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(hook) }).await.unwrap();
-    let events = (0..10).map(|n| event("task.completed", &format!(r#"{{"n":{n}}}"#))).collect();
-    cp.events().publish_events(proto::PublishEventsRequest { events }).await.unwrap();
-    let (dispatcher, _stop) = own_dispatcher(&cp, db.connect().await);
-    let (tx, mut rx) = tokio::sync::mpsc::channel(2);
-    let hello = proto::Hello { agent_id: "behind".into(), zone: "default".into(), capacity: 10, ..Default::default() };
-    let (session, _) = dispatcher.open(&hello, tx);
+    let Driven { cp, db, dispatcher, _stop, session, mut rx } = a_session_with_room_for_two(backend, 10).await;
     dispatcher.credit(session, 10);
     // The claim takes all ten; the stream takes two and refuses the rest, which are handed back.
     let refused = Instant::now() + WAIT;
@@ -1367,14 +1359,28 @@ async fn an_agent_whose_stream_fell_behind_gets_its_whole_window_back(backend: B
     cp.stop().await;
 }
 
-/// A dispatcher of its own on the control plane's database, for driving sessions directly as
-/// `AgentService` does: the control plane's own dispatcher has no agent and leaves the work to it.
-fn own_dispatcher(
-    cp: &herald_tests::ControlPlane,
-    conn: sea_orm::DatabaseConnection,
-) -> (herald_control_plane::dispatch::Dispatcher, tokio_util::sync::DropGuard) {
+/// A session driven directly, as `AgentService` drives one: its control plane, database and
+/// dispatcher, and the stream of its jobs.
+struct Driven {
+    cp: herald_tests::ControlPlane,
+    db: TestDb,
+    dispatcher: herald_control_plane::dispatch::Dispatcher,
+    _stop: tokio_util::sync::DropGuard,
+    session: u64,
+    rx: tokio::sync::mpsc::Receiver<Result<proto::ControlMessage, tonic::Status>>,
+}
+
+/// `events` deliveries due to one webhook, and a session as large as they are, with no credit
+/// yet, whose stream has room for two messages, on a dispatcher of its own on the control plane's
+/// database: the control plane's own dispatcher has no agent and leaves the work to it.
+async fn a_session_with_room_for_two(backend: Backend, events: u32) -> Driven {
     use herald_control_plane::store::{Store, queue::policy_from};
-    let store = Store::new(conn, cp.config.secret_key.clone());
+    let (cp, db) = crate::support::start(backend).await;
+    let hook = webhook("driven", "https://receiver.invalid/hook", &["*"]);
+    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(hook) }).await.unwrap();
+    let published = (0..events).map(|n| event("task.completed", &format!(r#"{{"n":{n}}}"#))).collect();
+    cp.events().publish_events(proto::PublishEventsRequest { events: published }).await.unwrap();
+    let store = Store::new(db.connect().await, cp.config.secret_key.clone());
     let policy = policy_from("0s,1m".parse().unwrap(), Duration::from_secs(10), Duration::from_secs(60), 1024);
     let metrics = std::sync::Arc::new(herald_control_plane::metrics::Metrics::default());
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -1386,7 +1392,11 @@ fn own_dispatcher(
         metrics,
         shutdown.clone(),
     );
-    (dispatcher, shutdown.drop_guard())
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let hello =
+        proto::Hello { agent_id: "driven".into(), zone: "default".into(), capacity: events, ..Default::default() };
+    let (session, _) = dispatcher.open(&hello, tx);
+    Driven { cp, db, dispatcher, _stop: shutdown.drop_guard(), session, rx }
 }
 
 /// The next job on a session's stream, within `WAIT`.
@@ -1405,15 +1415,7 @@ async fn next_job(rx: &mut tokio::sync::mpsc::Receiver<Result<proto::ControlMess
 /// (the agent would keep its copies and send them again in its next hello). Before, the two
 /// acknowledgements here waited for good: the session had nothing more to report.
 async fn results_recorded_while_an_agents_stream_is_full_are_acknowledged_once_it_has_room(backend: Backend) {
-    let (cp, db) = crate::support::start(backend).await;
-    let hook = webhook("full", "https://receiver.invalid/hook", &["*"]);
-    cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(hook) }).await.unwrap();
-    let events = (0..4).map(|n| event("task.completed", &format!(r#"{{"n":{n}}}"#))).collect();
-    cp.events().publish_events(proto::PublishEventsRequest { events }).await.unwrap();
-    let (dispatcher, _stop) = own_dispatcher(&cp, db.connect().await);
-    let (tx, mut rx) = tokio::sync::mpsc::channel(2);
-    let hello = proto::Hello { agent_id: "full".into(), zone: "default".into(), capacity: 4, ..Default::default() };
-    let (session, _) = dispatcher.open(&hello, tx);
+    let Driven { cp, db, dispatcher, _stop, session, mut rx } = a_session_with_room_for_two(backend, 4).await;
     dispatcher.credit(session, 2);
     let first = [next_job(&mut rx).await, next_job(&mut rx).await];
     // Two more jobs fill the stream; then the first two are reported and recorded.

@@ -228,13 +228,9 @@ async fn watching_deliveries_follows_them_to_the_end() {
 /// of strings is not logged as if it were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempt_headers_are_logged_from_json_and_from_older_agents_maps() {
-    use herald_control_plane::config::AgentToken;
     use herald_shared::proto::{agent_message, control_message};
     const TOKEN: &str = "agent-token-for-the-header-forms-0";
-    let (cp, db) = crate::support::start_with(herald_tests::Backend::Sqlite, |c| {
-        c.agent_tokens = vec![AgentToken { token: TOKEN.into(), zones: None }];
-    })
-    .await;
+    let (cp, db) = crate::support::start_for_agent_token(TOKEN).await;
     // The endpoint is never called: this agent answers by itself.
     let w = webhook("forms", "https://receiver.invalid/hook", &["incident.*"]);
     cp.webhooks().create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap();
@@ -338,12 +334,8 @@ async fn attempt_headers_are_logged_from_json_and_from_older_agents_maps() {
 /// WatchDeliveries, until an agent of its zone connects; another zone's agent changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_with_no_agent_in_its_zone_says_so() {
-    use herald_control_plane::config::AgentToken;
     const TOKEN: &str = "agent-token-for-the-waiting-zone-0";
-    let (cp, _db) = crate::support::start_with(herald_tests::Backend::Sqlite, |c| {
-        c.agent_tokens = vec![AgentToken { token: TOKEN.into(), zones: None }];
-    })
-    .await;
+    let (cp, _db) = crate::support::start_for_agent_token(TOKEN).await;
     let create = |w: proto::Webhook| {
         let mut client = cp.webhooks();
         async move { client.create_webhook(proto::CreateWebhookRequest { webhook: Some(w) }).await.unwrap().into_inner() }

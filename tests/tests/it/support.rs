@@ -17,6 +17,12 @@ pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> (C
     (ControlPlane::start(config).await, db)
 }
 
+/// A control plane on SQLite that takes agents presenting `token`, for any zone.
+pub async fn start_for_agent_token(token: &str) -> (ControlPlane, TestDb) {
+    use herald_control_plane::config::AgentToken;
+    start_with(Backend::Sqlite, |c| c.agent_tokens = vec![AgentToken { token: token.into(), zones: None }]).await
+}
+
 /// An agent session driven by hand: the test decides what it says and when.
 pub struct HandAgent {
     tx: tokio::sync::mpsc::UnboundedSender<herald_shared::proto::AgentMessage>,
