@@ -228,7 +228,8 @@ pub struct Client {
 impl Client {
     pub async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         let addr = args.addr();
-        let mut endpoint = Channel::from_shared(addr.clone()).context("--addr is not a URL")?;
+        let mut endpoint = Channel::from_shared(addr.clone())
+            .with_context(|| format!("{addr:?} (--addr, HERALD_ADDR) is not a URL"))?;
         if addr.starts_with("https://") {
             let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
             if let Some(ca) = &args.ca_cert {

@@ -273,6 +273,9 @@ struct Inner {
     /// Agent sessions opened and closed, for the `agents` table (PostgreSQL only; see
     /// [`Dispatcher::agents_loop`]).
     agent_writes: Option<mpsc::UnboundedSender<AgentWrite>>,
+    /// The zones other replicas' agents serve, as the `agents` table last said (PostgreSQL only,
+    /// read every heartbeat by [`Dispatcher::agents_loop`]).
+    served_elsewhere: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A change of this replica's agent sessions, for the `agents` table.
@@ -361,6 +364,7 @@ impl Dispatcher {
         };
         let inner = Arc::new(Inner {
             agent_writes,
+            served_elsewhere: Mutex::default(),
             store,
             policy,
             header_prefix,
@@ -757,9 +761,12 @@ impl Dispatcher {
         agents
     }
 
-    /// The zones that have an agent connected (to any replica, as [`Self::all_agents`] sees them).
-    pub async fn served_zones(&self) -> std::collections::HashSet<String> {
-        self.all_agents("").await.into_iter().map(|a| a.zone).collect()
+    /// Whether an agent of `zone` takes work: one connected here and not draining, or, on
+    /// PostgreSQL, one another replica announced at its last heartbeat (read every heartbeat here).
+    pub fn zone_served(&self, zone: &str) -> bool {
+        let here =
+            self.inner.state.lock().expect("dispatcher lock").sessions.values().any(|s| s.zone == zone && !s.draining);
+        here || self.inner.served_elsewhere.lock().expect("zones lock").contains(zone)
     }
 
     /// The connected agents of every replica on the same PostgreSQL (as their replicas last wrote
@@ -813,10 +820,20 @@ impl Dispatcher {
                         let state = self.inner.state.lock().expect("dispatcher lock");
                         state.sessions.values().map(|s| session_row(s, now)).collect()
                     };
-                    match store.agents_seen(rows).await {
+                    let here: std::collections::HashSet<String> = rows.iter().map(|r| r.id.clone()).collect();
+                    let written = match store.agents_seen(rows).await {
                         Ok(()) => store.forget_old_agents(now).await,
                         Err(e) => Err(e),
+                    };
+                    // Which zones the other replicas' agents serve (`zone_served`).
+                    match store.agents_seen_since("", now - crate::store::agents::AGENT_SEEN_MS).await {
+                        Ok(seen) => {
+                            *self.inner.served_elsewhere.lock().expect("zones lock") =
+                                seen.into_iter().filter(|a| !here.contains(&a.id)).map(|a| a.zone).collect();
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot read which zones other replicas' agents serve"),
                     }
+                    written
                 }
             };
             if let Err(e) = written {

@@ -1,6 +1,6 @@
 //! `herald.v1.DeliveryService`: delivery logs and manual actions.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use herald_shared::proto::{self, delivery_service_server::DeliveryService};
 use herald_shared::{catalog, ids};
@@ -11,7 +11,7 @@ use super::{FieldError, detached, page, status_of, timestamp};
 use crate::auth::Scope;
 use crate::db::entity::attempt;
 use crate::db::entity::delivery::{self, status};
-use crate::dispatch::Change;
+use crate::dispatch::{Change, Dispatcher};
 use crate::server::AppState;
 
 /// How often a watch asks again whether the key it was opened with still holds.
@@ -72,7 +72,6 @@ fn event_type_filter(t: &str, field: &str) -> Result<Option<String>, FieldError>
     Ok(Some(t.to_owned()))
 }
 
-/// The filters List and Watch share.
 /// The filters `ListDeliveries` and `WatchDeliveries` share.
 fn filter(
     webhook_id: &str,
@@ -135,13 +134,9 @@ fn attempt_to_proto(a: &attempt::Model) -> proto::Attempt {
     }
 }
 
-/// The API view of a delivery, with `attempts` when given; `served` are the zones that have an
-/// agent connected.
-pub fn delivery_to_proto(
-    d: &delivery::Model,
-    attempts: &[attempt::Model],
-    served: &HashSet<String>,
-) -> proto::Delivery {
+/// The API view of a delivery, with `attempts` when given; the dispatcher says whether its zone
+/// has an agent.
+pub fn delivery_to_proto(d: &delivery::Model, attempts: &[attempt::Model], dispatcher: &Dispatcher) -> proto::Delivery {
     let open = d.status == status::PENDING || d.status == status::PARKED;
     proto::Delivery {
         id: d.id.clone(),
@@ -157,7 +152,7 @@ pub fn delivery_to_proto(
         paused: d.status == status::PARKED,
         zone: d.zone.clone(),
         test: d.test,
-        waiting_for_agent: d.status == status::PENDING && !served.contains(&d.zone),
+        waiting_for_agent: d.status == status::PENDING && !dispatcher.zone_served(&d.zone),
     }
 }
 
@@ -179,13 +174,12 @@ impl DeliveryService for DeliveryApi {
             .list_deliveries(&who.workspace, &filter, before.as_deref(), size)
             .await
             .map_err(status_of)?;
-        let served = self.state.dispatcher.served_zones().await;
         let next_page_token = match (more, rows.last()) {
             (true, Some(last)) => page::token(&last.id),
             _ => String::new(),
         };
         Ok(Response::new(proto::ListDeliveriesResponse {
-            deliveries: rows.iter().map(|d| delivery_to_proto(d, &[], &served)).collect(),
+            deliveries: rows.iter().map(|d| delivery_to_proto(d, &[], &self.state.dispatcher)).collect(),
             next_page_token,
         }))
     }
@@ -198,8 +192,7 @@ impl DeliveryService for DeliveryApi {
         let id = &request.get_ref().id;
         delivery_id(id)?;
         let (d, attempts) = self.state.store.get_delivery(&who.workspace, id).await.map_err(status_of)?;
-        let served = self.state.dispatcher.served_zones().await;
-        Ok(Response::new(delivery_to_proto(&d, &attempts, &served)))
+        Ok(Response::new(delivery_to_proto(&d, &attempts, &self.state.dispatcher)))
     }
 
     async fn retry_delivery(
@@ -221,8 +214,7 @@ impl DeliveryService for DeliveryApi {
         })
         .await?;
         tracing::info!(delivery = %d.id, "manual retry requested");
-        let served = self.state.dispatcher.served_zones().await;
-        Ok(Response::new(delivery_to_proto(&d, &[], &served)))
+        Ok(Response::new(delivery_to_proto(&d, &[], &self.state.dispatcher)))
     }
 
     async fn replay_webhook(
@@ -281,18 +273,11 @@ impl DeliveryService for DeliveryApi {
             // its cached acceptance lapses on SQLite).
             let mut recheck = tokio::time::interval(WATCH_KEY_RECHECK);
             recheck.tick().await;
-            // The zones with an agent, for `waiting_for_agent`: asked for again with the key.
-            let mut served = dispatcher.served_zones().await;
             loop {
                 let change = tokio::select! {
                     c = changes.recv() => c,
-                    // Bounded: while the key and the zones are looked up, changes wait in the
-                    // broadcast.
-                    _ = recheck.tick() => {
-                        if let Ok(zones) = tokio::time::timeout(WATCH_KEY_LOOKUP, dispatcher.served_zones()).await {
-                            served = zones;
-                        }
-                        match tokio::time::timeout(WATCH_KEY_LOOKUP, auth.check_key(&key, Scope::Admin)).await {
+                    // Bounded: while the key is looked up, changes wait in the broadcast.
+                    _ = recheck.tick() => match tokio::time::timeout(WATCH_KEY_LOOKUP, auth.check_key(&key, Scope::Admin)).await {
                         Ok(Ok(now)) if now.workspace == who.workspace => continue,
                         Ok(Ok(_)) => {
                             let _ = tx.send(Err(Status::unauthenticated("the API key changed workspace"))).await;
@@ -304,14 +289,13 @@ impl DeliveryService for DeliveryApi {
                         }
                         // The database is slow or away: the key is asked for again next time.
                         _ => continue,
-                        }
-                    }
+                    },
                     _ = tx.closed() => return,
                     _ = shutdown.cancelled() => return,
                 };
                 match change {
                     Ok(Change::Row(d)) if d.workspace_id == who.workspace && filter.matches(&d) => {
-                        let msg = proto::DeliveryChange { delivery: Some(delivery_to_proto(&d, &[], &served)) };
+                        let msg = proto::DeliveryChange { delivery: Some(delivery_to_proto(&d, &[], &dispatcher)) };
                         if tx.send(Ok(msg)).await.is_err() {
                             return;
                         }

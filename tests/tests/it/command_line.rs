@@ -242,8 +242,9 @@ async fn every_subcommand_works_for_people_and_scripts() {
     let nokey = nokey.unwrap();
     assert!(!nokey.status.success() && String::from_utf8_lossy(&nokey.stderr).contains("API key"));
     // `--addr` over `HERALD_ADDR` over `HERALD_SERVER`; `--server` is `--addr` by its name before.
-    // Nothing listens on the discard port.
-    let (url, wrong) = (cp.url(), "http://127.0.0.1:9".to_owned());
+    // Nothing listens on `wrong`: a port taken and let go.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (url, wrong) = (cp.url(), format!("http://{closed}"));
     // (flags, HERALD_ADDR, HERALD_SERVER, whether the control plane is reached)
     let ways = [
         (vec!["--server", &url], &wrong, &wrong, true),

@@ -380,17 +380,16 @@ async fn a_delivery_with_no_agent_in_its_zone_says_so() {
 
     // The CLI shows it, in the table and in JSON.
     let herald = |args: &[&str]| {
-        std::process::Command::new(herald_tests::bin("herald"))
+        tokio::process::Command::new(herald_tests::bin("herald"))
             .args(args)
             .env("HERALD_ADDR", format!("http://{}", cp.addr))
             .env("HERALD_API_KEY", &cp.api_key)
             .output()
-            .unwrap()
     };
-    let table = herald(&["deliveries", "get", &theirs]);
+    let table = herald(&["deliveries", "get", &theirs]).await.unwrap();
     assert!(String::from_utf8_lossy(&table.stdout).contains("pending (no agent in zone eu-west)"), "{table:?}");
-    let json: serde_json::Value =
-        serde_json::from_slice(&herald(&["deliveries", "get", &mine, "--json"]).stdout).unwrap();
+    let json = herald(&["deliveries", "get", &mine, "--json"]).await.unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!((json["status"].as_str(), json["waiting_for_agent"].as_bool()), (Some("pending"), Some(false)));
     cp.stop().await;
 }
