@@ -676,6 +676,19 @@ mod tests {
     use super::*;
     use futures::StreamExt as _;
 
+    /// Every flag has an environment twin, as containers and Helm charts set them (`--help` and
+    /// `--version` aside).
+    #[test]
+    fn every_flag_has_an_environment_twin() {
+        use clap::CommandFactory as _;
+        let missing: Vec<_> = Args::command()
+            .get_arguments()
+            .filter(|a| !["help", "version"].contains(&a.get_id().as_str()) && a.get_env().is_none())
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(missing.is_empty(), "flags without an environment twin: {missing:?}");
+    }
+
     fn result(n: u32) -> proto::AgentMessage {
         message(agent_message::Msg::Result(proto::AttemptResult { attempt: n, ..Default::default() }))
     }

@@ -93,7 +93,7 @@ pub enum KeysCommand {
         #[arg(long, env = "HERALD_WORKSPACE")]
         workspace: String,
         /// `admin` (everything) or `publish` (EventService only).
-        #[arg(long, default_value = "admin")]
+        #[arg(long, env = "HERALD_SCOPE", default_value = "admin")]
         scope: String,
     },
     /// List API keys (their ids, workspaces, scopes and creation times; never the keys).
@@ -425,6 +425,32 @@ pub fn loopback() -> Vec<ipnet::IpNet> {
 
 #[cfg(test)]
 mod tests {
+    /// Every flag of the commands that run or manage a control plane has an environment twin
+    /// (`--database-url` ↔ `HERALD_DATABASE_URL`), as containers and Helm charts set them; the
+    /// client commands take `--addr` and `--api-key` from theirs. `--help` and `--version` aside.
+    #[test]
+    fn every_flag_has_an_environment_twin() {
+        use clap::CommandFactory as _;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_positional() || ["help", "version"].contains(&id) || arg.get_env().is_some() {
+                    continue;
+                }
+                missing.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cli = super::Cli::command();
+        let mut missing = Vec::new();
+        for name in ["serve", "dev", "migrate", "keys"] {
+            walk(cli.find_subcommand(name).expect(name), name, &mut missing);
+        }
+        assert!(missing.is_empty(), "flags without an environment twin: {missing:?}");
+    }
+
     use clap::Parser as _;
 
     use super::*;
