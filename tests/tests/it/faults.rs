@@ -1141,11 +1141,7 @@ async fn refused_writes_do_not_spin_the_dispatcher() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_received_but_not_written_when_the_control_plane_dies_is_sent_again() {
     use sea_orm::ConnectionTrait;
-    let ca = TestCa::new();
-    let db = TestDb::new(Backend::Postgres).await;
-    let mut cp = ControlPlaneProcess::start(&db.url, &[]).await;
-    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
-    cp.wait_agents(&["agent-1"]).await;
+    let (ca, db, mut cp, _agent) = crate::pipeline::single_zone_on(Backend::Postgres, &[]).await;
     let r = Receiver::https(&ca).await;
     create(&cp, webhook("answered", &r.url("/"), &["*"])).await;
     // Writing attempts now takes 3 s: the result is received, and its write under way, when the

@@ -158,8 +158,16 @@ async fn one_event_reaches_three_webhooks_in_two_zones(backend: Backend) {
 
 /// A control plane for one zone-`default` agent on SQLite, with a compressed schedule.
 pub(crate) async fn single_zone(extra: &[&str]) -> (TestCa, TestDb, ControlPlaneProcess, AgentProcess) {
+    single_zone_on(Backend::Sqlite, extra).await
+}
+
+/// [`single_zone`] on `backend`.
+pub(crate) async fn single_zone_on(
+    backend: Backend,
+    extra: &[&str],
+) -> (TestCa, TestDb, ControlPlaneProcess, AgentProcess) {
     let ca = TestCa::new();
-    let db = TestDb::new(Backend::Sqlite).await;
+    let db = TestDb::new(backend).await;
     let cp = ControlPlaneProcess::start(&db.url, extra).await;
     let agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
     cp.wait_agents(&["agent-1"]).await;
@@ -693,11 +701,7 @@ async fn herald_dev_delivers_to_a_local_plain_http_receiver() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_the_agent_could_not_report_arrive_with_its_next_session() {
-    let ca = TestCa::new();
-    let db = TestDb::new(Backend::Sqlite).await;
-    let mut cp = ControlPlaneProcess::start(&db.url, &[]).await;
-    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
-    cp.wait_agents(&["agent-1"]).await;
+    let (ca, db, mut cp, _agent) = single_zone(&[]).await;
     let r = Receiver::https(&ca).await;
     r.script([Reply::Hang(Duration::from_millis(1500))]);
     create(&cp, webhook("slow", &r.url("/"), &["*"])).await;
@@ -720,11 +724,7 @@ async fn results_the_agent_could_not_report_arrive_with_its_next_session() {
 /// plane started from empty counts and sent the second request while the first was still open.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_control_plane_counts_the_leases_it_gave_out_before_in_max_in_flight() {
-    let ca = TestCa::new();
-    let db = TestDb::new(Backend::Sqlite).await;
-    let mut cp = ControlPlaneProcess::start(&db.url, &[]).await;
-    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&ca.path), &[]);
-    cp.wait_agents(&["agent-1"]).await;
+    let (ca, db, mut cp, _agent) = single_zone(&[]).await;
     let r = Receiver::https(&ca).await;
     // The first request is answered after 4 s, long after the control plane is back.
     r.script([Reply::Hang(Duration::from_secs(4))]);
