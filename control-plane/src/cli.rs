@@ -4,8 +4,8 @@
 //! `--addr` (`HERALD_ADDR`; `--server` and `HERALD_SERVER`, the names before, still work).
 //! Results print as tables for people, or as JSON with `--json` for scripts; colours only when
 //! stdout is a terminal and `NO_COLOR` is unset; a progress bar when a large file of events is
-//! published from a terminal. Errors print the server's message,
-//! which names the field at fault, and exit non-zero.
+//! published from a terminal. Errors print the server's message, which names the field at fault,
+//! and exit non-zero.
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::path::PathBuf;

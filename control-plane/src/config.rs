@@ -425,6 +425,10 @@ pub fn loopback() -> Vec<ipnet::IpNet> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
     /// Every flag of the commands that run or manage a control plane has an environment twin
     /// (`--database-url` ↔ `HERALD_DATABASE_URL`), as containers and Helm charts set them; the
     /// client commands take `--addr` and `--api-key` from theirs. `--help` and `--version` aside.
@@ -443,17 +447,13 @@ mod tests {
                 walk(sub, &format!("{path} {}", sub.get_name()), missing);
             }
         }
-        let cli = super::Cli::command();
+        let cli = Cli::command();
         let mut missing = Vec::new();
         for name in ["serve", "dev", "migrate", "keys"] {
             walk(cli.find_subcommand(name).expect(name), name, &mut missing);
         }
         assert!(missing.is_empty(), "flags without an environment twin: {missing:?}");
     }
-
-    use clap::Parser as _;
-
-    use super::*;
 
     /// `herald serve` with `flags`, validated as the server would.
     fn serve(flags: &[&str]) -> Result<Config, ConfigError> {
