@@ -5,9 +5,13 @@
 //! Names are resolved once, by this module, and the HTTP client connects to exactly the addresses
 //! that passed: there is no second lookup for a DNS rebinding to slip through.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use hyper_util::client::legacy::connect::dns::Name;
 use ipnet::IpNet;
 
 /// Why the guard refused.
@@ -32,30 +36,37 @@ impl Guard {
     }
 }
 
-/// A reqwest resolver that resolves once and returns only the addresses the guard permits.
+/// The HTTP client's resolver: it resolves once and returns only the addresses the guard
+/// permits. (Literal addresses never reach it; the sender vets those itself.)
 #[derive(Clone)]
 pub struct GuardedResolver {
     pub guard: Arc<Guard>,
 }
 
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+impl tower_service::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = EgressError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, EgressError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), EgressError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
         let guard = self.guard.clone();
-        let host = name.as_str().to_owned();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+            let host = name.as_str();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
                 .await
-                .map_err(|e| {
-                    Box::new(EgressError::Dns(format!("{host}: {e}"))) as Box<dyn std::error::Error + Send + Sync>
-                })?
+                .map_err(|e| EgressError::Dns(format!("{host}: {e}")))?
                 .collect();
             if addrs.is_empty() {
-                return Err(Box::new(EgressError::Dns(format!("{host}: no addresses"))) as _);
+                return Err(EgressError::Dns(format!("{host}: no addresses")));
             }
             let allowed: Vec<SocketAddr> = addrs.iter().copied().filter(|a| guard.permits(a.ip())).collect();
             match allowed.is_empty() {
-                true => Err(Box::new(EgressError::Blocked(addrs[0].ip())) as _),
-                false => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+                true => Err(EgressError::Blocked(addrs[0].ip())),
+                false => Ok(allowed.into_iter()),
             }
         })
     }

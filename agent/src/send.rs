@@ -6,27 +6,79 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use herald_shared::proto::{self, ErrorKind, SignatureScheme};
 use herald_shared::signature;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body_util::{BodyExt as _, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::egress::{EgressError, Guard, GuardedResolver};
+
+/// hyper's pooled client over TLS (or plain HTTP where allowed), resolving through the guard.
+///
+/// hyper directly rather than through reqwest: reqwest wraps every request in layers Herald does
+/// not use (a redirect policy that parses the URL again on the way out and on the way back, a
+/// copy of the headers), which cost about a third of the agent's CPU per delivery
+/// (docs/BENCHMARKS.md, item 53).
+type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
 
 /// Sends jobs. Cheap to clone: one connection pool for every job.
 #[derive(Clone)]
 pub struct Sender {
-    client: reqwest::Client,
+    client: HttpClient,
     guard: Arc<Guard>,
     allow_http: bool,
     parsed: Arc<Mutex<Parsed>>,
 }
 
-/// What jobs repeat, parsed once: header names per prefix, and endpoint URLs (parsing a URL
-/// costs more than copying one). Bounded: past the bound it starts again empty.
+/// What jobs repeat, parsed once: header names per prefix, and endpoints (parsing a URL costs
+/// more than copying one). Bounded: past the bound it starts again empty.
 #[derive(Default)]
 struct Parsed {
     names: HashMap<String, Arc<Names>>,
-    urls: HashMap<String, reqwest::Url>,
+    endpoints: HashMap<String, Endpoint>,
+}
+
+/// An endpoint URL as a request needs it: parsed and normalised by the URL standard's rules (the
+/// same rules a browser applies: `http://2130706433/` is 127.0.0.1), then as the URI sent.
+#[derive(Clone)]
+struct Endpoint {
+    uri: http::Uri,
+    scheme: Scheme,
+    /// The host, when the URL names an address rather than a name.
+    literal: Option<std::net::IpAddr>,
+}
+
+#[derive(Clone)]
+enum Scheme {
+    Https,
+    Http,
+    Other(String),
+}
+
+impl Endpoint {
+    fn parse(text: &str) -> Result<Endpoint, String> {
+        let url = url::Url::parse(text).map_err(|e| e.to_string())?;
+        let scheme = match url.scheme() {
+            "https" => Scheme::Https,
+            "http" => Scheme::Http,
+            other => Scheme::Other(other.to_owned()),
+        };
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
+            _ => None,
+        };
+        let uri = match scheme {
+            Scheme::Other(_) => http::Uri::default(),
+            _ => http::Uri::try_from(url.as_str()).map_err(|e| e.to_string())?,
+        };
+        Ok(Endpoint { uri, scheme, literal })
+    }
 }
 
 /// At most this many of each (URLs up to 2 KiB each: a few MiB at worst).
@@ -70,23 +122,28 @@ impl Sender {
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| SetupError::Client(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let guard = Arc::new(guard);
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(GuardedResolver { guard: guard.clone() }))
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { guard: guard.clone() });
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(15)));
+        // Offers h2 and http/1.1 by ALPN.
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(max_in_flight.max(1))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| SetupError::Client(e.to_string()))?;
+            .pool_timer(TokioTimer::new())
+            .build(https);
         Ok(Sender { client, guard, allow_http, parsed: Arc::default() })
     }
 
@@ -134,24 +191,15 @@ impl Sender {
         headers_json: bool,
         result: &mut proto::AttemptResult,
     ) -> Result<(), (ErrorKind, String)> {
-        let url = self.url(&job.url).map_err(|e| (ErrorKind::Other, format!("invalid URL: {e}")))?;
-        match url.scheme() {
-            "https" => {}
-            "http" if self.allow_http => {}
-            other => {
-                return Err((
-                    ErrorKind::Blocked,
-                    format!("blocked: {other} is not allowed (https only; --allow-http)"),
-                ));
-            }
+        let endpoint = self.endpoint(&job.url).map_err(|e| (ErrorKind::Other, format!("invalid URL: {e}")))?;
+        match &endpoint.scheme {
+            Scheme::Https => {}
+            Scheme::Http if self.allow_http => {}
+            Scheme::Http => return Err((ErrorKind::Blocked, not_allowed("http"))),
+            Scheme::Other(other) => return Err((ErrorKind::Blocked, not_allowed(other))),
         }
         // Literal addresses never reach the resolver: vet them here.
-        let literal = match url.host() {
-            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
-            Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
-            _ => None,
-        };
-        if let Some(ip) = literal
+        if let Some(ip) = endpoint.literal
             && !self.guard.permits(ip)
         {
             return Err((ErrorKind::Blocked, EgressError::Blocked(ip).to_string()));
@@ -171,15 +219,17 @@ impl Sender {
             .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(30));
-        let response = self
-            .client
-            .post(url)
-            .headers(headers)
-            .body(job.body.clone())
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| classify(&e))?;
+        // One deadline for the whole attempt: connecting, sending, and reading the response.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut request = http::Request::new(Full::new(job.body.clone()));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = endpoint.uri;
+        *request.headers_mut() = headers;
+        request.headers_mut().entry(http::header::ACCEPT).or_insert(HeaderValue::from_static("*/*"));
+        let response = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
+            Err(_) => return Err((ErrorKind::Timeout, "timed out".into())),
+            Ok(sent) => sent.map_err(|e| classify(&e))?,
+        };
         let status = response.status();
         result.status = u32::from(status.as_u16());
         let answered = joined(response.headers());
@@ -191,20 +241,23 @@ impl Sender {
         if status.as_u16() == 429 || status.as_u16() == 503 {
             result.retry_after = response
                 .headers()
-                .get(reqwest::header::RETRY_AFTER)
+                .get(http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(retry_after)
                 .map(|d| prost_types::Duration { seconds: d.as_secs() as i64, nanos: 0 });
         }
-        let mut response = response;
+        let mut incoming = response.into_body();
         let mut body = Vec::new();
         while body.len() < body_limit {
-            match response.chunk().await {
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(body_limit - body.len())]),
-                Ok(None) => break,
+            match tokio::time::timeout_at(deadline, incoming.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    if let Some(chunk) = frame.data_ref() {
+                        body.extend_from_slice(&chunk[..chunk.len().min(body_limit - body.len())]);
+                    }
+                }
                 // The status decides success; a body cut short, or still coming when the timeout
                 // ends the request, is kept as far as it came.
-                Err(_) => break,
+                Ok(Some(Err(_))) | Ok(None) | Err(_) => break,
             }
         }
         result.response_body = body;
@@ -219,17 +272,17 @@ impl Sender {
 }
 
 impl Sender {
-    fn url(&self, text: &str) -> Result<reqwest::Url, url::ParseError> {
-        if let Some(url) = self.parsed.lock().expect("parsed lock").urls.get(text) {
-            return Ok(url.clone());
+    fn endpoint(&self, text: &str) -> Result<Endpoint, String> {
+        if let Some(endpoint) = self.parsed.lock().expect("parsed lock").endpoints.get(text) {
+            return Ok(endpoint.clone());
         }
-        let url = reqwest::Url::parse(text)?;
+        let endpoint = Endpoint::parse(text)?;
         let mut parsed = self.parsed.lock().expect("parsed lock");
-        if parsed.urls.len() >= PARSED_MAX {
-            parsed.urls.clear();
+        if parsed.endpoints.len() >= PARSED_MAX {
+            parsed.endpoints.clear();
         }
-        parsed.urls.insert(text.to_owned(), url.clone());
-        Ok(url)
+        parsed.endpoints.insert(text.to_owned(), endpoint.clone());
+        Ok(endpoint)
     }
 
     fn names(&self, prefix: &str) -> Result<Arc<Names>, String> {
@@ -260,9 +313,16 @@ pub fn retry_after(value: &str) -> Option<Duration> {
     Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO).min(RETRY_AFTER_MAX))
 }
 
-/// Sorts a client error into an error kind, with a message for people.
-fn classify(e: &reqwest::Error) -> (ErrorKind, String) {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+fn not_allowed(scheme: &str) -> String {
+    format!("blocked: {scheme} is not allowed (https only; --allow-http)")
+}
+
+/// Sorts a client error into an error kind, with a message for people. (A timeout is the
+/// sender's own deadline, never this.)
+fn classify(e: &hyper_util::client::legacy::Error) -> (ErrorKind, String) {
+    // A failed connection's outer text ("client error (Connect)") says no more than its kind.
+    let mut source: Option<&(dyn std::error::Error + 'static)> =
+        if e.is_connect() { std::error::Error::source(e).or(Some(e)) } else { Some(e) };
     let mut chain = Vec::new();
     while let Some(s) = source {
         if let Some(egress) = s.downcast_ref::<EgressError>() {
@@ -278,9 +338,7 @@ fn classify(e: &reqwest::Error) -> (ErrorKind, String) {
         source = s.source();
     }
     let text = chain.join(": ");
-    if e.is_timeout() {
-        (ErrorKind::Timeout, "timed out".into())
-    } else if text.contains("certificate") || text.contains("tls") || text.contains("TLS") {
+    if text.contains("certificate") || text.contains("tls") || text.contains("TLS") {
         (ErrorKind::Tls, text)
     } else if e.is_connect() {
         (ErrorKind::Connect, text)
@@ -327,8 +385,8 @@ pub fn headers(job: &proto::Job, names: &Names, unix_now: i64) -> Result<(Header
     let default = proto::Signing::default();
     let signing = job.signing.as_ref().unwrap_or(&default);
     let mut map = HeaderMap::with_capacity(12 + job.headers.len());
-    map.insert(reqwest::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    map.insert(reqwest::header::USER_AGENT, names.user_agent.clone());
+    map.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    map.insert(http::header::USER_AGENT, names.user_agent.clone());
     let signature = signature::cloudthinker(&signing.secret, &job.body);
     map.insert(names.signature.clone(), HeaderValue::try_from(signature).map_err(|e| e.to_string())?);
     map.insert(names.event.clone(), value(names.event.as_str(), &job.event_type)?);

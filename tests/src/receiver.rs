@@ -40,6 +40,8 @@ pub struct Received {
     pub path: String,
     pub headers: hyper::HeaderMap,
     pub body: Bytes,
+    /// HTTP/1.1, or HTTP/2 where TLS negotiated it.
+    pub version: hyper::Version,
     /// Milliseconds since the Unix epoch.
     pub at_ms: i64,
 }
@@ -196,10 +198,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
 async fn answer(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let headers = req.headers().clone();
+    let version = req.version();
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let at_ms = chrono::Utc::now().timestamp_millis();
     if !shared.count_only.load(std::sync::atomic::Ordering::SeqCst) {
-        shared.seen.lock().unwrap().push(Received { path, headers, body, at_ms });
+        shared.seen.lock().unwrap().push(Received { path, headers, body, version, at_ms });
     }
     shared.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     shared.arrived.notify_waiters();

@@ -394,6 +394,92 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Endpoints the agent cannot reach at all: each failed attempt names why, by kind and in words.
+/// Beside them, a good HTTPS endpoint gets its request over HTTP/2 (offered by ALPN) and a plain
+/// HTTP one over HTTP/1.1, both with the headers a receiver expects of any HTTP client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_endpoints_fail_with_the_kind_that_says_why() {
+    let (trusted, stranger) = (TestCa::new(), TestCa::new());
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = ControlPlaneProcess::start(&db.url, &["--allow-http", "--retry-schedule", "0s"]).await;
+    let _agent = AgentProcess::start(&cp.url(), "default", "agent-1", Some(&trusted.path), &["--allow-http"]);
+    cp.wait_agents(&["agent-1"]).await;
+    let refused = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let untrusted = Receiver::https(&stranger).await;
+    let misnamed = Receiver::https_at(&trusted, "127.0.0.1:0", &["elsewhere.test"]).await;
+    let (good_tls, good_plain) = (Receiver::https(&trusted).await, Receiver::http().await);
+    let endpoints = [
+        ("refused", format!("http://127.0.0.1:{refused}/")),
+        ("untrusted", untrusted.url("/")),
+        ("misnamed", misnamed.url("/")),
+        ("unresolvable", "https://nothing.invalid/hook".to_owned()),
+        ("good-tls", good_tls.url("/tls")),
+        ("good-plain", good_plain.url("/plain")),
+    ];
+    let mut hooks = HashMap::new();
+    for (name, url) in &endpoints {
+        hooks.insert(create(&cp, webhook(name, url, &["incident.created"])).await.id, *name);
+    }
+    let published = cp
+        .events()
+        .publish_event(proto::PublishEventRequest { event: Some(event("incident.created", r#"{"n":1}"#)) })
+        .await
+        .unwrap()
+        .into_inner();
+    let conn = db.connect().await;
+    let until = Instant::now() + WAIT;
+    let rows = loop {
+        let rows =
+            delivery::Entity::find().filter(delivery::Column::EventId.eq(&published.id)).all(&conn).await.unwrap();
+        if rows.len() == endpoints.len()
+            && rows.iter().all(|d| [delivery::status::FAILED, delivery::status::SUCCEEDED].contains(&d.status))
+        {
+            break rows;
+        }
+        assert!(Instant::now() < until, "{rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for d in &rows {
+        let name = hooks[&d.webhook_id];
+        let log = attempt::Entity::find().filter(attempt::Column::DeliveryId.eq(&d.id)).all(&conn).await.unwrap();
+        assert_eq!(log.len(), 1, "{name}: {log:?}");
+        let (kind, message) = (ErrorKind::try_from(log[0].error_kind).unwrap(), log[0].error_message.as_str());
+        let (expected, words) = match name {
+            "refused" => (ErrorKind::Connect, "refused"),
+            "untrusted" => (ErrorKind::Tls, "invalid peer certificate"),
+            "misnamed" => (ErrorKind::Tls, "not valid for name"),
+            "unresolvable" => (ErrorKind::Dns, "nothing.invalid"),
+            _ => {
+                assert_eq!(
+                    (d.status, log[0].response_status, kind),
+                    (delivery::status::SUCCEEDED, 200, ErrorKind::Unspecified)
+                );
+                continue;
+            }
+        };
+        assert_eq!((d.status, log[0].response_status), (delivery::status::FAILED, 0), "{name}: {d:?}");
+        assert_eq!(kind, expected, "{name}: {message}");
+        assert!(message.contains(words), "{name}: the message says why: {message}");
+        println!("fault: {name} endpoint: {} ({message})", kind.as_str_name());
+    }
+    conn.close().await.ok();
+    for (receiver, version) in [(&good_tls, hyper::Version::HTTP_2), (&good_plain, hyper::Version::HTTP_11)] {
+        let got = receiver.wait_for(1, WAIT).await;
+        assert_eq!(got[0].version, version, "{}", got[0].path);
+        assert_eq!(got[0].header("content-type"), "application/json");
+        assert_eq!(got[0].header("accept"), "*/*");
+        assert_eq!(got[0].header("content-length"), got[0].body.len().to_string());
+        assert!(got[0].header("user-agent").starts_with("Herald/"), "{:?}", got[0].headers);
+        if version == hyper::Version::HTTP_11 {
+            assert_eq!(got[0].header("host"), format!("127.0.0.1:{}", good_plain.addr.port()));
+        }
+    }
+    assert_eq!((untrusted.count(), misnamed.count()), (0, 0), "no request crossed a failed handshake");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receivers_that_hang_reset_stream_forever_or_answer_garbage() {
     let db = TestDb::new(Backend::Sqlite).await;
