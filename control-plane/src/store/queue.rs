@@ -884,11 +884,13 @@ impl Store {
 /// the lease prefix, the agent, `now` + lease grace, and `now`.
 pub fn claim_unlimited_sql() -> String {
     // `status = …` literal, as the partial index `deliveries_due` states it (`status_is`). The
-    // leases are `<prefix>.<delivery id>`, as results expect (`lease_names`).
+    // leases are `<prefix>.<delivery id>`, as results expect (`lease_names`). The limit is an
+    // expression, `? + 0`, not a bare parameter: SQLite plans a bare `LIMIT ?` for its bound value
+    // and so prepares the statement again every time it is bound (docs/BENCHMARKS.md item 54).
     format!(
         "WITH due AS MATERIALIZED (SELECT id, webhook_id FROM deliveries \
            WHERE zone = ? AND status = {pending} AND next_attempt_at <= ? \
-           ORDER BY next_attempt_at, id LIMIT ?) \
+           ORDER BY next_attempt_at, id LIMIT ? + 0) \
          UPDATE deliveries SET status = {in_flight}, lease_id = ? || id, lease_agent = ?, \
            lease_expires_at = ? + COALESCE((SELECT timeout_ms FROM webhooks WHERE webhooks.id = deliveries.webhook_id), {default_timeout}), \
            updated_at = ? \
