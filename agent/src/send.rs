@@ -63,6 +63,11 @@ enum Scheme {
 impl Endpoint {
     fn parse(text: &str) -> Result<Endpoint, String> {
         let url = url::Url::parse(text).map_err(|e| e.to_string())?;
+        // The control plane refuses them; a URL's credentials are never sent, nor put in HTTP/2's
+        // `:authority`.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("credentials in the URL are not allowed".to_owned());
+        }
         let scheme = match url.scheme() {
             "https" => Scheme::Https,
             "http" => Scheme::Http,
@@ -131,7 +136,12 @@ impl Sender {
         let mut http = HttpConnector::new_with_resolver(GuardedResolver { guard: guard.clone() });
         http.enforce_http(false);
         http.set_nodelay(true);
+        // A pooled connection whose peer or NAT vanished is found out within a minute (15 s, then
+        // 3 probes 15 s apart), inside the pool's idle timeout, rather than taking the next
+        // request into a dead connection for its whole timeout.
         http.set_keepalive(Some(Duration::from_secs(15)));
+        http.set_keepalive_interval(Some(Duration::from_secs(15)));
+        http.set_keepalive_retries(Some(3));
         // Offers h2 and http/1.1 by ALPN.
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -143,6 +153,7 @@ impl Sender {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(max_in_flight.max(1))
             .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
             .build(https);
         Ok(Sender { client, guard, allow_http, parsed: Arc::default() })
     }
@@ -317,8 +328,8 @@ fn not_allowed(scheme: &str) -> String {
     format!("blocked: {scheme} is not allowed (https only; --allow-http)")
 }
 
-/// Sorts a client error into an error kind, with a message for people. (A timeout is the
-/// sender's own deadline, never this.)
+/// Sorts a client error into an error kind, with a message for people. (The attempt's own
+/// deadline is not among them; the kernel's, a connect or keep-alive that timed out, is.)
 fn classify(e: &hyper_util::client::legacy::Error) -> (ErrorKind, String) {
     // A failed connection's outer text ("client error (Connect)") says no more than its kind.
     let mut source: Option<&(dyn std::error::Error + 'static)> =
@@ -330,6 +341,11 @@ fn classify(e: &hyper_util::client::legacy::Error) -> (ErrorKind, String) {
                 EgressError::Blocked(_) => (ErrorKind::Blocked, egress.to_string()),
                 EgressError::Dns(_) => (ErrorKind::Dns, egress.to_string()),
             };
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return (ErrorKind::Timeout, format!("timed out: {io}"));
         }
         if s.downcast_ref::<rustls::Error>().is_some() {
             return (ErrorKind::Tls, format!("tls: {s}"));
@@ -478,6 +494,34 @@ fn joined(map: &HeaderMap) -> Vec<(&str, Cow<'_, str>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the egress check and the connector see of a URL: the URL standard's reading of its
+    /// host (so an address in any spelling is a literal, checked before connecting), the scheme in
+    /// lower case, and never its credentials.
+    #[test]
+    fn endpoints_are_read_by_the_url_standard() {
+        for (text, literal, uri) in [
+            ("http://2130706433/hook", "127.0.0.1", "http://127.0.0.1/hook"),
+            ("HTTP://0x7f.1:8080/a?b=c", "127.0.0.1", "http://127.0.0.1:8080/a?b=c"),
+            ("https://[::ffff:7f00:1]/", "::ffff:127.0.0.1", "https://[::ffff:7f00:1]/"),
+        ] {
+            let e = Endpoint::parse(text).unwrap();
+            assert_eq!(e.literal, Some(literal.parse().unwrap()), "{text}");
+            assert_eq!(e.uri.to_string(), uri, "{text}");
+        }
+        let named = Endpoint::parse("https://Hooks.Example.com./in").unwrap();
+        assert!(named.literal.is_none() && matches!(named.scheme, Scheme::Https));
+        assert_eq!(named.uri.host(), Some("hooks.example.com."));
+        assert!(matches!(Endpoint::parse("ftp://example.com/").unwrap().scheme, Scheme::Other(s) if s == "ftp"));
+        for text in ["https://user:pw@example.com/", "https://user@example.com/", "https://:pw@example.com/"] {
+            assert_eq!(
+                Endpoint::parse(text).err().as_deref(),
+                Some("credentials in the URL are not allowed"),
+                "{text}"
+            );
+        }
+        assert!(Endpoint::parse("not a url").is_err());
+    }
 
     #[test]
     fn retry_after_forms() {
