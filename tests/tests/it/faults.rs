@@ -17,7 +17,7 @@ use herald_tests::{Backend, TestDb, event, webhook};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::pipeline::{WAIT, create};
+use crate::pipeline::{WAIT, attempts_of, create, publish, settled};
 
 both_databases!(
     control_plane_sigkill_mid_burst,
@@ -423,28 +423,12 @@ async fn unreachable_endpoints_fail_with_the_kind_that_says_why() {
     for (name, url) in &endpoints {
         hooks.insert(create(&cp, webhook(name, url, &["incident.created"])).await.id, *name);
     }
-    let published = cp
-        .events()
-        .publish_event(proto::PublishEventRequest { event: Some(event("incident.created", r#"{"n":1}"#)) })
-        .await
-        .unwrap()
-        .into_inner();
-    let conn = db.connect().await;
-    let until = Instant::now() + WAIT;
-    let rows = loop {
-        let rows =
-            delivery::Entity::find().filter(delivery::Column::EventId.eq(&published.id)).all(&conn).await.unwrap();
-        if rows.len() == endpoints.len()
-            && rows.iter().all(|d| [delivery::status::FAILED, delivery::status::SUCCEEDED].contains(&d.status))
-        {
-            break rows;
-        }
-        assert!(Instant::now() < until, "{rows:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let published = publish(&cp, "incident.created", r#"{"n":1}"#).await;
+    let rows = settled(&db, &published.id).await;
+    assert_eq!(rows.len(), endpoints.len());
     for d in &rows {
         let name = hooks[&d.webhook_id];
-        let log = attempt::Entity::find().filter(attempt::Column::DeliveryId.eq(&d.id)).all(&conn).await.unwrap();
+        let log = attempts_of(&db, &d.id).await;
         assert_eq!(log.len(), 1, "{name}: {log:?}");
         let (kind, message) = (ErrorKind::try_from(log[0].error_kind).unwrap(), log[0].error_message.as_str());
         let (expected, words) = match name {
@@ -465,7 +449,6 @@ async fn unreachable_endpoints_fail_with_the_kind_that_says_why() {
         assert!(message.contains(words), "{name}: the message says why: {message}");
         println!("fault: {name} endpoint: {} ({message})", kind.as_str_name());
     }
-    conn.close().await.ok();
     for (receiver, version) in [(&good_tls, hyper::Version::HTTP_2), (&good_plain, hyper::Version::HTTP_11)] {
         let got = receiver.wait_for(1, WAIT).await;
         assert_eq!(got[0].version, version, "{}", got[0].path);
