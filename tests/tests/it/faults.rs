@@ -1,6 +1,7 @@
 //! Fault injection under load, counted at the receiver: the control plane SIGKILLed mid-burst,
 //! agents killed again and again, the agent link black-holed past the lease, PostgreSQL
-//! unreachable, and receivers that hang, reset, stream forever or answer garbage. In each: every
+//! unreachable, receivers that hang, reset, stream forever or answer garbage, and endpoints that
+//! refuse, fail the TLS handshake or do not resolve. In each: every
 //! acknowledged event is delivered at least once, nothing is left in flight, duplicates are
 //! counted. Each scenario prints one `fault:` line with its numbers.
 
