@@ -1569,7 +1569,9 @@ impl Dispatcher {
                     .collect()
             };
             // Built outside the lock: checking or writing an agent's headers takes time in
-            // proportion to their size.
+            // proportion to their size. Attempts are counted once per webhook and class of
+            // answer (a batch is mostly one of each), not looked up in the family per result.
+            let mut counted: HashMap<(String, u32, ErrorKind), u64> = HashMap::new();
             let reports: Vec<AttemptReport> = batch
                 .into_iter()
                 .zip(known)
@@ -1577,14 +1579,22 @@ impl Dispatcher {
                     let (webhook_id, request_body) = known.unzip();
                     let report = report(a, request_body.flatten());
                     if let (Some(webhook_id), false) = (webhook_id, report.not_sent) {
-                        let webhook = metrics.webhook_label(&webhook_id);
-                        let class = herald_shared::attempt_class(report.status, report.error_kind);
-                        metrics.attempts.get_or_create(&AttemptLabels { webhook, class }).inc();
+                        // The status stands for its class (`2xx`), the kind for an attempt without one.
+                        let (status, kind) = match report.status {
+                            100..=599 => (report.status / 100 * 100, ErrorKind::Unspecified),
+                            _ => (0, report.error_kind),
+                        };
+                        *counted.entry((webhook_id, status, kind)).or_default() += 1;
                         metrics.attempt_seconds.observe(report.duration_ms as f64 / 1000.0);
                     }
                     report
                 })
                 .collect();
+            for ((webhook_id, status, kind), n) in counted {
+                let webhook = metrics.webhook_label(&webhook_id);
+                let class = herald_shared::attempt_class(status, kind);
+                metrics.attempts.get_or_create(&AttemptLabels { webhook, class }).inc_by(n);
+            }
             let now = now_millis();
             // Whether these results made work due now: a lease handed back, an immediate retry,
             // or a failed delivery's `webhook.delivery.failed` notification.
